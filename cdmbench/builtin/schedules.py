@@ -1,0 +1,69 @@
+"""Noise schedules `linear` (DDPM) and `cosine` (Improved DDPM)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from cdmbench import hookimpl
+
+
+class CosineSchedule:
+    """abar(t) = f(t) / f(0), f(t) = cos^2((t + s) / (1 + s) * pi / 2) (IDDPM eq. 17)."""
+
+    def __init__(self, timesteps: int, offset: float, max_beta: float):
+        self.timesteps, self.offset, self.max_beta = timesteps, offset, max_beta
+
+    def _f(self, t: Tensor) -> Tensor:
+        return torch.cos((t + self.offset) / (1 + self.offset) * math.pi / 2) ** 2
+
+    def abar(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self._f(t) / self._f(torch.zeros((), dtype=torch.float64))
+
+    def betas(self) -> Tensor:
+        # beta_i = 1 - abar(i/T) / abar((i-1)/T), clipped to avoid a singularity at t = 1.
+        grid = torch.arange(self.timesteps + 1, dtype=torch.float64) / self.timesteps
+        abar = self.abar(grid)
+        return (1.0 - abar[1:] / abar[:-1]).clamp(max=self.max_beta)
+
+
+class LinearSchedule:
+    """DDPM's betas, linear from beta_start to beta_end, scaled by 1000 / T (IDDPM appendix)."""
+
+    def __init__(self, timesteps: int, beta_start: float, beta_end: float):
+        scale = 1000.0 / timesteps
+        self.timesteps = timesteps
+        self.beta_start, self.beta_end = beta_start * scale, beta_end * scale
+
+    def betas(self) -> Tensor:
+        return torch.linspace(self.beta_start, self.beta_end, self.timesteps, dtype=torch.float64)
+
+    def abar(self, t: Tensor) -> Tensor:
+        """Continuous-time limit: log abar(t) = -T (b0 t + (b1 - b0) t^2 / 2) (the VP SDE)."""
+        t = torch.as_tensor(t, dtype=torch.float64)
+        T = self.timesteps
+        return torch.exp(-T * (self.beta_start * t + (self.beta_end - self.beta_start) * t**2 / 2))
+
+
+def _check_timesteps(timesteps: int) -> None:
+    if timesteps < 1:
+        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+
+
+def cosine(*, timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> CosineSchedule:
+    _check_timesteps(timesteps)
+    return CosineSchedule(timesteps, offset, max_beta)
+
+
+def linear(*, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> LinearSchedule:
+    _check_timesteps(timesteps)
+    return LinearSchedule(timesteps, beta_start, beta_end)
+
+
+@hookimpl
+def cdmbench_register_schedules(register):
+    register("linear", linear, summary="DDPM linear betas 1e-4..0.02, scaled to T steps")
+    register("cosine", cosine, summary="Improved-DDPM cosine abar, offset 0.008, beta clipped at 0.999")

@@ -1,0 +1,118 @@
+"""The ``cdmbench`` command line; each command is a thin call into the API."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CdmbenchError
+from .interfaces import KINDS
+
+SET_HELP = "Override a recipe value, e.g. --set stages.base16.train.steps=10 (repeatable)."
+
+
+class Group(click.Group):
+    """Prints CdmbenchError messages without a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except CdmbenchError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="cdmbench")
+def cli():
+    """Build, train, sample and evaluate Cascaded Diffusion Models from plugins."""
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--stage", help="Train only this stage (stages are independent jobs).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--dry-run", is_flag=True, help="Validate, build every model and print parameters "
+                                              "and FLOPs; touch no data and write nothing.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Run directory (default: runs/<recipe name>). Re-running resumes it.")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+def run(recipe, stage, overrides, dry_run, out, progress):
+    """Train every stage of RECIPE (resuming from the latest checkpoints), sample the cascade
+    into per-stage grids and write results.jsonl and report.md."""
+    from .runner import run as run_recipe
+
+    result = run_recipe(recipe, out=out, stage=stage, overrides=overrides, dry_run=dry_run,
+                        progress=progress, echo=click.echo)
+    if dry_run:
+        click.echo(_format(result))
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+def validate(recipe, overrides):
+    """Check RECIPE strictly and build every stage's model (without memory or data)."""
+    from .recipe import load_recipe
+    from .runner import describe
+
+    parsed, plugins = load_recipe(recipe, overrides=overrides)
+    click.echo(_format(describe(parsed, plugins)))
+    click.echo(f"{recipe}: ok")
+
+
+@cli.command()
+def plugins():
+    """List the loaded plugins, their versions and the components each provides."""
+    from .plugins import load_plugins
+
+    loaded = load_plugins()
+    for name in loaded.versions:
+        click.echo(f"{name} {loaded.versions[name] or '(no version)'}")
+        for kind, names in loaded.components_of(name).items():
+            if names:
+                click.echo(f"    {kind}: {', '.join(names)}")
+    for name, error in loaded.failures.items():
+        click.secho(f"{name}: failed to register: {error}", fg="red")
+
+
+@cli.command(name="ls")
+@click.argument("kind", required=False, type=click.Choice(KINDS))
+@click.option("--pattern", default="*", help="Glob on component names, e.g. 'adm*'.")
+def ls(kind, pattern):
+    """List registered components (of KIND) with the plugin that provides each."""
+    from .plugins import load_plugins
+
+    loaded = load_plugins()
+    for k in [kind] if kind else KINDS:
+        for c in loaded[k].match(pattern):
+            click.echo(f"{k:<14} {c.name:<20} {c.plugin:<30} {c.summary}")
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
+def report(run_dirs):
+    """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
+    from .report import read_results, results_table
+
+    dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
+    if not dirs:
+        raise CdmbenchError("no run directories given and none found under ./runs")
+    click.echo(_format(results_table(read_results(dirs))))
+
+
+def _format(frame) -> str:
+    return frame.to_string(float_format=lambda v: f"{v:.4g}")
+
+
+def main() -> None:
+    from .plugins import load_plugins
+
+    try:
+        load_plugins().manager.hook.cdmbench_add_commands(cli=cli)
+    except CdmbenchError as exc:
+        click.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(2)
+    cli()

@@ -1,0 +1,79 @@
+"""Datasets -> uint8 image tensors at every resolution a cascade needs.
+
+Each source image is centre-cropped to a square and area-downsampled to each resolution (ADM's
+preprocessing), so a stage's targets and its low-res inputs come from the same image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .errors import CdmbenchError
+from .interfaces import Dataset
+
+
+@dataclass
+class ImageSet:
+    """images[r]: uint8 (N, 3, r, r) for every resolution r; labels: int64 (N,)."""
+
+    images: dict[int, Tensor]
+    labels: Tensor
+    num_classes: int
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def area_resize(images: Tensor, resolution: int) -> Tensor:
+    """Centre-crop uint8 (N, 3, H, W) to a square and area-resize to ``resolution``."""
+    h, w = images.shape[-2:]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    images = images[..., top:top + side, left:left + side]
+    if side == resolution:
+        return images
+    out = F.interpolate(images.float(), size=(resolution, resolution), mode="area")
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+def load_images(dataset: Dataset, resolutions: list[int], *, progress: bool = True,
+                chunk: int = 256) -> ImageSet:
+    """Read every image of ``dataset`` once and make each resolution from it."""
+    if len(dataset) == 0:
+        raise CdmbenchError("the dataset is empty")
+    top = max(resolutions)
+    out: dict[int, list[Tensor]] = {r: [] for r in resolutions}
+    labels: list[int] = []
+    for lo in tqdm(range(0, len(dataset), chunk), desc="load data", unit_scale=chunk,
+                   disable=not progress):
+        batch = []
+        for i in range(lo, min(lo + chunk, len(dataset))):
+            image, label = dataset[i]
+            image = np.asarray(image)
+            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+                raise CdmbenchError(f"dataset item {i} is {image.dtype} {image.shape}; datasets "
+                                    "must yield uint8 (H, W, 3) arrays")
+            batch.append(area_resize(torch.from_numpy(image).permute(2, 0, 1)[None], top))
+            labels.append(int(label))
+        batch_t = torch.cat(batch)
+        for r in resolutions:
+            out[r].append(area_resize(batch_t, r))
+    return ImageSet({r: torch.cat(v) for r, v in out.items()}, torch.tensor(labels),
+                    dataset.num_classes, list(dataset.class_names))
+
+
+def to_float(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.float() / 127.5 - 1.0
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """float [-1, 1] -> uint8 [0, 255]."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

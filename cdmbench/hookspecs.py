@@ -1,0 +1,64 @@
+"""The plugin contract: one hook per component kind, plus one for CLI commands.
+
+A plugin is any module or object with functions decorated by ``cdmbench.hookimpl`` and named
+like the specs below. Each component hook receives ``register``, a callback bound to that plugin:
+
+    register(name, factory, *, summary="")
+
+``name`` is lower-case kebab (``adm-unet``); ``factory`` is a callable taking keyword arguments
+only. Recipe ``args`` are checked against the factory's signature before any work, and facts that
+come from the run (resolution, channels, number of classes, ...) are injected by the host: see
+``cdmbench.interfaces`` for what each kind's factory receives and must return.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "cdmbench"
+hookspec = pluggy.HookspecMarker(PROJECT)
+
+
+@hookspec
+def cdmbench_register_backbones(register):
+    """Register denoising networks. factory(**args, **host facts) -> ``interfaces.Backbone``.
+
+    Host facts: resolution, in_channels, out_channels, num_classes, low_res_channels, aug_dim.
+    """
+
+
+@hookspec
+def cdmbench_register_schedules(register):
+    """Register noise schedules. factory(**args) -> ``interfaces.Schedule``."""
+
+
+@hookspec
+def cdmbench_register_augmentations(register):
+    """Register low-res conditioning augmentations. factory(**args, schedule=...) ->
+    ``interfaces.Augmentation``; ``schedule`` is the conditioning stage's schedule."""
+
+
+@hookspec
+def cdmbench_register_samplers(register):
+    """Register reverse-process samplers. factory(**args) -> ``interfaces.Sampler``."""
+
+
+@hookspec
+def cdmbench_register_datasets(register):
+    """Register image sources. factory(**args, split=..., resolution=...) ->
+    ``interfaces.Dataset``; ``resolution`` is the largest one the cascade needs."""
+
+
+@hookspec
+def cdmbench_register_metrics(register):
+    """Register sample-quality metrics. factory(**args) -> ``interfaces.Metric``."""
+
+
+@hookspec
+def cdmbench_register_baselines(register):
+    """Register published result rows. factory() -> list of ``interfaces.BaselineRow``."""
+
+
+@hookspec
+def cdmbench_add_commands(cli):
+    """Add ``click`` commands to the ``cdmbench`` command group ``cli``."""

@@ -1,0 +1,116 @@
+"""What each component kind must implement. Plugins may subclass these or just match them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "metrics", "baselines")
+
+# Facts the host passes to factories of each kind; a recipe may not set them in `args`.
+HOST_ARGS: dict[str, tuple[str, ...]] = {
+    "backbones": ("resolution", "in_channels", "out_channels", "num_classes", "low_res_channels",
+                  "aug_dim"),
+    "schedules": (),
+    "augmentations": ("schedule",),
+    "samplers": (),
+    "datasets": ("split", "resolution"),
+    "metrics": (),
+    "baselines": (),
+}
+
+
+class Backbone(nn.Module):
+    """A denoiser: forward(x_t, noise_cond, class_labels, low_res, aug_cond) -> prediction.
+
+    x_t: (B, C, H, W); noise_cond: (B,) float, the schedule's conditioning value of t;
+    class_labels: (B,) long or None; low_res: (B, C, h, w) previous-stage image (SR stages) or
+    None; aug_cond: (B, aug_dim) augmentation conditioning or None. Returns (B, out_channels, H, W).
+    """
+
+    def forward(self, x_t: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None,
+                low_res: Tensor | None = None, aug_cond: Tensor | None = None) -> Tensor:
+        raise NotImplementedError
+
+
+@runtime_checkable
+class Schedule(Protocol):
+    """A noise schedule: abar(t) for continuous t in [0, 1] and its T-step discretisation."""
+
+    timesteps: int
+
+    def abar(self, t: Tensor) -> Tensor:
+        """abar(t) = prod (1 - beta) up to t, for t in [0, 1] (float64)."""
+
+    def betas(self) -> Tensor:
+        """beta_1..beta_T of the discrete process (float64, shape (T,))."""
+
+
+@runtime_checkable
+class Augmentation(Protocol):
+    """What happens to the low-res conditioning image z_0 of an SR stage.
+
+    ``train`` runs on ground-truth low-res images during training, ``sample`` on the previous
+    stage's output at sampling time. Both return the image handed to the backbone and the
+    conditioning vector (B, cond_dim) describing what was done (level s, ...).
+    """
+
+    cond_dim: int
+
+    def train(self, z0: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        ...
+
+    def sample(self, z0: Tensor, *, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+        ...
+
+
+# model_fn(x_t, noise_cond) -> model output, with noise_cond = diffusion.noise_cond(t) (B,) float.
+ModelFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """Draws x_0 from a denoiser by running the reverse process."""
+
+    def sample(self, *, model_fn: ModelFn, diffusion: Any, shape: tuple[int, ...],
+               generators: list[torch.Generator], device: torch.device | str = "cpu",
+               progress: bool = True) -> Tensor:
+        """One generator per image (per-image seeds); returns x_0 in [-1, 1], shape (B, *shape)."""
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    """An image source: ``ds[i]`` is (uint8 array (H, W, 3), integer label)."""
+
+    num_classes: int
+    class_names: list[str]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """A sample-quality metric; every value it returns carries its protocol."""
+
+    name: str
+
+    def __call__(self, samples: Tensor, labels: Tensor) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class BaselineRow:
+    """One published number with the protocol it was measured under."""
+
+    model: str
+    dataset: str
+    resolution: int
+    metric: str
+    value: float
+    source: str
+    protocol: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,308 @@
+"""YAML recipes -> validated, resolved ``Recipe`` objects.
+
+Strict: unknown keys, wrong types, unknown component names and ``args`` a factory does not
+accept all fail here, before any data or model is touched, with the dotted path of the bad key
+(stages are addressed by name: ``stages.sr32.backbone.args.channels``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .diffusion import LOSSES
+from .errors import RecipeError, RegistryError
+from .interfaces import HOST_ARGS
+from .plugins import Plugins, load_plugins
+from .registry import suggestion
+
+FORMAT_VERSION = 1
+STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+@dataclass
+class Component:
+    """A component of some kind: its registered name and the factory's keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Train:
+    steps: int
+    batch_size: int
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    ema: float = 0.9999
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 100
+
+
+@dataclass
+class Stage:
+    name: str
+    resolution: int
+    backbone: Component
+    schedule: Component
+    train: Train
+    sampler: Component
+    loss: str = "simple"
+    condition_on: str | None = None
+    augmentation: Component = field(default_factory=lambda: Component("none"))
+
+
+@dataclass
+class Sample:
+    images_per_class: int = 8
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    cdmbench: int
+    name: str
+    data: Component
+    stages: list[Stage]
+    seed: int = 0
+    device: str = "auto"
+    plugins: list[str] = field(default_factory=list)
+    sample: Sample = field(default_factory=Sample)
+
+    def stage(self, name: str) -> Stage:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise RecipeError("stages", f"no stage '{name}'; {suggestion(name, self.stage_names())}")
+
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --- generic strict conversion of plain YAML data into the dataclasses above ---------------
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type):
+        return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
+                "list": "a list", "dict": "a mapping", "tuple": "a list"}.get(tp.__name__, tp.__name__)
+    return str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    """``value`` checked against (and converted to) the type hint ``tp``."""
+    origin = typing.get_origin(tp)
+    if tp is Any or tp is inspect.Parameter.empty:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, path)
+            except RecipeError as exc:
+                errors.append(exc)
+        names = " or ".join(_type_name(o) for o in typing.get_args(tp))
+        raise RecipeError(path, f"expected {names}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(path, f"expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item = args[0] if args else Any
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(path, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is type(None):
+        if value is not None:
+            raise RecipeError(path, f"expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise RecipeError(path, f"expected {_type_name(tp)}, got {value!r}")
+        return value
+    return value  # a type we cannot check (a plugin's own class): the factory checks it
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise RecipeError(path, f"expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise RecipeError(_join(path, str(key)),
+                              f"unknown key; {suggestion(str(key), fields)}")
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            sub = _join(path, name)
+            values[name] = (_build_stages(data[name], sub) if name == "stages"
+                            else _convert(data[name], hints[name], sub))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise RecipeError(_join(path, name), "required key is missing")
+    return cls(**values)
+
+
+def _build_stages(data: Any, path: str) -> list[Stage]:
+    if not isinstance(data, list) or not data:
+        raise RecipeError(path, "expected a non-empty list of stages")
+    stages = []
+    for i, item in enumerate(data):
+        name = item.get("name") if isinstance(item, dict) else None
+        stages.append(_build(Stage, item, f"{path}.{name}" if isinstance(name, str) else f"{path}[{i}]"))
+    return stages
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# --- overrides ------------------------------------------------------------------------------
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw recipe; stages by name."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError("--set", f"expected key=value, got {assignment!r}")
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        here = ".".join(parts[: i + 1])
+        if isinstance(node, list):  # stages, addressed by name
+            names = [s.get("name") for s in node if isinstance(s, dict)]
+            if part not in names:
+                raise RecipeError(here, f"no stage '{part}'; {suggestion(part, names)}")
+            node = node[names.index(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise RecipeError(here, f"cannot set a key inside {node!r}")
+    if not isinstance(node, dict):
+        raise RecipeError(key, "cannot set a key here")
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+# --- semantic checks ---------------------------------------------------------------------
+
+def check_component(plugins: Plugins, kind: str, spec: Component, path: str) -> None:
+    """The name is registered and ``args`` fit the factory's signature and type hints."""
+    try:
+        component = plugins[kind].get(spec.name)
+    except RegistryError as exc:
+        raise RecipeError(f"{path}.name", str(exc)) from None
+    params = component.parameters()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    try:
+        hints = typing.get_type_hints(component.factory)
+    except Exception:  # unresolvable annotations in a plugin: skip the type check
+        hints = {}
+    host = HOST_ARGS[kind]
+    for key, value in spec.args.items():
+        where = f"{path}.args.{key}"
+        if key in host:
+            raise RecipeError(where, f"is set by cdmbench from the run (host facts for {kind}: "
+                                     f"{', '.join(host)}); remove it from the recipe")
+        if key not in params and not takes_any:
+            valid = [p for p in params if p not in host]
+            raise RecipeError(where, f"{kind[:-1]} '{spec.name}' takes no argument '{key}'; "
+                                     f"{suggestion(key, valid)}")
+        if key in hints:
+            spec.args[key] = _convert(value, hints[key], where)
+    for name, p in params.items():
+        if (p.default is inspect.Parameter.empty and name not in host and name not in spec.args
+                and p.kind is inspect.Parameter.KEYWORD_ONLY):
+            raise RecipeError(f"{path}.args.{name}", f"required by {kind[:-1]} '{spec.name}'")
+
+
+def _check(recipe: Recipe, plugins: Plugins) -> None:
+    if recipe.cdmbench != FORMAT_VERSION:
+        raise RecipeError("cdmbench", f"unsupported recipe format {recipe.cdmbench}; this "
+                                      f"cdmbench reads format {FORMAT_VERSION}")
+    if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
+        raise RecipeError("device", f"expected auto, cpu, cuda or cuda:N, got {recipe.device!r}")
+    check_component(plugins, "datasets", recipe.data, "data")
+    seen: dict[str, Stage] = {}
+    for stage in recipe.stages:
+        path = f"stages.{stage.name}"
+        if not STAGE_NAME_RE.match(stage.name):
+            raise RecipeError(f"{path}.name", "stage names are lower-case letters, digits, - and _")
+        if stage.name in seen:
+            raise RecipeError(f"{path}.name", "two stages have this name")
+        if stage.resolution < 4:
+            raise RecipeError(f"{path}.resolution", f"must be >= 4, got {stage.resolution}")
+        if stage.loss not in LOSSES:
+            raise RecipeError(f"{path}.loss", f"unknown loss '{stage.loss}'; {suggestion(stage.loss, LOSSES)}")
+        if stage.condition_on is None:
+            if stage.augmentation.name != "none":
+                raise RecipeError(f"{path}.augmentation", "only a stage with condition_on "
+                                  "(a super-resolution stage) can augment its low-res input")
+        else:
+            prev = seen.get(stage.condition_on)
+            if prev is None:
+                raise RecipeError(f"{path}.condition_on",
+                                  f"'{stage.condition_on}' is not an earlier stage; "
+                                  f"{suggestion(stage.condition_on, seen)}")
+            if prev.resolution >= stage.resolution:
+                raise RecipeError(f"{path}.resolution", f"{stage.resolution} must exceed the "
+                                  f"resolution of '{prev.name}' ({prev.resolution})")
+        train = stage.train
+        for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
+            if getattr(train, key) < 1:
+                raise RecipeError(f"{path}.train.{key}", "must be >= 1")
+        if not 0.0 <= train.ema < 1.0:
+            raise RecipeError(f"{path}.train.ema", "must be in [0, 1)")
+        if train.lr <= 0:
+            raise RecipeError(f"{path}.train.lr", "must be > 0")
+        for kind, spec, key in (("backbones", stage.backbone, "backbone"),
+                                ("schedules", stage.schedule, "schedule"),
+                                ("samplers", stage.sampler, "sampler"),
+                                ("augmentations", stage.augmentation, "augmentation")):
+            check_component(plugins, kind, spec, f"{path}.{key}")
+        seen[stage.name] = stage
+    if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
+        raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
+
+
+def parse_recipe(raw: Any, *, overrides: tuple[str, ...] | list[str] = (),
+                 plugins: Plugins | None = None) -> tuple[Recipe, Plugins]:
+    """Validate a raw (YAML-loaded) recipe; returns it with the plugins it was checked against."""
+    if not isinstance(raw, dict):
+        raise RecipeError("", f"a recipe is a YAML mapping, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    recipe = _build(Recipe, raw, "")
+    plugins = plugins or load_plugins(recipe.plugins)
+    _check(recipe, plugins)
+    return recipe, plugins
+
+
+def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
+                plugins: Plugins | None = None) -> tuple[Recipe, Plugins]:
+    """Read and validate the recipe at ``path`` (see ``parse_recipe``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError("", f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
+    return parse_recipe(raw, overrides=overrides, plugins=plugins)

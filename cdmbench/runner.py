@@ -1,0 +1,150 @@
+"""``run``: validate a recipe, build every stage, train, sample the cascade, write results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
+from .checkpoint import list_checkpoints, load_ema
+from .data import load_images
+from .errors import CdmbenchError
+from .grids import save_grid
+from .plugins import Plugins
+from .recipe import Recipe, load_recipe
+from .report import read_results, results_table
+from .rundir import RunDir, result_row
+from .train import read_log, train_stage
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CdmbenchError(f"device '{name}' requested but CUDA is not available; set device: cpu "
+                            "or auto (--set device=auto)")
+    return torch.device(name)
+
+
+def _dataset(plugins: Plugins, recipe: Recipe, split: str):
+    resolution = max(s.resolution for s in recipe.stages)
+    return make_component(plugins, "datasets", recipe.data, "data", split=split, resolution=resolution)
+
+
+def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:
+    return [build_stage(plugins, recipe, s, num_classes=num_classes, device=device)
+            for s in recipe.stages]
+
+
+def describe(recipe: Recipe, plugins: Plugins) -> pd.DataFrame:
+    """Build every stage on the meta device (no memory, no data): parameters and forward FLOPs
+    for one image."""
+    num_classes = _dataset(plugins, recipe, "train").num_classes
+    rows = []
+    stages = _build_all(plugins, recipe, num_classes, "meta")
+    for st in stages:
+        r = st.spec.resolution
+        x = torch.zeros(1, IMAGE_CHANNELS, r, r, device="meta")
+        low = (torch.zeros(1, IMAGE_CHANNELS, st.low_res, st.low_res, device="meta")
+               if st.low_res else None)
+        aug = torch.zeros(1, st.augmentation.cond_dim, device="meta")
+        labels = torch.zeros(1, dtype=torch.long, device="meta")
+        with FlopCounterMode(display=False) as counter:
+            st.predict(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
+        rows.append({"stage": st.spec.name, "resolution": r, "condition_on": st.spec.condition_on or "-",
+                     "backbone": st.spec.backbone.name,
+                     "parameters": sum(p.numel() for p in st.backbone.parameters()),
+                     "GFLOP/forward": counter.get_total_flops() / 1e9,
+                     "T": st.diffusion.T, "train steps": st.spec.train.steps,
+                     "batch": st.spec.train.batch_size})
+    return pd.DataFrame(rows).set_index("stage")
+
+
+def _final_step_done(folder: Path, steps: int) -> bool:
+    ckpts = list_checkpoints(folder / "checkpoints")
+    return bool(ckpts) and int(ckpts[-1].name.split("-")[1]) >= steps
+
+
+def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | None = None,
+        overrides: tuple[str, ...] | list[str] = (), dry_run: bool = False,
+        progress: bool = True, echo=print) -> Path | pd.DataFrame:
+    """Train the recipe's stages (or just ``stage``), sample the cascade, write results.
+
+    Returns the run directory, or with ``dry_run`` the table of stages (nothing is written)."""
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    if stage is not None:
+        recipe.stage(stage)  # unknown stage names fail here
+    if dry_run:
+        return describe(recipe, plugins)
+    device = resolve_device(recipe.device)
+    run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
+    dataset = _dataset(plugins, recipe, "train")
+    stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
+    run_dir.prepare(recipe, plugins)
+    echo(f"run directory: {run_dir.path}  (device: {device})")
+
+    data = None
+    models: dict[str, torch.nn.Module] = {}
+    metadata = {"recipe": recipe.to_dict()}
+    for st in stages:
+        folder = run_dir.stage(st.spec.name)
+        if stage in (None, st.spec.name):
+            if data is None:
+                data = load_images(dataset, sorted({s.resolution for s in recipe.stages}),
+                                   progress=progress)
+            models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
+                                               metadata={**metadata, "stage": st.spec.name},
+                                               device=device, progress=progress)
+            log = read_log(folder)
+            if log:
+                run_dir.add_results([
+                    result_row(run=recipe.name, stage=st.spec.name, metric="train_loss",
+                               value=log[-1]["loss"], unit="", n=log[-1]["step"],
+                               higher_is_better=False, protocol={"loss": st.spec.loss}),
+                    result_row(run=recipe.name, stage=st.spec.name, metric="train_throughput",
+                               value=log[-1]["images_per_s"], unit="img/s", n=log[-1]["step"],
+                               higher_is_better=True, protocol={"device": str(device)})])
+        elif _final_step_done(folder, st.spec.train.steps):
+            load_ema(folder / "checkpoints", st.backbone)
+            models[st.spec.name] = st.backbone.eval()
+
+    chain = []
+    for st in stages:
+        if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in
+                                        {c.spec.name for c in chain}):
+            chain.append(st)
+        else:
+            echo(f"stage {st.spec.name} not sampled: it or a stage it conditions on is not trained "
+                 f"yet (cdmbench run RECIPE --stage NAME)")
+    if chain:
+        _sample_and_report(recipe, run_dir, chain, models, dataset, device, progress, echo)
+    table = results_table(read_results([run_dir.path]))
+    (run_dir.path / "report.md").write_text(
+        f"# {recipe.name}\n\n```text\n{table.to_string(float_format=lambda v: f'{v:.4g}')}\n```\n")
+    echo(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    return run_dir.path
+
+
+def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],
+                       models: dict[str, Any], dataset, device, progress: bool, echo) -> None:
+    spec = recipe.sample
+    labels = torch.arange(dataset.num_classes).repeat_interleave(spec.images_per_class)
+    images, seconds = sample_cascade(chain, models, labels, seed=spec.seed,
+                                     batch_size=spec.batch_size, device=device, progress=progress)
+    rows = []
+    for st in chain:
+        name = st.spec.name
+        path = save_grid(images[name], labels, dataset.class_names,
+                         run_dir.stage(name) / "samples" / "grid.png")
+        echo(f"{name}: {path}")
+        rows.append(result_row(run=recipe.name, stage=name, metric="sample_time", value=seconds[name],
+                               unit="s", n=len(labels), higher_is_better=False,
+                               protocol={"sampler": st.spec.sampler.name,
+                                         "sampler_args": json.loads(json.dumps(st.spec.sampler.args)),
+                                         "device": str(device), "batch_size": spec.batch_size}))
+    run_dir.add_results(rows)
