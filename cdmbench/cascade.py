@@ -64,6 +64,7 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                                        f"stages.{cond.name}.schedule")
     augmentation = make_component(plugins, "augmentations", stage.augmentation,
                                   f"{path}.augmentation", schedule=cond_schedule)
+    torch.manual_seed(derive_seed(recipe.seed, index))  # the initial weights depend on the seed only
     with torch.device(device):  # "meta" builds the network without memory
         backbone = make_component(
             plugins, "backbones", stage.backbone, f"{path}.backbone", resolution=stage.resolution,
@@ -74,14 +75,15 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                       sampler, augmentation, low_res)
 
 
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of integers (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] & (2**63 - 1))
+
+
 def image_generators(seed: int, stage_index: int, image_ids: list[int],
                      device: torch.device | str) -> list[torch.Generator]:
     """One generator per image, seeded by (seed, stage, image id) only."""
-    gens = []
-    for i in image_ids:
-        state = int(np.random.SeedSequence([seed, stage_index, i]).generate_state(1, np.uint64)[0])
-        gens.append(torch.Generator(device).manual_seed(state & (2**63 - 1)))
-    return gens
+    return [torch.Generator(device).manual_seed(derive_seed(seed, stage_index, i)) for i in image_ids]
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def _fill(plugins: Plugins, kind: str) -> None:
     """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin."""
     registry = plugins.registries[kind]
     hook = getattr(plugins.manager.hook, f"cdmbench_register_{kind}")
-    for impl in reversed(hook.get_hookimpls()):  # registration order
+    for impl in hook.get_hookimpls():  # in registration order
         name = impl.plugin_name
 
         def register(component, factory, *, summary: str = "", _plugin=name):

@@ -21,9 +21,9 @@ def close_matches(name: str, candidates, n: int = 3) -> list[str]:
 
 
 def suggestion(name: str, candidates) -> str:
-    near = close_matches(name, candidates)
+    near = close_matches(name, candidates, n=1)
     if near:
-        return "did you mean " + " or ".join(f"'{c}'" for c in near) + "?"
+        return f"did you mean '{near[0]}'?"
     return "valid: " + (", ".join(sorted(candidates)) or "(none registered)")
 
 

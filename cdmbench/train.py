@@ -14,20 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cascade import StageModel
+from .cascade import StageModel, derive_seed
 from .checkpoint import resume_latest, save_checkpoint
 from .data import ImageSet, to_float
 from .diffusion import simple_loss
 from .errors import CdmbenchError
-
-
-def derive_seed(*keys: int) -> int:
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] & (2**63 - 1))
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int, stage_index: int) -> Tensor:
@@ -83,6 +78,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
     ckpt_dir = folder / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
     start = resume_latest(ckpt_dir, model=model, ema=ema, optimizer=optimizer)
     if start > spec.steps:
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "

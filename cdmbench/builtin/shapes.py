@@ -2,12 +2,12 @@
 
 Each image is one shape (random size, position, rotation, colours) on a plain background. The
 silhouette tells the class apart even at 8x8-16x16; inside it, a class-specific texture with a
-period of ~0.18 image units (the image spans [-1, 1]) mostly averages away at 16x16 but is clear
+period of ~0.15 image units (the image spans [-1, 1]) mostly averages away at 16x16 but is clear
 at 32x32 and above, so a super-resolution stage has to learn class-dependent detail.
 
 Geometry lives in continuous coordinates and is drawn from ``default_rng([seed, split, i])``, so
 image i is the same picture at every resolution. Pixels are box averages over a supersampled
-grid of at least ``MIN_GRID`` samples per side (anti-aliasing).
+grid of at least ``MIN_GRID`` samples per side and ``MIN_SS`` per pixel (anti-aliasing).
 """
 
 from __future__ import annotations
@@ -19,23 +19,28 @@ import numpy as np
 
 from cdmbench import hookimpl
 
-MIN_GRID = 128    # supersampled samples per image side, at least
-PERIOD = 0.18     # texture period in image units: ~2.9 px at 32x32, ~1.4 px at 16x16
-CHUNK = 64        # images rendered together; bounds memory to ~CHUNK * grid^2 floats per array
+MIN_GRID = 128    # supersampled samples per image side, at least ...
+MIN_SS = 4        # ... and per pixel side
+PERIOD = 0.15     # texture period in image units: 2.4 px at 32x32, 1.2 px at 16x16
+CELL = PERIOD / math.sqrt(2)  # checker / speckle cell: diagonal period PERIOD
+CHUNK_SAMPLES = 2 ** 20  # supersamples per image batch rendered at once (bounds memory)
 MAX_OFFSET = 0.22  # shape centre within [-MAX_OFFSET, MAX_OFFSET]^2
 SIZE_RANGE = (0.45, 0.62)  # shape scale s: shape-unit coordinates are image units / s
 MIN_CONTRAST = 0.35  # |luminance(fg) - luminance(bg)| at least
-SPECKLE = 16      # speckle texture lattice: cells per side (covers +-0.72 image units)
+SPECKLE = 16      # speckle texture lattice: cells per side (covers +-0.85 image units)
 SPLITS = {"train": 0, "test": 1}
+LUMA = np.array([0.299, 0.587, 0.114])  # RGB -> luminance
+BALANCED_2X2 = np.array([[[1, 1], [0, 0]], [[0, 0], [1, 1]], [[1, 0], [1, 0]], [[0, 1], [0, 1]],
+                         [[1, 0], [0, 1]], [[0, 1], [1, 0]]], dtype=np.float32)
 
 Array = np.ndarray
 
 
 class Frame(NamedTuple):
-    """Supersampled coordinates in each shape's own frame, batched over images: (N, G, G)."""
+    """Supersampled coordinates in each shape's own frame, batched over N images."""
 
-    x: Array       # image units, origin at the shape centre, axes rotated with the shape
-    y: Array       # (pointing up)
+    x: Array       # (N, G, G) image units, origin at the shape centre, axes rotated with the
+    y: Array       # shape, y pointing up
     s: Array       # (N, 1, 1) shape scale
     phase: Array   # (N, 1, 1) texture phase in [0, 1)
     speckle: Array  # (N, SPECKLE, SPECKLE) random 0/1 cells for the speckle texture
@@ -77,22 +82,22 @@ def _triangle(f: Frame) -> tuple[Array, Array]:
     sx, sy = math.sqrt(3) / 2 * f.x, -0.5 * f.y
     support = np.maximum(f.y, np.maximum(sy + sx, sy - sx))
     depth = 0.6 * f.s - support  # distance inside from the nearest edge
-    return depth >= 0, ((depth >= 0.07) & (depth <= 0.13)).astype(np.float32)
+    return depth >= 0, ((depth >= 0.07) & (depth <= 0.12)).astype(np.float32)
 
 
 def _ring(f: Frame) -> tuple[Array, Array]:
     """Annulus with radial spokes."""
     r = _norm(f.x, f.y) / f.s
-    spokes = 18 * np.arctan2(f.y, f.x) / (2 * np.pi) * PERIOD
-    return (r >= 0.55) & (r <= 0.95), _wave(spokes, f.phase)
+    count = np.round(2 * np.pi * 0.75 * f.s / PERIOD)  # spacing ~PERIOD along the mid-circle
+    arc = count * PERIOD / (2 * np.pi) * np.arctan2(f.y, f.x)
+    return (r >= 0.55) & (r <= 0.95), _wave(arc, f.phase)
 
 
 def _cross(f: Frame) -> tuple[Array, Array]:
     """Plus sign with a checkerboard."""
     ax, ay = np.abs(f.x) / f.s, np.abs(f.y) / f.s
     inside = ((ax <= 0.95) & (ay <= 0.32)) | ((ay <= 0.95) & (ax <= 0.32))
-    cell = PERIOD / 2
-    checker = 2 * _frac((np.floor(f.x / cell) + np.floor(f.y / cell)) / 2)  # parity: 0 or 1
+    checker = 2 * _frac((np.floor(f.x / CELL) + np.floor(f.y / CELL)) / 2)  # parity: 0 or 1
     return inside, checker
 
 
@@ -120,7 +125,7 @@ def _ellipse(f: Frame) -> tuple[Array, Array]:
 
 def _crescent(f: Frame) -> tuple[Array, Array]:
     """Crescent with a fine square mesh of thin lines."""
-    x, y = f.x / f.s, f.y / f.s
+    x, y = f.x / f.s - 0.25, f.y / f.s  # shifted to bring the crescent's body near the centre
     inside = (_norm(x, y) <= 1.0) & (_norm(x - 0.5, y) >= 0.8)
     lines = (_frac(f.x / PERIOD + f.phase) < 0.25) | (_frac(f.y / PERIOD + f.phase) < 0.25)
     return inside, lines.astype(np.float32)
@@ -135,14 +140,14 @@ def _half_disk(f: Frame) -> tuple[Array, Array]:
 
 
 def _heart(f: Frame) -> tuple[Array, Array]:
-    """Upright heart with a random speckle of small cells."""
-    x, y = f.x / (0.85 * f.s), f.y / (0.85 * f.s) + 0.1
+    """Upright heart with a fine random speckle."""
+    x, y = f.x / (0.85 * f.s), f.y / (0.85 * f.s) + 0.29  # centroid at the origin
     u = x * x + y * y - 1
     inside = u * u * u <= x * x * y * y * y  # (x^2 + y^2 - 1)^3 <= x^2 y^3; `**` is slow
-    # Each image's SPECKLE x SPECKLE random binary cells, of side PERIOD / 2, centred on the shape.
+    # Each image's SPECKLE x SPECKLE random binary cells of side CELL, centred on the shape.
     n, k = f.speckle.shape[0], SPECKLE
-    ix = np.clip(np.floor(f.x * (2 / PERIOD) + k / 2), 0, k - 1).astype(np.intp)
-    iy = np.clip(np.floor(f.y * (2 / PERIOD) + k / 2), 0, k - 1).astype(np.intp)
+    ix = np.clip(np.floor(f.x / CELL + k / 2), 0, k - 1).astype(np.intp)
+    iy = np.clip(np.floor(f.y / CELL + k / 2), 0, k - 1).astype(np.intp)
     offset = (np.arange(n) * (k * k)).reshape(n, 1, 1)
     return inside, np.take(f.speckle.reshape(-1), offset + iy * k + ix)
 
@@ -160,9 +165,6 @@ CLASSES: tuple[tuple[str, Callable[[Frame], tuple[Array, Array]], float], ...] =
     ("half disk (zigzag)", _half_disk, np.pi),
     ("heart (speckle)", _heart, 0.4),
 )
-
-
-LUMA = np.array([0.299, 0.587, 0.114])
 
 
 class Params(NamedTuple):
@@ -183,7 +185,9 @@ def _draw(rng: np.random.Generator, max_angle: float) -> Params:
     scale = rng.uniform(*SIZE_RANGE)
     angle = rng.uniform(-max_angle, max_angle)
     phase = rng.uniform()
-    speckle = rng.integers(0, 2, (SPECKLE, SPECKLE)).astype(np.float32)
+    # Balanced speckle: each 2x2 block of cells has two on, so it has no coarse structure.
+    blocks = BALANCED_2X2[rng.integers(0, len(BALANCED_2X2), (SPECKLE // 2, SPECKLE // 2))]
+    speckle = blocks.transpose(0, 2, 1, 3).reshape(SPECKLE, SPECKLE)
     bg = rng.uniform(size=3)
     # Foreground: the first of some random colours that contrasts enough with the background.
     candidates = rng.uniform(size=(16, 3))
@@ -194,10 +198,15 @@ def _draw(rng: np.random.Generator, max_angle: float) -> Params:
     return Params(centre, scale, angle, phase, speckle, fg, bg, tex)
 
 
+def _supersampling(resolution: int) -> int:
+    """Supersamples per pixel side."""
+    return max(MIN_SS, math.ceil(MIN_GRID / resolution))
+
+
 def _render(label: int, params: Sequence[Params], resolution: int) -> Array:
     """Images of one class, (N, resolution, resolution, 3) uint8."""
     n = len(params)
-    ss = max(1, math.ceil(MIN_GRID / resolution))  # supersampling factor per pixel side
+    ss = _supersampling(resolution)
     g = resolution * ss
     grid = ((np.arange(g, dtype=np.float32) + 0.5) * (2.0 / g) - 1.0)
     gx, gy = grid[None, None, :], -grid[None, :, None]  # x right, y up; row 0 at the top
@@ -234,7 +243,8 @@ class ShapesDataset:
     class_names = [name for name, _, _ in CLASSES]
 
     def __init__(self, *, split: str, resolution: int, num_images: int, seed: int):
-        self.split, self.resolution, self.num_images, self.seed = split, resolution, num_images, seed
+        self.split, self.resolution, self.seed = split, resolution, seed
+        self.num_images = num_images
         self._split_id = SPLITS[split]
 
     def __len__(self) -> int:
@@ -258,9 +268,11 @@ class ShapesDataset:
         idx = np.where(idx < 0, idx + self.num_images, idx)
         labels = idx % self.num_classes
         out = np.empty((idx.size, self.resolution, self.resolution, 3), np.uint8)
+        grid = self.resolution * _supersampling(self.resolution)
+        per_chunk = max(1, CHUNK_SAMPLES // grid ** 2)
         for label in np.unique(labels):
             where = np.flatnonzero(labels == label)
-            for chunk in np.array_split(where, math.ceil(where.size / CHUNK)):
+            for chunk in np.array_split(where, math.ceil(where.size / per_chunk)):
                 params = [self.params(int(i)) for i in idx[chunk]]
                 out[chunk] = _render(int(label), params, self.resolution)
         return out, labels
@@ -270,16 +282,15 @@ def shapes(*, split: str, resolution: int, num_images: int = 10000, seed: int = 
     """Procedural shapes dataset; see the module docstring."""
     if split not in SPLITS:
         raise ValueError(f"shapes: split must be one of {sorted(SPLITS)}, got {split!r}")
-    if not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"shapes: resolution must be a positive integer, got {resolution!r}")
-    if not isinstance(num_images, int) or num_images < 0:
-        raise ValueError(f"shapes: num_images must be a non-negative integer, got {num_images!r}")
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"shapes: seed must be a non-negative integer, got {seed!r}")
-    return ShapesDataset(split=split, resolution=resolution, num_images=num_images, seed=seed)
+    for name, value, least in (("resolution", resolution, 1), ("num_images", num_images, 0),
+                               ("seed", seed, 0)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"shapes: {name} must be an integer >= {least}, got {value!r}")
+    return ShapesDataset(split=split, resolution=int(resolution), num_images=int(num_images),
+                         seed=int(seed))
 
 
 @hookimpl
 def cdmbench_register_datasets(register):
-    register("shapes", shapes,
-             summary="procedural class-conditional shapes and textures; any resolution, no download")
+    register("shapes", shapes, summary="procedural class-conditional shapes and textures; "
+                                       "any resolution, no download")

@@ -1,0 +1,98 @@
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cdmbench.cli import cli
+from cdmbench.errors import RecipeError
+from cdmbench.recipe import load_recipe, parse_recipe
+
+
+@pytest.fixture
+def raw(tiny_recipe):
+    return yaml.safe_load(tiny_recipe.read_text())
+
+
+def error(raw, overrides=()):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(raw, overrides=overrides)
+    return info.value
+
+
+def test_valid_recipe_resolves_defaults(tiny_recipe):
+    recipe, _ = load_recipe(tiny_recipe)
+    assert recipe.stage_names() == ["base8", "sr16"]
+    assert recipe.stages[0].augmentation.name == "none"
+    assert recipe.stages[1].train.weight_decay == 0.0
+
+
+@pytest.mark.parametrize("edit, path, message", [
+    (lambda r: r.update(stagse=[]), "stagse", "unknown key; did you mean 'stages'?"),
+    (lambda r: r["stages"][0]["train"].update(stesp=3), "stages.base8.train.stesp",
+     "did you mean 'steps'?"),
+    (lambda r: r["stages"][0]["train"].update(steps="ten"), "stages.base8.train.steps",
+     "expected an integer, got 'ten'"),
+    (lambda r: r["stages"][0]["train"].update(steps=True), "stages.base8.train.steps",
+     "expected an integer"),
+    (lambda r: r["stages"][1].update(resolution=4.5), "stages.sr16.resolution", "expected an integer"),
+    (lambda r: r["stages"][0]["train"].pop("steps"), "stages.base8.train.steps", "required key is missing"),
+    (lambda r: r["stages"][0]["backbone"].update(name="adm-unte"), "stages.base8.backbone.name",
+     "unknown backbone 'adm-unte'; did you mean 'adm-unet'?"),
+    (lambda r: r["stages"][1]["sampler"].update(name="dpm"), "stages.sr16.sampler.name",
+     "unknown sampler 'dpm'"),
+    (lambda r: r["stages"][0]["backbone"]["args"].update(chanels=64), "stages.base8.backbone.args.chanels",
+     "backbone 'adm-unet' takes no argument 'chanels'; did you mean 'channels'?"),
+    (lambda r: r["stages"][0]["backbone"]["args"].update(channels="wide"), "stages.base8.backbone.args.channels",
+     "expected an integer"),
+    (lambda r: r["stages"][0]["backbone"]["args"].update(resolution=32), "stages.base8.backbone.args.resolution",
+     "is set by cdmbench from the run"),
+    (lambda r: r["stages"][1].update(condition_on="base9"), "stages.sr16.condition_on",
+     "'base9' is not an earlier stage; did you mean 'base8'?"),
+    (lambda r: r["stages"][1].update(resolution=8), "stages.sr16.resolution", "must exceed the resolution"),
+    (lambda r: r["stages"][0].update(augmentation={"name": "gaussian"}), "stages.base8.augmentation",
+     "only a stage with condition_on"),
+    (lambda r: r["stages"][0].update(loss="l1"), "stages.base8.loss", "unknown loss 'l1'"),
+    (lambda r: r["stages"][0]["train"].update(ema=1.5), "stages.base8.train.ema", "must be in [0, 1)"),
+    (lambda r: r.update(cdmbench=2), "cdmbench", "unsupported recipe format 2"),
+    (lambda r: r["data"].update(name="shapez"), "data.name", "did you mean 'shapes'?"),
+    (lambda r: r["data"]["args"].update(split="test"), "data.args.split", "is set by cdmbench"),
+    (lambda r: r.update(device="tpu"), "device", "expected auto, cpu, cuda or cuda:N"),
+])
+def test_strict_errors_name_the_path(raw, edit, path, message):
+    edit(raw)
+    exc = error(raw)
+    assert exc.path == path
+    assert message in str(exc)
+
+
+def test_overrides_go_through_validation(raw):
+    recipe, _ = parse_recipe(raw, overrides=["stages.sr16.train.steps=7", "seed=3"])
+    assert recipe.stage("sr16").train.steps == 7 and recipe.seed == 3
+    assert error(raw, ["stages.sr16.train.steps=many"]).path == "stages.sr16.train.steps"
+    assert "no stage 'sr61'; did you mean 'sr16'?" in str(error(raw, ["stages.sr61.train.steps=1"]))
+    assert "expected key=value" in str(error(raw, ["seed"]))
+
+
+def test_validate_cli_prints_path_and_suggestion_without_traceback(tiny_recipe):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("num_res_blocks: 1", "num_res_block: 1", 1))
+    result = CliRunner().invoke(cli, ["validate", str(tiny_recipe)])
+    assert result.exit_code == 2
+    assert "stages.base8.backbone.args.num_res_block" in result.output
+    assert "did you mean 'num_res_blocks'?" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_cli_reports_factory_errors_with_path(tiny_recipe):
+    result = CliRunner().invoke(cli, ["validate", str(tiny_recipe),
+                                      "--set", "stages.sr16.backbone.args.attention_resolutions=[3]"])
+    assert result.exit_code == 2
+    assert "stages.sr16.backbone: backbone 'adm-unet': " in result.output
+    assert "attention_resolutions contains 3" in result.output
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(RecipeError, match="recipe file not found"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [\n")
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        load_recipe(bad)

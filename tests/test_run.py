@@ -1,0 +1,109 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import cdmbench.train
+from cdmbench.cli import cli
+from cdmbench.errors import CdmbenchError
+from cdmbench.recipe import load_recipe
+from cdmbench.runner import describe, run
+from test_unet import attention, conv, gn, linear, resblock
+
+
+def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    for stage in ("base8", "sr16"):
+        assert (out / stage / "samples" / "grid.png").stat().st_size > 0
+        assert (out / stage / "checkpoints" / "step-00000004" / "model.safetensors").exists()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    metrics = {(r["stage"], r["metric"]) for r in rows}
+    for stage in ("base8", "sr16"):
+        assert {(stage, "train_loss"), (stage, "train_throughput"), (stage, "sample_time")} <= metrics
+    assert all(r["status"] == "ok" and r["value"] > 0 for r in rows)
+    run_yaml = (out / "run.yaml").read_text()
+    assert "cdmbench.builtin.unet" in run_yaml and "torch:" in run_yaml
+    # The checkpoint embeds the resolved recipe.
+    from safetensors import safe_open
+    with safe_open(out / "base8" / "checkpoints" / "step-00000004" / "model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["recipe"])["name"] == "tiny"
+    report = CliRunner().invoke(cli, ["report", str(out)])
+    assert report.exit_code == 0 and "sr16" in report.output and "train_loss" in report.output
+
+
+def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path):
+    common = dict(stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, out=tmp_path / "a", **common)
+    run(tiny_recipe, out=tmp_path / "b", overrides=["stages.base8.train.steps=2"], **common)
+    assert not (tmp_path / "b" / "base8" / "checkpoints" / "step-00000004").exists()
+    run(tiny_recipe, out=tmp_path / "b", **common)  # the same command again resumes at step 2
+    for name in ("model", "ema"):
+        a = load_file(tmp_path / "a" / "base8" / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        b = load_file(tmp_path / "b" / "base8" / "checkpoints" / "step-00000004" / f"{name}.safetensors")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    log = [json.loads(x) for x in (tmp_path / "b" / "base8" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+
+
+def test_a_different_recipe_in_the_same_run_directory_is_refused(tiny_recipe, tmp_path):
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=1"], **common)
+    with pytest.raises(CdmbenchError, match=r"different recipe \(stages.base8.train.lr: 0.001 -> 0.01\)"):
+        run(tiny_recipe, overrides=["stages.base8.train.lr=0.01"], **common)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch):
+    real = cdmbench.train.simple_loss
+    calls = []
+
+    def poisoned(prediction, eps):
+        calls.append(1)
+        loss = real(prediction, eps)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(cdmbench.train, "simple_loss", poisoned)
+    with pytest.raises(CdmbenchError, match="loss is nan at step 3; lower train.lr"):
+        run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    ckpt = tmp_path / "a" / "base8" / "checkpoints" / "step-00000002"
+    assert torch.isfinite(load_file(ckpt / "model.safetensors")["input_conv.weight"]).all()
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_recipe, tmp_path):
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=2", "stages.base8.train.checkpoint_every=1"],
+        **common)
+    latest = tmp_path / "a" / "base8" / "checkpoints" / "step-00000002" / "model.safetensors"
+    latest.write_bytes(latest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="step-00000002 is unreadable"):
+        run(tiny_recipe, overrides=["stages.base8.train.checkpoint_every=1"], **common)
+    assert (tmp_path / "a" / "base8" / "checkpoints" / "step-00000004").exists()
+
+
+def test_dry_run_parameters_match_a_hand_count(tiny_recipe):
+    recipe, plugins = load_recipe(tiny_recipe)
+    table = describe(recipe, plugins)
+    c, E = 32, 128
+    # base8: 10 classes, no low-res input, no augmentation; levels 8x8 (32 ch) and 4x4 (64 ch, attn)
+    n = linear(c, E) + linear(E, E) + 10 * E + conv(3, 3, c)
+    n += resblock(32, 32, E) + resblock(32, 32, E)  # level 0, resblock downsample
+    n += resblock(32, 64, E) + attention(64)  # level 1
+    n += resblock(64, 64, E) + attention(64) + resblock(64, 64, E)  # middle
+    n += resblock(128, 64, E) + attention(64) + resblock(96, 64, E) + attention(64)
+    n += resblock(64, 64, E)  # upsample
+    n += resblock(96, 32, E) + resblock(64, 32, E) + gn(32) + conv(3, 32, 3)
+    assert table.loc["base8", "parameters"] == n
+    # sr16: 6 input channels, augmentation MLP, attention at 8x8 on level 1
+    assert table.loc["sr16", "parameters"] == n + 3 * 9 * c + linear(c, E) + linear(E, E)
+    assert table.loc["sr16", "GFLOP/forward"] > 3 * table.loc["base8", "GFLOP/forward"]
+
+
+def test_dry_run_cli_touches_nothing(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "parameters" in result.output and "GFLOP/forward" in result.output
+    assert not (tmp_path / "runs").exists()
