@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .diffusion import GaussianDiffusion
+from .diffusion import LOSSES, Denoise, Prediction, Process, make_process, prediction_from_output
 from .interfaces import Augmentation, Sampler
 from .plugins import Plugins
 from .errors import RecipeError
@@ -31,15 +31,46 @@ class StageModel:
     spec: Stage
     index: int
     backbone: nn.Module
-    diffusion: GaussianDiffusion
+    process: Process
     sampler: Sampler
     augmentation: Augmentation
     low_res: int | None  # resolution of the conditioning stage, None for a base stage
+    null_label: int | None  # the "no class" label of classifier-free guidance, if trained
 
-    def predict(self, model: nn.Module, x_t: Tensor, noise_cond: Tensor, labels: Tensor,
+    @property
+    def prediction(self) -> str:
+        return LOSSES[self.spec.loss]
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.spec.loss == "hybrid"
+
+    def forward(self, model: nn.Module, x_t: Tensor, noise_cond: Tensor, labels: Tensor,
                 low_res: Tensor | None, aug_cond: Tensor | None) -> Tensor:
         return model(x_t, noise_cond, labels, low_res=low_res,
                      aug_cond=aug_cond if aug_cond is not None and aug_cond.shape[1] else None)
+
+    def denoiser(self, model: nn.Module, labels: Tensor, low_res: Tensor | None,
+                 aug_cond: Tensor | None, *, guidance_scale: float | None = None) -> Denoise:
+        """The model with its conditioning bound, as the samplers call it. With a guidance
+        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's)."""
+        w = self.spec.guidance.scale if guidance_scale is None else guidance_scale
+
+        def denoise(x_t: Tensor, abar: Tensor, noise_cond: Tensor) -> Prediction:
+            if w == 1.0:
+                out = self.forward(model, x_t, noise_cond, labels, low_res, aug_cond)
+            else:
+                both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
+                                    torch.cat([labels, torch.full_like(labels, self.null_label)]),
+                                    None if low_res is None else low_res.repeat(2, 1, 1, 1),
+                                    None if aug_cond is None else aug_cond.repeat(2, 1))
+                cond, uncond = both.chunk(2)
+                c = x_t.shape[1]
+                guided = uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c])
+                out = torch.cat([guided, cond[:, c:]], dim=1)
+            return prediction_from_output(out, x_t, abar, prediction=self.prediction,
+                                          learned_variance=self.learned_variance)
+        return denoise
 
 
 def make_component(plugins: Plugins, kind: str, spec: Component, path: str, **host):
@@ -64,15 +95,28 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                                        f"stages.{cond.name}.schedule")
     augmentation = make_component(plugins, "augmentations", stage.augmentation,
                                   f"{path}.augmentation", schedule=cond_schedule)
+    process = make_process(schedule)
+    learned_variance = stage.loss == "hybrid"
+    if learned_variance and process.continuous:
+        raise RecipeError(f"{path}.loss", "the hybrid loss's variational bound needs a discrete "
+                          f"schedule; '{stage.schedule.name}' is continuous: use loss simple or v, "
+                          "or a schedule with timesteps (cosine, linear)")
+    sampler = make_component(plugins, "samplers", stage.sampler, f"{path}.sampler")
+    try:
+        sampler.check(process, learned_variance=learned_variance)
+    except ValueError as exc:
+        raise RecipeError(f"{path}.sampler", f"sampler '{stage.sampler.name}': {exc}") from None
+    # Classifier-free guidance trains an extra "null" class, the last label.
+    null_label = num_classes if stage.guidance.label_dropout > 0 else None
     torch.manual_seed(derive_seed(recipe.seed, index))  # the initial weights depend on the seed only
     with torch.device(device):  # "meta" builds the network without memory
         backbone = make_component(
             plugins, "backbones", stage.backbone, f"{path}.backbone", resolution=stage.resolution,
-            in_channels=IMAGE_CHANNELS, out_channels=IMAGE_CHANNELS, num_classes=num_classes,
+            in_channels=IMAGE_CHANNELS,
+            out_channels=IMAGE_CHANNELS * (2 if learned_variance else 1),
+            num_classes=num_classes + (null_label is not None),
             low_res_channels=IMAGE_CHANNELS if low_res else 0, aug_dim=augmentation.cond_dim)
-    sampler = make_component(plugins, "samplers", stage.sampler, f"{path}.sampler")
-    return StageModel(stage, index, backbone, GaussianDiffusion(schedule.betas()),
-                      sampler, augmentation, low_res)
+    return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label)
 
 
 def derive_seed(*keys: int) -> int:
@@ -95,13 +139,10 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
     aug_cond = None
     if low_res is not None:
         low_res, aug_cond = stage.augmentation.sample(low_res, generators=gens)
-
-    def model_fn(x_t: Tensor, noise_cond: Tensor) -> Tensor:
-        return stage.predict(model, x_t, noise_cond, labels, low_res, aug_cond)
-
     shape = (IMAGE_CHANNELS, stage.spec.resolution, stage.spec.resolution)
-    return stage.sampler.sample(model_fn=model_fn, diffusion=stage.diffusion, shape=shape,
-                                generators=gens, device=device, progress=progress)
+    return stage.sampler.sample(denoise=stage.denoiser(model, labels, low_res, aug_cond),
+                                process=stage.process, shape=shape, generators=gens,
+                                device=device, progress=progress)
 
 
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,

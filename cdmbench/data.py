@@ -43,18 +43,18 @@ def area_resize(images: Tensor, resolution: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def load_images(dataset: Dataset, resolutions: list[int], *, progress: bool = True,
-                chunk: int = 256) -> ImageSet:
-    """Read every image of ``dataset`` once and make each resolution from it."""
-    if len(dataset) == 0:
+def load_images(dataset: Dataset, resolutions: list[int], *, limit: int | None = None,
+                progress: bool = True, chunk: int = 256) -> ImageSet:
+    """Read every image of ``dataset`` (or the first ``limit``) once and make each resolution."""
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
         raise CdmbenchError("the dataset is empty")
     top = max(resolutions)
     out: dict[int, list[Tensor]] = {r: [] for r in resolutions}
     labels: list[int] = []
-    for lo in tqdm(range(0, len(dataset), chunk), desc="load data", unit_scale=chunk,
-                   disable=not progress):
+    for lo in tqdm(range(0, n, chunk), desc="load data", unit_scale=chunk, disable=not progress):
         batch = []
-        for i in range(lo, min(lo + chunk, len(dataset))):
+        for i in range(lo, min(lo + chunk, n)):
             image, label = dataset[i]
             image = np.asarray(image)
             if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:

@@ -39,15 +39,16 @@ class Backbone(nn.Module):
 
 @runtime_checkable
 class Schedule(Protocol):
-    """A noise schedule: abar(t) for continuous t in [0, 1] and its T-step discretisation."""
+    """A noise schedule: abar(t) for continuous t in [0, 1] and, unless ``timesteps`` is None
+    (a continuous schedule), its T-step discretisation."""
 
-    timesteps: int
+    timesteps: int | None
 
     def abar(self, t: Tensor) -> Tensor:
         """abar(t) = prod (1 - beta) up to t, for t in [0, 1] (float64)."""
 
     def betas(self) -> Tensor:
-        """beta_1..beta_T of the discrete process (float64, shape (T,))."""
+        """beta_1..beta_T of the discrete process (float64, shape (T,)); discrete schedules only."""
 
 
 @runtime_checkable
@@ -68,18 +69,24 @@ class Augmentation(Protocol):
         ...
 
 
-# model_fn(x_t, noise_cond) -> model output, with noise_cond = diffusion.noise_cond(t) (B,) float.
-ModelFn = Callable[[Tensor, Tensor], Tensor]
-
-
 @runtime_checkable
 class Sampler(Protocol):
-    """Draws x_0 from a denoiser by running the reverse process."""
+    """Draws x_0 (or z_s) by running the reverse process of a ``cdmbench.diffusion`` process.
 
-    def sample(self, *, model_fn: ModelFn, diffusion: Any, shape: tuple[int, ...],
-               generators: list[torch.Generator], device: torch.device | str = "cpu",
+    ``denoise(x_t, abar, noise_cond) -> Prediction`` is the model with its class labels, low-res
+    input and guidance bound; ``process.grid(steps, stop_at)`` gives the levels to visit.
+    """
+
+    def check(self, process: Any, *, learned_variance: bool) -> None:
+        """Raise ValueError saying what to change when this sampler cannot sample ``process``
+        (called when a recipe is validated, before any work)."""
+
+    def sample(self, *, denoise: Callable[[Tensor, Tensor, Tensor], Any], process: Any,
+               shape: tuple[int, ...], generators: list[torch.Generator],
+               device: torch.device | str = "cpu", stop_at: float = 0.0,
                progress: bool = True) -> Tensor:
-        """One generator per image (per-image seeds); returns x_0 in [-1, 1], shape (B, *shape)."""
+        """One generator per image (per-image seeds); returns x_0 in [-1, 1] of shape
+        (B, *shape), or z_s at level ``stop_at`` > 0."""
 
 
 @runtime_checkable

@@ -46,6 +46,16 @@ class Train:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 100
+    val_bpd_images: int = 0  # hybrid loss: after training, the bound in bits/dim on test images
+
+
+@dataclass
+class Guidance:
+    """Classifier-free guidance (Ho & Salimans 2021): train with labels dropped (replaced by a
+    null class) with probability ``label_dropout``; sample with eps_u + scale (eps_c - eps_u)."""
+
+    label_dropout: float = 0.0
+    scale: float = 1.0
 
 
 @dataclass
@@ -57,6 +67,8 @@ class Stage:
     train: Train
     sampler: Component
     loss: str = "simple"
+    vlb_weight: float = 0.001  # lambda of the hybrid loss
+    guidance: Guidance = field(default_factory=Guidance)
     condition_on: str | None = None
     augmentation: Component = field(default_factory=lambda: Component("none"))
 
@@ -251,6 +263,15 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"{path}.resolution", f"must be >= 4, got {stage.resolution}")
         if stage.loss not in LOSSES:
             raise RecipeError(f"{path}.loss", f"unknown loss '{stage.loss}'; {suggestion(stage.loss, LOSSES)}")
+        if stage.vlb_weight < 0:
+            raise RecipeError(f"{path}.vlb_weight", "must be >= 0")
+        if not 0.0 <= stage.guidance.label_dropout < 1.0:
+            raise RecipeError(f"{path}.guidance.label_dropout", "must be in [0, 1)")
+        if stage.guidance.scale < 0:
+            raise RecipeError(f"{path}.guidance.scale", "must be >= 0")
+        if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0:
+            raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
+                              "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
         if stage.condition_on is None:
             if stage.augmentation.name != "none":
                 raise RecipeError(f"{path}.augmentation", "only a stage with condition_on "
@@ -268,6 +289,9 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
             if getattr(train, key) < 1:
                 raise RecipeError(f"{path}.train.{key}", "must be >= 1")
+        if train.val_bpd_images < 0 or (train.val_bpd_images and stage.loss != "hybrid"):
+            raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
+                              "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
         if not 0.0 <= train.ema < 1.0:
             raise RecipeError(f"{path}.train.ema", "must be in [0, 1)")
         if train.lr <= 0:

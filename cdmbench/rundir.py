@@ -23,9 +23,11 @@ from .errors import CdmbenchError
 from .plugins import Plugins
 from .recipe import Recipe
 
-# Keys that may change between invocations of one run (training longer, sampling more).
-RESUMABLE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
-                  "train.log_every", "sample", "device")
+# Keys that may change between invocations of one run (training longer, sampling differently):
+# recipe-level keys, and per-stage keys (dotted within a stage).
+RESUMABLE_KEYS = ("sample", "device")
+RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
+                        "train.log_every", "train.val_bpd_images", "sampler", "guidance.scale")
 
 
 def git_commit() -> str | None:
@@ -61,12 +63,15 @@ def environment(plugins: Plugins) -> dict[str, Any]:
 
 def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(recipe))
-    for key in ("sample", "device"):
+    for key in RESUMABLE_KEYS:
         out.pop(key, None)
     for stage in out["stages"]:
-        for key in RESUMABLE_KEYS:
-            if key.startswith("train."):
-                stage["train"].pop(key.split(".", 1)[1], None)
+        for key in RESUMABLE_STAGE_KEYS:
+            *parents, last = key.split(".")
+            node = stage
+            for part in parents:
+                node = node.get(part, {})
+            node.pop(last, None)
     return out
 
 

@@ -19,7 +19,7 @@ from .plugins import Plugins
 from .recipe import Recipe, load_recipe
 from .report import read_results, results_table
 from .rundir import RunDir, result_row
-from .train import read_log, train_stage
+from .train import read_log, train_stage, validation_bpd
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,12 +55,12 @@ def describe(recipe: Recipe, plugins: Plugins) -> pd.DataFrame:
         aug = torch.zeros(1, st.augmentation.cond_dim, device="meta")
         labels = torch.zeros(1, dtype=torch.long, device="meta")
         with FlopCounterMode(display=False) as counter:
-            st.predict(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
+            st.forward(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
         rows.append({"stage": st.spec.name, "resolution": r, "condition_on": st.spec.condition_on or "-",
                      "backbone": st.spec.backbone.name,
                      "parameters": sum(p.numel() for p in st.backbone.parameters()),
                      "GFLOP/forward": counter.get_total_flops() / 1e9,
-                     "T": st.diffusion.T, "train steps": st.spec.train.steps,
+                     "T": "continuous" if st.process.continuous else st.process.T, "train steps": st.spec.train.steps,
                      "batch": st.spec.train.batch_size})
     return pd.DataFrame(rows).set_index("stage")
 
@@ -109,6 +109,8 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                     result_row(run=recipe.name, stage=st.spec.name, metric="train_throughput",
                                value=log[-1]["images_per_s"], unit="img/s", n=log[-1]["step"],
                                higher_is_better=True, protocol={"device": str(device)})])
+            if st.spec.train.val_bpd_images:
+                _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress)
         elif _final_step_done(folder, st.spec.train.steps):
             load_ema(folder / "checkpoints", st.backbone)
             models[st.spec.name] = st.backbone.eval()
@@ -128,6 +130,18 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
         f"# {recipe.name}\n\n```text\n{table.to_string(float_format=lambda v: f'{v:.4g}')}\n```\n")
     echo(table.to_string(float_format=lambda v: f"{v:.4g}"))
     return run_dir.path
+
+
+def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
+                device, progress: bool) -> None:
+    resolutions = [st.spec.resolution] + ([st.low_res] if st.low_res else [])
+    test = load_images(_dataset(plugins, recipe, "test"), resolutions,
+                       limit=st.spec.train.val_bpd_images, progress=progress)
+    bpd = validation_bpd(st, model, test, seed=recipe.seed, device=device, progress=progress)
+    run_dir.add_results([result_row(
+        run=recipe.name, stage=st.spec.name, metric="val_bpd", value=bpd, unit="bits/dim",
+        n=len(test), higher_is_better=False,
+        protocol={"split": "test", "bound": "VLB, all T steps", "T": st.process.T})])
 
 
 def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],

@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cascade import StageModel, derive_seed
+from .cascade import StageModel, derive_seed, image_generators
 from .checkpoint import resume_latest, save_checkpoint
 from .data import ImageSet, to_float
-from .diffusion import simple_loss
+from .diffusion import q_sample, training_loss as diffusion_loss
 from .errors import CdmbenchError
 
 
@@ -48,7 +48,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 def training_loss(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,
                   device: torch.device | str) -> Tensor:
-    """L_simple on one batch: x_t ~ q(x_t | x_0) at uniform t, augmented low-res input."""
+    """The stage's loss on one batch: x_t ~ q(x_t | x_0) at uniform t, augmented low-res input,
+    labels dropped to the null class with probability guidance.label_dropout."""
     r = stage.spec.resolution
     flip = torch.rand(len(idx)) < 0.5  # random horizontal flips, the same for x_0 and low-res
 
@@ -60,11 +61,15 @@ def training_loss(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tens
     low_res, aug_cond = None, None
     if stage.low_res is not None:
         low_res, aug_cond = stage.augmentation.train(fetch(stage.low_res))
-    t = torch.randint(0, stage.diffusion.T, (len(idx),), device=device)
+    if stage.null_label is not None:
+        drop = torch.rand(len(idx), device=device) < stage.spec.guidance.label_dropout
+        labels = torch.where(drop, torch.full_like(labels, stage.null_label), labels)
+    t, abar, noise_cond = stage.process.training_points(len(idx), device)
     eps = torch.randn_like(x0)
-    x_t = stage.diffusion.q_sample(x0, t, eps)
-    prediction = stage.predict(model, x_t, stage.diffusion.noise_cond(t), labels, low_res, aug_cond)
-    return simple_loss(prediction, eps).mean()
+    x_t = q_sample(x0, abar, eps)
+    output = stage.forward(model, x_t, noise_cond, labels, low_res, aug_cond)
+    return diffusion_loss(stage.spec.loss, output=output, x0=x0, eps=eps, x_t=x_t, t=t, abar=abar,
+                          process=stage.process, vlb_weight=stage.spec.vlb_weight).mean()
 
 
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
@@ -118,6 +123,26 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                             metadata=metadata, keep=spec.keep_checkpoints)
     bar.close()
     return ema.eval()
+
+
+@torch.no_grad()
+def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed: int,
+                   device: torch.device | str, progress: bool = True) -> float:
+    """Mean variational bound on -log p(x_0) in bits/dim over ``data`` (hybrid-loss stages), for
+    SR stages conditioned on the ground-truth low-res image augmented as at sampling time."""
+    total, n = 0.0, len(data)
+    for lo in range(0, n, stage.spec.train.batch_size):
+        idx = torch.arange(lo, min(lo + stage.spec.train.batch_size, n))
+        x0 = to_float(data.images[stage.spec.resolution][idx].to(device))
+        low_res, aug_cond = None, None
+        if stage.low_res is not None:
+            gens = image_generators(seed, stage.index, idx.tolist(), device)
+            low_res, aug_cond = stage.augmentation.sample(
+                to_float(data.images[stage.low_res][idx].to(device)), generators=gens)
+        denoise = stage.denoiser(model, data.labels[idx].to(device), low_res, aug_cond, guidance_scale=1.0)
+        generator = torch.Generator(device).manual_seed(derive_seed(seed, stage.index, lo, 2))
+        total += stage.process.bits_per_dim(denoise, x0, generator=generator, progress=progress).sum().item()
+    return total / n
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -6,6 +6,8 @@ from cdmbench.cli import cli
 from cdmbench.errors import RecipeError
 from cdmbench.recipe import load_recipe, parse_recipe
 
+from conftest import ROOT
+
 
 @pytest.fixture
 def raw(tiny_recipe):
@@ -96,3 +98,9 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("stages: [\n")
     with pytest.raises(RecipeError, match="is not valid YAML"):
         load_recipe(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    result = CliRunner().invoke(cli, ["validate", str(path)])
+    assert result.exit_code == 0, result.output

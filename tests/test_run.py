@@ -57,15 +57,15 @@ def test_a_different_recipe_in_the_same_run_directory_is_refused(tiny_recipe, tm
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch):
-    real = cdmbench.train.simple_loss
+    real = cdmbench.train.diffusion_loss
     calls = []
 
-    def poisoned(prediction, eps):
+    def poisoned(*args, **kwargs):
         calls.append(1)
-        loss = real(prediction, eps)
+        loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(cdmbench.train, "simple_loss", poisoned)
+    monkeypatch.setattr(cdmbench.train, "diffusion_loss", poisoned)
     with pytest.raises(CdmbenchError, match="loss is nan at step 3; lower train.lr"):
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
     ckpt = tmp_path / "a" / "base8" / "checkpoints" / "step-00000002"

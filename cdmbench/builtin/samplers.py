@@ -1,50 +1,179 @@
-"""Sampler `ddpm`: ancestral sampling of the reverse process (DDPM algorithm 2)."""
+"""Samplers `ddpm` (ancestral), `ddim` and `dpm-solver-2m` (DPM-Solver++ 2M).
+
+All walk a process's ``Grid`` from pure noise to clean data (or to an early-stop level s, where
+they return z_s), call the denoiser once per grid level, and draw every random number from the
+image's own generator, so an image does not depend on its batch.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdmbench import hookimpl
-from cdmbench.diffusion import GaussianDiffusion
-from cdmbench.interfaces import ModelFn
+from cdmbench.diffusion import Denoise, Prediction, Process, posterior
+
+VARIANCES = ("fixed-small", "fixed-large", "learned")
 
 
 def randn_per_image(shape: tuple[int, ...], generators: list[torch.Generator],
                     device: torch.device | str) -> Tensor:
-    """One standard normal draw of ``shape`` per image, each from that image's own generator,
-    so an image does not depend on the batch it is drawn in."""
+    """One standard normal draw of ``shape`` per image, each from that image's own generator."""
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
-class DDPMSampler:
-    def __init__(self, steps: int | None, variance: str):
-        self.steps, self.variance = steps, variance
+class GridSampler:
+    """The loop shared by all samplers; subclasses define one jump ``step`` between levels."""
+
+    name = "sampler"
+
+    def __init__(self, *, steps: int | None, clip_x0: bool):
+        self.steps, self.clip_x0 = steps, clip_x0
+
+    def check(self, process: Process, *, learned_variance: bool) -> None:
+        """Raise ValueError (what to change) when this sampler cannot sample ``process``."""
+        process.grid(self.steps)
 
     @torch.no_grad()
-    def sample(self, *, model_fn: ModelFn, diffusion: GaussianDiffusion, shape: tuple[int, ...],
+    def sample(self, *, denoise: Denoise, process: Process, shape: tuple[int, ...],
                generators: list[torch.Generator], device: torch.device | str = "cpu",
-               progress: bool = True) -> Tensor:
-        process = diffusion.respaced(self.steps) if self.steps else diffusion
+               stop_at: float = 0.0, progress: bool = True) -> Tensor:
+        """x_0 in [-1, 1] of shape (B, *shape), or z_s at level ``stop_at`` > 0 (unclipped)."""
+        grid = process.grid(self.steps, stop_at)
         x = randn_per_image(shape, generators, device)
-        for i in tqdm(range(process.T - 1, -1, -1), desc="ddpm", leave=False, disable=not progress):
-            t = torch.full((len(generators),), i, device=device, dtype=torch.long)
-            eps = model_fn(x, process.noise_cond(t)).float()
-            mean, logvar = process.p_mean_logvar(eps, x, t, variance=self.variance)
-            x = mean if i == 0 else mean + (0.5 * logvar).exp() * randn_per_image(shape, generators, device)
-        return x.clamp(-1.0, 1.0)
+        history: list[Prediction] = []
+        n = len(generators)
+        for i in tqdm(range(grid.steps), desc=self.name, leave=False, disable=not progress):
+            abar_t, abar_s = grid.abar[i].item(), grid.abar[i + 1].item()
+            pred = denoise(x, torch.full((n,), abar_t, device=device, dtype=torch.float64),
+                           grid.noise_cond[i].expand(n).to(device))
+            if self.clip_x0:
+                pred = pred.clipped(x, abar_t)
+            history.append(pred)
+            x = self.step(x, history, grid, i, generators)
+            del history[:-2]  # multistep solvers need the last two predictions at most
+        return x.clamp(-1.0, 1.0) if stop_at == 0 else x
+
+    def step(self, x: Tensor, history: list[Prediction], grid, i: int,
+             generators: list[torch.Generator]) -> Tensor:
+        raise NotImplementedError
 
 
-def ddpm(*, steps: int | None = None, variance: str = "fixed-small") -> DDPMSampler:
-    """Ancestral sampling; ``steps`` respaces the trained process (None = all T steps)."""
-    if variance not in ("fixed-small", "fixed-large"):
-        raise ValueError(f"variance must be 'fixed-small' or 'fixed-large', got {variance!r}")
+def _noise(x: Tensor, generators: list[torch.Generator]) -> Tensor:
+    return randn_per_image(tuple(x.shape[1:]), generators, x.device)
+
+
+class DDPM(GridSampler):
+    """Ancestral sampling (DDPM algorithm 2) on a respaced grid: x_s ~ N(mu~(x_t, x_0), Sigma)
+    with Sigma = beta~ (fixed-small), beta (fixed-large) or the model's interpolation (learned)."""
+
+    name = "ddpm"
+
+    def __init__(self, *, steps: int | None, variance: str, clip_x0: bool):
+        super().__init__(steps=steps, clip_x0=clip_x0)
+        self.variance = variance
+
+    def check(self, process: Process, *, learned_variance: bool) -> None:
+        super().check(process, learned_variance=learned_variance)
+        if self.variance == "learned" and not learned_variance:
+            raise ValueError("variance 'learned' needs a model that learns its variance "
+                             "(loss: hybrid); use fixed-small or fixed-large")
+        if learned_variance and self.variance != "learned":
+            raise ValueError(f"this model learns its variance (loss: hybrid) but variance "
+                             f"'{self.variance}' ignores it; set the sampler's variance: learned "
+                             "(or use ddim / dpm-solver-2m, which need only the mean)")
+
+    def step(self, x, history, grid, i, generators):
+        pred = history[-1]
+        abar_t, abar_s = grid.abar[i].item(), grid.abar[i + 1].item()
+        mean, var = posterior(pred.x0, x, abar_t, abar_s)
+        if abar_s == 1.0:  # the last jump to clean data: the posterior is a point mass at x_0
+            return mean
+        beta = 1 - abar_t / abar_s
+        if self.variance == "fixed-small":
+            logvar = math.log(var)
+        elif self.variance == "fixed-large":
+            logvar = math.log(beta)
+        else:
+            if pred.var_frac is None:
+                raise ValueError("variance 'learned': the denoiser returned no variance")
+            logvar = pred.var_frac * math.log(beta) + (1 - pred.var_frac) * math.log(var)
+        return mean + (0.5 * torch.as_tensor(logvar)).exp() * _noise(x, generators)
+
+
+class DDIM(GridSampler):
+    """DDIM (Song et al. 2021, eq. 12): x_s = sqrt(abar_s) x_0 + sqrt(1 - abar_s - sigma^2) eps
+    + sigma z, sigma = eta sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)."""
+
+    name = "ddim"
+
+    def __init__(self, *, steps: int | None, eta: float, clip_x0: bool):
+        super().__init__(steps=steps, clip_x0=clip_x0)
+        self.eta = eta
+
+    def step(self, x, history, grid, i, generators):
+        pred = history[-1]
+        abar_t, abar_s = grid.abar[i].item(), grid.abar[i + 1].item()
+        sigma = self.eta * math.sqrt((1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s))
+        out = math.sqrt(abar_s) * pred.x0 + math.sqrt(max(1 - abar_s - sigma**2, 0.0)) * pred.eps
+        return out + sigma * _noise(x, generators) if sigma > 0 else out
+
+
+class DPMSolver2M(GridSampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): a multistep solver of the probability-flow
+    ODE in lambda = log(alpha / sigma) on data predictions; first order on the first step and on
+    the last jump to clean data (where sigma = 0)."""
+
+    name = "dpm-solver-2m"
+
+    def step(self, x, history, grid, i, generators):
+        abar = grid.abar
+        lam = lambda j: 0.5 * math.log(abar[j].item() / (1 - abar[j].item()))  # noqa: E731
+        abar_s = abar[i + 1].item()
+        if abar_s == 1.0:
+            return history[-1].x0
+        alpha_s = math.sqrt(abar_s)
+        sigma_ratio = math.sqrt((1 - abar_s) / (1 - abar[i].item()))
+        h = lam(i + 1) - lam(i)
+        d = history[-1].x0
+        if i > 0:
+            r = (lam(i) - lam(i - 1)) / h
+            d = (1 + 1 / (2 * r)) * history[-1].x0 - 1 / (2 * r) * history[-2].x0
+        return sigma_ratio * x - alpha_s * math.expm1(-h) * d
+
+
+def _check_steps(steps: int | None) -> None:
     if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1 or null (all trained steps), got {steps}")
-    return DDPMSampler(steps, variance)
+        raise ValueError(f"steps must be >= 1 or null (every trained step), got {steps}")
+
+
+def ddpm(*, steps: int | None = None, variance: str = "fixed-small", clip_x0: bool = True) -> DDPM:
+    """Ancestral sampling; ``steps`` respaces the trained process (null: all T steps)."""
+    if variance not in VARIANCES:
+        raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
+    _check_steps(steps)
+    return DDPM(steps=steps, variance=variance, clip_x0=clip_x0)
+
+
+def ddim(*, steps: int | None = 50, eta: float = 0.0, clip_x0: bool = True) -> DDIM:
+    """DDIM; eta = 0 is deterministic, eta = 1 matches ancestral sampling's variance."""
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    _check_steps(steps)
+    return DDIM(steps=steps, eta=eta, clip_x0=clip_x0)
+
+
+def dpm_solver_2m(*, steps: int | None = 20, clip_x0: bool = True) -> DPMSolver2M:
+    """DPM-Solver++(2M); ``clip_x0`` is its thresholding of data predictions to [-1, 1]."""
+    _check_steps(steps)
+    return DPMSolver2M(steps=steps, clip_x0=clip_x0)
 
 
 @hookimpl
 def cdmbench_register_samplers(register):
-    register("ddpm", ddpm, summary="DDPM ancestral sampling, fixed-small or fixed-large variance, respaced steps")
+    register("ddpm", ddpm, summary="DDPM ancestral sampling: fixed-small, fixed-large or learned variance")
+    register("ddim", ddim, summary="DDIM with eta (0: deterministic)")
+    register("dpm-solver-2m", dpm_solver_2m, summary="DPM-Solver++ 2M multistep ODE solver (few steps)")

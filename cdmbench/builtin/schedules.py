@@ -1,4 +1,5 @@
-"""Noise schedules `linear` (DDPM) and `cosine` (Improved DDPM)."""
+"""Noise schedules `linear` (DDPM), `cosine` (Improved DDPM), both discrete with T steps, and
+`log-snr` (continuous, for noise-level conditioned stages)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,25 @@ class LinearSchedule:
         return torch.exp(-T * (self.beta_start * t + (self.beta_end - self.beta_start) * t**2 / 2))
 
 
+class LogSNRSchedule:
+    """Continuous cosine log-SNR schedule (Kingma et al. 2021; Imagen): lambda(t) =
+    -2 log tan(a t + b), from logsnr_max at t = 0 to logsnr_min at t = 1; abar = sigmoid(lambda).
+    With the full range it is the cosine schedule without the offset."""
+
+    timesteps = None  # continuous: trained on t ~ U(0, 1), sampled with any number of steps
+
+    def __init__(self, logsnr_min: float, logsnr_max: float):
+        self.b = math.atan(math.exp(-0.5 * logsnr_max))
+        self.a = math.atan(math.exp(-0.5 * logsnr_min)) - self.b
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return -2 * torch.log(torch.tan(self.a * t + self.b))
+
+    def abar(self, t: Tensor) -> Tensor:
+        return torch.sigmoid(self.log_snr(t))
+
+
 def _check_timesteps(timesteps: int) -> None:
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
@@ -63,7 +83,14 @@ def linear(*, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float =
     return LinearSchedule(timesteps, beta_start, beta_end)
 
 
+def log_snr(*, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> LogSNRSchedule:
+    if not logsnr_min < logsnr_max:
+        raise ValueError(f"need logsnr_min < logsnr_max, got {logsnr_min}, {logsnr_max}")
+    return LogSNRSchedule(logsnr_min, logsnr_max)
+
+
 @hookimpl
 def cdmbench_register_schedules(register):
     register("linear", linear, summary="DDPM linear betas 1e-4..0.02, scaled to T steps")
     register("cosine", cosine, summary="Improved-DDPM cosine abar, offset 0.008, beta clipped at 0.999")
+    register("log-snr", log_snr, summary="continuous cosine log-SNR schedule in [min, max], any step count")
