@@ -103,6 +103,30 @@ def report(run_dirs):
     click.echo(_format(results_table(read_results(dirs))))
 
 
+@cli.command(name="compare-samplers")
+@click.option("--steps", default="10,20,50,100,250,1000", show_default=True,
+              help="Comma-separated step counts.")
+@click.option("--num-samples", default=4000, show_default=True, help="Samples per sampler and step count.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/samplers"),
+              show_default=True, help="Folder for samplers.csv, samplers.md and samplers.png.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def compare_samplers(steps, num_samples, out, progress):
+    """Run every registered sampler at each step count on a Gaussian mixture with its exact
+    denoiser and write the distribution errors and wall times, to choose a sampler."""
+    from .plugins import load_plugins
+    from .sampler_table import compare_samplers as compare, write_report
+
+    try:
+        counts = sorted({int(n) for n in steps.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {steps!r}", param_hint="--steps")
+    table = compare(load_plugins(), steps=counts, num_samples=num_samples, progress=progress)
+    command = f"cdmbench compare-samplers --steps {steps} --num-samples {num_samples}"
+    for path in write_report(table, out, command=command, num_samples=num_samples, timesteps=1000):
+        click.echo(path)
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
 def _format(frame) -> str:
     return frame.to_string(float_format=lambda v: f"{v:.4g}")
 

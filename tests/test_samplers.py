@@ -129,3 +129,23 @@ def test_sampler_checks_say_what_to_change():
         dpm_solver_2m(steps=2000).check(PROCESS, learned_variance=False)
     with pytest.raises(ValueError, match="continuous process needs a step count"):
         ddpm(steps=None).check(make_process(log_snr()), learned_variance=False)
+
+
+def test_compare_samplers_writes_table_and_plot(tmp_path):
+    import pandas as pd
+    from click.testing import CliRunner
+
+    from cdmbench.cli import cli
+
+    result = CliRunner().invoke(cli, ["compare-samplers", "--steps", "5,20", "--num-samples", "300",
+                                      "--out", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "samplers.csv")
+    assert {"ddpm", "ddim", "dpm-solver-2m", "exact samples"} <= set(table.sampler)
+    assert set(table[table.sampler == "ddim"].steps) == {5, 20}
+    ddim = table[table.sampler == "ddim"].set_index("steps")
+    assert ddim.loc[5, "cov_error"] > ddim.loc[20, "cov_error"]  # more steps, smaller error
+    assert (tmp_path / "samplers.png").stat().st_size > 10_000
+    assert "cdmbench compare-samplers --steps 5,20" in (tmp_path / "samplers.md").read_text()
+    bad = CliRunner().invoke(cli, ["compare-samplers", "--steps", "5,x"])
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output

@@ -125,7 +125,7 @@ class DDIM(GridSampler):
 class DPMSolver2M(GridSampler):
     """DPM-Solver++(2M) (Lu et al. 2022, algorithm 2): a multistep solver of the probability-flow
     ODE in lambda = log(alpha / sigma) on data predictions; first order on the first step and on
-    the last jump to clean data (where sigma = 0)."""
+    the last two (into the smallest noise level, then to clean data where sigma = 0)."""
 
     name = "dpm-solver-2m"
 
@@ -139,7 +139,11 @@ class DPMSolver2M(GridSampler):
         sigma_ratio = math.sqrt((1 - abar_s) / (1 - abar[i].item()))
         h = lam(i + 1) - lam(i)
         d = history[-1].x0
-        if i > 0:
+        # Second order except on the first step and on the step into the last level before
+        # clean data, where lambda jumps and the extrapolation overshoots (on the mixture,
+        # covariance error at 20 steps: 0.036 second order, 0.004 first order).
+        last = i == grid.steps - 2 and abar[-1].item() == 1.0
+        if i > 0 and not last:
             r = (lam(i) - lam(i - 1)) / h
             d = (1 + 1 / (2 * r)) * history[-1].x0 - 1 / (2 * r) * history[-2].x0
         return sigma_ratio * x - alpha_s * math.expm1(-h) * d
