@@ -146,10 +146,11 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
 
 
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,
-                   seed: int, batch_size: int, device: torch.device | str,
-                   progress: bool = True) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Chain class labels -> base -> augmented low-res -> SR ...; returns images and seconds
-    per stage. Stages must be listed so that each comes after the one it is conditioned on."""
+                   seed: int, batch_size: int, device: torch.device | str, progress: bool = True,
+                   first_id: int = 0) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] and
+    seconds per stage. Stages must be listed so that each comes after the one it is
+    conditioned on. Image i of the batch is image ``first_id + i`` (its seed)."""
     images: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     labels = labels.to(device)
@@ -161,7 +162,8 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
             hi = min(lo + batch_size, len(labels))
             cond = stage.spec.condition_on
             chunks.append(sample_stage(
-                stage, models[stage.spec.name], labels[lo:hi], seed=seed, image_ids=list(range(lo, hi)),
+                stage, models[stage.spec.name], labels[lo:hi], seed=seed,
+                image_ids=list(range(first_id + lo, first_id + hi)),
                 low_res=images[cond][lo:hi].to(device) if cond else None, device=device,
                 progress=progress).cpu())
         images[stage.spec.name] = torch.cat(chunks)

@@ -95,12 +95,36 @@ def ls(kind, pattern):
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 def report(run_dirs):
     """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
-    from .report import read_results, results_table
+    from .plugins import load_plugins
+    from .report import baseline_frame, comparison_table, read_results, results_table
 
     dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
     if not dirs:
         raise CdmbenchError("no run directories given and none found under ./runs")
-    click.echo(_format(results_table(read_results(dirs))))
+    results = read_results(dirs)
+    click.echo(_format(results_table(results)))
+    compared = comparison_table(results, baseline_frame(load_plugins()))
+    if not compared.empty:
+        click.echo("\nbeside published results (comparable only when dataset, resolution, metric "
+                   "and protocol match):")
+        click.echo(compared.to_string(index=False))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--stage", help="Evaluate this stage's samples (default: evaluate.stage or the last stage).")
+@click.option("--metrics", help="Comma-separated metric names, e.g. fid,is,cas (default: evaluate.metrics).")
+@click.option("--num-samples", type=int, help="Samples to generate and evaluate (default: evaluate.num_samples).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
+    """Sample a trained run (class-balanced, per-image seeds, resumable npz shards) and compute
+    metrics (FID, IS, CAS, ...); rows go to RUN_DIR/results.jsonl and report.md."""
+    from .runner import evaluate as run_evaluate
+
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    run_evaluate(run_dir, stage=stage, metrics=names, num_samples=num_samples, overrides=overrides,
+                 progress=progress, echo=click.echo)
 
 
 @cli.command(name="compare-samplers")

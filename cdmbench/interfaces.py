@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "metrics", "baselines")
+KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "features", "metrics",
+         "baselines")
 
 # Facts the host passes to factories of each kind; a recipe may not set them in `args`.
 HOST_ARGS: dict[str, tuple[str, ...]] = {
@@ -19,6 +20,7 @@ HOST_ARGS: dict[str, tuple[str, ...]] = {
     "augmentations": ("schedule",),
     "samplers": (),
     "datasets": ("split", "resolution"),
+    "features": ("num_classes", "resolution", "train_data", "data_key", "cache_dir", "device"),
     "metrics": (),
     "baselines": (),
 }
@@ -102,12 +104,36 @@ class Dataset(Protocol):
 
 
 @runtime_checkable
+class FeatureNetwork(Protocol):
+    """A network that maps images to features (for FID) and class probabilities (for IS).
+
+    ``modes``: the resize modes it supports (the first is its default), e.g. clean-fid's
+    ``legacy_tensorflow`` and ``clean`` for Inception, ``native`` for a network that reads the
+    images at their own resolution. ``sha256`` identifies the weights and goes into every result.
+    """
+
+    name: str
+    sha256: str
+    modes: tuple[str, ...]
+
+    def features(self, images: Tensor, *, mode: str) -> Tensor:
+        """uint8 (B, 3, H, W) -> float64 (B, D) features."""
+
+    def probabilities(self, images: Tensor) -> Tensor:
+        """uint8 (B, 3, H, W) -> float64 (B, K) class probabilities."""
+
+
+@runtime_checkable
 class Metric(Protocol):
-    """A sample-quality metric; every value it returns carries its protocol."""
+    """A sample-quality metric. ``evaluate(context)`` (an ``evaluate.EvalContext``: samples,
+    labels, real data, feature networks) returns result rows (``rundir.result_row`` keyword
+    dicts without run and stage); every value carries its protocol. An optional
+    ``prepare(context)`` loads what the metric needs (feature networks) before any sampling, so
+    a missing file fails early."""
 
     name: str
 
-    def __call__(self, samples: Tensor, labels: Tensor) -> dict[str, Any]: ...
+    def evaluate(self, context: Any) -> list[dict[str, Any]]: ...
 
 
 @dataclass(frozen=True)

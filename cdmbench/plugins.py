@@ -27,6 +27,9 @@ BUILTIN_MODULES = (
     "cdmbench.builtin.samplers",
     "cdmbench.builtin.augmentations",
     "cdmbench.builtin.shapes",
+    "cdmbench.builtin.features",
+    "cdmbench.builtin.metrics",
+    "cdmbench.builtin.baselines",
 )
 ENTRY_POINT_GROUP = "cdmbench"
 

@@ -81,6 +81,17 @@ class Sample:
 
 
 @dataclass
+class Evaluate:
+    """What ``cdmbench evaluate`` does by default."""
+
+    metrics: list[Component] = field(default_factory=list)  # e.g. [fid, is, cas] or {name, args}
+    num_samples: int = 50000
+    batch_size: int = 64    # sampling batch
+    shard_size: int = 1000  # samples per npz shard (the unit of resuming)
+    stage: str | None = None  # default: the last stage
+
+
+@dataclass
 class Recipe:
     cdmbench: int
     name: str
@@ -90,6 +101,7 @@ class Recipe:
     device: str = "auto"
     plugins: list[str] = field(default_factory=list)
     sample: Sample = field(default_factory=Sample)
+    evaluate: Evaluate = field(default_factory=Evaluate)
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -129,6 +141,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 errors.append(exc)
         names = " or ".join(_type_name(o) for o in typing.get_args(tp))
         raise RecipeError(path, f"expected {names}, got {value!r}")
+    if tp is Component and isinstance(value, str):  # a bare name: no args
+        return Component(value)
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin in (list, tuple) or tp in (list, tuple):
@@ -304,6 +318,14 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         seen[stage.name] = stage
     if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
         raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
+    evaluate = recipe.evaluate
+    for i, metric in enumerate(evaluate.metrics):
+        check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
+    for key in ("num_samples", "batch_size", "shard_size"):
+        if getattr(evaluate, key) < 1:
+            raise RecipeError(f"evaluate.{key}", "must be >= 1")
+    if evaluate.stage is not None and evaluate.stage not in seen:
+        raise RecipeError("evaluate.stage", f"no stage '{evaluate.stage}'; {suggestion(evaluate.stage, seen)}")
 
 
 def parse_recipe(raw: Any, *, overrides: tuple[str, ...] | list[str] = (),

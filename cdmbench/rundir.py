@@ -25,7 +25,7 @@ from .recipe import Recipe
 
 # Keys that may change between invocations of one run (training longer, sampling differently):
 # recipe-level keys, and per-stage keys (dotted within a stage).
-RESUMABLE_KEYS = ("sample", "device")
+RESUMABLE_KEYS = ("sample", "device", "evaluate")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.log_every", "train.val_bpd_images", "sampler", "guidance.scale")
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
@@ -16,8 +18,8 @@ from .data import load_images
 from .errors import CdmbenchError
 from .grids import save_grid
 from .plugins import Plugins
-from .recipe import Recipe, load_recipe
-from .report import read_results, results_table
+from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
+from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
 from .train import read_log, train_stage, validation_bpd
 
@@ -125,11 +127,27 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                  f"yet (cdmbench run RECIPE --stage NAME)")
     if chain:
         _sample_and_report(recipe, run_dir, chain, models, dataset, device, progress, echo)
-    table = results_table(read_results([run_dir.path]))
-    (run_dir.path / "report.md").write_text(
-        f"# {recipe.name}\n\n```text\n{table.to_string(float_format=lambda v: f'{v:.4g}')}\n```\n")
-    echo(table.to_string(float_format=lambda v: f"{v:.4g}"))
+    echo(write_report(run_dir, recipe, plugins))
     return run_dir.path
+
+
+def _fmt(frame: pd.DataFrame) -> str:
+    return frame.to_string(float_format=lambda v: f"{v:.4g}")
+
+
+def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
+    """report.md: the run's results and, for metrics with published rows, the comparison with
+    them. Returns the results table as text."""
+    results = read_results([run_dir.path])
+    table = _fmt(results_table(results))
+    text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
+    compared = comparison_table(results, baseline_frame(plugins))
+    if not compared.empty:
+        text += ("\n## Beside published results\n\nA pair is comparable only when dataset, "
+                 "resolution, metric and protocol (feature network, mode, n, reference split) "
+                 f"match.\n\n```text\n{compared.to_string(index=False)}\n```\n")
+    (run_dir.path / "report.md").write_text(text)
+    return table
 
 
 def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
@@ -162,3 +180,62 @@ def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],
                                          "sampler_args": json.loads(json.dumps(st.spec.sampler.args)),
                                          "device": str(device), "batch_size": spec.batch_size}))
     run_dir.add_results(rows)
+
+
+def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[str] | None = None,
+             num_samples: int | None = None, overrides: tuple[str, ...] | list[str] = (),
+             progress: bool = True, echo=print) -> list[dict[str, Any]]:
+    """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
+    into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
+    from .evaluate import EvalContext, chain_to, default_cache_dir, digest, generate_samples, load_chain, read_samples
+
+    run_dir = RunDir(Path(run_path))
+    run_yaml = run_dir.path / "run.yaml"
+    if not run_yaml.is_file():
+        raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
+                            "that cdmbench run wrote (runs/<recipe name>)")
+    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    spec = recipe.evaluate
+    specs = {m.name: m for m in spec.metrics}
+    chosen = [specs.get(name, Component(name)) for name in metrics] if metrics else spec.metrics
+    if not chosen:
+        raise CdmbenchError("no metrics to evaluate: pass --metrics fid,is,cas or set "
+                            "evaluate.metrics in the recipe")
+    for i, m in enumerate(chosen):
+        check_component(plugins, "metrics", m, f"metrics[{i}]")
+    target = stage or spec.stage or recipe.stages[-1].name
+    recipe.stage(target)
+    n = num_samples or spec.num_samples
+    device = resolve_device(recipe.device)
+    dataset = _dataset(plugins, recipe, "train")
+    chain = chain_to(_build_all(plugins, recipe, dataset.num_classes, device), target)
+    steps = load_chain(chain, run_dir.path)
+    resolution = chain[-1].spec.resolution
+    context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
+                          resolution=resolution, recipe=recipe, plugins=plugins, device=device,
+                          cache_dir=default_cache_dir(), protocol={}, progress=progress)
+    built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
+    for metric in built:  # load feature networks now: a missing file fails before sampling
+        if hasattr(metric, "prepare"):
+            metric.prepare(context)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    folder, signature = generate_samples(
+        chain, run_path=run_dir.path, checkpoint_steps=steps, num_samples=n,
+        num_classes=dataset.num_classes, seed=recipe.sample.seed, batch_size=spec.batch_size,
+        shard_size=spec.shard_size, device=device, progress=progress, rank=rank, world_size=world)
+    context.samples, context.labels = read_samples(folder, n)
+    context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
+                        "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
+                        "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12)}
+    rows = []
+    for metric in built:
+        try:
+            found = metric.evaluate(context)
+        except (CdmbenchError, ValueError, RuntimeError) as exc:
+            echo(f"metric {metric.name} failed: {exc}")
+            found = [{"metric": metric.name, "value": None, "n": n, "unit": "", "higher_is_better": None,
+                      "status": "failed", "protocol": {**context.protocol, "error": str(exc)}}]
+        rows += [result_row(run=recipe.name, stage=target, **row) for row in found]
+    run_dir.add_results(rows)
+    echo(write_report(run_dir, recipe, plugins))
+    return rows

@@ -1,0 +1,134 @@
+"""Metrics `fid`, `is` and `cas`. Each returns result rows whose protocol names the feature
+network and its hash, the resize mode, n, the reference split and the samples' seeds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cdmbench import hookimpl
+from cdmbench.metrics import frechet_distance, inception_score, statistics
+from cdmbench.recipe import Component
+
+INCEPTION = "inception-2015-12-05"
+
+
+def _network(features: str, features_args: dict[str, Any] | None) -> Component:
+    return Component(features, dict(features_args or {}))
+
+
+def _mode(network, mode: str | None) -> str:
+    mode = mode or network.modes[0]
+    if mode not in network.modes:
+        raise ValueError(f"feature network '{network.name}' supports modes {list(network.modes)}, "
+                         f"not {mode!r}")
+    return mode
+
+
+class FID:
+    """FID of the samples against each reference split: metric ``fid_<split>``."""
+
+    name = "fid"
+
+    def __init__(self, features: Component, mode: str | None, reference: list[str]):
+        self.spec, self.mode, self.reference = features, mode, reference
+
+    def prepare(self, context) -> None:
+        _mode(context.feature_network(self.spec), self.mode)
+
+    def evaluate(self, context) -> list[dict[str, Any]]:
+        network = context.feature_network(self.spec)
+        mode = _mode(network, self.mode)
+        mu, sigma = statistics(context.sample_features(network, mode))
+        rows = []
+        for split in self.reference:
+            ref_mu, ref_sigma, ref_n = context.reference_statistics(network, mode, split)
+            rows.append({"metric": f"fid_{split}", "value": frechet_distance(mu, sigma, ref_mu, ref_sigma),
+                         "n": len(context.samples), "unit": "", "higher_is_better": False,
+                         "protocol": {**context.protocol, "features": network.name,
+                                      "features_sha256": network.sha256, "mode": mode,
+                                      "reference_split": split, "reference_n": ref_n}})
+        return rows
+
+
+class InceptionScore:
+    """exp(E KL(p(y|x) || p(y))) over ``splits`` splits (stderr: their std). With a network
+    other than Inception the metric is named ``is_<network>``: an analogous score, not IS."""
+
+    name = "is"
+
+    def __init__(self, features: Component, splits: int):
+        self.spec, self.splits = features, splits
+
+    def prepare(self, context) -> None:
+        context.feature_network(self.spec)
+
+    def evaluate(self, context) -> list[dict[str, Any]]:
+        network = context.feature_network(self.spec)
+        probs = context.sample_probabilities(network)
+        mean, std = inception_score(probs, splits=self.splits)
+        metric = "is" if network.name == INCEPTION else f"is_{network.name}"
+        return [{"metric": metric, "value": mean, "stderr": std, "n": len(context.samples), "unit": "",
+                 "higher_is_better": True,
+                 "protocol": {**context.protocol, "features": network.name,
+                              "features_sha256": network.sha256, "splits": self.splits,
+                              "mode": "legacy_tensorflow" if network.name == INCEPTION else "native",
+                              "stderr": f"std over {self.splits} splits"}}]
+
+
+class CAS:
+    """Classification Accuracy Score: a classifier trained on the samples, tested on the real
+    ``test_split``; the same classifier trained on as many real images is the reference."""
+
+    name = "cas"
+
+    def __init__(self, arch: str, epochs: int, batch_size: int, test_split: str, seed: int):
+        self.arch, self.epochs, self.batch_size, self.test_split, self.seed = (
+            arch, epochs, batch_size, test_split, seed)
+
+    def evaluate(self, context) -> list[dict[str, Any]]:
+        from cdmbench.cas import classification_accuracy_score
+
+        train_images, train_labels = context.real("train")
+        val_images, val_labels = context.real(self.test_split)
+        rows = classification_accuracy_score(
+            samples=context.samples, sample_labels=context.labels, real_train_images=train_images,
+            real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
+            num_classes=context.num_classes, arch=self.arch, epochs=self.epochs,
+            batch_size=self.batch_size, seed=self.seed, device=context.device,
+            progress=context.progress)
+        out = []
+        for row in rows:
+            real = row["source"] != "generated"
+            out.append({"metric": row["metric"].replace("cas_", "cas_real_") if real else row["metric"],
+                        "value": row["value"], "n": row["n"], "unit": "", "higher_is_better": True,
+                        "protocol": {**context.protocol, **row["protocol"], "train_on": row["source"],
+                                     "test_split": self.test_split}})
+        return out
+
+
+def fid(*, features: str = INCEPTION, features_args: dict[str, Any] | None = None,
+        mode: str | None = None, reference: list[str] = ("train", "test")) -> FID:
+    """``mode``: legacy_tensorflow (default for Inception; comparable with papers) or clean."""
+    if not reference:
+        raise ValueError("reference: give at least one split, e.g. [train, test]")
+    return FID(_network(features, features_args), mode, list(reference))
+
+
+def inception_score_metric(*, features: str = INCEPTION, features_args: dict[str, Any] | None = None,
+                           splits: int = 10) -> InceptionScore:
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    return InceptionScore(_network(features, features_args), splits)
+
+
+def cas(*, arch: str = "resnet10t", epochs: int = 15, batch_size: int = 128, test_split: str = "test",
+        seed: int = 0) -> CAS:
+    """Scaled-down CAS by default; the paper's protocol is resnet50, 90 epochs, full ImageNet."""
+    return CAS(arch, epochs, batch_size, test_split, seed)
+
+
+@hookimpl
+def cdmbench_register_metrics(register):
+    register("fid", fid, summary="Frechet Inception Distance via clean-fid, vs train and test splits")
+    register("is", inception_score_metric, summary="Inception Score, 10 splits, output bias dropped")
+    register("cas", cas, summary="Classification Accuracy Score: train on samples, test on real data")

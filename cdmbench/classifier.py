@@ -1,0 +1,258 @@
+"""Image classifiers for evaluation (CAS): train a timm network on uint8 images, predict, cache.
+
+Callers always hand over images as (N, 3, H, W) tensors, uint8 or float in [0, 255]; the
+``Classifier`` wrapper scales them to [-1, 1] itself. Training is SGD with Nesterov momentum, a
+linear warm-up then a cosine (or the paper's step) schedule, and random flips and +-2 px
+translations applied on the device. Given a seed, the weights are identical run to run on a CPU
+(GPU kernels may add tiny non-determinism).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
+WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
+STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
+CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
+
+Data = tuple[Tensor, Tensor]
+
+
+class Classifier(nn.Module):
+    """A timm network that takes images in [0, 255] (uint8 or float) and scales them to [-1, 1]."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @staticmethod
+    def scale(images: Tensor) -> Tensor:
+        return images.float() * (2 / 255) - 1
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(self.scale(images))
+
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate (pre-logits) features, (N, D)."""
+        return self.net.forward_head(self.net.forward_features(self.scale(images)), pre_logits=True)
+
+
+def build_classifier(*, arch: str, num_classes: int, seed: int = 0) -> Classifier:
+    """A freshly initialised ``Classifier`` (never downloads weights); init drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Classifier(timm.create_model(arch, num_classes=num_classes, pretrained=False))
+
+
+def _check_images(images: Tensor, name: str = "images") -> None:
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (N, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        hint = " (channels-last? use .permute(0, 3, 1, 2))" if images.dim() == 4 and images.shape[-1] == 3 else ""
+        raise ValueError(f"{name} must have shape (N, 3, H, W), got {tuple(images.shape)}{hint}")
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be uint8 or float in [0, 255], got dtype {images.dtype}")
+        if images.min() < 0 or images.max() > 255:
+            raise ValueError(f"{name} are float with values in [{images.min():.3g}, {images.max():.3g}]; "
+                             f"expected [0, 255] (pass uint8 images, not normalised ones)")
+
+
+def _check_labels(labels: Tensor, *, n: int, num_classes: int, name: str = "labels") -> None:
+    if not isinstance(labels, Tensor) or labels.dtype in (torch.bool, torch.uint8) or labels.is_floating_point() \
+            or labels.is_complex():
+        kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"{name} must be an integer (int64) tensor, got {kind}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _lr_factor(step: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up, then cosine or step decay."""
+    warmup = max(1, round(WARMUP_FRACTION * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return 0.1 ** sum(step >= m * total for m in STEP_MILESTONES)
+
+
+def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random horizontal flip and +-PAD px translation of float images (B, C, H, W)."""
+    b, c, h, w = x.shape
+    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    offsets = torch.randint(0, 2 * PAD + 1, (2, b), generator=generator, device=x.device)
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    return padded[batch, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
+                     epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
+                     schedule: str = "cosine", seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = True) -> Classifier:
+    """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
+
+    The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
+    16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
+    30/60/80 of 90 epochs). Returns the model in eval mode on ``device``.
+    """
+    _check_images(images)
+    _check_labels(labels, n=len(images), num_classes=num_classes)
+    if len(images) < 2:
+        raise ValueError("need at least 2 training images (batch norm needs more than one per batch)")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    device = torch.device(device)
+    model = build_classifier(arch=arch, num_classes=num_classes, seed=seed).to(device).train()
+    images, labels = images.to(device), labels.to(device=device, dtype=torch.long)  # moved once
+
+    decay = [p for p in model.parameters() if p.dim() > 1]  # no weight decay on norms and biases
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}],
+                                lr=lr, momentum=0.9, nesterov=True)
+    shuffle = torch.Generator().manual_seed(seed)
+    augment = torch.Generator(device=device).manual_seed(seed + 1)
+    # Near-equal batches (never a lone image, which batch norm cannot train on).
+    num_batches = math.ceil(len(images) / batch_size)
+    total = epochs * num_batches
+    step = 0
+    with tqdm(total=total, desc=f"train {arch}", unit="batch", disable=not progress) as bar:
+        for epoch in range(epochs):
+            bar.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
+            running = 0.0
+            for i, index in enumerate(torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)):
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * _lr_factor(step, total, schedule)
+                index = index.to(device)
+                x = _augment(images[index].float(), augment)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = F.cross_entropy(model(x), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                running += (loss.item() - running) / (i + 1)
+                bar.set_postfix(loss=f"{running:.3f}")
+                bar.update()
+    return model.eval()
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[Tensor], Tensor], model: nn.Module, images: Tensor, batch_size: int,
+             device: str | torch.device) -> Tensor:
+    _check_images(images)
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([fn(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: Classifier, images: Tensor, *, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> Tensor:
+    """Logits (N, K) of ``images`` (N, 3, H, W) in [0, 255], eval mode, on the CPU."""
+    return _batched(model, model, images, batch_size, device)
+
+
+def extract_features(model: Classifier, images: Tensor, *, batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> Tensor:
+    """Penultimate pre-logits features (N, D) of ``images``, eval mode, on the CPU."""
+    return _batched(model.features, model, images, batch_size, device)
+
+
+def accuracy(logits: Tensor, labels: Tensor, k: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy as fractions, e.g. ``{"top1": 0.71, "top5": 0.98}``; k is capped at K."""
+    _check_labels(labels, n=len(logits), num_classes=logits.shape[1])
+    top = logits.topk(min(max(k), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None].to(top.device)
+    return {f"top{j}": hits[:, :min(j, logits.shape[1])].any(dim=1).float().mean().item() for j in k}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
+                      train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
+                      arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
+                      weight_decay: float = 5e-4, schedule: str = "cosine", seed: int = 0,
+                      device: str | torch.device = "cpu", progress: bool = True) -> tuple[Classifier, str]:
+    """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``.
+
+    ``key`` (JSON-serialisable) names the training data, e.g. dataset, split, resolution and
+    count; the file name hashes it with every training setting. ``train_images`` may be a
+    callable returning ``(images, labels)`` (then leave ``train_labels`` None), so a cache hit
+    never loads data. A file that does not load is retrained with a warning. Returns the model
+    (eval mode, on ``device``) and the SHA-256 of its weights file.
+    """
+    if callable(train_images) != (train_labels is None):
+        raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
+                         "returning (images, labels) with train_labels=None")
+    settings = {"key": key, "arch": arch, "epochs": epochs, "seed": seed, "num_classes": num_classes,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+                "version": CACHE_VERSION}
+    key_json = json.dumps(settings, sort_keys=True)
+    folder = Path(cache_dir) / "classifiers"
+    path = folder / f"{hashlib.sha256(key_json.encode()).hexdigest()[:16]}.safetensors"
+
+    if path.exists():
+        try:
+            with safe_open(path, framework="pt") as fh:
+                if (fh.metadata() or {}).get("key") != key_json:
+                    raise ValueError("its metadata key does not match")
+            model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
+            model.load_state_dict(load_file(path))
+            return model.to(device).eval(), _sha256(path)
+        except Exception as exc:
+            warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
+
+    images, labels = train_images() if callable(train_images) else (train_images, train_labels)
+    model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
+                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                             seed=seed, device=device, progress=progress)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}-", suffix=".tmp")
+    os.close(fd)
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, tmp, metadata={"key": key_json})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic: the cache file is complete or absent
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return model, _sha256(path)

@@ -1,0 +1,207 @@
+"""`cdmbench evaluate`: generate samples for evaluation and run metrics on them.
+
+Samples: N class-balanced images (label i % K) from the cascade up to a stage, image i seeded by
+(sample seed, stage, i) only, stored as uint8 npz shards under
+``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
+pixels: samplers, guidance, augmentation, checkpoint steps, seed). Shards already written are
+kept, so an interrupted evaluation resumes; under torchrun, rank r writes shards r, r + W, ...
+
+Metrics read an ``EvalContext``: the samples, the real data of any split at the stage's
+resolution, feature networks (built from the ``features`` registry), and cached reference
+statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .cascade import StageModel, make_component, sample_cascade
+from .checkpoint import load_ema
+from .data import load_images, to_uint8
+from .errors import CdmbenchError
+from .interfaces import FeatureNetwork
+from .metrics import statistics
+from .plugins import Plugins
+from .recipe import Component, Recipe
+
+FEATURE_BATCH = 100
+
+
+def default_cache_dir() -> Path:
+    """``$CDMBENCH_CACHE``, else ``~/.cache/cdmbench``."""
+    return Path(os.environ.get("CDMBENCH_CACHE", Path.home() / ".cache" / "cdmbench"))
+
+
+def digest(obj: Any, n: int = 16) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# --- samples ----------------------------------------------------------------------------------
+
+def chain_to(stages: list[StageModel], name: str) -> list[StageModel]:
+    """The stages that produce stage ``name``'s samples, base first."""
+    by_name = {s.spec.name: s for s in stages}
+    chain = [by_name[name]]
+    while chain[0].spec.condition_on is not None:
+        chain.insert(0, by_name[chain[0].spec.condition_on])
+    return chain
+
+
+def load_chain(chain: list[StageModel], run_path: Path) -> dict[str, int]:
+    """Load the EMA weights of every stage of ``chain``; returns each stage's checkpoint step."""
+    steps = {}
+    for st in chain:
+        steps[st.spec.name] = load_ema(run_path / st.spec.name / "checkpoints", st.backbone)
+        st.backbone.eval()
+    return steps
+
+
+def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
+                     num_samples: int, num_classes: int, seed: int, batch_size: int,
+                     shard_size: int, device: torch.device | str, progress: bool = True,
+                     rank: int = 0, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
+    """Write the missing shards of the last stage's samples; returns the folder and signature."""
+    signature = {"seed": seed, "num_classes": num_classes, "stages": [
+        {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
+         "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
+         "guidance_scale": st.spec.guidance.scale,
+         "augmentation": {"name": st.spec.augmentation.name, "args": st.spec.augmentation.args}}
+        for st in chain]}
+    folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
+    models = {st.spec.name: st.backbone for st in chain}
+    shards = [k for k in range(math.ceil(num_samples / shard_size)) if k % world_size == rank]
+    for k in tqdm(shards, desc="eval samples (shards)", disable=not progress):
+        lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
+        path = folder / f"shard-{k:05d}-{lo}-{hi}.npz"
+        if path.exists():
+            continue
+        labels = torch.arange(lo, hi) % num_classes
+        images, _ = sample_cascade(chain, models, labels, seed=seed, batch_size=batch_size,
+                                   device=device, progress=False, first_id=lo)
+        pixels = to_uint8(images[chain[-1].spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
+        _atomic_save_npz(path, images=pixels.numpy(), labels=labels.numpy())
+    return folder, signature
+
+
+def read_samples(folder: Path, num_samples: int) -> tuple[Tensor, Tensor]:
+    """The first ``num_samples`` samples of a folder of shards, as uint8 (N, 3, H, W) and labels."""
+    images, labels, have = [], [], 0
+    for path in sorted(folder.glob("shard-*.npz"), key=lambda p: int(p.name.split("-")[2])):
+        lo = int(path.name.split("-")[2])
+        if lo != have or have >= num_samples:
+            break
+        try:
+            with np.load(path) as data:
+                images.append(torch.from_numpy(data["images"]).permute(0, 3, 1, 2))
+                labels.append(torch.from_numpy(data["labels"]))
+        except Exception as exc:
+            raise CdmbenchError(f"sample shard {path} is unreadable ({exc}); delete it and run "
+                                "cdmbench evaluate again to regenerate it") from None
+        have += len(labels[-1])
+    if have < num_samples:
+        raise CdmbenchError(f"{folder} holds {have} of {num_samples} samples; run cdmbench evaluate "
+                            "again (on every rank) to finish them")
+    return torch.cat(images)[:num_samples], torch.cat(labels)[:num_samples]
+
+
+# --- the context metrics read -----------------------------------------------------------------
+
+@dataclass
+class EvalContext:
+    """What a metric may use. ``protocol`` describes the samples (dataset, resolution, n, seeds,
+    samplers) and goes into every row."""
+
+    samples: Tensor  # uint8 (N, 3, H, W)
+    labels: Tensor
+    num_classes: int
+    resolution: int
+    recipe: Recipe
+    plugins: Plugins
+    device: torch.device | str
+    cache_dir: Path
+    protocol: dict[str, Any]
+    progress: bool = True
+    _networks: dict[str, FeatureNetwork] = field(default_factory=dict)
+    _features: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    _real: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def real(self, split: str) -> tuple[Tensor, Tensor]:
+        """All images of a split of the recipe's dataset at the stage resolution (area
+        downsampled), uint8 (N, 3, H, W), and labels."""
+        if split not in self._real:
+            dataset = make_component(self.plugins, "datasets", self.recipe.data, "data", split=split,
+                                     resolution=max(s.resolution for s in self.recipe.stages))
+            data = load_images(dataset, [self.resolution], progress=self.progress)
+            self._real[split] = (data.images[self.resolution], data.labels)
+        return self._real[split]
+
+    def data_key(self, split: str) -> dict[str, Any]:
+        return {"data": {"name": self.recipe.data.name, "args": self.recipe.data.args},
+                "split": split, "resolution": self.resolution}
+
+    def feature_network(self, spec: Component) -> FeatureNetwork:
+        key = digest({"name": spec.name, "args": spec.args})
+        if key not in self._networks:
+            self._networks[key] = make_component(
+                self.plugins, "features", spec, f"features '{spec.name}'",
+                num_classes=self.num_classes, resolution=self.resolution,
+                train_data=lambda: self.real("train"), data_key=self.data_key("train"),
+                cache_dir=self.cache_dir, device=self.device)
+        return self._networks[key]
+
+    def _batched(self, fn, images: Tensor, desc: str) -> Tensor:
+        return torch.cat([fn(images[i:i + FEATURE_BATCH])
+                          for i in tqdm(range(0, len(images), FEATURE_BATCH), desc=desc, leave=False,
+                                        disable=not self.progress)])
+
+    def features(self, network: FeatureNetwork, images: Tensor, mode: str) -> Tensor:
+        return self._batched(lambda x: network.features(x, mode=mode), images, f"{network.name} features")
+
+    def sample_probabilities(self, network: FeatureNetwork) -> Tensor:
+        return self._batched(network.probabilities, self.samples, f"{network.name} probabilities")
+
+    def sample_features(self, network: FeatureNetwork, mode: str) -> Tensor:
+        key = (network.sha256, mode)
+        if key not in self._features:
+            self._features[key] = self.features(network, self.samples, mode)
+        return self._features[key]
+
+    def reference_statistics(self, network: FeatureNetwork, mode: str,
+                             split: str) -> tuple[np.ndarray, np.ndarray, int]:
+        """(mu, sigma, n) of a real split's features, computed once and cached on disk."""
+        key = {**self.data_key(split), "features": network.name, "sha256": network.sha256, "mode": mode}
+        path = self.cache_dir / "reference_stats" / f"{digest(key)}.npz"
+        if path.exists():
+            try:
+                with np.load(path) as stats:
+                    return stats["mu"], stats["sigma"], int(stats["n"])
+            except Exception as exc:  # a damaged cache entry is recomputed
+                print(f"warning: reference statistics {path} unreadable ({exc}); recomputing")
+        images, _ = self.real(split)
+        mu, sigma = statistics(self.features(network, images, mode))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),
+                         key=np.array(json.dumps(key, sort_keys=True, default=str)))
+        return mu, sigma, len(images)

@@ -1,0 +1,39 @@
+"""The math of the sample-quality metrics: FID statistics and distance, Inception Score.
+
+FID (Heusel et al. 2017) is the Frechet distance between Gaussians fitted to two feature sets,
+||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^(1/2)), computed by clean-fid. The Inception Score
+(Salimans et al. 2016) is exp(E_x KL(p(y | x) || p(y))), averaged over splits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from torch import Tensor
+
+
+def statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (float64) of (N, D) features, as clean-fid computes them."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or len(f) < 2:
+        raise ValueError(f"need (N >= 2, D) features, got shape {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """FID between two (mean, covariance) pairs, by clean-fid."""
+    from cleanfid.fid import frechet_distance as clean_fid_distance
+
+    return float(clean_fid_distance(mu1, sigma1, mu2, sigma2))
+
+
+def inception_score(probabilities: Tensor | np.ndarray, *, splits: int = 10) -> tuple[float, float]:
+    """Mean and standard deviation over ``splits`` equal splits of exp(E KL(p(y|x) || p(y)))."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.ndim != 2 or len(p) < splits:
+        raise ValueError(f"need (N >= splits={splits}, K) probabilities, got shape {p.shape}")
+    scores = []
+    for part in np.array_split(p, splits):
+        marginal = part.mean(axis=0, keepdims=True)
+        kl = (part * (np.log(np.clip(part, 1e-12, None)) - np.log(np.clip(marginal, 1e-12, None)))).sum(1)
+        scores.append(np.exp(kl.mean()))
+    return float(np.mean(scores)), float(np.std(scores))

@@ -1,0 +1,176 @@
+"""Evaluation: FID / IS math, the Inception loader (with a TorchScript stand-in), reference
+statistics caching, baselines and comparability, and `cdmbench evaluate` end to end."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from torch import nn
+
+from cdmbench.builtin.baselines import PUBLISHED
+from cdmbench.builtin.features import INCEPTION_URL, inception
+from cdmbench.cli import cli
+from cdmbench.errors import CdmbenchError
+from cdmbench.metrics import frechet_distance, inception_score, statistics
+from cdmbench.plugins import load_plugins
+from cdmbench.report import baseline_frame, comparability
+from cdmbench.runner import run
+
+
+def reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """FID in float64 numpy, with Tr((S1 S2)^(1/2)) from the eigenvalues of S1 S2 (not sqrtm)."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    eig = np.linalg.eigvals(s1 @ s2)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2)
+                 - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    f = np.random.default_rng(0).normal(size=(500, 16))
+    mu, sigma = statistics(f)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_fid_matches_an_independent_implementation():
+    rng = np.random.default_rng(1)
+    f1 = rng.normal(size=(400, 12))
+    f2 = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
+    got = frechet_distance(*statistics(f1), *statistics(f2))
+    assert got == pytest.approx(reference_fid(f1, f2), rel=1e-6)
+
+
+def test_inception_score_closed_forms():
+    constant = np.tile([0.1, 0.7, 0.2], (100, 1))
+    assert inception_score(constant)[0] == pytest.approx(1.0)
+    k = 7
+    confident = np.eye(k)[np.arange(700) % k]  # K equiprobable classes, one-hot predictions
+    mean, std = inception_score(confident, splits=10)
+    assert mean == pytest.approx(k, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+
+
+class StandIn(nn.Module):
+    """The call signature of the TorchScript Inception: forward(x in [0, 255], return_features,
+    use_fp16, no_output_bias) and ``layers`` on 299x299 inputs normalised to [-1, 1]."""
+
+    def __init__(self, dims: int = 2048):
+        super().__init__()
+        self.dims = dims
+        self.layers = nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Conv2d(3, dims, 4))
+        self.output = nn.Linear(dims, 1008)
+
+    def forward(self, x: torch.Tensor, return_features: bool = False, use_fp16: bool = False,
+                no_output_bias: bool = False) -> torch.Tensor:
+        x = nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        features = self.layers((x - 128) / 128).reshape(x.shape[0], self.dims)
+        if return_features:
+            return features
+        logits = features @ self.output.weight.t()
+        if not no_output_bias:
+            logits = logits + self.output.bias
+        return logits.softmax(dim=1)
+
+
+def save_standin(path: Path, dims: int = 2048) -> Path:
+    torch.manual_seed(0)
+    torch.jit.script(StandIn(dims)).save(str(path))
+    return path
+
+
+@pytest.fixture
+def standin_path(tmp_path) -> Path:
+    return save_standin(tmp_path / "inception-2015-12-05.pt")
+
+
+def test_inception_code_path_with_a_torchscript_stand_in(standin_path, tmp_path):
+    net = inception(path=str(standin_path), cache_dir=tmp_path, device="cpu")
+    assert net.sha256 == hashlib.sha256(standin_path.read_bytes()).hexdigest()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    for mode in ("legacy_tensorflow", "clean"):
+        f = net.features(images, mode=mode)
+        assert f.shape == (5, 2048) and f.dtype == torch.float64
+    assert not torch.allclose(net.features(images, mode="clean"), net.features(images, mode="legacy_tensorflow"))
+    p = net.probabilities(images)
+    assert p.shape == (5, 1008) and torch.allclose(p.sum(1), torch.ones(5, dtype=torch.float64))
+
+
+def test_missing_or_wrong_inception_file_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("CDMBENCH_INCEPTION", raising=False)
+    missing = tmp_path / "nowhere" / "inception-2015-12-05.pt"
+    with pytest.raises(CdmbenchError) as info:
+        inception(path=str(missing), cache_dir=tmp_path, device="cpu")
+    message = str(info.value)
+    assert INCEPTION_URL in message and str(missing) in message and "SHA-256" in message
+    wrong = tmp_path / "wrong.pt"
+    wrong.write_bytes(b"not a network")
+    with pytest.raises(CdmbenchError, match="is not the TorchScript Inception network"):
+        inception(path=str(wrong), cache_dir=tmp_path, device="cpu")
+
+
+def test_every_baseline_row_has_a_source_and_a_protocol():
+    frame = baseline_frame(load_plugins())
+    assert len(frame) == len(PUBLISHED)
+    assert frame["source"].str.len().min() > 10
+    cdm256 = frame[(frame.model == "CDM") & (frame.resolution == 256) & (frame.metric == "fid_train")].iloc[0]
+    assert cdm256.value == 4.88 and cdm256.protocol["n"] == 50000
+    assert cdm256.protocol["mode"] == "legacy_tensorflow"
+
+
+def test_comparability_names_every_field_that_differs():
+    published = {"dataset": "imagenet", "resolution": 256, "n": 50000, "mode": "legacy_tensorflow",
+                 "features": "inception-2015-12-05", "reference_split": "train"}
+    assert comparability("fid_train", dict(published), published) == "comparable"
+    verdict = comparability("fid_train", {**published, "n": 10000, "mode": "clean"}, published)
+    assert verdict.startswith("no:") and "n 10000 vs 50000" in verdict and "mode 'clean'" in verdict
+    assert "dataset" not in verdict
+
+
+TINY_EVAL = ["evaluate.num_samples=30", "evaluate.shard_size=12", "evaluate.batch_size=16"]
+
+
+@pytest.fixture
+def trained_run(tiny_recipe, tmp_path) -> Path:
+    return run(tiny_recipe, out=tmp_path / "run", progress=False, echo=lambda *_: None)
+
+
+def test_evaluate_fails_before_sampling_when_inception_is_missing(trained_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("CDMBENCH_INCEPTION", str(tmp_path / "absent.pt"))
+    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--metrics", "fid", "--no-progress"])
+    assert result.exit_code == 2 and INCEPTION_URL in result.output
+    assert not list(trained_run.glob("*/eval_samples"))
+
+
+def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, monkeypatch, tmp_path):
+    # 64-d features: FID's matrix square root of 2048 x 2048 takes minutes on 2 cores.
+    monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
+    standin_path = save_standin(tmp_path / "small-inception.pt", dims=64)
+    monkeypatch.setenv("CDMBENCH_INCEPTION", str(standin_path))
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    args = ["evaluate", str(trained_run), "--metrics", "fid,is", "--no-progress",
+            *[f"--set={o}" for o in TINY_EVAL], "--set=data.args.num_images=24"]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 0, first.output
+    stats = list((tmp_path / "cache" / "reference_stats").glob("*.npz"))
+    assert len(stats) == 2  # train and test splits, legacy_tensorflow mode
+    stamps = {p: p.stat().st_mtime_ns for p in stats}
+    shards = sorted((trained_run / "sr16" / "eval_samples").glob("*/shard-*.npz"))
+    assert [p.name.split("-", 2)[2] for p in shards] == ["0-12.npz", "12-24.npz", "24-30.npz"]
+    shard_stamps = {p: p.stat().st_mtime_ns for p in shards}
+
+    second = CliRunner().invoke(cli, args)
+    assert second.exit_code == 0, second.output
+    assert {p: p.stat().st_mtime_ns for p in stats} == stamps  # read from the cache
+    assert {p: p.stat().st_mtime_ns for p in shards} == shard_stamps  # samples reused
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    fid = [r for r in rows if r["metric"] == "fid_train"][-1]
+    assert fid["n"] == 30 and fid["protocol"]["features"] == "inception-2015-12-05"
+    assert fid["protocol"]["features_sha256"] == hashlib.sha256(standin_path.read_bytes()).hexdigest()
+    assert fid["protocol"]["mode"] == "legacy_tensorflow" and fid["protocol"]["reference_n"] == 24
+    assert {"fid_test", "is"} <= {r["metric"] for r in rows}
+    assert "fid_train" in (trained_run / "report.md").read_text()
