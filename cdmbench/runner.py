@@ -25,6 +25,11 @@ from .train import read_log, train_stage, validation_bpd
 
 
 def resolve_device(name: str) -> torch.device:
+    """The recipe's device; under torchrun, "cuda"/"auto" mean this process's GPU (LOCAL_RANK)."""
+    local = os.environ.get("LOCAL_RANK")
+    if name in ("auto", "cuda") and local is not None and torch.cuda.is_available():
+        torch.cuda.set_device(int(local))
+        return torch.device(f"cuda:{local}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -215,14 +220,22 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
                           resolution=resolution, recipe=recipe, plugins=plugins, device=device,
                           cache_dir=default_cache_dir(), protocol={}, progress=progress)
     built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
-    for metric in built:  # load feature networks now: a missing file fails before sampling
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
             metric.prepare(context)
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     folder, signature = generate_samples(
         chain, run_path=run_dir.path, checkpoint_steps=steps, num_samples=n,
         num_classes=dataset.num_classes, seed=recipe.sample.seed, batch_size=spec.batch_size,
         shard_size=spec.shard_size, device=device, progress=progress, rank=rank, world_size=world)
+    if world > 1:  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.barrier()
+        if rank != 0:
+            return []
     context.samples, context.labels = read_samples(folder, n)
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",

@@ -174,3 +174,40 @@ def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, mon
     assert fid["protocol"]["mode"] == "legacy_tensorflow" and fid["protocol"]["reference_n"] == 24
     assert {"fid_test", "is"} <= {r["metric"] for r in rows}
     assert "fid_train" in (trained_run / "report.md").read_text()
+
+
+def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standin_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CDMBENCH_INCEPTION": str(standin_path), "CDMBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench",
+           "evaluate", str(trained_run), "--metrics", "is", "--no-progress",
+           *[f"--set={o}" for o in TINY_EVAL]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    shards = sorted(p.name for p in (trained_run / "sr16" / "eval_samples").glob("*/shard-*.npz"))
+    assert len(shards) == 3  # rank 0 wrote shards 0 and 2, rank 1 shard 1
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
+
+
+def test_evaluate_with_classifier_features_end_to_end(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    classifier = "{features: classifier, features_args: {epochs: 1}}"
+    metrics = f"[{{name: fid, args: {classifier}}}, {{name: is, args: {classifier}}}, {{name: cas, args: {{epochs: 1}}}}]"
+    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--no-progress", f"--set=evaluate.metrics={metrics}",
+                                      *[f"--set={o}" for o in TINY_EVAL]])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    found = {r["metric"]: r for r in rows if r["stage"] == "sr16" and "features" in r["protocol"] or "cas" in r["metric"]}
+    assert {"fid_train", "fid_test", "is_classifier", "cas_top1", "cas_top5", "cas_real_top1"} <= set(found)
+    assert all(found[m]["status"] == "ok" for m in found)
+    fid = found["fid_test"]["protocol"]
+    assert fid["features"] == "classifier" and fid["mode"] == "native" and len(fid["features_sha256"]) == 64
+    assert found["cas_top1"]["protocol"]["scaled_down"] is True
+    assert found["cas_top1"]["unit"] == "%" and 0 <= found["cas_top1"]["value"] <= 100
+    assert len(list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))) == 1  # trained once
+    report = CliRunner().invoke(cli, ["report", str(trained_run)])
+    assert report.exit_code == 0 and "fid_test (classifier, native)" in report.output

@@ -1,0 +1,77 @@
+"""Classification Accuracy Score on tiny separable data: high when samples carry the class, chance when not."""
+
+import pytest
+import torch
+
+from cdmbench.cas import classification_accuracy_score, matched_real_subset
+from cdmbench.classifier import train_classifier
+from test_classifier import ARCH, colour_images
+
+SETTINGS = {"num_classes": 8, "arch": ARCH, "epochs": 4, "batch_size": 16, "seed": 0, "device": "cpu",
+            "progress": False}
+
+
+@pytest.fixture(scope="module")
+def real():
+    train = colour_images(12, seed=10)  # more per class than the samples: the subset is matched
+    val = colour_images(10, seed=11)
+    return train, val
+
+
+def rows_by(rows):
+    return {(r["source"], r["metric"]): r for r in rows}
+
+
+def test_cas_separable_samples(real):
+    (train_images, train_labels), (val_images, val_labels) = real
+    samples, sample_labels = colour_images(8, seed=12)
+    rows = rows_by(classification_accuracy_score(
+        samples=samples, sample_labels=sample_labels, real_train_images=train_images,
+        real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels, **SETTINGS))
+    assert set(rows) == {(s, m) for s in ("generated", "real data") for m in ("cas_top1", "cas_top5")}
+    assert rows["generated", "cas_top1"]["value"] >= 0.9
+    assert rows["real data", "cas_top1"]["value"] >= 0.9
+    for row in rows.values():
+        assert row["n"] == 64
+        p = row["protocol"]
+        assert (p["classifier"], p["epochs"], p["train_images"], p["train_images_per_class"],
+                p["val_images"], p["seed"], p["scaled_down"]) == (ARCH, 4, 64, 8, 80, 0, True)
+        assert "scaled down" in p["note"]
+
+
+def test_cas_shuffled_labels_near_chance(real):
+    """Labels independent of the images carry no class information, so E[top-1] = 1/8.
+
+    Each colour's val images are all right or all wrong in the worst case, so the number of
+    colours right is at worst Binomial(8, 1/8): P(top-1 > 0.5) = P(>= 5 of 8) ~ 0.1%; top-5
+    (chance 5/8) likewise stays below 1 unless the shuffle leaked class information.
+    """
+    (train_images, train_labels), (val_images, val_labels) = real
+    samples, sample_labels = colour_images(8, seed=12)
+    shuffled = sample_labels[torch.randperm(len(sample_labels), generator=torch.Generator().manual_seed(0))]
+    index = matched_real_subset(sample_labels, train_labels, num_classes=8)
+    reference = train_classifier(train_images[index], train_labels[index], **SETTINGS)  # trained once here
+    rows = rows_by(classification_accuracy_score(
+        samples=samples, sample_labels=shuffled, real_train_images=None, real_train_labels=None,
+        real_val_images=val_images, real_val_labels=val_labels, reference=reference, **SETTINGS))
+    assert rows["generated", "cas_top1"]["value"] <= 0.5
+    assert rows["generated", "cas_top5"]["value"] < 1.0
+    assert rows["real data", "cas_top1"]["value"] >= 0.9
+
+
+def test_matched_subset_and_errors(real):
+    (_, train_labels), (val_images, val_labels) = real
+    sample_labels = torch.tensor([0, 0, 0, 3, 7])
+    index = matched_real_subset(sample_labels, train_labels, num_classes=8)
+    assert torch.equal(train_labels[index].bincount(minlength=8), sample_labels.bincount(minlength=8))
+    with pytest.raises(ValueError, match="class 0 has 13 samples but only 12"):
+        matched_real_subset(torch.zeros(13, dtype=torch.long), train_labels, num_classes=8)
+    small = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="same \\(3, H, W\\)"):
+        classification_accuracy_score(samples=small, sample_labels=sample_labels, real_train_images=None,
+                                      real_train_labels=None, real_val_images=val_images,
+                                      real_val_labels=val_labels, **SETTINGS)
+    with pytest.raises(ValueError, match="paper_protocol needs"):
+        classification_accuracy_score(samples=val_images, sample_labels=val_labels, real_train_images=None,
+                                      real_train_labels=None, real_val_images=val_images,
+                                      real_val_labels=val_labels, paper_protocol=True, **SETTINGS)

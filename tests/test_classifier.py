@@ -1,0 +1,124 @@
+"""Classifier training, prediction, features and the weights cache, on tiny separable data."""
+
+import pytest
+import torch
+
+from cdmbench import classifier as C
+
+ARCH = "test_resnet"  # timm's tiny test ResNet: the same code path as resnet10t, 4x faster
+COLOURS = torch.tensor([[r, g, b] for r in (40, 215) for g in (40, 215) for b in (40, 215)])  # 8
+TRAIN = {"arch": ARCH, "epochs": 4, "batch_size": 16, "progress": False}
+
+
+def colour_images(n_per_class: int, *, num_classes: int = 8, resolution: int = 16,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class c: a noisy image of colour c (a corner of the RGB cube); separable by colour alone."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(num_classes).repeat_interleave(n_per_class)
+    noise = 25 * torch.randn(len(labels), 3, resolution, resolution, generator=g)
+    images = COLOURS[labels][:, :, None, None] + noise
+    return images.round().clamp(0, 255).to(torch.uint8), labels
+
+
+@pytest.fixture(scope="module")
+def data():
+    return colour_images(8), colour_images(10, seed=1)
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    (images, labels), _ = data
+    return C.train_classifier(images, labels, num_classes=8, seed=0, **TRAIN)
+
+
+def test_learns_separable_data(model, data):
+    _, (test_images, test_labels) = data
+    acc = C.accuracy(C.predict_logits(model, test_images), test_labels)
+    assert acc["top1"] >= 0.95, acc
+    assert not model.training
+
+
+def test_same_seed_same_weights(model, data):
+    (images, labels), _ = data
+    again = C.train_classifier(images, labels, num_classes=8, seed=0, **TRAIN)
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_predict_and_features_batched(model, data):
+    _, (images, _) = data
+    logits = C.predict_logits(model, images, batch_size=7)
+    assert torch.allclose(logits, C.predict_logits(model, images.float()), atol=1e-5)  # float 0..255 too
+    assert logits.shape == (len(images), 8)
+    features = C.extract_features(model, images, batch_size=7)
+    assert features.shape == (len(images), model.net.num_features)
+    default = C.build_classifier(arch="resnet10t", num_classes=8)
+    assert C.extract_features(default, images[:2]).shape == (2, 512)
+
+
+def test_augment_flips_and_shifts():
+    images = torch.zeros(64, 3, 16, 16)
+    images[:, :, 8, 5] = 255  # one bright pixel, left of centre
+    out = C._augment(images, torch.Generator().manual_seed(0))
+    _, rows, cols = (out[:, 0] == 255).nonzero(as_tuple=True)
+    assert len(rows) == 64  # one bright pixel in every image
+    assert (rows - 8).abs().max() <= C.PAD
+    flipped = cols > 7  # mirrored about the centre: column 5 -> 10
+    assert 0 < flipped.sum() < 64
+    assert ((torch.where(flipped, 15 - cols, cols) - 5).abs() <= C.PAD).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # shifts vary per image
+
+def test_accuracy_topk_capped():
+    logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
+    labels = torch.tensor([0, 1, 2])
+    assert C.accuracy(logits, labels) == pytest.approx({"top1": 1 / 3, "top5": 1.0})
+    assert C.accuracy(logits, labels, k=(2,)) == pytest.approx({"top2": 2 / 3})
+
+
+@pytest.mark.parametrize("images, labels, message", [
+    (torch.zeros(4, 3, 8, 8, dtype=torch.int32), torch.zeros(4, dtype=torch.long), "uint8 or float"),
+    (torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), "channels-last"),
+    (torch.zeros(4, 8, 8, dtype=torch.uint8), torch.zeros(4, dtype=torch.long), r"shape \(N, 3, H, W\)"),
+    (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), "is empty"),
+    (-torch.ones(4, 3, 8, 8), torch.zeros(4, dtype=torch.long), "expected \\[0, 255\\]"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(4), "integer"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.zeros(3, dtype=torch.long), r"shape \(4,\)"),
+    (torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 2, 8]), r"\[0, 7\]"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.zeros(1, dtype=torch.long), "at least 2"),
+])
+def test_bad_input_errors(images, labels, message):
+    with pytest.raises(ValueError, match=message):
+        C.train_classifier(images, labels, num_classes=8, epochs=1, arch=ARCH, progress=False)
+
+
+def test_cache_trains_once(tmp_path, monkeypatch, model, data):
+    (images, labels), _ = data
+    kwargs = dict(num_classes=8, cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
+    first, digest = C.cached_classifier(key={"data": "colours"}, train_images=images,
+                                        train_labels=labels, **kwargs)
+    assert torch.equal(first.state_dict()["net.fc.weight"], model.state_dict()["net.fc.weight"])
+    [path] = (tmp_path / "classifiers").iterdir()  # no temp files left behind
+
+    def fail(*args, **kwargs):
+        raise AssertionError("retrained or loaded data on a cache hit")
+
+    monkeypatch.setattr(C, "train_classifier", fail)
+    second, digest2 = C.cached_classifier(key={"data": "colours"}, train_images=fail, **kwargs)
+    assert digest2 == digest
+    assert not second.training
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(AssertionError, match="cache hit"):  # another key is another file
+        C.cached_classifier(key={"data": "other"}, train_images=fail, **kwargs)
+
+
+def test_corrupt_cache_is_retrained(tmp_path, data):
+    (images, labels), _ = data
+    kwargs = dict(key={"data": "colours"}, train_images=lambda: (images, labels), num_classes=8,
+                  cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
+    _, digest = C.cached_classifier(**kwargs)
+    [path] = (tmp_path / "classifiers").iterdir()
+    path.write_bytes(path.read_bytes()[:1000])  # a truncated file
+    with pytest.warns(UserWarning, match="unreadable.*retraining"):
+        _, digest2 = C.cached_classifier(**kwargs)
+    assert digest2 == digest  # retrained to the same weights, written whole again
