@@ -168,7 +168,7 @@ class EvalContext:
                 self.plugins, "features", spec, f"features '{spec.name}'",
                 num_classes=self.num_classes, resolution=self.resolution,
                 train_data=lambda: self.real("train"), data_key=self.data_key("train"),
-                cache_dir=self.cache_dir, device=self.device)
+                cache_dir=self.cache_dir, device=self.device, progress=self.progress)
         return self._networks[key]
 
     def _batched(self, fn, images: Tensor, desc: str) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -27,7 +28,8 @@ def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: Path
     pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
     for row, c in enumerate(classes):
         y = row * (tile + pad)
-        draw.text((4, y + tile // 2 - 6), class_names[c][:14], fill="black")
+        lines = textwrap.wrap(class_names[c], 15)[:4]  # the default font is ~6 px per character
+        draw.multiline_text((4, y + tile // 2 - 6 * len(lines)), "\n".join(lines), fill="black")
         for col, i in enumerate(torch.nonzero(labels == c).flatten().tolist()):
             img = Image.fromarray(pixels[i]).resize((tile, tile), Image.NEAREST)
             grid.paste(img, (LABEL_WIDTH + col * (tile + pad), y))

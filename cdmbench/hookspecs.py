@@ -52,7 +52,8 @@ def cdmbench_register_datasets(register):
 @hookspec
 def cdmbench_register_features(register):
     """Register feature networks for metrics. factory(**args, num_classes=..., resolution=...,
-    train_data=..., data_key=..., cache_dir=..., device=...) -> ``interfaces.FeatureNetwork``;
+    train_data=..., data_key=..., cache_dir=..., device=..., progress=...) ->
+    ``interfaces.FeatureNetwork``;
     ``train_data()`` loads the training split (uint8 (N, 3, H, W) images, labels) for networks
     that are trained on the dataset, ``data_key`` identifies that data for caching."""
 

@@ -20,7 +20,8 @@ HOST_ARGS: dict[str, tuple[str, ...]] = {
     "augmentations": ("schedule",),
     "samplers": (),
     "datasets": ("split", "resolution"),
-    "features": ("num_classes", "resolution", "train_data", "data_key", "cache_dir", "device"),
+    "features": ("num_classes", "resolution", "train_data", "data_key", "cache_dir", "device",
+                 "progress"),
     "metrics": (),
     "baselines": (),
 }

@@ -89,8 +89,16 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
         published = baselines[baselines["metric"] == row["metric"]]
         if published.empty:
             continue
-        same_res = published[published["resolution"] == row["protocol"].get("resolution")]
-        for _, b in (same_res if not same_res.empty else published).iterrows():
+        dataset = row["protocol"].get("dataset")
+        same_data = published[published["dataset"] == dataset]
+        if same_data.empty:  # one line, not one per published row of another dataset
+            out.append({"run": row["run"], "stage": row["stage"], "metric": row["metric"],
+                        "measured": row["value"], "published model": "-", "published res": None,
+                        "published": None, "comparable": f"no: published rows are on "
+                        f"{', '.join(sorted(set(published['dataset'])))}, not {dataset!r}"})
+            continue
+        same_res = same_data[same_data["resolution"] == row["protocol"].get("resolution")]
+        for _, b in (same_res if not same_res.empty else same_data).iterrows():
             out.append({"run": row["run"], "stage": row["stage"], "metric": row["metric"],
                         "measured": row["value"], "published model": b["model"],
                         "published res": b["resolution"], "published": b["value"],

@@ -211,3 +211,22 @@ def test_evaluate_with_classifier_features_end_to_end(trained_run, tmp_path, mon
     assert len(list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))) == 1  # trained once
     report = CliRunner().invoke(cli, ["report", str(trained_run)])
     assert report.exit_code == 0 and "fid_test (classifier, native)" in report.output
+
+
+def test_comparison_table_pairs_rows_of_the_same_dataset_and_resolution():
+    import pandas as pd
+
+    from cdmbench.report import comparison_table
+
+    protocol = {"dataset": "imagenet", "resolution": 256, "n": 10000, "mode": "legacy_tensorflow",
+                "features": "inception-2015-12-05", "reference_split": "train"}
+    results = pd.DataFrame([
+        {"run": "a", "stage": "sr256", "metric": "fid_train", "value": 9.0, "status": "ok", "protocol": protocol},
+        {"run": "b", "stage": "sr32", "metric": "fid_train", "value": 50.0, "status": "ok",
+         "protocol": {**protocol, "dataset": "shapes", "resolution": 32}}])
+    table = comparison_table(results, baseline_frame(load_plugins()))
+    a = table[table.run == "a"]
+    assert set(a["published res"]) == {256} and "CDM" in set(a["published model"])
+    assert all(v == "no: n 10000 vs 50000" for v in a.comparable)
+    b = table[table.run == "b"]
+    assert len(b) == 1 and b.comparable.iloc[0] == "no: published rows are on imagenet, not 'shapes'"

@@ -127,14 +127,15 @@ class ClassifierFeatures:
 
 def classifier(*, arch: str = "resnet10t", epochs: int = 30, seed: int = 0, num_classes: int,
                resolution: int, train_data: Callable[[], tuple[Tensor, Tensor]],
-               data_key: dict[str, Any], cache_dir: Path, device: torch.device | str) -> ClassifierFeatures:
+               data_key: dict[str, Any], cache_dir: Path, device: torch.device | str,
+               progress: bool = True) -> ClassifierFeatures:
     """Train (once; cached under ``cache_dir/classifiers``) a timm ``arch`` classifier. 30 epochs
     of 5000 images reach ~0.99 test accuracy on shapes at 32x32; 16x16 needs ~60."""
     from cdmbench.classifier import cached_classifier
 
     model, sha256 = cached_classifier(key=data_key, train_images=train_data, num_classes=num_classes,
                                       cache_dir=cache_dir, arch=arch, epochs=epochs, seed=seed,
-                                      device=device)
+                                      device=device, progress=progress)
     return ClassifierFeatures(model, sha256, resolution, device)
 
 
