@@ -73,6 +73,33 @@ class StageModel:
         return denoise
 
 
+class Composition:
+    """Several augmentations applied in order; their conditioning vectors concatenate."""
+
+    def __init__(self, parts: list):
+        truncated = [p for p in parts if p.truncation > 0]
+        if len(truncated) > 1:
+            raise ValueError("at most one augmentation of a stage can be truncated")
+        self.parts = parts
+        self.cond_dim = sum(p.cond_dim for p in parts)
+        self.truncation = truncated[0].truncation if truncated else 0.0
+
+    def train(self, z0: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        conds = []
+        for part in self.parts:
+            z0, cond = part.train(z0, generator=generator)
+            conds.append(cond)
+        return z0, torch.cat(conds, dim=1)
+
+    def sample(self, z0: Tensor, *, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
+        conds = []
+        for part in self.parts:
+            z0, cond = part.sample(z0, generators=generators)
+            conds.append(cond)
+        return z0, torch.cat(conds, dim=1)
+
+
+
 def make_component(plugins: Plugins, kind: str, spec: Component, path: str, **host):
     """Build a component; a factory's ValueError/TypeError becomes a RecipeError at ``path``."""
     try:
@@ -93,8 +120,16 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
         low_res = cond.resolution
         cond_schedule = make_component(plugins, "schedules", cond.schedule,
                                        f"stages.{cond.name}.schedule")
-    augmentation = make_component(plugins, "augmentations", stage.augmentation,
-                                  f"{path}.augmentation", schedule=cond_schedule)
+    many = isinstance(stage.augmentation, list)
+    parts = [make_component(plugins, "augmentations", spec,
+                            f"{path}.augmentation" + (f"[{i}]" if many else ""), schedule=cond_schedule)
+             for i, spec in enumerate(stage.augmentations())]
+    try:
+        augmentation = Composition(parts) if many else parts[0]
+        if augmentation.truncation > 0:  # the previous stage must be able to stop there
+            make_process(cond_schedule).grid(None, augmentation.truncation)
+    except ValueError as exc:
+        raise RecipeError(f"{path}.augmentation", str(exc)) from None
     process = make_process(schedule)
     learned_variance = stage.loss == "hybrid"
     if learned_variance and process.continuous:
@@ -130,11 +165,28 @@ def image_generators(seed: int, stage_index: int, image_ids: list[int],
     return [torch.Generator(device).manual_seed(derive_seed(seed, stage_index, i)) for i in image_ids]
 
 
+def stop_levels(stages: list[StageModel]) -> dict[str, float]:
+    """The level each stage's sampler stops at: s for a stage whose output feeds a truncated
+    augmentation, else 0 (clean data). A stage cannot feed two different levels."""
+    wanted: dict[str, set[float]] = {}
+    for st in stages:
+        if st.spec.condition_on is not None:
+            wanted.setdefault(st.spec.condition_on, set()).add(st.augmentation.truncation)
+    for name, levels in wanted.items():
+        if len(levels) > 1:
+            raise RecipeError("stages", f"stages conditioned on '{name}' need its samples at "
+                              f"different levels {sorted(levels)} (truncated augmentation); "
+                              "give them the same level or condition them on separate stages")
+    return {name: levels.pop() for name, levels in wanted.items()}
+
+
 @torch.no_grad()
 def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: int,
                  image_ids: list[int], low_res: Tensor | None, device: torch.device | str,
-                 progress: bool = True) -> Tensor:
-    """Samples in [-1, 1] for ``labels``; ``low_res`` is the previous stage's z_0 (SR stages)."""
+                 stop_at: float = 0.0, progress: bool = True) -> Tensor:
+    """Samples in [-1, 1] for ``labels`` (or z_s at ``stop_at`` > 0); ``low_res`` is the
+    previous stage's output (SR stages): z_0, or z_s when this stage's augmentation is
+    truncated."""
     gens = image_generators(seed, stage.index, image_ids, device)
     aug_cond = None
     if low_res is not None:
@@ -142,18 +194,19 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
     shape = (IMAGE_CHANNELS, stage.spec.resolution, stage.spec.resolution)
     return stage.sampler.sample(denoise=stage.denoiser(model, labels, low_res, aug_cond),
                                 process=stage.process, shape=shape, generators=gens,
-                                device=device, progress=progress)
+                                device=device, stop_at=stop_at, progress=progress)
 
 
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,
                    seed: int, batch_size: int, device: torch.device | str, progress: bool = True,
                    first_id: int = 0) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] and
-    seconds per stage. Stages must be listed so that each comes after the one it is
+    """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] (z_s
+    for a stage that feeds a truncated augmentation) and seconds per stage. Stages must be listed so that each comes after the one it is
     conditioned on. Image i of the batch is image ``first_id + i`` (its seed)."""
     images: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     labels = labels.to(device)
+    stops = stop_levels(stages)
     for stage in stages:
         start = time.perf_counter()
         chunks = []
@@ -165,7 +218,7 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
                 stage, models[stage.spec.name], labels[lo:hi], seed=seed,
                 image_ids=list(range(first_id + lo, first_id + hi)),
                 low_res=images[cond][lo:hi].to(device) if cond else None, device=device,
-                progress=progress).cpu())
+                stop_at=stops.get(stage.spec.name, 0.0), progress=progress).cpu())
         images[stage.spec.name] = torch.cat(chunks)
         seconds[stage.spec.name] = time.perf_counter() - start
     return images, seconds

@@ -85,7 +85,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale,
-         "augmentation": {"name": st.spec.augmentation.name, "args": st.spec.augmentation.args}}
+         "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()]}
         for st in chain]}
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
     folder.mkdir(parents=True, exist_ok=True)

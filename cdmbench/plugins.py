@@ -27,6 +27,7 @@ BUILTIN_MODULES = (
     "cdmbench.builtin.samplers",
     "cdmbench.builtin.augmentations",
     "cdmbench.builtin.shapes",
+    "cdmbench.builtin.datasets",
     "cdmbench.builtin.features",
     "cdmbench.builtin.metrics",
     "cdmbench.builtin.baselines",

@@ -70,7 +70,11 @@ class Stage:
     vlb_weight: float = 0.001  # lambda of the hybrid loss
     guidance: Guidance = field(default_factory=Guidance)
     condition_on: str | None = None
-    augmentation: Component = field(default_factory=lambda: Component("none"))
+    # one augmentation, or a list applied in order (their conditioning vectors concatenate)
+    augmentation: Component | list[Component] = field(default_factory=lambda: Component("none"))
+
+    def augmentations(self) -> list[Component]:
+        return self.augmentation if isinstance(self.augmentation, list) else [self.augmentation]
 
 
 @dataclass
@@ -287,7 +291,7 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
                               "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
         if stage.condition_on is None:
-            if stage.augmentation.name != "none":
+            if any(a.name != "none" for a in stage.augmentations()):
                 raise RecipeError(f"{path}.augmentation", "only a stage with condition_on "
                                   "(a super-resolution stage) can augment its low-res input")
         else:
@@ -312,9 +316,11 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"{path}.train.lr", "must be > 0")
         for kind, spec, key in (("backbones", stage.backbone, "backbone"),
                                 ("schedules", stage.schedule, "schedule"),
-                                ("samplers", stage.sampler, "sampler"),
-                                ("augmentations", stage.augmentation, "augmentation")):
+                                ("samplers", stage.sampler, "sampler")):
             check_component(plugins, kind, spec, f"{path}.{key}")
+        many = isinstance(stage.augmentation, list)
+        for i, spec in enumerate(stage.augmentations()):
+            check_component(plugins, "augmentations", spec, f"{path}.augmentation" + (f"[{i}]" if many else ""))
         seen[stage.name] = stage
     if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
         raise RecipeError("sample", "images_per_class and batch_size must be >= 1")

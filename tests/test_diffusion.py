@@ -1,4 +1,4 @@
-"""Process math, schedules, losses and the gaussian augmentation against closed forms."""
+"""Process math, schedules and losses against closed forms."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from cdmbench import diffusion as D
-from cdmbench.builtin.augmentations import gaussian
 from cdmbench.builtin.schedules import cosine, linear, log_snr
 from cdmbench.diffusion import DiscreteProcess, Prediction
 
@@ -109,32 +108,6 @@ def test_grid_stopping_early():
     assert diffusion.grid(stop_at=0.25).steps == 75
     with pytest.raises(ValueError, match="not a step of this 100-step process; use a multiple of 1/100"):
         diffusion.grid(10, stop_at=0.255)
-
-
-def test_gaussian_augmentation_per_example_levels():
-    schedule = cosine(timesteps=1000)
-    augmentation = gaussian(schedule=schedule, min_level=0.1, max_level=0.4)
-    z0 = torch.full((4000, 1, 2, 2), 0.5)
-    z_s, cond = augmentation.train(z0, generator=torch.Generator().manual_seed(0))
-    s = cond[:, 0] / 1000
-    assert cond.shape == (4000, 1) and s.min() >= 0.1 and s.max() <= 0.4
-    assert s.std() == pytest.approx(0.3 / math.sqrt(12), rel=0.05)  # U(0.1, 0.4), per example
-    # Given its level, each example is distributed as q(z_s | z_0): standardised noise is N(0, 1).
-    abar = schedule.abar(s.double()).float().view(-1, 1, 1, 1)
-    eps = (z_s - abar.sqrt() * z0) / (1 - abar).sqrt()
-    assert eps.mean().item() == pytest.approx(0, abs=0.03)
-    assert eps.std().item() == pytest.approx(1, rel=0.03)
-
-
-def test_gaussian_augmentation_at_sampling_uses_fixed_level():
-    schedule = cosine(timesteps=1000)
-    augmentation = gaussian(schedule=schedule, max_level=0.5, level=0.2)
-    z0 = torch.zeros(3000, 1, 1, 1)
-    z_s, cond = augmentation.sample(z0, generators=[torch.Generator().manual_seed(i) for i in range(3000)])
-    assert torch.all(cond == 200.0)
-    assert z_s.var().item() == pytest.approx(1 - schedule.abar(torch.tensor(0.2)).item(), rel=0.06)
-    with pytest.raises(ValueError, match="min_level <= max_level"):
-        gaussian(schedule=schedule, min_level=0.5, max_level=0.2)
 
 
 def test_log_snr_schedule():

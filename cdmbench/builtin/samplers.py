@@ -47,7 +47,7 @@ class GridSampler:
         history: list[Prediction] = []
         n = len(generators)
         for i in tqdm(range(grid.steps), desc=self.name, leave=False, disable=not progress):
-            abar_t, abar_s = grid.abar[i].item(), grid.abar[i + 1].item()
+            abar_t = grid.abar[i].item()
             pred = denoise(x, torch.full((n,), abar_t, device=device, dtype=torch.float64),
                            grid.noise_cond[i].expand(n).to(device))
             if self.clip_x0:

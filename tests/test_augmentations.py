@@ -1,0 +1,142 @@
+"""Conditioning augmentations: gaussian (non-truncated and truncated), blur, composition, and
+how levels reach the backbone and the cascade."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from cdmbench.builtin.augmentations import blur, gaussian, gaussian_kernels
+from cdmbench.builtin.schedules import cosine
+from cdmbench.builtin.unet import adm_unet
+from cdmbench.cascade import Composition, build_stage, sample_cascade, sample_stage
+from cdmbench.errors import RecipeError
+from cdmbench.recipe import parse_recipe
+from conftest import TINY_RECIPE
+
+
+def test_gaussian_augmentation_per_example_levels():
+    schedule = cosine(timesteps=1000)
+    augmentation = gaussian(schedule=schedule, min_level=0.1, max_level=0.4)
+    z0 = torch.full((4000, 1, 2, 2), 0.5)
+    z_s, cond = augmentation.train(z0, generator=torch.Generator().manual_seed(0))
+    s = cond[:, 0] / 1000
+    assert cond.shape == (4000, 1) and s.min() >= 0.1 and s.max() <= 0.4
+    assert s.std() == pytest.approx(0.3 / math.sqrt(12), rel=0.05)  # U(0.1, 0.4), per example
+    # Given its level, each example is distributed as q(z_s | z_0): standardised noise is N(0, 1).
+    abar = schedule.abar(s.double()).float().view(-1, 1, 1, 1)
+    eps = (z_s - abar.sqrt() * z0) / (1 - abar).sqrt()
+    assert eps.mean().item() == pytest.approx(0, abs=0.03)
+    assert eps.std().item() == pytest.approx(1, rel=0.03)
+
+
+def test_gaussian_augmentation_at_sampling_uses_fixed_level():
+    schedule = cosine(timesteps=1000)
+    augmentation = gaussian(schedule=schedule, max_level=0.5, level=0.2)
+    z0 = torch.zeros(3000, 1, 1, 1)
+    z_s, cond = augmentation.sample(z0, generators=[torch.Generator().manual_seed(i) for i in range(3000)])
+    assert torch.all(cond == 200.0)
+    assert z_s.var().item() == pytest.approx(1 - schedule.abar(torch.tensor(0.2)).item(), rel=0.06)
+    with pytest.raises(ValueError, match="min_level <= max_level"):
+        gaussian(schedule=schedule, min_level=0.5, max_level=0.2)
+
+
+def test_blur_kernels_are_normalised_gaussians():
+    sigma = torch.tensor([0.4, 0.5, 1.0, 3.0])
+    k = gaussian_kernels(sigma, 3)
+    assert torch.allclose(k.sum(dim=(1, 2)), torch.ones(4))
+    assert torch.allclose(k, k.transpose(1, 2)) and torch.allclose(k, k.flip(1))
+    ratio = k[:, 1, 0] / k[:, 1, 1]  # neighbour / centre = exp(-1 / (2 sigma^2))
+    assert torch.allclose(ratio, torch.exp(-1 / (2 * sigma**2)), rtol=1e-5)
+
+
+def test_blur_of_a_delta_is_the_kernel():
+    aug = blur(min_sigma=0.5, max_sigma=0.5, p=1.0)
+    delta = torch.zeros(1, 3, 7, 7)
+    delta[:, :, 3, 3] = 1.0
+    out, _ = aug.train(delta)
+    assert torch.allclose(out[0, 0, 2:5, 2:5], gaussian_kernels(torch.tensor([0.5]), 3)[0], atol=1e-6)
+    assert out[0, 0].sum().item() == pytest.approx(1.0)
+
+
+def test_blur_fraction_sigma_range_conditioning_and_never_at_sampling():
+    aug = blur(min_sigma=0.4, max_sigma=0.6, p=0.3, condition=True)
+    z0 = torch.randn(4000, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    out, cond = aug.train(z0, generator=torch.Generator().manual_seed(1))
+    changed = (out != z0).flatten(1).any(1)
+    assert changed.float().mean().item() == pytest.approx(0.3, abs=0.03)  # 4000 draws: sd 0.007
+    sigma = cond[:, 0] / 1000
+    assert bool((sigma[~changed] == 0).all())
+    assert sigma[changed].min() >= 0.4 and sigma[changed].max() <= 0.6 and sigma[changed].std() > 0.05
+    same, sample_cond = aug.sample(z0[:5], generators=[torch.Generator() for _ in range(5)])
+    assert torch.equal(same, z0[:5]) and torch.equal(sample_cond, torch.zeros(5, 1))
+    assert blur().cond_dim == 0 and blur().train(z0[:4])[1].shape == (4, 0)
+    with pytest.raises(ValueError, match="odd"):
+        blur(size=4)
+
+
+def test_composition_applies_in_order_and_concatenates_conditioning():
+    schedule = cosine(timesteps=100)
+    parts = [blur(p=1.0, condition=True), gaussian(schedule=schedule, min_level=0.2, max_level=0.2, level=0.1)]
+    both = Composition(parts)
+    assert both.cond_dim == 2 and both.truncation == 0.0
+    z0 = torch.zeros(3, 3, 4, 4)
+    _, cond = both.train(z0, generator=torch.Generator().manual_seed(0))
+    assert cond.shape == (3, 2) and torch.allclose(cond[:, 1], torch.full((3,), 200.0))
+    truncated = gaussian(schedule=schedule, max_level=0.3, level=0.2, mode="truncated")
+    assert Composition([blur(), truncated]).truncation == 0.2
+    with pytest.raises(ValueError, match="at most one"):
+        Composition([truncated, truncated])
+
+
+def test_the_level_reaches_the_backbone():
+    torch.manual_seed(0)
+    net = adm_unet(resolution=8, in_channels=3, out_channels=3, num_classes=0, low_res_channels=3,
+                   aug_dim=1, channels=32, channel_mult=[1], num_res_blocks=1, attention_resolutions=[])
+    for p in net.parameters():  # the output conv is zero-initialised
+        torch.nn.init.normal_(p, std=0.05)
+    x, low = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    t = torch.tensor([500.0, 500.0])
+    with torch.no_grad():
+        a = net(x, t, low_res=low, aug_cond=torch.tensor([[100.0], [100.0]]))
+        b = net(x, t, low_res=low, aug_cond=torch.tensor([[300.0], [100.0]]))
+    assert not torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1])
+
+
+def tiny(*overrides):
+    return parse_recipe(yaml.safe_load(TINY_RECIPE), overrides=list(overrides))
+
+
+def test_truncated_cascade_passes_the_previous_sampler_stopped_at_s():
+    recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}")
+    stages = [build_stage(plugins, recipe, s, num_classes=10) for s in recipe.stages]
+    models = {st.spec.name: st.backbone.eval() for st in stages}
+    labels = torch.tensor([1, 4, 7])
+    images, _ = sample_cascade(stages, models, labels, seed=3, batch_size=2, device="cpu", progress=False)
+    stopped = sample_stage(stages[0], models["base8"], labels, seed=3, image_ids=[0, 1, 2], low_res=None,
+                           device="cpu", stop_at=0.2, progress=False)
+    assert torch.equal(images["base8"], stopped)  # z_s of the base, same seeds
+    full = sample_stage(stages[0], models["base8"], labels, seed=3, image_ids=[0, 1, 2], low_res=None,
+                        device="cpu", progress=False)
+    assert not torch.allclose(stopped, full)
+    z, cond = stages[1].augmentation.sample(stopped, generators=[torch.Generator() for _ in range(3)])
+    assert torch.equal(z, stopped) and torch.all(cond == 200.0)  # passed on, level conditioned
+    assert images["sr16"].shape == (3, 3, 16, 16)
+
+
+def test_truncation_level_must_be_a_step_of_the_previous_stage():
+    with pytest.raises(RecipeError, match=r"stages.sr16.augmentation: level 0.205 is not a step of this 50-step process"):
+        recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, level: 0.205}}")
+        build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
+
+
+def test_a_list_of_augmentations_is_a_composition():
+    recipe, plugins = tiny("stages.sr16.augmentation=[{name: blur, args: {condition: true}}, {name: gaussian, args: {level: 0.1}}]")
+    st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
+    assert isinstance(st.augmentation, Composition) and st.augmentation.cond_dim == 2
+    assert st.backbone.aug_dim == 2
+    with pytest.raises(RecipeError, match=r"stages.sr16.augmentation\[1\].name"):
+        tiny("stages.sr16.augmentation=[{name: blur}, {name: gausian}]")
