@@ -60,6 +60,7 @@ def _check_int(dataset: str, name: str, value: Any, least: int) -> None:
 
 
 def _check_split(dataset: str, split: str) -> None:
+    """ValueError unless ``split`` is one of cdmbench's splits."""
     if split not in SPLITS:
         raise ValueError(f"{dataset}: split must be one of {', '.join(SPLITS)}, got {split!r}")
 
@@ -328,8 +329,8 @@ def _load_split(path: str, name: str, cache_dir: str | None) -> Any:
     except (ConnectionError, FileNotFoundError) as exc:
         raise _hub_error(path, exc) from None
     except ValueError as exc:  # an unknown split name
-        raise ValueError(f"hf: {path}: {exc}; map cdmbench's splits to the dataset's with "
-                         "split_names, e.g. {test: validation}") from None
+        raise ValueError(f"hf: {path}: {exc}; if the split is unknown, map cdmbench's splits "
+                         "to the dataset's with split_names, e.g. {test: validation}") from None
 
 
 def _class_names(data: Any, label_column: str) -> list[str]:
