@@ -199,14 +199,16 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
 
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,
                    seed: int, batch_size: int, device: torch.device | str, progress: bool = True,
-                   first_id: int = 0) -> tuple[dict[str, Tensor], dict[str, float]]:
+                   first_id: int = 0, stop_at: dict[str, float] | None = None,
+                   ) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] (z_s
     for a stage that feeds a truncated augmentation) and seconds per stage. Stages must be listed so that each comes after the one it is
-    conditioned on. Image i of the batch is image ``first_id + i`` (its seed)."""
+    conditioned on. Image i of the batch is image ``first_id + i`` (its seed). ``stop_at``
+    overrides the level a stage stops at (a sweep's truncated inputs)."""
     images: dict[str, Tensor] = {}
     seconds: dict[str, float] = {}
     labels = labels.to(device)
-    stops = stop_levels(stages)
+    stops = {**stop_levels(stages), **(stop_at or {})}
     for stage in stages:
         start = time.perf_counter()
         chunks = []

@@ -127,6 +127,35 @@ def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
                  progress=progress, echo=click.echo)
 
 
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--stage", required=True, help="The SR stage whose sampling level is swept.")
+@click.option("--levels", required=True, help="Comma-separated levels s in [0, 1], e.g. 0,0.05,0.1,0.2.")
+@click.option("--inputs", default="generated,ground-truth", show_default=True,
+              help="Low-res inputs: generated (the cascade), ground-truth, or both.")
+@click.option("--metrics", help="Comma-separated metric names (default: evaluate.metrics).")
+@click.option("--num-samples", type=int, help="Samples per level (default: evaluate.num_samples).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progress):
+    """Evaluate an SR stage of a trained run at many sampling-time augmentation levels (previous
+    stages run once and are cached); the best level goes to RUN_DIR/cascade.json and is used by
+    later sampling."""
+    from .runner import sweep_levels
+    from .sweep import INPUTS
+
+    try:
+        values = [float(v) for v in levels.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {levels!r}", param_hint="--levels")
+    kinds = [k.strip() for k in inputs.split(",") if k.strip()]
+    if not kinds or any(k not in INPUTS for k in kinds):
+        raise click.BadParameter(f"choose from {', '.join(INPUTS)}, got {inputs!r}", param_hint="--inputs")
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    sweep_levels(run_dir, stage=stage, levels=values, inputs=kinds, metrics=names,
+                 num_samples=num_samples, overrides=overrides, progress=progress, echo=click.echo)
+
+
 @cli.command(name="compare-samplers")
 @click.option("--steps", default="10,20,50,100,250,1000", show_default=True,
               help="Comma-separated step counts.")

@@ -85,7 +85,9 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale,
-         "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()]}
+         "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],
+         "levels": [p.level for p in getattr(st.augmentation, "parts", [st.augmentation])
+                    if hasattr(p, "level")]}
         for st in chain]}
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
     folder.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,7 @@ class EvalContext:
     cache_dir: Path
     protocol: dict[str, Any]
     progress: bool = True
+    stage: str = ""  # the stage whose samples are evaluated
     _networks: dict[str, FeatureNetwork] = field(default_factory=dict)
     _features: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     _real: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -150,12 +153,22 @@ class EvalContext:
     def real(self, split: str) -> tuple[Tensor, Tensor]:
         """All images of a split of the recipe's dataset at the stage resolution (area
         downsampled), uint8 (N, 3, H, W), and labels."""
-        if split not in self._real:
+        return self.real_at(split, self.resolution)
+
+    def real_at(self, split: str, resolution: int) -> tuple[Tensor, Tensor]:
+        key = f"{split}@{resolution}"
+        if key not in self._real:
             dataset = make_component(self.plugins, "datasets", self.recipe.data, "data", split=split,
                                      resolution=max(s.resolution for s in self.recipe.stages))
-            data = load_images(dataset, [self.resolution], progress=self.progress)
-            self._real[split] = (data.images[self.resolution], data.labels)
-        return self._real[split]
+            data = load_images(dataset, [resolution], progress=self.progress)
+            self._real[key] = (data.images[resolution], data.labels)
+        return self._real[key]
+
+    def set_samples(self, samples: Tensor, labels: Tensor, protocol: dict[str, Any]) -> None:
+        """Evaluate other samples (a sweep's next level); ``protocol`` updates the rows'."""
+        self.samples, self.labels = samples, labels
+        self.protocol = {**self.protocol, **protocol, "n": len(samples)}
+        self._features.clear()
 
     def data_key(self, split: str) -> dict[str, Any]:
         return {"data": {"name": self.recipe.data.name, "args": self.recipe.data.args},

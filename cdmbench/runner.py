@@ -21,6 +21,8 @@ from .plugins import Plugins
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
+from .evaluate import chain_to, load_chain
+from .sweep import apply_manifest
 from .train import read_log, train_stage, validation_bpd
 
 
@@ -95,6 +97,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     dataset = _dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
     run_dir.prepare(recipe, plugins)
+    apply_manifest(stages, run_dir.path)  # sampling levels chosen by `cdmbench sweep`
     echo(f"run directory: {run_dir.path}  (device: {device})")
 
     data = None
@@ -194,34 +197,15 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
              progress: bool = True, echo=print) -> list[dict[str, Any]]:
     """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
     into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
-    from .evaluate import EvalContext, chain_to, default_cache_dir, digest, generate_samples, load_chain, read_samples
+    from .evaluate import digest, generate_samples, read_samples
 
-    run_dir = RunDir(Path(run_path))
-    run_yaml = run_dir.path / "run.yaml"
-    if not run_yaml.is_file():
-        raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
-                            "that cdmbench run wrote (runs/<recipe name>)")
-    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
+        run_path, stage, metrics, overrides, progress)
     spec = recipe.evaluate
-    specs = {m.name: m for m in spec.metrics}
-    chosen = [specs.get(name, Component(name)) for name in metrics] if metrics else spec.metrics
-    if not chosen:
-        raise CdmbenchError("no metrics to evaluate: pass --metrics fid,is,cas or set "
-                            "evaluate.metrics in the recipe")
-    for i, m in enumerate(chosen):
-        check_component(plugins, "metrics", m, f"metrics[{i}]")
-    target = stage or spec.stage or recipe.stages[-1].name
-    recipe.stage(target)
-    n = num_samples or spec.num_samples
-    device = resolve_device(recipe.device)
-    dataset = _dataset(plugins, recipe, "train")
-    chain = chain_to(_build_all(plugins, recipe, dataset.num_classes, device), target)
+    chain = chain_to(stages, context.stage)
     steps = load_chain(chain, run_dir.path)
-    resolution = chain[-1].spec.resolution
-    context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
-                          resolution=resolution, recipe=recipe, plugins=plugins, device=device,
-                          cache_dir=default_cache_dir(), protocol={}, progress=progress)
-    built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
+    target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
+    device = context.device
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
@@ -242,15 +226,92 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12)}
-    rows = []
-    for metric in built:
-        try:
-            found = metric.evaluate(context)
-        except (CdmbenchError, ValueError, RuntimeError) as exc:
-            echo(f"metric {metric.name} failed: {exc}")
-            found = [{"metric": metric.name, "value": None, "n": n, "unit": "", "higher_is_better": None,
-                      "status": "failed", "protocol": {**context.protocol, "error": str(exc)}}]
-        rows += [result_row(run=recipe.name, stage=target, **row) for row in found]
+    rows = [result_row(run=recipe.name, stage=target, **row) for row in _metric_rows(built, context, echo)]
     run_dir.add_results(rows)
     echo(write_report(run_dir, recipe, plugins))
     return rows
+
+
+def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
+    """Every metric's rows; a metric that fails gives a row with status 'failed' and the error."""
+    rows = []
+    for metric in built:
+        try:
+            rows += metric.evaluate(context)
+        except (CdmbenchError, ValueError, RuntimeError) as exc:
+            echo(f"metric {metric.name} failed: {exc}")
+            rows.append({"metric": metric.name, "value": None, "n": len(context.samples), "unit": "",
+                         "higher_is_better": None, "status": "failed",
+                         "protocol": {**context.protocol, "error": str(exc)}})
+    return rows
+
+
+def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], inputs: list[str],
+                 metrics: list[str] | None = None, num_samples: int | None = None,
+                 overrides: tuple[str, ...] | list[str] = (), progress: bool = True,
+                 echo=print) -> dict[str, Any]:
+    """Evaluate SR ``stage`` at each sampling level on generated and/or ground-truth inputs;
+    record every row and write the best level (by the first metric) to the run's manifest."""
+    from .sweep import MANIFEST, best_levels, sweep
+
+    run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
+        run_path, stage, metrics, overrides, progress)
+    for metric in built:
+        if hasattr(metric, "prepare"):
+            metric.prepare(context)
+    st = recipe.stage(stage)
+    if st.condition_on is None:
+        raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
+    chain = chain_to(stages, stage)
+    load_chain(chain, run_dir.path)
+    n = num_samples or recipe.evaluate.num_samples
+    context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
+                        "resolution": st.resolution, "n": n,
+                        "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}"}
+    rows = sweep(stages, name=stage, levels=levels, inputs=inputs, context=context,
+                 metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
+                 num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
+                 device=context.device, progress=progress)
+    run_dir.add_results([result_row(run=recipe.name, stage=stage, **row) for row in rows])
+    best = best_levels(rows)
+    primary = next((r["metric"] for r in rows if r["metric"] in best), None)
+    if primary is not None:
+        path = run_dir.path / MANIFEST
+        manifest = json.loads(path.read_text()) if path.exists() else {}
+        manifest[stage] = {"level": best[primary]["level"], "metric": primary, "by_metric": best}
+        path.write_text(json.dumps(manifest, indent=1))
+        echo(f"best level for {stage} by {primary}: {best[primary]['level']} (written to {path})")
+    echo(write_report(run_dir, recipe, plugins))
+    return best
+
+
+def _evaluation_setup(run_path, stage, metrics, overrides, progress):
+    """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
+    from .evaluate import EvalContext, default_cache_dir
+
+    run_dir = RunDir(Path(run_path))
+    run_yaml = run_dir.path / "run.yaml"
+    if not run_yaml.is_file():
+        raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
+                            "that cdmbench run wrote (runs/<recipe name>)")
+    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    spec = recipe.evaluate
+    specs = {m.name: m for m in spec.metrics}
+    chosen = [specs.get(name, Component(name)) for name in metrics] if metrics else spec.metrics
+    if not chosen:
+        raise CdmbenchError("no metrics to evaluate: pass --metrics fid,is,cas or set "
+                            "evaluate.metrics in the recipe")
+    for i, m in enumerate(chosen):
+        check_component(plugins, "metrics", m, f"metrics[{i}]")
+    target = stage or spec.stage or recipe.stages[-1].name
+    recipe.stage(target)
+    device = resolve_device(recipe.device)
+    dataset = _dataset(plugins, recipe, "train")
+    stages = _build_all(plugins, recipe, dataset.num_classes, device)
+    apply_manifest(stages, run_dir.path)
+    context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
+                          resolution=recipe.stage(target).resolution, recipe=recipe, plugins=plugins,
+                          device=device, cache_dir=default_cache_dir(), protocol={}, progress=progress,
+                          stage=target)
+    built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
+    return run_dir, recipe, plugins, dataset, stages, context, built

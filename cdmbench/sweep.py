@@ -1,0 +1,141 @@
+"""`cdmbench sweep`: evaluate an SR stage at many sampling-time augmentation levels s (CDM
+section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones.
+
+The expensive part, the previous stages, runs once: non-truncated sweeps sample the previous
+stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
+sampler at each s once. Those inputs are cached (float16 npz) in the sweep folder, so a rerun
+or an added metric samples nothing again. Every level's metric rows go into results.jsonl
+(protocol: level, inputs); the best level per metric goes into ``<run>/cascade.json``, which
+later sampling (``cdmbench run``, ``cdmbench evaluate``) uses for that stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .cascade import StageModel, sample_cascade, sample_stage
+from .data import to_float, to_uint8
+from .errors import CdmbenchError
+from .evaluate import EvalContext, chain_to, digest
+
+MANIFEST = "cascade.json"
+INPUTS = ("generated", "ground-truth")
+
+
+def gaussian_parts(augmentation) -> list:
+    """The parts of a (possibly composed) augmentation that have a sampling level."""
+    parts = getattr(augmentation, "parts", [augmentation])
+    return [p for p in parts if hasattr(p, "level")]
+
+
+def set_level(stage: StageModel, level: float) -> None:
+    parts = gaussian_parts(stage.augmentation)
+    if not parts:
+        raise CdmbenchError(f"stage {stage.spec.name} has no augmentation with a level to sweep "
+                            "(use augmentation gaussian)")
+    for part in parts:
+        part.level = level
+    if hasattr(stage.augmentation, "parts"):  # a composition caches its truncation level
+        stage.augmentation.truncation = max(p.truncation for p in stage.augmentation.parts)
+
+
+def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:
+    """Set each stage's sampling level to the best one a sweep recorded, if any."""
+    path = run_path / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    for st in stages:
+        chosen = manifest.get(st.spec.name)
+        if chosen is not None:
+            set_level(st, chosen["level"])
+    return manifest
+
+
+def _cached(path: Path, make) -> Tensor:
+    """Load a float16 tensor from ``path``, or make, save (atomically) and return it."""
+    if path.exists():
+        with np.load(path) as data:
+            return torch.from_numpy(data["x"]).float()
+    x = make()
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, x=x.half().numpy())
+    os.replace(tmp, path)
+    return x
+
+
+def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: list[str],
+          context: EvalContext, metric_rows: Callable[[EvalContext], list[dict[str, Any]]],
+          run_path: Path, num_samples: int, seed: int, batch_size: int, device,
+          progress: bool = True) -> list[dict[str, Any]]:
+    """Rows (without run/stage) of every metric at every level and input kind."""
+    by_name = {s.spec.name: s for s in stages}
+    stage = by_name[name]
+    if stage.spec.condition_on is None:
+        raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
+    prev = chain_to(stages, stage.spec.condition_on)
+    truncated = any(p.truncation > 0 for p in gaussian_parts(stage.augmentation))
+    for level in levels:
+        if not 0.0 <= level <= 1.0:
+            raise CdmbenchError(f"level {level} is outside [0, 1]")
+        if truncated:  # the previous stage must be able to stop there
+            try:
+                prev_process = by_name[stage.spec.condition_on].process
+                prev_process.grid(None, level)
+            except ValueError as exc:
+                raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
+    labels = torch.arange(num_samples) % context.num_classes
+    folder = run_path / name / "sweep" / digest({"levels": sorted(levels), "n": num_samples, "seed": seed,
+                                                  "stages": [s.spec.name for s in prev + [stage]]}, 12)
+    folder.mkdir(parents=True, exist_ok=True)
+    models = {s.spec.name: s.backbone for s in prev + [stage]}
+
+    def previous(stop: float) -> Tensor:
+        images, _ = sample_cascade(prev, models, labels, seed=seed, batch_size=batch_size, device=device,
+                                   progress=progress, stop_at={prev[-1].spec.name: stop})
+        return images[prev[-1].spec.name]
+
+    def upsample(low: Tensor, level: float, batch_labels: Tensor) -> Tensor:
+        set_level(stage, level)
+        out = [sample_stage(stage, models[name], batch_labels[i:i + batch_size].to(device), seed=seed,
+                            image_ids=list(range(i, min(i + batch_size, len(low)))),
+                            low_res=low[i:i + batch_size].to(device), device=device, progress=False).cpu()
+               for i in range(0, len(low), batch_size)]
+        return to_uint8(torch.cat(out))
+
+    rows = []
+    for kind in inputs:
+        if kind == "ground-truth":
+            real, real_labels = context.real_at("test", stage.low_res)
+            low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
+        elif not truncated:  # the previous stage runs once; each level only re-noises
+            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0))
+            kind_labels = labels
+        for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
+            if kind == "generated" and truncated:  # z_s of the previous stage, once per level
+                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
+                kind_labels = labels
+            context.set_samples(upsample(low_all, level, kind_labels), kind_labels.cpu(),
+                                {"level": level, "inputs": kind, "truncated": truncated})
+            rows += metric_rows(context)
+    return rows
+
+
+def best_levels(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per metric, the level with the best value on generated inputs."""
+    best: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row["protocol"].get("inputs") != "generated" or row.get("value") is None:
+            continue
+        sign = 1 if row["higher_is_better"] else -1
+        current = best.get(row["metric"])
+        if current is None or sign * row["value"] > sign * current["value"]:
+            best[row["metric"]] = {"level": row["protocol"]["level"], "value": row["value"]}
+    return best

@@ -1,0 +1,72 @@
+"""`cdmbench sweep`: previous stages run once (non-truncated) or once per level (truncated),
+rows per level and input kind, and the chosen level is used by later sampling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+import cdmbench.sweep
+from cdmbench.cli import cli
+from cdmbench.runner import run
+
+IS = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
+SMALL = ["--set=evaluate.num_samples=20", "--set=evaluate.batch_size=10", "--no-progress"]
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the sweeps' calls of the previous stages."""
+    calls = []
+    real = cdmbench.sweep.sample_cascade
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("stop_at"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cdmbench.sweep, "sample_cascade", counting)
+    return calls
+
+
+def results(run_dir):
+    return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_path, monkeypatch, counted):
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
+    args = ["sweep", str(out), "--stage", "sr16", "--levels", "0,0.1,0.3", IS, *SMALL]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert counted == [{"base8": 0.0}]  # one call for three levels
+    rows = [r for r in results(out) if r["metric"] == "is_classifier"]
+    assert sorted((r["protocol"]["inputs"], r["protocol"]["level"]) for r in rows) == sorted(
+        (kind, s) for kind in ("generated", "ground-truth") for s in (0.0, 0.1, 0.3))
+    manifest = json.loads((out / "cascade.json").read_text())
+    generated = {r["protocol"]["level"]: r["value"] for r in rows if r["protocol"]["inputs"] == "generated"}
+    assert manifest["sr16"]["level"] == max(generated, key=generated.get)  # higher IS is better
+
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert len(counted) == 1  # the second sweep reads the cached z_0
+
+    # Later sampling uses the chosen level: the evaluation signature records it.
+    assert CliRunner().invoke(cli, ["evaluate", str(out), IS, *SMALL]).exit_code == 0
+    signature = json.loads(next((out / "sr16" / "eval_samples").glob("*/signature.json")).read_text())
+    assert signature["stages"][1]["levels"] == [manifest["sr16"]["level"]]
+
+
+def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp_path, monkeypatch, counted):
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None, overrides=[
+        "stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.4, level: 0.2}}"])
+    result = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0.1,0.2",
+                                      "--inputs", "generated", IS, *SMALL])
+    assert result.exit_code == 0, result.output
+    assert counted == [{"base8": 0.1}, {"base8": 0.2}]
+    bad = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0.105",
+                                   "--inputs", "generated", IS, *SMALL])
+    assert bad.exit_code == 2 and "not a step of this 50-step process" in bad.output
+    base = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "base8", "--levels", "0.1", IS, *SMALL])
+    assert base.exit_code == 2 and "base stage" in base.output
