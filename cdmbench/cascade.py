@@ -165,21 +165,6 @@ def image_generators(seed: int, stage_index: int, image_ids: list[int],
     return [torch.Generator(device).manual_seed(derive_seed(seed, stage_index, i)) for i in image_ids]
 
 
-def stop_levels(stages: list[StageModel]) -> dict[str, float]:
-    """The level each stage's sampler stops at: s for a stage whose output feeds a truncated
-    augmentation, else 0 (clean data). A stage cannot feed two different levels."""
-    wanted: dict[str, set[float]] = {}
-    for st in stages:
-        if st.spec.condition_on is not None:
-            wanted.setdefault(st.spec.condition_on, set()).add(st.augmentation.truncation)
-    for name, levels in wanted.items():
-        if len(levels) > 1:
-            raise RecipeError("stages", f"stages conditioned on '{name}' need its samples at "
-                              f"different levels {sorted(levels)} (truncated augmentation); "
-                              "give them the same level or condition them on separate stages")
-    return {name: levels.pop() for name, levels in wanted.items()}
-
-
 @torch.no_grad()
 def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: int,
                  image_ids: list[int], low_res: Tensor | None, device: torch.device | str,
@@ -201,26 +186,37 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
                    seed: int, batch_size: int, device: torch.device | str, progress: bool = True,
                    first_id: int = 0, stop_at: dict[str, float] | None = None,
                    ) -> tuple[dict[str, Tensor], dict[str, float]]:
-    """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] (z_s
-    for a stage that feeds a truncated augmentation) and seconds per stage. Stages must be listed so that each comes after the one it is
-    conditioned on. Image i of the batch is image ``first_id + i`` (its seed). ``stop_at``
-    overrides the level a stage stops at (a sweep's truncated inputs)."""
-    images: dict[str, Tensor] = {}
+    """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] and
+    seconds per stage. Stages must be listed so that each comes after the one it is
+    conditioned on. Image i of the batch is image ``first_id + i`` (its seed).
+
+    A stage whose output feeds a truncated augmentation is also sampled to that level s (z_s);
+    ``stop_at`` makes a stage stop at a level instead of sampling to clean data (a sweep's
+    truncated inputs). The returned image of such a stage is its z_s."""
+    levels: dict[str, set[float]] = {st.spec.name: set() for st in stages}
+    for st in stages:
+        if st.spec.condition_on is not None:
+            levels[st.spec.condition_on].add(st.augmentation.truncation)
+    for name, wanted in levels.items():
+        if not wanted:  # nobody here conditions on it: clean data, or the level asked for
+            wanted.add((stop_at or {}).get(name, 0.0))
+    outputs: dict[tuple[str, float], Tensor] = {}
     seconds: dict[str, float] = {}
     labels = labels.to(device)
-    stops = {**stop_levels(stages), **(stop_at or {})}
     for stage in stages:
         start = time.perf_counter()
-        chunks = []
-        for lo in tqdm(range(0, len(labels), batch_size), desc=f"sample {stage.spec.name}",
-                       disable=not progress):
-            hi = min(lo + batch_size, len(labels))
-            cond = stage.spec.condition_on
-            chunks.append(sample_stage(
-                stage, models[stage.spec.name], labels[lo:hi], seed=seed,
-                image_ids=list(range(first_id + lo, first_id + hi)),
-                low_res=images[cond][lo:hi].to(device) if cond else None, device=device,
-                stop_at=stops.get(stage.spec.name, 0.0), progress=progress).cpu())
-        images[stage.spec.name] = torch.cat(chunks)
+        cond = stage.spec.condition_on
+        for level in sorted(levels[stage.spec.name]):
+            chunks = []
+            for lo in tqdm(range(0, len(labels), batch_size), desc=f"sample {stage.spec.name}",
+                           disable=not progress):
+                hi = min(lo + batch_size, len(labels))
+                low_res = outputs[(cond, stage.augmentation.truncation)][lo:hi].to(device) if cond else None
+                chunks.append(sample_stage(
+                    stage, models[stage.spec.name], labels[lo:hi], seed=seed,
+                    image_ids=list(range(first_id + lo, first_id + hi)), low_res=low_res,
+                    device=device, stop_at=level, progress=progress).cpu())
+            outputs[(stage.spec.name, level)] = torch.cat(chunks)
         seconds[stage.spec.name] = time.perf_counter() - start
+    images = {name: outputs[(name, min(wanted))] for name, wanted in levels.items()}
     return images, seconds

@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade, stop_levels
+from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
 from .data import load_images
 from .errors import CdmbenchError
@@ -46,10 +46,8 @@ def _dataset(plugins: Plugins, recipe: Recipe, split: str):
 
 
 def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:
-    stages = [build_stage(plugins, recipe, s, num_classes=num_classes, device=device)
-              for s in recipe.stages]
-    stop_levels(stages)  # conflicting truncation levels fail here
-    return stages
+    return [build_stage(plugins, recipe, s, num_classes=num_classes, device=device)
+            for s in recipe.stages]
 
 
 def describe(recipe: Recipe, plugins: Plugins) -> pd.DataFrame:

@@ -140,3 +140,21 @@ def test_a_list_of_augmentations_is_a_composition():
     assert st.backbone.aug_dim == 2
     with pytest.raises(RecipeError, match=r"stages.sr16.augmentation\[1\].name"):
         tiny("stages.sr16.augmentation=[{name: blur}, {name: gausian}]")
+
+
+def test_truncated_and_nontruncated_consumers_of_one_stage():
+    """Two SR stages on one base: the base is sampled to z_0 for one and to z_s for the other."""
+    raw = yaml.safe_load(TINY_RECIPE)
+    truncated = {**raw["stages"][1], "name": "sr16t",
+                 "augmentation": {"name": "gaussian", "args": {"mode": "truncated", "level": 0.2}}}
+    raw["stages"].append(truncated)
+    recipe, plugins = parse_recipe(raw)
+    stages = [build_stage(plugins, recipe, s, num_classes=10) for s in recipe.stages]
+    models = {st.spec.name: st.backbone.eval() for st in stages}
+    labels = torch.tensor([2, 5])
+    images, _ = sample_cascade(stages, models, labels, seed=1, batch_size=2, device="cpu", progress=False)
+    clean = sample_stage(stages[0], models["base8"], labels, seed=1, image_ids=[0, 1], low_res=None,
+                         device="cpu", progress=False)
+    assert torch.equal(images["base8"], clean)
+    assert images["sr16"].shape == images["sr16t"].shape == (2, 3, 16, 16)
+    assert not torch.allclose(images["sr16"], images["sr16t"])
