@@ -247,3 +247,28 @@ def test_registered():
     plugins = {line.split()[1]: line.split()[2] for line in out.splitlines()}
     for name in ("fashion-mnist", "imagefolder", "hf"):
         assert plugins.get(name) == "cdmbench.builtin.datasets"
+
+
+def test_hub_dataset_reads_metadata_first_and_images_on_first_use(monkeypatch):
+    """validate / --dry-run need only the class names: a Hub id must not download the split."""
+    import types
+
+    import datasets
+
+    from cdmbench.builtin import datasets as plugin
+
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b"])})
+    builder = types.SimpleNamespace(info=types.SimpleNamespace(features=features))
+    monkeypatch.setattr(datasets, "load_dataset_builder", lambda path, cache_dir=None: builder)
+    loads = []
+
+    def load_split(path, name, cache_dir):
+        loads.append(name)
+        image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+        return datasets.Dataset.from_dict({"image": [image], "label": [1]}, features=features)
+
+    monkeypatch.setattr(plugin, "_load_split", load_split)
+    ds = plugin.hf(path="someone/some-dataset", split="test", resolution=4, split_names={"test": "validation"})
+    assert ds.class_names == ["a", "b"] and ds.num_classes == 2 and loads == []
+    image, label = ds[0]
+    assert loads == ["validation"] and label == 1 and image.shape == (4, 4, 3)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import gzip
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -264,12 +264,18 @@ class HFDataset:
     """A Hugging Face ``datasets.Dataset`` with an image and an integer label column, decoded
     lazily, one row per item, with ``square_resize``."""
 
-    def __init__(self, data: Any, *, image_column: str, label_column: str, class_names: list[str],
-                 resolution: int, benchmark: str):
-        self.data = data.select_columns([image_column, label_column])
+    def __init__(self, data: Any | Callable[[], Any], *, image_column: str, label_column: str,
+                 class_names: list[str], resolution: int, benchmark: str):
+        self._data = data  # or a function that loads it: Hub data is fetched on first use only
         self.image_column, self.label_column = image_column, label_column
         self.class_names, self.num_classes = class_names, len(class_names)
         self.resolution, self.benchmark = resolution, benchmark
+
+    @property
+    def data(self) -> Any:
+        if callable(self._data):
+            self._data = self._data()
+        return self._data.select_columns([self.image_column, self.label_column])
 
     def __len__(self) -> int:
         return len(self.data)
@@ -359,17 +365,42 @@ def hf(*, path: str, split: str, resolution: int, image_column: str = "image",
     names = _split_names("hf", split_names)
     _check_split("hf", split)
     _check_int("hf", "resolution", resolution, 1)
+    features = None if Path(path).expanduser().is_dir() else _hub_features(path, cache_dir)
+    if features is not None:  # a Hub id: metadata now (validate, --dry-run), images on first use
+        _check_columns(path, features, image_column, label_column)
+        label = features[label_column]
+        if isinstance(label, datasets.ClassLabel):
+            return HFDataset(lambda: _load_split(path, names[split], cache_dir), image_column=image_column,
+                             label_column=label_column, class_names=list(label.names),
+                             resolution=resolution, benchmark=benchmark or HUB_BENCHMARKS.get(path, path))
     data = _load_split(path, names[split], cache_dir)
-    for column in (image_column, label_column):
-        if column not in data.column_names:
-            raise ValueError(f"hf: {path} has no column {column!r}; its columns are "
-                             f"{data.column_names}: set image_column and label_column")
-    if not isinstance(data.features[image_column], datasets.Image):
-        raise ValueError(f"hf: image_column {image_column!r} holds {data.features[image_column]}, "
-                         "not images; name a column of the datasets.Image feature type")
+    _check_columns(path, data.features, image_column, label_column)
     return HFDataset(data, image_column=image_column, label_column=label_column,
                      class_names=_class_names(data, label_column), resolution=resolution,
                      benchmark=benchmark or HUB_BENCHMARKS.get(path, path))
+
+
+def _hub_features(path: str, cache_dir: str | None) -> Any:
+    """The features a Hub dataset declares (no data download), or None if it declares none."""
+    import datasets
+
+    try:
+        return datasets.load_dataset_builder(path, cache_dir=cache_dir).info.features
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise _hub_error(path, exc) from None
+
+
+def _check_columns(path: str, features: Any, image_column: str, label_column: str) -> None:
+    import datasets
+
+
+    for column in (image_column, label_column):
+        if column not in features:
+            raise ValueError(f"hf: {path} has no column {column!r}; its columns are "
+                             f"{list(features)}: set image_column and label_column")
+    if not isinstance(features[image_column], datasets.Image):
+        raise ValueError(f"hf: image_column {image_column!r} holds {features[image_column]}, "
+                         "not images; name a column of the datasets.Image feature type")
 
 
 @hookimpl
