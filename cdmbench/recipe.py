@@ -47,6 +47,12 @@ class Train:
     keep_checkpoints: int = 3
     log_every: int = 100
     val_bpd_images: int = 0  # hybrid loss: after training, the bound in bits/dim on test images
+    warmup_steps: int = 0  # linear learning-rate warm-up
+    grad_clip: float = 0.0  # max gradient norm (0: off)
+    grad_accumulation: int = 1  # micro-batches per step; batch_size stays the global batch
+    precision: str = "fp32"  # or bf16 (autocast)
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the training step
 
 
 @dataclass
@@ -310,6 +316,14 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if train.val_bpd_images < 0 or (train.val_bpd_images and stage.loss != "hybrid"):
             raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
                               "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
+        if train.precision not in ("fp32", "bf16"):
+            raise RecipeError(f"{path}.train.precision", f"expected fp32 or bf16, got {train.precision!r}")
+        for key in ("warmup_steps", "grad_clip"):
+            if getattr(train, key) < 0:
+                raise RecipeError(f"{path}.train.{key}", "must be >= 0")
+        if train.grad_accumulation < 1 or train.batch_size % train.grad_accumulation:
+            raise RecipeError(f"{path}.train.grad_accumulation", f"must be >= 1 and divide "
+                              f"batch_size ({train.batch_size})")
         if not 0.0 <= train.ema < 1.0:
             raise RecipeError(f"{path}.train.ema", "must be in [0, 1)")
         if train.lr <= 0:

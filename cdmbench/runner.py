@@ -21,6 +21,7 @@ from .plugins import Plugins
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
+from . import distributed
 from .evaluate import chain_to, load_chain
 from .sweep import apply_manifest
 from .train import read_log, train_stage, validation_bpd
@@ -91,12 +92,16 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     if dry_run:
         return describe(recipe, plugins)
     device = resolve_device(recipe.device)
+    distributed.init(device)  # under torchrun; only rank 0 writes
+    main = distributed.is_main()
     run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
     dataset = _dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
-    run_dir.prepare(recipe, plugins)
+    if main:
+        run_dir.prepare(recipe, plugins)
+    distributed.barrier()
     apply_manifest(stages, run_dir.path)  # sampling levels chosen by `cdmbench sweep`
-    echo(f"run directory: {run_dir.path}  (device: {device})")
+    echo(f"run directory: {run_dir.path}  (device: {device}, processes: {distributed.world_size()})")
 
     data = None
     models: dict[str, torch.nn.Module] = {}
@@ -110,7 +115,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
             models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
                                                metadata={**metadata, "stage": st.spec.name},
                                                device=device, progress=progress)
-            log = read_log(folder)
+            log = read_log(folder) if main else []
             if log:
                 run_dir.add_results([
                     result_row(run=recipe.name, stage=st.spec.name, metric="train_loss",
@@ -119,12 +124,14 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                     result_row(run=recipe.name, stage=st.spec.name, metric="train_throughput",
                                value=log[-1]["images_per_s"], unit="img/s", n=log[-1]["step"],
                                higher_is_better=True, protocol={"device": str(device)})])
-            if st.spec.train.val_bpd_images:
+            if st.spec.train.val_bpd_images and main:
                 _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress)
         elif _final_step_done(folder, st.spec.train.steps):
             load_ema(folder / "checkpoints", st.backbone)
             models[st.spec.name] = st.backbone.eval()
 
+    if not main:  # the other processes only train
+        return run_dir.path
     chain = []
     for st in stages:
         if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in

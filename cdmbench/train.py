@@ -7,10 +7,12 @@ epoch), so a run resumed from the checkpoint of step k continues exactly as an u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .cascade import StageModel, derive_seed, image_generators
 from .checkpoint import resume_latest, save_checkpoint
 from .data import ImageSet, to_float
@@ -46,18 +49,36 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         e.copy_(m)
 
 
-def training_loss(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,
-                  device: torch.device | str) -> Tensor:
-    """The stage's loss on one batch: x_t ~ q(x_t | x_0) at uniform t, augmented low-res input,
-    labels dropped to the null class with probability guidance.label_dropout."""
-    r = stage.spec.resolution
-    flip = torch.rand(len(idx)) < 0.5  # random horizontal flips, the same for x_0 and low-res
+@dataclass
+class Batch:
+    """One global batch with every random draw made for all of it, so that a process's slice
+    (or a micro-batch) sees the same draws whatever the number of processes."""
+
+    x0: Tensor
+    labels: Tensor
+    low_res: Tensor | None
+    aug_cond: Tensor | None
+    t: Tensor
+    abar: Tensor
+    noise_cond: Tensor
+    eps: Tensor
+    x_t: Tensor
+
+    def part(self, sl: slice) -> Batch:
+        return Batch(**{k: None if v is None else v[sl] for k, v in vars(self).items()})
+
+
+def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.device | str) -> Batch:
+    """x_t ~ q(x_t | x_0) at uniform t, random flips (the same for x_0 and low-res), the
+    augmented low-res input, labels dropped to the null class with probability
+    guidance.label_dropout."""
+    flip = torch.rand(len(idx)) < 0.5
 
     def fetch(res: int) -> Tensor:
         x = data.images[res][idx]
         return to_float(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device))
 
-    x0, labels = fetch(r), data.labels[idx].to(device)
+    x0, labels = fetch(stage.spec.resolution), data.labels[idx].to(device)
     low_res, aug_cond = None, None
     if stage.low_res is not None:
         low_res, aug_cond = stage.augmentation.train(fetch(stage.low_res))
@@ -66,10 +87,52 @@ def training_loss(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tens
         labels = torch.where(drop, torch.full_like(labels, stage.null_label), labels)
     t, abar, noise_cond = stage.process.training_points(len(idx), device)
     eps = torch.randn_like(x0)
-    x_t = q_sample(x0, abar, eps)
-    output = stage.forward(model, x_t, noise_cond, labels, low_res, aug_cond)
-    return diffusion_loss(stage.spec.loss, output=output, x0=x0, eps=eps, x_t=x_t, t=t, abar=abar,
-                          process=stage.process, vlb_weight=stage.spec.vlb_weight).mean()
+    return Batch(x0, labels, low_res, aug_cond, t, abar, noise_cond, eps, q_sample(x0, abar, eps))
+
+
+def batch_loss(stage: StageModel, model: nn.Module, b: Batch) -> Tensor:
+    """Per-example loss of the stage on (a part of) a batch."""
+    output = stage.forward(model, b.x_t, b.noise_cond, b.labels, b.low_res, b.aug_cond)
+    return diffusion_loss(stage.spec.loss, output=output, x0=b.x0, eps=b.eps, x_t=b.x_t, t=b.t,
+                          abar=b.abar, process=stage.process, vlb_weight=stage.spec.vlb_weight)
+
+
+def check_batch(batch_size: int, accumulation: int) -> None:
+    world = distributed.world_size()
+    if batch_size % (world * accumulation):
+        raise CdmbenchError(f"train.batch_size {batch_size} is the global batch; it must divide "
+                            f"evenly into {world} processes x {accumulation} accumulation steps")
+
+
+def _micro_batches(batch_size: int, accumulation: int) -> list[slice]:
+    """This process's equal, contiguous share of a global batch, in micro-batches."""
+    per_rank = batch_size // distributed.world_size()
+    micro, first = per_rank // accumulation, distributed.rank() * per_rank
+    return [slice(first + k * micro, first + (k + 1) * micro) for k in range(accumulation)]
+
+
+def train_step(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,
+               device: torch.device | str) -> Tensor:
+    """Forward and backward of this process's share of the global batch ``idx``; returns the
+    global batch's mean loss (the same value in every process)."""
+    spec = stage.spec.train
+    batch = make_batch(stage, data, idx, device)
+    slices = _micro_batches(len(idx), spec.grad_accumulation)
+    total = torch.zeros((), device=device)
+    for k, sl in enumerate(slices):
+        last = k == len(slices) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
+                                  enabled=spec.precision == "bf16"):
+            loss = batch_loss(stage, model, batch.part(sl)).mean() / len(slices)
+        loss.backward()
+        total += loss.detach()
+    return distributed.mean(total)
+
+
+def _learning_rate(spec, step: int) -> float:
+    """Linear warm-up over train.warmup_steps, then constant."""
+    return spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
 
 
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
@@ -79,48 +142,71 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
 
     Every ``log_every`` steps a row (step, mean loss, images/s) goes to train_log.jsonl."""
     spec = stage.spec.train
+    check_batch(spec.batch_size, spec.grad_accumulation)
     model = stage.backbone
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
+                                  fused=torch.device(device).type == "cuda" or None)
     ckpt_dir = folder / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
+    main = distributed.is_main()
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+    distributed.barrier()
     start = resume_latest(ckpt_dir, model=model, ema=ema, optimizer=optimizer)
+    runner_model = model  # what the step calls: DDP and/or compiled wrappers of the same weights
+    if distributed.world_size() > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        on_gpu = torch.device(device).type == "cuda"
+        runner_model = DistributedDataParallel(model, device_ids=[torch.device(device).index] if on_gpu else None)
+    if spec.compile:
+        runner_model = torch.compile(runner_model)
     if start > spec.steps:
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "
                             "raise train.steps or use another --out")
     log_path = folder / "train_log.jsonl"
-    _truncate_log(log_path, start)
+    if main:
+        _truncate_log(log_path, start)
     losses: list[float] = []
     images, seconds = 0, 0.0
     model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
-               desc=f"train {stage.spec.name}", disable=not progress)
+               desc=f"train {stage.spec.name}", disable=not (progress and main))
     for step in bar:
         tick = time.perf_counter()
         torch.manual_seed(derive_seed(seed, stage.index, step, 1))
         idx = batch_indices(len(data), spec.batch_size, step, seed, stage.index)
-        loss = training_loss(stage, model, data, idx, device)
-        if not math.isfinite(loss.item()):
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(spec, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss = train_step(stage, runner_model, data, idx, device)
+        if not math.isfinite(loss.item()):  # every process sees the same (averaged) loss
             raise CdmbenchError(
                 f"stage {stage.spec.name}: loss is {loss.item()} at step {step + 1}; lower "
                 f"train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
         optimizer.step()
         update_ema(ema, model, spec.ema)
         seconds += time.perf_counter() - tick
         images += len(idx)
         losses.append(loss.item())
         done = step + 1
-        if done % spec.log_every == 0 or done == spec.steps:
+        if main and (done % spec.log_every == 0 or done == spec.steps):
             window = losses[-spec.log_every:]
             row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds}
+            if torch.device(device).type == "cuda":
+                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
         if done % spec.checkpoint_every == 0 or done == spec.steps:
-            save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
-                            metadata=metadata, keep=spec.keep_checkpoints)
+            if main:
+                save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
+                                metadata=metadata, keep=spec.keep_checkpoints)
+            distributed.barrier()
     bar.close()
     return ema.eval()
 

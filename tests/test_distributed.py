@@ -1,0 +1,65 @@
+"""Training on several processes (torchrun, gloo on CPU) and the training-step options."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from cdmbench.runner import run
+
+
+def final_weights(out, stage):
+    latest = sorted((out / stage / "checkpoints").glob("step-*"))[-1]
+    return load_file(latest / "model.safetensors")
+
+
+def assert_same_weights(a, b):
+    """Equal up to float summation order. Adam divides each gradient by its running RMS, so a
+    weight whose gradient is ~0 can move by up to lr on rounding noise: the bulk of the weights
+    must agree to 1e-5 and none may differ by more than one step (lr = 1e-3)."""
+    assert a.keys() == b.keys()
+    diffs = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert diffs.median() < 1e-6 and (diffs > 1e-5).float().mean() < 1e-3, diffs.max()
+    assert diffs.max() < 1e-3
+
+
+def quiet(*_):
+    pass
+
+
+def test_two_processes_reach_the_weights_of_one(tiny_recipe, tmp_path):
+    one = run(tiny_recipe, out=tmp_path / "one", progress=False, echo=quiet)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench",
+           "run", str(tiny_recipe), "--out", str(tmp_path / "two"), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert done.returncode == 0, done.stdout + done.stderr
+    two = tmp_path / "two"
+    for stage in ("base8", "sr16"):  # sr16 also draws augmentation noise per example
+        assert_same_weights(final_weights(one, stage), final_weights(two, stage))
+    assert (two / "sr16" / "samples" / "grid.png").exists()  # rank 0 sampled
+    assert len((two / "base8" / "train_log.jsonl").read_text().splitlines()) == 4  # one writer
+
+
+def test_gradient_accumulation_matches_the_full_batch(tiny_recipe, tmp_path):
+    common = dict(stage="base8", progress=False, echo=quiet)
+    full = run(tiny_recipe, out=tmp_path / "full", **common)
+    micro = run(tiny_recipe, out=tmp_path / "micro", overrides=["stages.base8.train.grad_accumulation=4"], **common)
+    assert_same_weights(final_weights(full, "base8"), final_weights(micro, "base8"))
+
+
+def test_warmup_clipping_and_bf16_change_training(tiny_recipe, tmp_path):
+    common = dict(stage="base8", progress=False, echo=quiet)
+    plain = final_weights(run(tiny_recipe, out=tmp_path / "plain", **common), "base8")
+    for name, override in (("warm", "stages.base8.train.warmup_steps=10"),
+                           ("clip", "stages.base8.train.grad_clip=1.0e-3"),
+                           ("bf16", "stages.base8.train.precision=bf16")):
+        other = final_weights(run(tiny_recipe, out=tmp_path / name, overrides=[override], **common), "base8")
+        moved = max((plain[k] - other[k]).abs().max().item() for k in plain)
+        assert moved > 1e-4, name  # each changes the updates, not just their rounding
+    # channels_last changes the memory layout (and the rounding), not the math
+    layout = run(tiny_recipe, out=tmp_path / "cl", overrides=["stages.base8.train.channels_last=true"], **common)
+    assert_same_weights(plain, final_weights(layout, "base8"))
