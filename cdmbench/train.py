@@ -11,6 +11,7 @@ import contextlib
 import copy
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,6 +131,36 @@ def train_step(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,
     return distributed.mean(total)
 
 
+class StopSignal:
+    """Catches SIGTERM / SIGINT during training so that the step in progress finishes and a
+    checkpoint is written before the process stops (preemption, Ctrl-C)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        try:
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals stay with the caller
+            self._previous = {}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> bool:
+        """Whether any process received a signal (all processes agree, so all stop)."""
+        flag = torch.tensor(float(self.received is not None))
+        return bool(distributed.mean(flag) > 0)
+
+
 def _learning_rate(spec, step: int) -> float:
     """Linear warm-up over train.warmup_steps, then constant."""
     return spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
@@ -174,39 +205,46 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
                desc=f"train {stage.spec.name}", disable=not (progress and main))
-    for step in bar:
-        tick = time.perf_counter()
-        torch.manual_seed(derive_seed(seed, stage.index, step, 1))
-        idx = batch_indices(len(data), spec.batch_size, step, seed, stage.index)
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(spec, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss = train_step(stage, runner_model, data, idx, device)
-        if not math.isfinite(loss.item()):  # every process sees the same (averaged) loss
-            raise CdmbenchError(
-                f"stage {stage.spec.name}: loss is {loss.item()} at step {step + 1}; lower "
-                f"train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
-        if spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-        optimizer.step()
-        update_ema(ema, model, spec.ema)
-        seconds += time.perf_counter() - tick
-        images += len(idx)
-        losses.append(loss.item())
-        done = step + 1
-        if main and (done % spec.log_every == 0 or done == spec.steps):
-            window = losses[-spec.log_every:]
-            row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds}
-            if torch.device(device).type == "cuda":
-                row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
-        if done % spec.checkpoint_every == 0 or done == spec.steps:
-            if main:
-                save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
-                                metadata=metadata, keep=spec.keep_checkpoints)
-            distributed.barrier()
+    with StopSignal() as stop:
+        for step in bar:
+            tick = time.perf_counter()
+            torch.manual_seed(derive_seed(seed, stage.index, step, 1))
+            idx = batch_indices(len(data), spec.batch_size, step, seed, stage.index)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(spec, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(stage, runner_model, data, idx, device)
+            if not math.isfinite(loss.item()):  # every process sees the same (averaged) loss
+                raise CdmbenchError(
+                    f"stage {stage.spec.name}: loss is {loss.item()} at step {step + 1}; lower "
+                    f"train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
+            if spec.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
+            optimizer.step()
+            update_ema(ema, model, spec.ema)
+            seconds += time.perf_counter() - tick
+            images += len(idx)
+            losses.append(loss.item())
+            done = step + 1
+            if main and (done % spec.log_every == 0 or done == spec.steps):
+                window = losses[-spec.log_every:]
+                row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds}
+                if torch.device(device).type == "cuda":
+                    row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+            stopping = stop.requested()
+            if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
+                if main:
+                    save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
+                                    metadata=metadata, keep=spec.keep_checkpoints)
+                distributed.barrier()
+            if stopping:
+                name = signal.Signals(stop.received).name if stop.received else "a signal"
+                raise CdmbenchError(f"stage {stage.spec.name}: stopped by {name} after step {done}; "
+                                    f"its checkpoint is in {ckpt_dir}: run the same command again "
+                                    "to resume")
     bar.close()
     return ema.eval()
 

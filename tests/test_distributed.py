@@ -63,3 +63,54 @@ def test_warmup_clipping_and_bf16_change_training(tiny_recipe, tmp_path):
     # channels_last changes the memory layout (and the rounding), not the math
     layout = run(tiny_recipe, out=tmp_path / "cl", overrides=["stages.base8.train.channels_last=true"], **common)
     assert_same_weights(plain, final_weights(layout, "base8"))
+
+
+def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tiny_recipe, tmp_path):
+    import signal
+    import time
+
+    long = ["--set", "stages.base8.train.steps=2000", "--set", "stages.base8.train.checkpoint_every=5000",
+            "--set", "stages.base8.train.log_every=1"]
+    cmd = [sys.executable, "-m", "cdmbench", "run", str(tiny_recipe), "--out", str(tmp_path / "a"),
+           "--stage", "base8", "--no-progress", *long]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "a" / "base8" / "train_log.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, output
+    assert "stopped by SIGTERM after step" in output and "run the same command again" in output
+    step = int(sorted((tmp_path / "a" / "base8" / "checkpoints").glob("step-*"))[-1].name.split("-")[1])
+    assert 3 <= step < 2000  # written when stopped, not at a checkpoint_every multiple
+
+    # Resuming to step + 2 gives the weights of an uninterrupted run of step + 2 steps.
+    common = dict(stage="base8", progress=False, echo=quiet)
+    resumed = run(tiny_recipe, out=tmp_path / "a", overrides=[f"stages.base8.train.steps={step + 2}"], **common)
+    straight = run(tiny_recipe, out=tmp_path / "b", overrides=[f"stages.base8.train.steps={step + 2}"], **common)
+    a, b = final_weights(resumed, "base8"), final_weights(straight, "base8")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe, tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    import cdmbench.checkpoint
+    from cdmbench.errors import CheckpointError
+
+    real, calls = cdmbench.checkpoint.save_file, []
+
+    def filling(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the second checkpoint (model + ema files each) hits a full disk
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cdmbench.checkpoint, "save_file", filling)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-00000004: No space left on device; free space"):
+        run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
+    kept = sorted(p.name for p in (tmp_path / "a" / "base8" / "checkpoints").iterdir())
+    assert kept == ["step-00000002"]  # the earlier checkpoint, and no half-written one
