@@ -156,6 +156,26 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
                  num_samples=num_samples, overrides=overrides, progress=progress, echo=click.echo)
 
 
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--stage", required=True, help="The stage whose training step is measured.")
+@click.option("--steps", default=10, show_default=True, help="Timed training steps.")
+@click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compilation, caches).")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="Also measure the torch.compile'd step (default: on CUDA).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/bench"),
+              show_default=True, help="Folder for the table (.md) and figures (.json).")
+def bench(recipe, stage, steps, warmup, compile_, overrides, out):
+    """Measure a stage's training step (images/s, FLOPs, MFU against a measured matmul ceiling,
+    peak memory; eager and compiled) and the cascade's sampling throughput, on synthetic data."""
+    from .runner import bench as run_bench
+
+    command = " ".join(["cdmbench", *sys.argv[1:]]) if sys.argv else ""
+    run_bench(recipe, stage=stage, overrides=overrides, steps=steps, warmup=warmup, compile=compile_,
+              out=out, command=command, echo=click.echo)
+
+
 @cli.command(name="compare-samplers")
 @click.option("--steps", default="10,20,50,100,250,1000", show_default=True,
               help="Comma-separated step counts.")

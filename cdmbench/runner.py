@@ -320,3 +320,57 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress):
                           stage=target)
     built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
     return run_dir, recipe, plugins, dataset, stages, context, built
+
+
+def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | list[str] = (),
+          steps: int = 10, warmup: int = 3, compile: bool | None = None,
+          out: str | Path = "reports/bench", command: str = "", echo=print) -> Path:
+    """Measure ``stage``'s training step and the cascade's sampling on this device; writes
+    <out>/<recipe>-<stage>-<device>.md and .json. Touches no data (synthetic batches)."""
+    from .bench import denoiser_speed, environment, matmul_ceiling, training_speed
+
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    recipe.stage(stage)
+    device = resolve_device(recipe.device)
+    num_classes = _dataset(plugins, recipe, "train").num_classes
+    stages = _build_all(plugins, recipe, num_classes, device)
+    target = next(s for s in stages if s.spec.name == stage)
+    ceiling, ceiling_kind = matmul_ceiling(device)
+    modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
+    rows = []
+    for compiled in modes:
+        speed = training_speed(target, num_classes=num_classes, device=device, steps=steps,
+                               warmup=warmup, compile=compiled)
+        achieved = speed["flops_per_image"] * speed["images_per_s"]
+        rows.append({"what": f"train {stage} ({'compiled' if compiled else 'eager'})",
+                     "batch": target.spec.train.batch_size, "images/s": speed["images_per_s"],
+                     "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
+                     "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"]})
+    seconds_per_image = 0.0
+    batch = recipe.sample.batch_size
+    for st in chain_to(stages, stage):
+        evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
+        per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
+        seconds_per_image += per_image / evals
+        rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image)", "batch": batch,
+                     "images/s": evals / per_image, "GFLOP/image": None, "TFLOP/s": None, "MFU": None,
+                     "peak GiB": None})
+    rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image,
+                 "GFLOP/image": None, "TFLOP/s": None, "MFU": None, "peak GiB": None})
+    table = pd.DataFrame(rows)
+    env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
+           "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
+           "command": command or f"cdmbench bench {recipe_path} --stage {stage}"}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = env["device"].split(" (")[0].replace(" ", "-").lower()
+    path = folder / f"{recipe.name}-{stage}-{tag}.md"
+    text = _fmt(table.set_index("what"))
+    path.write_text(f"# bench: {recipe.name}, stage {stage}\n\n"
+                    + "".join(f"- {k}: {v}\n" for k, v in env.items())
+                    + f"\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
+                    f"```text\n{text}\n```\n")
+    path.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
+    echo(text)
+    echo(f"written: {path}")
+    return path

@@ -114,3 +114,21 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
     kept = sorted(p.name for p in (tmp_path / "a" / "base8" / "checkpoints").iterdir())
     assert kept == ["step-00000002"]  # the earlier checkpoint, and no half-written one
+
+
+def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cdmbench.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", str(tiny_recipe), "--stage", "sr16", "--steps", "2",
+                                      "--warmup", "1", "--no-compile", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())
+    train, *sampling = report["rows"]
+    assert train["what"] == "train sr16 (eager)" and train["images/s"] > 0
+    assert 0 < train["MFU"] < 1 and train["GFLOP/image"] > 0
+    assert [r["what"].split(" (")[0] for r in sampling] == ["sample base8", "sample sr16", "sample cascade to sr16"]
+    assert {"device", "torch", "ceiling", "command"} <= set(report["environment"])
