@@ -40,8 +40,10 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune all but the ``keep`` newest."""
+                    optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int,
+                    milestone_every: int = 0) -> Path:
+    """Write the checkpoint of ``step`` atomically and prune all but the ``keep`` newest and
+    the milestones (steps that are multiples of ``milestone_every``, when > 0)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
@@ -63,6 +65,8 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
         raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}; free space "
                               f"or choose another --out (earlier checkpoints are untouched)") from exc
     for old in list_checkpoints(folder)[:-keep]:
+        if milestone_every and int(old.name[len(PREFIX):]) % milestone_every == 0:
+            continue
         shutil.rmtree(old, ignore_errors=True)
     return final
 

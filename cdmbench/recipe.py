@@ -45,6 +45,7 @@ class Train:
     ema: float = 0.9999
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
+    milestone_every: int = 0  # checkpoints at multiples of this step are never pruned (0: none)
     log_every: int = 100
     val_bpd_images: int = 0  # hybrid loss: after training, the bound in bits/dim on test images
     warmup_steps: int = 0  # linear learning-rate warm-up
@@ -316,6 +317,8 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if train.val_bpd_images < 0 or (train.val_bpd_images and stage.loss != "hybrid"):
             raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
                               "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
+        if train.milestone_every < 0:
+            raise RecipeError(f"{path}.train.milestone_every", "must be >= 0")
         if train.precision not in ("fp32", "bf16"):
             raise RecipeError(f"{path}.train.precision", f"expected fp32 or bf16, got {train.precision!r}")
         for key in ("warmup_steps", "grad_clip"):

@@ -27,7 +27,8 @@ from .recipe import Recipe
 # recipe-level keys, and per-stage keys (dotted within a stage).
 RESUMABLE_KEYS = ("sample", "device", "evaluate")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
-                        "train.log_every", "train.val_bpd_images", "sampler", "guidance.scale")
+                        "train.milestone_every", "train.log_every", "train.val_bpd_images",
+                        "sampler", "guidance.scale")
 
 
 def git_commit() -> str | None:

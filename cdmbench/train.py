@@ -238,7 +238,8 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
             if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
                 if main:
                     save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
-                                    metadata=metadata, keep=spec.keep_checkpoints)
+                                    metadata=metadata, keep=spec.keep_checkpoints,
+                                    milestone_every=spec.milestone_every)
                 distributed.barrier()
             if stopping:
                 name = signal.Signals(stop.received).name if stop.received else "a signal"

@@ -132,3 +132,11 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert 0 < train["MFU"] < 1 and train["GFLOP/image"] > 0
     assert [r["what"].split(" (")[0] for r in sampling] == ["sample base8", "sample sr16", "sample cascade to sr16"]
     assert {"device", "torch", "ceiling", "command"} <= set(report["environment"])
+
+
+def test_keep_the_newest_checkpoints_and_the_milestones(tiny_recipe, tmp_path):
+    out = run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet, overrides=[
+        "stages.base8.train.steps=7", "stages.base8.train.checkpoint_every=1",
+        "stages.base8.train.keep_checkpoints=2", "stages.base8.train.milestone_every=3"])
+    kept = sorted(int(p.name.split("-")[1]) for p in (out / "base8" / "checkpoints").iterdir())
+    assert kept == [3, 6, 7]  # milestones 3 and 6, and the two newest (6, 7)
