@@ -1,0 +1,37 @@
+"""CUDA paths: bf16 + channels_last + torch.compile training steps, and per-image seeds on the
+GPU. Marked `gpu`; skipped without CUDA (run them on a GPU machine: python -m pytest -m gpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from cdmbench.cascade import build_stage, sample_stage
+from cdmbench.recipe import parse_recipe
+from cdmbench.runner import run
+from conftest import TINY_RECIPE
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_bf16_channels_last_compiled_training_on_cuda(tiny_recipe, tmp_path):
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None, overrides=[
+        "device=cuda", "stages.base8.train.precision=bf16", "stages.base8.train.channels_last=true",
+        "stages.base8.train.compile=true", "stages.sr16.train.precision=bf16"])
+    log = (out / "base8" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 4 and all('"peak_memory_gib"' in line for line in log)
+    assert (out / "sr16" / "samples" / "grid.png").exists()
+
+
+def test_an_image_does_not_depend_on_its_batch_on_cuda():
+    recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE), overrides=["device=cuda"])
+    st = build_stage(plugins, recipe, recipe.stage("base8"), num_classes=10, device="cuda")
+    model = st.backbone.eval()
+    labels = torch.tensor([1, 2, 3], device="cuda")
+    together = sample_stage(st, model, labels, seed=0, image_ids=[0, 1, 2], low_res=None, device="cuda",
+                            progress=False)
+    alone = sample_stage(st, model, labels[2:], seed=0, image_ids=[2], low_res=None, device="cuda",
+                         progress=False)
+    assert torch.allclose(together[2], alone[0], atol=1e-5)
