@@ -200,6 +200,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     log_path = folder / "train_log.jsonl"
     if main:
         _truncate_log(log_path, start)
+    board = _tensorboard(folder) if main else None
     losses: list[float] = []
     images, seconds = 0, 0.0
     model.train()
@@ -233,6 +234,10 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
+                if board is not None:
+                    for key, value in row.items():
+                        if key != "step":
+                            board.add_scalar(f"{stage.spec.name}/{key}", value, done)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
             stopping = stop.requested()
             if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
@@ -247,6 +252,8 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                                     f"its checkpoint is in {ckpt_dir}: run the same command again "
                                     "to resume")
     bar.close()
+    if board is not None:
+        board.close()
     return ema.eval()
 
 
@@ -268,6 +275,15 @@ def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed:
         generator = torch.Generator(device).manual_seed(derive_seed(seed, stage.index, lo, 2))
         total += stage.process.bits_per_dim(denoise, x0, generator=generator, progress=progress).sum().item()
     return total / n
+
+
+def _tensorboard(folder: Path):
+    """A TensorBoard writer for <stage>/tensorboard when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(folder / "tensorboard"))
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -140,3 +140,14 @@ def test_keep_the_newest_checkpoints_and_the_milestones(tiny_recipe, tmp_path):
         "stages.base8.train.keep_checkpoints=2", "stages.base8.train.milestone_every=3"])
     kept = sorted(int(p.name.split("-")[1]) for p in (out / "base8" / "checkpoints").iterdir())
     assert kept == [3, 6, 7]  # milestones 3 and 6, and the two newest (6, 7)
+
+
+def test_tensorboard_logs_when_installed(tiny_recipe, tmp_path):
+    import pytest
+
+    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    out = run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
+    events = accumulator.EventAccumulator(str(out / "base8" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("base8/loss")] == [1, 2, 3, 4]
+    assert "base8/images_per_s" in events.Tags()["scalars"]
