@@ -11,6 +11,9 @@ from .errors import CdmbenchError
 from .interfaces import KINDS
 
 SET_HELP = "Override a recipe value, e.g. --set stages.base16.train.steps=10 (repeatable)."
+SMOKE_HELP = ("Shrink the recipe (widths, depths, steps, sample counts) and swap its data for "
+              "generated shapes with the same resolutions and class count, to run every stage "
+              "end to end on a CPU in minutes (run directory runs/<name>-smoke; --set still wins).")
 
 
 class Group(click.Group):
@@ -39,13 +42,14 @@ def cli():
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Run directory (default: runs/<recipe name>). Re-running resumes it.")
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
-def run(recipe, stage, overrides, dry_run, out, progress):
+@click.option("--smoke", is_flag=True, help=SMOKE_HELP)
+def run(recipe, stage, overrides, dry_run, out, progress, smoke):
     """Train every stage of RECIPE (resuming from the latest checkpoints), sample the cascade
     into per-stage grids and write results.jsonl and report.md."""
     from .runner import run as run_recipe
 
     result = run_recipe(recipe, out=out, stage=stage, overrides=overrides, dry_run=dry_run,
-                        progress=progress, echo=click.echo)
+                        progress=progress, smoke=smoke, echo=click.echo)
     if dry_run:
         click.echo(_format(result))
 
@@ -53,12 +57,13 @@ def run(recipe, stage, overrides, dry_run, out, progress):
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
-def validate(recipe, overrides):
+@click.option("--smoke", is_flag=True, help=SMOKE_HELP)
+def validate(recipe, overrides, smoke):
     """Check RECIPE strictly and build every stage's model (without memory or data)."""
     from .recipe import load_recipe
     from .runner import describe
 
-    parsed, plugins = load_recipe(recipe, overrides=overrides)
+    parsed, plugins = load_recipe(recipe, overrides=overrides, smoke=smoke, echo=click.echo)
     click.echo(_format(describe(parsed, plugins)))
     click.echo(f"{recipe}: ok")
 

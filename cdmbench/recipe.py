@@ -89,6 +89,7 @@ class Sample:
     images_per_class: int = 8
     batch_size: int = 64
     seed: int = 0
+    num_classes: int | None = None  # sample (and grid) only the first N classes (None: all)
 
 
 @dataclass
@@ -341,6 +342,8 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         seen[stage.name] = stage
     if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
         raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
+    if recipe.sample.num_classes is not None and recipe.sample.num_classes < 1:
+        raise RecipeError("sample.num_classes", "must be >= 1 or null (every class)")
     evaluate = recipe.evaluate
     for i, metric in enumerate(evaluate.metrics):
         check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
@@ -365,8 +368,14 @@ def parse_recipe(raw: Any, *, overrides: tuple[str, ...] | list[str] = (),
 
 
 def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
-                plugins: Plugins | None = None) -> tuple[Recipe, Plugins]:
-    """Read and validate the recipe at ``path`` (see ``parse_recipe``)."""
+                plugins: Plugins | None = None, smoke: bool = False,
+                echo=print) -> tuple[Recipe, Plugins]:
+    """Read and validate the recipe at ``path`` (see ``parse_recipe``).
+
+    ``smoke``: shrink it first (``cdmbench.smoke``: tiny models, few steps, generated stand-in
+    data with the real class count, name ``<name>-smoke``). Overrides of ``data`` keys apply
+    before shrinking (they choose the real dataset whose class count is copied); all others
+    apply after it, so ``--set`` wins over smoke values. ``echo`` gets the class-count note."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError("", f"recipe file not found: {path}")
@@ -374,4 +383,8 @@ def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = ()
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
+    if smoke:
+        from .smoke import smoke_recipe
+
+        raw, overrides = smoke_recipe(raw, overrides, plugins, echo)
     return parse_recipe(raw, overrides=overrides, plugins=plugins)

@@ -82,11 +82,12 @@ def _final_step_done(folder: Path, steps: int) -> bool:
 
 def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | None = None,
         overrides: tuple[str, ...] | list[str] = (), dry_run: bool = False,
-        progress: bool = True, echo=print) -> Path | pd.DataFrame:
+        progress: bool = True, smoke: bool = False, echo=print) -> Path | pd.DataFrame:
     """Train the recipe's stages (or just ``stage``), sample the cascade, write results.
 
+    ``smoke``: run a shrunk copy on generated stand-in data (``cdmbench.smoke``).
     Returns the run directory, or with ``dry_run`` the table of stages (nothing is written)."""
-    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
     if stage is not None:
         recipe.stage(stage)  # unknown stage names fail here
     if dry_run:
@@ -180,7 +181,8 @@ def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins:
 def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],
                        models: dict[str, Any], dataset, device, progress: bool, echo) -> None:
     spec = recipe.sample
-    labels = torch.arange(dataset.num_classes).repeat_interleave(spec.images_per_class)
+    classes = dataset.num_classes if spec.num_classes is None else min(spec.num_classes, dataset.num_classes)
+    labels = torch.arange(classes).repeat_interleave(spec.images_per_class)
     images, seconds = sample_cascade(chain, models, labels, seed=spec.seed,
                                      batch_size=spec.batch_size, device=device, progress=progress)
     rows = []

@@ -237,15 +237,23 @@ def _render(label: int, params: Sequence[Params], resolution: int) -> Array:
 
 
 class ShapesDataset:
-    """``num_images`` lazily rendered images; label of image i is ``i % num_classes``."""
+    """``num_images`` lazily rendered images; label of image i is ``i % num_classes``. With more
+    than the ten base classes, class k draws base class ``k % 10`` (names get a ``#k // 10``
+    suffix), so the images only tell apart ten groups of classes."""
 
     num_classes = len(CLASSES)
     class_names = [name for name, _, _ in CLASSES]
 
-    def __init__(self, *, split: str, resolution: int, num_images: int, seed: int):
+    def __init__(self, *, split: str, resolution: int, num_images: int, seed: int,
+                 num_classes: int = len(CLASSES)):
         self.split, self.resolution, self.seed = split, resolution, seed
         self.num_images = num_images
         self._split_id = SPLITS[split]
+        if num_classes != len(CLASSES):
+            self.num_classes = num_classes
+            base = len(CLASSES)
+            self.class_names = [CLASSES[k % base][0] + (f" #{k // base}" if k >= base else "")
+                                for k in range(num_classes)]
 
     def __len__(self) -> int:
         return self.num_images
@@ -257,7 +265,7 @@ class ShapesDataset:
     def params(self, index: int) -> Params:
         """The random draws behind image ``index``."""
         rng = np.random.default_rng([self.seed, self._split_id, index])
-        return _draw(rng, CLASSES[index % self.num_classes][2])
+        return _draw(rng, CLASSES[index % self.num_classes % len(CLASSES)][2])
 
     def batch(self, indices: Sequence[int]) -> tuple[Array, Array]:
         """Images (N, H, W, 3) uint8 and labels (N,) int64, rendered class by class."""
@@ -274,20 +282,23 @@ class ShapesDataset:
             where = np.flatnonzero(labels == label)
             for chunk in np.array_split(where, math.ceil(where.size / per_chunk)):
                 params = [self.params(int(i)) for i in idx[chunk]]
-                out[chunk] = _render(int(label), params, self.resolution)
+                out[chunk] = _render(int(label) % len(CLASSES), params, self.resolution)
         return out, labels
 
 
-def shapes(*, split: str, resolution: int, num_images: int = 10000, seed: int = 0) -> ShapesDataset:
-    """Procedural shapes dataset; see the module docstring."""
+def shapes(*, split: str, resolution: int, num_images: int = 10000, seed: int = 0,
+           num_classes: int = len(CLASSES)) -> ShapesDataset:
+    """Procedural shapes dataset; see the module docstring. ``num_classes`` other than 10
+    relabels image i as ``i % num_classes`` drawn as base class ``(i % num_classes) % 10``
+    (a stand-in with a dataset's class count, e.g. for ``--smoke``)."""
     if split not in SPLITS:
         raise ValueError(f"shapes: split must be one of {sorted(SPLITS)}, got {split!r}")
     for name, value, least in (("resolution", resolution, 1), ("num_images", num_images, 0),
-                               ("seed", seed, 0)):
+                               ("seed", seed, 0), ("num_classes", num_classes, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
             raise ValueError(f"shapes: {name} must be an integer >= {least}, got {value!r}")
     return ShapesDataset(split=split, resolution=int(resolution), num_images=int(num_images),
-                         seed=int(seed))
+                         seed=int(seed), num_classes=int(num_classes))
 
 
 @hookimpl

@@ -1,0 +1,149 @@
+"""``--smoke``: the shrink rules, the shapes stand-in with any class count, end-to-end runs."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from PIL import Image
+
+from cdmbench.builtin.shapes import CLASSES, shapes
+from cdmbench.cli import cli
+from cdmbench.recipe import load_recipe, parse_recipe
+from cdmbench.smoke import smoke
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hub access here: fail fast instead of retrying, so the class count comes from the table."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+def _raw(name: str) -> dict:
+    return yaml.safe_load((ROOT / "recipes" / name).read_text())
+
+
+def test_smoke_shrinks_the_256_recipe():
+    raw = _raw("cdm_imagenet256.yaml")
+    out = smoke(raw, 1000)
+    assert raw["stages"][0]["backbone"]["args"]["channels"] == 256  # the input is not changed
+    assert out["name"] == "cdm-imagenet256-smoke"
+    assert out["data"] == {"name": "shapes", "args": {"num_images": 2000, "num_classes": 1000}}
+    stages = {s["name"]: s for s in out["stages"]}
+    assert [s["resolution"] for s in out["stages"]] == [32, 64, 256]
+    for name, mult_len, attention in (("base32", 4, [16, 8]), ("sr64", 4, [16, 8]), ("sr256", 6, [16])):
+        args = stages[name]["backbone"]["args"]
+        assert args["channels"] == 32 and args["num_res_blocks"] == 1 and args["num_head_channels"] == 32
+        assert args["channel_mult"] == [1] * mult_len and args["attention_resolutions"] == attention
+        train = stages[name]["train"]
+        assert (train["steps"], train["batch_size"], train["checkpoint_every"], train["log_every"]) == (2, 2, 1, 1)
+        assert train["precision"] == "fp32" and train["compile"] is False
+        assert stages[name]["sampler"]["args"]["steps"] == 10
+    assert stages["base32"]["schedule"]["args"]["timesteps"] == 100
+    assert stages["sr64"]["schedule"]["args"]["timesteps"] == 100
+    assert stages["sr256"]["schedule"] == {"name": "log-snr", "args": {"logsnr_min": -20.0, "logsnr_max": 20.0}}
+    assert stages["base32"]["sampler"]["args"]["variance"] == "learned"  # other sampler args kept
+    assert out["sample"] == {"images_per_class": 1, "batch_size": 8, "num_classes": 4}
+    evaluate = out["evaluate"]
+    assert (evaluate["num_samples"], evaluate["batch_size"], evaluate["shard_size"]) == (16, 8, 8)
+    cas = next(m for m in evaluate["metrics"] if isinstance(m, dict) and m["name"] == "cas")
+    assert cas["args"]["epochs"] == 1
+    recipe, _ = parse_recipe(out)  # a valid recipe
+    assert recipe.sample.num_classes == 4
+
+
+def test_smoke_rounds_truncated_levels_and_caps_classifier_epochs():
+    raw = _raw("ablation_augmentation.yaml")
+    raw["stages"][0]["schedule"]["args"]["timesteps"] = 1000
+    trunc = next(s for s in raw["stages"] if s["name"] == "sr_trunc")
+    trunc["augmentation"]["args"]["level"] = 0.123  # 123/1000 -> 12/100
+    out = smoke(raw, 10)
+    trunc = next(s for s in out["stages"] if s["name"] == "sr_trunc")
+    assert trunc["augmentation"]["args"]["level"] == pytest.approx(0.12)
+    assert out["stages"][0]["sampler"]["args"]["steps"] == 10
+    fid = out["evaluate"]["metrics"][0]
+    assert fid["args"]["features_args"]["epochs"] == 1
+    assert out["data"]["args"] == {"num_images": 32, "num_classes": 10}
+    parse_recipe(out)
+
+
+def test_set_wins_over_smoke(offline, tmp_path):
+    recipe, _ = load_recipe(ROOT / "recipes" / "quickstart.yaml", smoke=True, echo=lambda _: None,
+                            overrides=["stages.base16.train.steps=3", "sample.num_classes=2"])
+    assert recipe.name == "quickstart-smoke"
+    assert recipe.stage("base16").train.steps == 3 and recipe.stage("sr32").train.steps == 2
+    assert recipe.sample.num_classes == 2
+    assert recipe.data.name == "shapes" and recipe.data.args["num_classes"] == 10
+
+
+def _check_run(result, out: Path, stages: list[str], notes: str) -> None:
+    assert result.exit_code == 0, result.output
+    assert notes in result.output
+    for name in stages:
+        grid = out / name / "samples" / "grid.png"
+        assert grid.is_file()
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows if r["metric"] == "sample_time"} == set(stages)
+    assert all(r["n"] == 4 for r in rows if r["metric"] == "sample_time")  # 4 classes x 1 image
+    saved = yaml.safe_load((out / "run.yaml").read_text())["recipe"]
+    assert saved["data"]["args"]["num_classes"] == 1000 and saved["name"].endswith("-smoke")
+
+
+def test_smoke_run_imagenet64(offline, tmp_path):
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet64.yaml"), "--smoke",
+                                      "--out", str(out), "--no-progress"])
+    _check_run(result, out, ["base32", "sr64"], "stand-in data with 1000 classes (known class count")
+
+
+def test_smoke_run_imagenet256(offline, tmp_path):  # ~50 s on a 2-core CPU
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet256.yaml"), "--smoke",
+                                      "--out", str(out), "--no-progress"])
+    _check_run(result, out, ["base32", "sr64", "sr256"], "stand-in data with 1000 classes")
+
+
+def test_validate_smoke(offline):
+    result = CliRunner().invoke(cli, ["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--smoke"])
+    assert result.exit_code == 0, result.output
+    assert "stand-in data with 10 classes, as shapes has" in result.output
+
+
+def test_shapes_with_more_classes():
+    data = shapes(split="train", resolution=16, num_images=60, num_classes=25)
+    assert data.num_classes == 25 and len(data.class_names) == 25
+    assert data.class_names[3] == CLASSES[3][0]
+    assert data.class_names[22] == "triangle (inset outline) #2"
+    images, labels = data.batch(list(range(60)))
+    assert labels.tolist() == [i % 25 for i in range(60)]
+    # class k renders like base class k % 10: image 13 (class 13) equals a 10-class render of
+    # the same draws as class 3, and differs from class 4's
+    from cdmbench.builtin.shapes import _render
+    params = [data.params(13)]
+    assert np.array_equal(images[13], _render(3, params, 16)[0])
+    assert not np.array_equal(images[13], _render(4, params, 16)[0])
+    default = shapes(split="train", resolution=16, num_images=10)
+    assert default.num_classes == 10 and default.class_names == [c[0] for c in CLASSES]
+    with pytest.raises(ValueError, match="num_classes"):
+        shapes(split="train", resolution=16, num_classes=0)
+
+
+def test_sample_num_classes_limits_the_grid(tiny_recipe, tmp_path):
+    from cdmbench.runner import run
+
+    out = run(tiny_recipe, out=tmp_path / "run", progress=False, echo=lambda _: None,
+              overrides=["sample.num_classes=3", "sample.images_per_class=2"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {r["n"] for r in rows if r["metric"] == "sample_time"} == {6}
+    full = run(tiny_recipe, out=tmp_path / "full", progress=False, echo=lambda _: None,
+               overrides=["sample.images_per_class=2"])
+    small, large = (Image.open(p / "base8" / "samples" / "grid.png").size for p in (out, full))
+    assert small[1] < large[1]  # fewer rows
+    with pytest.raises(Exception, match="sample.num_classes"):
+        run(tiny_recipe, out=tmp_path / "bad", overrides=["sample.num_classes=0"], dry_run=True)
