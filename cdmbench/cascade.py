@@ -82,7 +82,10 @@ class Composition:
             raise ValueError("at most one augmentation of a stage can be truncated")
         self.parts = parts
         self.cond_dim = sum(p.cond_dim for p in parts)
-        self.truncation = truncated[0].truncation if truncated else 0.0
+
+    @property
+    def truncation(self) -> float:
+        return max(p.truncation for p in self.parts)
 
     def train(self, z0: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         conds = []

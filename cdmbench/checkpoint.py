@@ -11,6 +11,7 @@ is complete or does not exist. Only tensors, numbers and strings are stored.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -69,6 +70,15 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
             continue
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB blocks: how weights are identified in results."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

@@ -26,6 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .checkpoint import sha256_file
+
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
 STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
@@ -197,14 +199,6 @@ def accuracy(logits: Tensor, labels: Tensor, k: Sequence[int] = (1, 5)) -> dict[
     return {f"top{j}": hits[:, :min(j, logits.shape[1])].any(dim=1).float().mean().item() for j in k}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                       train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
                       arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
@@ -235,7 +229,7 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                     raise ValueError("its metadata key does not match")
             model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
             model.load_state_dict(load_file(path))
-            return model.to(device).eval(), _sha256(path)
+            return model.to(device).eval(), sha256_file(path)
         except Exception as exc:
             warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
 
@@ -255,4 +249,4 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return model, _sha256(path)
+    return model, sha256_file(path)

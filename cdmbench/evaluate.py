@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,7 +212,7 @@ class EvalContext:
                 with np.load(path) as stats:
                     return stats["mu"], stats["sigma"], int(stats["n"])
             except Exception as exc:  # a damaged cache entry is recomputed
-                print(f"warning: reference statistics {path} unreadable ({exc}); recomputing")
+                warnings.warn(f"reference statistics {path} unreadable ({exc}); recomputing")
         images, _ = self.real(split)
         mu, sigma = statistics(self.features(network, images, mode))
         path.parent.mkdir(parents=True, exist_ok=True)

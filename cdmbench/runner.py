@@ -22,7 +22,8 @@ from .recipe import Component, Recipe, check_component, load_recipe, parse_recip
 from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
 from . import distributed
-from .evaluate import chain_to, load_chain
+from .evaluate import (EvalContext, chain_to, default_cache_dir, digest, generate_samples, load_chain,
+                       read_samples)
 from .sweep import apply_manifest
 from .train import read_log, train_stage, validation_bpd
 
@@ -204,8 +205,6 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
              progress: bool = True, echo=print) -> list[dict[str, Any]]:
     """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
     into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
-    from .evaluate import digest, generate_samples, read_samples
-
     run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
         run_path, stage, metrics, overrides, progress)
     spec = recipe.evaluate
@@ -294,8 +293,6 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
 
 def _evaluation_setup(run_path, stage, metrics, overrides, progress):
     """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
-    from .evaluate import EvalContext, default_cache_dir
-
     run_dir = RunDir(Path(run_path))
     run_yaml = run_dir.path / "run.yaml"
     if not run_yaml.is_file():

@@ -43,8 +43,6 @@ def set_level(stage: StageModel, level: float) -> None:
                             "(use augmentation gaussian)")
     for part in parts:
         part.level = level
-    if hasattr(stage.augmentation, "parts"):  # a composition caches its truncation level
-        stage.augmentation.truncation = max(p.truncation for p in stage.augmentation.parts)
 
 
 def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:

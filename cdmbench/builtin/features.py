@@ -4,7 +4,6 @@ dataset's training split and caches, for data where Inception is meaningless or 
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ import torch
 from torch import Tensor
 
 from cdmbench import hookimpl
+from cdmbench.checkpoint import sha256_file
 from cdmbench.errors import CdmbenchError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -21,14 +21,6 @@ INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrai
                  + INCEPTION_FILE)
 INCEPTION_ENV = "CDMBENCH_INCEPTION"
 INCEPTION_DIMS, INCEPTION_CLASSES = 2048, 1008
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def inception_candidates(path: str | None, cache_dir: Path) -> list[Path]:
