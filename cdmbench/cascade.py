@@ -154,6 +154,12 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
             out_channels=IMAGE_CHANNELS * (2 if learned_variance else 1),
             num_classes=num_classes + (null_label is not None),
             low_res_channels=IMAGE_CHANNELS if low_res else 0, aug_dim=augmentation.cond_dim)
+    if stage.train.gradient_checkpointing:
+        if not hasattr(backbone, "set_gradient_checkpointing"):
+            raise RecipeError(f"{path}.train.gradient_checkpointing", f"backbone "
+                              f"'{stage.backbone.name}' has no set_gradient_checkpointing method; "
+                              "set it to false or use a backbone that supports it (adm-unet)")
+        backbone.set_gradient_checkpointing(True)
     return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label)
 
 

@@ -33,6 +33,10 @@ class Backbone(nn.Module):
     x_t: (B, C, H, W); noise_cond: (B,) float, the schedule's conditioning value of t;
     class_labels: (B,) long or None; low_res: (B, C, h, w) previous-stage image (SR stages) or
     None; aug_cond: (B, aug_dim) augmentation conditioning or None. Returns (B, out_channels, H, W).
+
+    Optional: ``set_gradient_checkpointing(enabled: bool)``, called when a recipe sets
+    ``train.gradient_checkpointing``; the backbone then recomputes activations in backward when
+    in training mode, with unchanged gradients.
     """
 
     def forward(self, x_t: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None,

@@ -359,6 +359,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     table = pd.DataFrame(rows)
     env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
            "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
+           "gradient_checkpointing": str(target.spec.train.gradient_checkpointing),
            "command": command or f"cdmbench bench {recipe_path} --stage {stage}"}
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)

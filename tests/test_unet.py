@@ -163,6 +163,46 @@ def test_gradients_reach_every_parameter():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
+    model = randomize(build(low_res_channels=3, aug_dim=1, dropout=0.1))  # dropout: RNG replayed
+    x = inputs(b=3, low=3, aug=1)
+    calls = []
+    # a pre-hook: the recomputation stops early, once it has what backward needs
+    model.middle.register_forward_pre_hook(lambda *_: calls.append(1))
+
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model.set_gradient_checkpointing(checkpointing)
+        model.zero_grad()
+        calls.clear()
+        torch.manual_seed(0)
+        model(**x).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads(False)
+    assert len(calls) == 1
+    recomputed = grads(True)
+    assert len(calls) == 2  # the forward, then again in backward
+    for name, g in plain.items():
+        torch.testing.assert_close(recomputed[name], g, rtol=0, atol=1e-7, msg=name)
+    calls.clear()
+    model.eval()(**x).square().mean().backward()  # only in training mode
+    assert len(calls) == 1
+
+
+def test_gradient_checkpointing_is_switched_on_by_the_recipe(tiny_recipe, monkeypatch):
+    from cdmbench.cascade import build_stage
+    from cdmbench.errors import RecipeError
+    from cdmbench.recipe import load_recipe
+
+    recipe, plugins = load_recipe(tiny_recipe, overrides=["stages.sr16.train.gradient_checkpointing=true"])
+    built = [build_stage(plugins, recipe, s, num_classes=10, device="meta").backbone for s in recipe.stages]
+    assert [b.gradient_checkpointing for b in built] == [False, True]
+    monkeypatch.delattr(ADMUNet, "set_gradient_checkpointing")  # a backbone without the switch
+    with pytest.raises(RecipeError, match=r"stages.sr16.train.gradient_checkpointing: backbone "
+                                          r"'adm-unet' has no set_gradient_checkpointing method"):
+        build_stage(plugins, recipe, recipe.stages[1], num_classes=10, device="meta")
+
+
 def test_channels_last_and_bf16_autocast():
     model = randomize(build(low_res_channels=3, aug_dim=1)).eval()
     x = inputs(low=3, aug=1)

@@ -5,6 +5,8 @@ noise level (sinusoidal -> MLP), class label (embedding table) and, for super-re
 the augmentation level of the low-res image (sinusoidal per column -> MLP). The low-res image
 itself is upsampled bilinearly and concatenated to x_t (Ho et al. 2021, Cascaded Diffusion).
 Residual blocks inject ``emb`` by scale-shift GroupNorm; attention uses PyTorch's SDPA.
+With gradient checkpointing on, each block (a level's ResBlock with its attention and
+resampling) keeps only its input in training and recomputes its activations in backward.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from cdmbench import hookimpl
 from cdmbench.interfaces import Backbone
@@ -274,6 +277,17 @@ class ADMUNet(Backbone):
 
         self.out = nn.Sequential(nn.GroupNorm(GROUPS, ch), nn.SiLU(),
                                  zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+        self.gradient_checkpointing = False
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute every block's activations in backward (training mode only): less memory,
+        about one more forward pass of compute, the same gradients."""
+        self.gradient_checkpointing = enabled
+
+    def _block(self, block: Level, h: Tensor, emb: Tensor) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, use_reentrant=False)
+        return block(h, emb)
 
     def forward(self, x_t: Tensor, noise_cond: Tensor, class_labels: Tensor | None = None,
                 low_res: Tensor | None = None, aug_cond: Tensor | None = None) -> Tensor:
@@ -310,9 +324,9 @@ class ADMUNet(Backbone):
         h = self.input_conv(h.to(dtype))
         skips = [h]
         for block in self.encoder:
-            h = block(h, emb)
+            h = self._block(block, h, emb)
             skips.append(h)
-        h = self.middle(h, emb)
+        h = self._block(self.middle, h, emb)
         for block in self.decoder:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = self._block(block, torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h).to(x_t.dtype)
