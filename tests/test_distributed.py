@@ -93,6 +93,37 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tiny_recipe, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigkill_and_restart_reach_the_weights_of_an_uninterrupted_run(tiny_recipe, tmp_path):
+    import signal
+    import time
+
+    steps = 12
+
+    def command(out):
+        return [sys.executable, "-m", "cdmbench", "run", str(tiny_recipe), "--stage", "base8", "--out",
+                str(out), "--no-progress", "--set", f"stages.base8.train.steps={steps}",
+                "--set", "stages.base8.train.checkpoint_every=1"]
+
+    killed = tmp_path / "killed" / "base8" / "checkpoints"
+    straight = subprocess.Popen(command(tmp_path / "straight"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)  # a run never stopped, meanwhile
+    proc = subprocess.Popen(command(tmp_path / "killed"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not (killed / "step-00000002").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # wherever it is: mid-step or mid-checkpoint
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / f"step-{steps:08d}").exists()  # it died before the end
+    resumed = subprocess.run(command(tmp_path / "killed"), capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr  # the same command again resumes
+    assert straight.wait(timeout=120) == 0, straight.communicate()[0]
+    for name in ("model", "ema"):
+        a, b = (load_file(tmp_path / out / "base8" / "checkpoints" / f"step-{steps:08d}" / f"{name}.safetensors")
+                for out in ("killed", "straight"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe, tmp_path, monkeypatch):
     import errno
 
