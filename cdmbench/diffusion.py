@@ -132,6 +132,13 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, logvar: Tensor)
     return torch.where(x < -0.999, log_cdf_upper, torch.where(x > 0.999, log_sf_lower, middle))
 
 
+def randn_per_image(shape: tuple[int, ...], generators: list[torch.Generator],
+                    device: torch.device | str) -> Tensor:
+    """One standard normal draw of ``shape`` per image, each from that image's own generator, so
+    an image does not depend on its batch."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
+
+
 # --- sampling grids --------------------------------------------------------------------------
 
 @dataclass

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cdmbench import hookimpl
-from cdmbench.builtin.samplers import randn_per_image
+from cdmbench.diffusion import randn_per_image
 from cdmbench.interfaces import Schedule
 
 COND_SCALE = 1000.0

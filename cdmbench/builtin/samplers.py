@@ -14,15 +14,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdmbench import hookimpl
-from cdmbench.diffusion import Denoise, Prediction, Process, posterior
+from cdmbench.diffusion import Denoise, Prediction, Process, posterior, randn_per_image
 
 VARIANCES = ("fixed-small", "fixed-large", "learned")
-
-
-def randn_per_image(shape: tuple[int, ...], generators: list[torch.Generator],
-                    device: torch.device | str) -> Tensor:
-    """One standard normal draw of ``shape`` per image, each from that image's own generator."""
-    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 class GridSampler:

@@ -1,0 +1,19 @@
+"""The plugin's components pass cdmbench's conformance kit, as a third-party plugin's must."""
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("cdmbench_diffusers")
+
+from cdmbench.testing import check_component, components  # noqa: E402
+
+ARGS = {  # beyond the defaults: a small U-Net, and a scheduler for the generic sampler
+    "diffusers-unet2d": {"channels": 32, "channel_mult": [1, 2], "attention_resolutions": [8],
+                         "num_head_channels": 32},
+    "diffusers-scheduler": {"scheduler": "DPMSolverSinglestepScheduler"},
+}
+
+
+@pytest.mark.parametrize("component", components("diffusers"), ids=lambda c: f"{c.kind}:{c.name}")
+def test_component_conforms(component):
+    check_component(component, ARGS.get(component.name, {}))
