@@ -57,6 +57,25 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="The dataset split to prepare.")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes (default: one per CPU; 0: none).")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Images per shard, the unit of work and of resuming.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+def prepare(recipe, overrides, split, workers, shard_size, progress):
+    """Preprocess RECIPE's data once (centre crop, area downsampling to every resolution of the
+    cascade) into memory-mapped uint8 arrays under $CDMBENCH_DATA_CACHE (default
+    ~/.cache/cdmbench/datasets); resumable. `cdmbench run` then trains from them."""
+    from .prepare import prepare as prepare_data
+
+    prepare_data(recipe, overrides=overrides, split=split, workers=workers, shard_size=shard_size,
+                 progress=progress, echo=click.echo)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--smoke", is_flag=True, help=SMOKE_HELP)
 def validate(recipe, overrides, smoke):
     """Check RECIPE strictly and build every stage's model (without memory or data)."""

@@ -43,28 +43,36 @@ def area_resize(images: Tensor, resolution: int) -> Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
+def resize_items(dataset: Dataset, indices: range, resolutions: list[int]) -> tuple[dict[int, Tensor], list[int]]:
+    """Items ``indices`` of ``dataset`` as uint8 (n, 3, r, r) for every resolution r, and their
+    labels."""
+    top = max(resolutions)
+    batch, labels = [], []
+    for i in indices:
+        image, label = dataset[i]
+        image = np.array(image)  # a writable copy (PIL's arrays are read-only)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise CdmbenchError(f"dataset item {i} is {image.dtype} {image.shape}; datasets "
+                                "must yield uint8 (H, W, 3) arrays")
+        batch.append(area_resize(torch.from_numpy(image).permute(2, 0, 1)[None], top))
+        labels.append(int(label))
+    batch_t = torch.cat(batch)
+    return {r: area_resize(batch_t, r) for r in resolutions}, labels
+
+
 def load_images(dataset: Dataset, resolutions: list[int], *, limit: int | None = None,
                 progress: bool = True, chunk: int = 256) -> ImageSet:
-    """Read every image of ``dataset`` (or the first ``limit``) once and make each resolution."""
+    """Read every image of ``dataset`` (or the first ``limit``) into memory at each resolution."""
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise CdmbenchError("the dataset is empty")
-    top = max(resolutions)
     out: dict[int, list[Tensor]] = {r: [] for r in resolutions}
     labels: list[int] = []
     for lo in tqdm(range(0, n, chunk), desc="load data", unit_scale=chunk, disable=not progress):
-        batch = []
-        for i in range(lo, min(lo + chunk, n)):
-            image, label = dataset[i]
-            image = np.asarray(image)
-            if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-                raise CdmbenchError(f"dataset item {i} is {image.dtype} {image.shape}; datasets "
-                                    "must yield uint8 (H, W, 3) arrays")
-            batch.append(area_resize(torch.from_numpy(image).permute(2, 0, 1)[None], top))
-            labels.append(int(label))
-        batch_t = torch.cat(batch)
+        images, batch_labels = resize_items(dataset, range(lo, min(lo + chunk, n)), resolutions)
         for r in resolutions:
-            out[r].append(area_resize(batch_t, r))
+            out[r].append(images[r])
+        labels += batch_labels
     return ImageSet({r: torch.cat(v) for r, v in out.items()}, torch.tensor(labels),
                     dataset.num_classes, list(dataset.class_names))
 

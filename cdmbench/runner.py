@@ -18,6 +18,7 @@ from .data import load_images
 from .errors import CdmbenchError
 from .grids import save_grid
 from .plugins import Plugins
+from .prepare import make_dataset, training_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
@@ -42,11 +43,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _dataset(plugins: Plugins, recipe: Recipe, split: str):
-    resolution = max(s.resolution for s in recipe.stages)
-    return make_component(plugins, "datasets", recipe.data, "data", split=split, resolution=resolution)
-
-
 def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:
     return [build_stage(plugins, recipe, s, num_classes=num_classes, device=device)
             for s in recipe.stages]
@@ -55,7 +51,7 @@ def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> li
 def describe(recipe: Recipe, plugins: Plugins) -> pd.DataFrame:
     """Build every stage on the meta device (no memory, no data): parameters and forward FLOPs
     for one image."""
-    num_classes = _dataset(plugins, recipe, "train").num_classes
+    num_classes = make_dataset(plugins, recipe, "train").num_classes
     rows = []
     stages = _build_all(plugins, recipe, num_classes, "meta")
     for st in stages:
@@ -97,7 +93,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     distributed.init(device)  # under torchrun; only rank 0 writes
     main = distributed.is_main()
     run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
-    dataset = _dataset(plugins, recipe, "train")
+    dataset = make_dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
     if main:
         run_dir.prepare(recipe, plugins)
@@ -112,8 +108,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
         folder = run_dir.stage(st.spec.name)
         if stage in (None, st.spec.name):
             if data is None:
-                data = load_images(dataset, sorted({s.resolution for s in recipe.stages}),
-                                   progress=progress)
+                data = training_images(recipe, dataset, progress=progress, echo=echo)
             models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
                                                metadata={**metadata, "stage": st.spec.name},
                                                device=device, progress=progress)
@@ -170,7 +165,7 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
 def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
                 device, progress: bool) -> None:
     resolutions = [st.spec.resolution] + ([st.low_res] if st.low_res else [])
-    test = load_images(_dataset(plugins, recipe, "test"), resolutions,
+    test = load_images(make_dataset(plugins, recipe, "test"), resolutions,
                        limit=st.spec.train.val_bpd_images, progress=progress)
     bpd = validation_bpd(st, model, test, seed=recipe.seed, device=device, progress=progress)
     run_dir.add_results([result_row(
@@ -310,7 +305,7 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress):
     target = stage or spec.stage or recipe.stages[-1].name
     recipe.stage(target)
     device = resolve_device(recipe.device)
-    dataset = _dataset(plugins, recipe, "train")
+    dataset = make_dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)
     apply_manifest(stages, run_dir.path)
     context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
@@ -331,7 +326,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     recipe, plugins = load_recipe(recipe_path, overrides=overrides)
     recipe.stage(stage)
     device = resolve_device(recipe.device)
-    num_classes = _dataset(plugins, recipe, "train").num_classes
+    num_classes = make_dataset(plugins, recipe, "train").num_classes
     stages = _build_all(plugins, recipe, num_classes, device)
     target = next(s for s in stages if s.spec.name == stage)
     ceiling, ceiling_kind = matmul_ceiling(device)

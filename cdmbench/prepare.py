@@ -1,0 +1,225 @@
+"""`cdmbench prepare`: a dataset split preprocessed once into memory-mapped uint8 arrays.
+
+Every image is centre-cropped and area-downsampled to each resolution of the cascade exactly as
+``data.load_images`` does, and stored on disk under
+
+    <data cache>/<digest>/          digest of (data name and args, split, resolutions)
+        images-<r>.npy              uint8 (N, 3, r, r), one file per resolution r
+        labels.npy                  int64 (N,)
+        layout.json                 N, resolutions, shard size: the arrays' shape
+        done/<k>                    shard k (images kS .. (k+1)S - 1) is written
+        manifest.json               written last: the cache is complete
+
+The data cache is ``$CDMBENCH_DATA_CACHE``, else ``<cdmbench cache>/datasets``. Worker processes
+fill the shards (each builds its own dataset from the recipe); a shard is marked done only
+after its rows are flushed to disk, so an interrupted prepare resumes at the shards not done.
+Training maps the arrays (``np.load(mmap_mode="c")``) and reads only the rows of each batch, so
+a dataset larger than memory trains from disk through the page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .cascade import make_component
+from .data import ImageSet, load_images, resize_items
+from .errors import CdmbenchError
+from .evaluate import default_cache_dir, digest
+from .interfaces import Dataset
+from .plugins import Plugins, load_plugins
+from .recipe import Component, Recipe, load_recipe
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+LAYOUT = "layout.json"
+CHUNK = 64  # images resized at once inside a shard (bounds a worker's memory)
+
+
+def make_dataset(plugins: Plugins, recipe: Recipe, split: str) -> Dataset:
+    """The recipe's dataset for ``split``, its images at the cascade's largest resolution."""
+    return make_component(plugins, "datasets", recipe.data, "data", split=split,
+                          resolution=max(resolutions(recipe)))
+
+
+def resolutions(recipe: Recipe) -> list[int]:
+    return sorted({s.resolution for s in recipe.stages})
+
+
+def data_cache_root() -> Path:
+    """``$CDMBENCH_DATA_CACHE``, else ``<cdmbench cache>/datasets``."""
+    return Path(os.environ.get("CDMBENCH_DATA_CACHE") or default_cache_dir() / "datasets")
+
+
+def cache_folder(recipe: Recipe, split: str) -> Path:
+    """Where ``split`` of the recipe's data is prepared for the recipe's resolutions."""
+    key = {"format": FORMAT, "data": {"name": recipe.data.name, "args": recipe.data.args},
+           "split": split, "resolutions": resolutions(recipe)}
+    return data_cache_root() / digest(key)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def _done(folder: Path, shard: int) -> Path:
+    return folder / "done" / f"{shard:06d}"
+
+
+class _Shards:
+    """Writes shards of one prepare into its arrays (in the main process or a worker)."""
+
+    def __init__(self, *, folder: Path, plugin_modules: list[str], data: Component, split: str,
+                 resolutions: list[int], shard_size: int, num_images: int):
+        self.folder, self.plugin_modules, self.data, self.split = folder, plugin_modules, data, split
+        self.resolutions, self.shard_size, self.num_images = resolutions, shard_size, num_images
+        self.dataset: Dataset | None = None  # built on first use, in the process that writes
+
+    def write(self, shard: int) -> int:
+        """Resize shard ``shard``'s images into the arrays, flush, mark it done; returns its size."""
+        if self.dataset is None:
+            self.dataset = make_component(load_plugins(self.plugin_modules), "datasets", self.data,
+                                          "data", split=self.split, resolution=max(self.resolutions))
+        lo, hi = shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_images)
+        arrays = {r: np.load(self.folder / f"images-{r}.npy", mmap_mode="r+") for r in self.resolutions}
+        labels = np.load(self.folder / "labels.npy", mmap_mode="r+")
+        for a in range(lo, hi, CHUNK):
+            b = min(a + CHUNK, hi)
+            try:
+                images, chunk_labels = resize_items(self.dataset, range(a, b), self.resolutions)
+            except CdmbenchError as exc:  # a plain CdmbenchError crosses processes intact
+                raise CdmbenchError(f"images {lo}..{hi - 1}: {exc}") from None
+            for r in self.resolutions:
+                arrays[r][a:b] = images[r].numpy()
+            labels[a:b] = chunk_labels
+        for array in [*arrays.values(), labels]:
+            array.flush()
+        _done(self.folder, shard).touch()
+        return hi - lo
+
+
+_worker_shards: _Shards | None = None
+
+
+def _init_worker(shards: _Shards) -> None:
+    global _worker_shards
+    _worker_shards = shards
+    torch.set_num_threads(1)  # one process per core
+
+
+def _write_in_worker(shard: int) -> int:
+    return _worker_shards.write(shard)
+
+
+def _allocate(folder: Path, layout: dict[str, Any]) -> None:
+    """Create the arrays for ``layout`` (sparse files) unless a prepare with it was started."""
+    path = folder / LAYOUT
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != layout:
+            raise CdmbenchError(
+                f"{folder} holds an unfinished prepare of {old['num_images']} images in shards of "
+                f"{old['shard_size']}; now there are {layout['num_images']} images in shards of "
+                f"{layout['shard_size']}: pass --shard-size {old['shard_size']} if only that "
+                "changed, else delete the folder and prepare again")
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    n = layout["num_images"]
+    for r in layout["resolutions"]:
+        np.lib.format.open_memmap(folder / f"images-{r}.npy", mode="w+", dtype=np.uint8,
+                                  shape=(n, 3, r, r)).flush()
+    np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
+    (folder / "done").mkdir(exist_ok=True)
+    _write_json(path, layout)
+
+
+def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
+            split: str = "train", workers: int | None = None, shard_size: int = 1000,
+            progress: bool = True, echo=print) -> Path:
+    """Preprocess ``split`` of the recipe's data to every resolution of its cascade into the data
+    cache, with ``workers`` processes (default: one per CPU; 0: in this process). Resumes an
+    interrupted prepare; returns the cache folder."""
+    if shard_size < 1 or (workers is not None and workers < 0):
+        raise CdmbenchError(f"shard size must be >= 1 and workers >= 0, got {shard_size} and {workers}")
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    folder = cache_folder(recipe, split)
+    if (folder / MANIFEST).exists():
+        echo(f"already prepared: {folder}")
+        return folder
+    dataset = make_dataset(plugins, recipe, split)
+    n = len(dataset)
+    if n == 0:
+        raise CdmbenchError(f"the {split} split of data '{recipe.data.name}' is empty")
+    layout = {"format": FORMAT, "num_images": n, "resolutions": resolutions(recipe),
+              "shard_size": shard_size}
+    _allocate(folder, layout)
+    shards = _Shards(folder=folder, plugin_modules=recipe.plugins, data=recipe.data, split=split,
+                     resolutions=layout["resolutions"], shard_size=shard_size, num_images=n)
+    todo = [k for k in range(math.ceil(n / shard_size)) if not _done(folder, k).exists()]
+    workers = min((os.cpu_count() or 1) if workers is None else workers, len(todo))
+    left = sum(min(shard_size, n - k * shard_size) for k in todo)
+    echo(f"prepare {recipe.data.name} ({split}, {n} images) at {layout['resolutions']} px into "
+         f"{folder}: {len(todo)} shards to write, {workers or 'no'} worker processes")
+    bar = tqdm(total=n, initial=n - left, unit="img", desc="prepare", disable=not progress)
+    try:
+        if workers == 0:
+            shards.dataset = dataset
+            for k in todo:
+                bar.update(shards.write(k))
+        else:
+            with multiprocessing.get_context().Pool(workers, _init_worker, (shards,)) as pool:
+                for count in pool.imap_unordered(_write_in_worker, todo):
+                    bar.update(count)
+    except CdmbenchError as exc:
+        written = sum(1 for _ in (folder / "done").iterdir())
+        raise CdmbenchError(f"prepare stopped: {exc}. {written} shards are written in {folder}; "
+                            "fix the problem and run the same command to resume") from None
+    finally:
+        bar.close()
+    _write_json(folder / MANIFEST, {
+        **layout, "data": {"name": recipe.data.name, "args": recipe.data.args}, "split": split,
+        "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),
+        "benchmark": getattr(dataset, "benchmark", recipe.data.name),
+        "arrays": {f"images-{r}.npy": f"uint8 ({n}, 3, {r}, {r})" for r in layout["resolutions"]}
+        | {"labels.npy": f"int64 ({n},)"}})
+    echo(f"prepared: {folder} (cdmbench run uses it for this data and these resolutions)")
+    return folder
+
+
+def load_prepared(folder: Path) -> ImageSet:
+    """The prepared images of ``folder`` as an ImageSet whose image tensors map the files: only
+    the rows a batch indexes are read (copy-on-write, so the files never change)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
+    images = {r: torch.from_numpy(np.load(folder / f"images-{r}.npy", mmap_mode="c"))
+              for r in manifest["resolutions"]}
+    labels = torch.from_numpy(np.load(folder / "labels.npy"))
+    return ImageSet(images, labels, manifest["num_classes"], manifest["class_names"])
+
+
+def training_images(recipe: Recipe, dataset: Dataset, *, progress: bool = True,
+                    echo=print) -> ImageSet:
+    """The prepared train split when there is one, else every image read into memory."""
+    folder = cache_folder(recipe, "train")
+    if (folder / MANIFEST).exists():
+        data = load_prepared(folder)
+        if data.class_names != list(dataset.class_names):
+            raise CdmbenchError(f"the prepared data in {folder} has other class names than the "
+                                f"dataset ({data.num_classes} classes, now {dataset.num_classes}): "
+                                "the data changed since it was prepared; delete the folder and run "
+                                "cdmbench prepare again")
+        echo(f"training data: {len(data)} prepared images, memory-mapped from {folder}")
+        return data
+    unfinished = f" (an unfinished one is in {folder})" if folder.exists() else ""
+    echo(f"training data: reading every image into memory; for a large dataset run `cdmbench "
+         f"prepare RECIPE` once{unfinished} to preprocess it to disk")
+    return load_images(dataset, resolutions(recipe), progress=progress)
