@@ -94,12 +94,14 @@ def plugins():
 
     loaded = load_plugins()
     for name in loaded.versions:
-        click.echo(f"{name} {loaded.versions[name] or '(no version)'}")
+        package = loaded.package(name)
+        click.echo(f"{name} {loaded.versions[name] or '(no version)'}"
+                   + (f" (package {package})" if package else ""))
         for kind, names in loaded.components_of(name).items():
             if names:
                 click.echo(f"    {kind}: {', '.join(names)}")
     for name, error in loaded.failures.items():
-        click.secho(f"{name}: failed to register: {error}", fg="red")
+        click.secho(f"{name}: failed: {error}", fg="red")
 
 
 @cli.command(name="ls")
@@ -110,9 +112,10 @@ def ls(kind, pattern):
     from .plugins import load_plugins
 
     loaded = load_plugins()
-    for k in [kind] if kind else KINDS:
-        for c in loaded[k].match(pattern):
-            click.echo(f"{k:<14} {c.name:<20} {c.plugin:<30} {c.summary}")
+    rows = [(k, c) for k in ([kind] if kind else KINDS) for c in loaded[k].match(pattern)]
+    width = max([20] + [len(c.name) + 1 for _, c in rows])
+    for k, c in rows:
+        click.echo(f"{k:<14} {c.name:<{width}} {c.plugin:<30} {c.summary}")
 
 
 @cli.command()
@@ -190,14 +193,17 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/bench"),
               show_default=True, help="Folder for the table (.md) and figures (.json).")
-def bench(recipe, stage, steps, warmup, compile_, overrides, out):
+@click.option("--backbone", "backbones", multiple=True, metavar="NAME",
+              help="Measure the stage's training step with this backbone instead, same args "
+                   "(repeatable: side by side in one table, e.g. adm-unet and diffusers-unet2d).")
+def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones):
     """Measure a stage's training step (images/s, FLOPs, MFU against a measured matmul ceiling,
     peak memory; eager and compiled) and the cascade's sampling throughput, on synthetic data."""
     from .runner import bench as run_bench
 
     command = " ".join(["cdmbench", *sys.argv[1:]]) if sys.argv else ""
     run_bench(recipe, stage=stage, overrides=overrides, steps=steps, warmup=warmup, compile=compile_,
-              out=out, command=command, echo=click.echo)
+              out=out, command=command, backbones=list(backbones), echo=click.echo)
 
 
 @cli.command(name="compare-samplers")

@@ -39,12 +39,12 @@ def _env_set(var: str) -> set[str]:
     return {s.strip() for s in os.environ.get(var, "").split(",") if s.strip()}
 
 
-def _module_version(module) -> str | None:
-    """The version of the installed distribution that provides ``module``, if any."""
+def _module_distribution(module) -> tuple[str | None, str | None]:
+    """(name, version) of the installed distribution that provides ``module``, if any."""
     top = module.__name__.split(".")[0]
     for dist in importlib.metadata.packages_distributions().get(top, []):
-        return importlib.metadata.version(dist)
-    return None
+        return dist, importlib.metadata.version(dist)
+    return None, None
 
 
 @dataclass
@@ -54,10 +54,15 @@ class Plugins:
     manager: pluggy.PluginManager
     registries: dict[str, Registry]
     versions: dict[str, str | None]
-    failures: dict[str, str] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)  # plugin -> distribution name
+    failures: dict[str, str] = field(default_factory=dict)  # plugin -> import or register error
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
+
+    def package(self, plugin: str) -> str | None:
+        """The distribution that provides ``plugin`` (``cdmbench`` for the built-ins)."""
+        return self.packages.get(plugin) or self.packages.get(plugin.rsplit(".", 1)[0])
 
     def components_of(self, plugin: str) -> dict[str, list[str]]:
         return {kind: [c.name for c in reg if c.plugin == plugin]
@@ -71,6 +76,8 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     versions: dict[str, str | None] = {}
+    packages: dict[str, str] = {"cdmbench.builtin": "cdmbench"}
+    failures: dict[str, str] = {}
     only, blocked = _env_set("CDMBENCH_PLUGINS"), _env_set("CDMBENCH_BLOCK_PLUGINS")
     for name in blocked:
         pm.set_blocked(name)
@@ -86,10 +93,13 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party package must not break the others
+            failures[ep.name] = f"import of {ep.value} failed: {exc!r}"
             warnings.warn(f"plugin '{ep.name}' ({ep.value}) failed to import: {exc!r}")
             continue
         pm.register(plugin, name=ep.name)
         versions[ep.name] = ep.dist.version if ep.dist else None
+        if ep.dist:
+            packages[ep.name] = ep.dist.name
 
     for name in modules:
         if pm.is_blocked(name) or pm.has_plugin(name):
@@ -101,9 +111,11 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
                 f"plugin module '{name}' cannot be imported ({exc}); install the package that "
                 "provides it or add its folder to PYTHONPATH") from None
         pm.register(module, name=name)
-        versions[name] = _module_version(module)
+        package, versions[name] = _module_distribution(module)
+        if package:
+            packages[name] = package
 
-    plugins = Plugins(pm, {kind: Registry(kind) for kind in KINDS}, versions)
+    plugins = Plugins(pm, {kind: Registry(kind) for kind in KINDS}, versions, packages, failures)
     for kind in KINDS:
         _fill(plugins, kind)
     return plugins

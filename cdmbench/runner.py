@@ -226,7 +226,8 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     context.samples, context.labels = read_samples(folder, n)
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
-                        "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12)}
+                        "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12),
+                        "samplers": samplers_of(chain)}
     rows = [result_row(run=recipe.name, stage=target, **row) for row in _metric_rows(built, context, echo)]
     run_dir.add_results(rows)
     echo(write_report(run_dir, recipe, plugins))
@@ -268,7 +269,8 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     n = num_samples or recipe.evaluate.num_samples
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,
-                        "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}"}
+                        "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
+                        "samplers": samplers_of(chain)}
     rows = sweep(stages, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
@@ -284,6 +286,11 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
         echo(f"best level for {stage} by {primary}: {best[primary]['level']} (written to {path})")
     echo(write_report(run_dir, recipe, plugins))
     return best
+
+
+def samplers_of(chain: list[StageModel]) -> dict[str, str]:
+    """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"}."""
+    return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip() for st in chain}
 
 
 def _evaluation_setup(run_path, stage, metrics, overrides, progress):
@@ -318,9 +325,12 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress):
 
 def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | list[str] = (),
           steps: int = 10, warmup: int = 3, compile: bool | None = None,
-          out: str | Path = "reports/bench", command: str = "", echo=print) -> Path:
+          out: str | Path = "reports/bench", command: str = "", backbones: list[str] | None = None,
+          echo=print) -> Path:
     """Measure ``stage``'s training step and the cascade's sampling on this device; writes
-    <out>/<recipe>-<stage>-<device>.md and .json. Touches no data (synthetic batches)."""
+    <out>/<recipe>-<stage>-<device>.md and .json. Touches no data (synthetic batches).
+    ``backbones``: measure the training step with each of these backbones (the stage's args),
+    side by side."""
     from .bench import denoiser_speed, environment, matmul_ceiling, training_speed
 
     recipe, plugins = load_recipe(recipe_path, overrides=overrides)
@@ -329,17 +339,25 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     num_classes = make_dataset(plugins, recipe, "train").num_classes
     stages = _build_all(plugins, recipe, num_classes, device)
     target = next(s for s in stages if s.spec.name == stage)
+    variants = {}  # backbone name -> the stage built with it (validated before any timing)
+    for name in backbones or [target.spec.backbone.name]:
+        swapped, _ = load_recipe(recipe_path, overrides=[*overrides, f"stages.{stage}.backbone.name={name}"],
+                                 plugins=plugins)
+        variants[name] = build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,
+                                     device=device)
     ceiling, ceiling_kind = matmul_ceiling(device)
     modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
     rows = []
-    for compiled in modes:
-        speed = training_speed(target, num_classes=num_classes, device=device, steps=steps,
-                               warmup=warmup, compile=compiled)
-        achieved = speed["flops_per_image"] * speed["images_per_s"]
-        rows.append({"what": f"train {stage} ({'compiled' if compiled else 'eager'})",
-                     "batch": target.spec.train.batch_size, "images/s": speed["images_per_s"],
-                     "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
-                     "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"]})
+    for name, variant in variants.items():
+        for compiled in modes:
+            speed = training_speed(variant, num_classes=num_classes, device=device, steps=steps,
+                                   warmup=warmup, compile=compiled)
+            achieved = speed["flops_per_image"] * speed["images_per_s"]
+            rows.append({"what": f"train {stage} {name} ({'compiled' if compiled else 'eager'})",
+                         "batch": variant.spec.train.batch_size, "images/s": speed["images_per_s"],
+                         "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
+                         "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"],
+                         "parameters (M)": sum(p.numel() for p in variant.backbone.parameters()) / 1e6})
     seconds_per_image = 0.0
     batch = recipe.sample.batch_size
     for st in chain_to(stages, stage):
@@ -347,10 +365,8 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
         seconds_per_image += per_image / evals
         rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image)", "batch": batch,
-                     "images/s": evals / per_image, "GFLOP/image": None, "TFLOP/s": None, "MFU": None,
-                     "peak GiB": None})
-    rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image,
-                 "GFLOP/image": None, "TFLOP/s": None, "MFU": None, "peak GiB": None})
+                     "images/s": evals / per_image})
+    rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image})
     table = pd.DataFrame(rows)
     env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
            "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),

@@ -7,6 +7,8 @@ samples, and wall time. A row of exact samples gives the Monte Carlo noise floor
 
 from __future__ import annotations
 
+import inspect
+
 import platform
 import time
 from pathlib import Path
@@ -25,8 +27,8 @@ ERRORS = ("mean_error", "cov_error", "weight_error")
 
 def compare_samplers(plugins: Plugins, *, steps: list[int], num_samples: int, timesteps: int = 1000,
                      seed: int = 0, progress: bool = True) -> pd.DataFrame:
-    """Errors of every sampler that takes ``steps`` (with x_0 clipping off where it can be
-    turned off), on a cosine process of ``timesteps`` steps."""
+    """Errors of every sampler that takes ``steps`` and needs no other argument (with x_0
+    clipping off where it can be turned off), on a cosine process of ``timesteps`` steps."""
     mixture = GaussianMixture.default()
     process = DiscreteProcess(cosine(timesteps=timesteps).betas())
     exact = mixture.sample(num_samples, torch.Generator().manual_seed(seed))
@@ -34,7 +36,8 @@ def compare_samplers(plugins: Plugins, *, steps: list[int], num_samples: int, ti
     jobs = []
     for component in plugins["samplers"]:
         params = component.parameters()
-        if "steps" in params:
+        required = [p for p in params.values() if p.default is inspect.Parameter.empty]
+        if "steps" in params and not required:
             extra = {"clip_x0": False} if "clip_x0" in params else {}
             jobs += [(component.name, component, n, extra) for n in steps if n <= timesteps]
     for name, component, n, extra in tqdm(jobs, desc="samplers", disable=not progress):

@@ -159,7 +159,7 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())
     train, *sampling = report["rows"]
-    assert train["what"] == "train sr16 (eager)" and train["images/s"] > 0
+    assert train["what"] == "train sr16 adm-unet (eager)" and train["images/s"] > 0
     assert 0 < train["MFU"] < 1 and train["GFLOP/image"] > 0
     assert [r["what"].split(" (")[0] for r in sampling] == ["sample base8", "sample sr16", "sample cascade to sr16"]
     assert {"device", "torch", "ceiling", "command"} <= set(report["environment"])

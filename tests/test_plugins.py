@@ -121,3 +121,18 @@ def test_installed_package_found_through_entry_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "cdmbench", "plugins"], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert "testsched 4.5.6" in out and "schedules: ep-constant" in out
+
+
+def test_an_installed_plugin_that_fails_to_import_is_reported_by_name(tmp_path, monkeypatch):
+    """A package whose entry point cannot be imported is a failure of that plugin only."""
+    dist = tmp_path / "cdmbench_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cdmbench-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[cdmbench]\nbroken = cdmbench_no_such_module\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(UserWarning, match="plugin 'broken'.*failed to import"):
+        plugins = load_plugins()
+    assert "No module named 'cdmbench_no_such_module'" in plugins.failures["broken"]
+    assert "ddpm" in plugins["samplers"] and "broken" not in plugins.versions
+    monkeypatch.setenv("CDMBENCH_BLOCK_PLUGINS", "broken")
+    assert "broken" not in load_plugins().failures
