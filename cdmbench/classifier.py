@@ -121,7 +121,8 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
 
     The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
     16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
-    30/60/80 of 90 epochs). Returns the model in eval mode on ``device``.
+    30/60/80 of 90 epochs). Each batch is indexed where ``images`` lie and moved to ``device``
+    alone, so a memory-mapped set is never read whole. Returns the model in eval mode on ``device``.
     """
     _check_images(images)
     _check_labels(labels, n=len(images), num_classes=num_classes)
@@ -133,7 +134,6 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
         raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
     device = torch.device(device)
     model = build_classifier(arch=arch, num_classes=num_classes, seed=seed).to(device).train()
-    images, labels = images.to(device), labels.to(device=device, dtype=torch.long)  # moved once
 
     decay = [p for p in model.parameters() if p.dim() > 1]  # no weight decay on norms and biases
     rest = [p for p in model.parameters() if p.dim() <= 1]
@@ -153,10 +153,11 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
             for i, index in enumerate(torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total, schedule)
-                index = index.to(device)
-                x = _augment(images[index].float(), augment)
+                # Only the batch moves to the device: the images may be a memory-mapped dataset.
+                x = _augment(images[index.to(images.device)].to(device).float(), augment)
+                y = labels[index.to(labels.device)].to(device=device, dtype=torch.long)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = F.cross_entropy(model(x), labels[index])
+                    loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -66,7 +66,8 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 def prepare(recipe, overrides, split, workers, shard_size, progress):
     """Preprocess RECIPE's data once (centre crop, area downsampling to every resolution of the
     cascade) into memory-mapped uint8 arrays under $CDMBENCH_DATA_CACHE (default
-    ~/.cache/cdmbench/datasets); resumable. `cdmbench run` then trains from them."""
+    ~/.cache/cdmbench/datasets); resumable. `cdmbench run` then trains from them and evaluation
+    reads them (prepare --split test too)."""
     from .prepare import prepare as prepare_data
 
     prepare_data(recipe, overrides=overrides, split=split, workers=workers, shard_size=shard_size,

@@ -13,39 +13,31 @@ statistics.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .cache import digest
 from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import load_ema
-from .data import load_images, to_uint8
+from .data import to_uint8
 from .errors import CdmbenchError
 from .interfaces import FeatureNetwork
 from .metrics import statistics
 from .plugins import Plugins
+from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe
 
 FEATURE_BATCH = 100
-
-
-def default_cache_dir() -> Path:
-    """``$CDMBENCH_CACHE``, else ``~/.cache/cdmbench``."""
-    return Path(os.environ.get("CDMBENCH_CACHE", Path.home() / ".cache" / "cdmbench"))
-
-
-def digest(obj: Any, n: int = 16) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
 def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -147,6 +139,7 @@ class EvalContext:
     protocol: dict[str, Any]
     progress: bool = True
     stage: str = ""  # the stage whose samples are evaluated
+    echo: Callable[[str], None] = print
     _networks: dict[str, FeatureNetwork] = field(default_factory=dict)
     _features: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     _real: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
@@ -157,11 +150,12 @@ class EvalContext:
         return self.real_at(split, self.resolution)
 
     def real_at(self, split: str, resolution: int) -> tuple[Tensor, Tensor]:
+        """As ``real`` at ``resolution``: memory-mapped when the split is prepared at it (index
+        batches of it; a whole-set ``.float()`` or ``torch.cat`` would read it all into memory)."""
         key = f"{split}@{resolution}"
         if key not in self._real:
-            dataset = make_component(self.plugins, "datasets", self.recipe.data, "data", split=split,
-                                     resolution=max(s.resolution for s in self.recipe.stages))
-            data = load_images(dataset, [resolution], progress=self.progress)
+            data = split_images(self.recipe, make_dataset(self.plugins, self.recipe, split), split,
+                                [resolution], progress=self.progress, echo=self.echo)
             self._real[key] = (data.images[resolution], data.labels)
         return self._real[key]
 

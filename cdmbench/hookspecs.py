@@ -55,7 +55,8 @@ def cdmbench_register_features(register):
     train_data=..., data_key=..., cache_dir=..., device=..., progress=...) ->
     ``interfaces.FeatureNetwork``;
     ``train_data()`` loads the training split (uint8 (N, 3, H, W) images, labels) for networks
-    that are trained on the dataset, ``data_key`` identifies that data for caching."""
+    that are trained on the dataset, memory-mapped when it is prepared (index batches of it),
+    ``data_key`` identifies that data for caching."""
 
 
 @hookspec

@@ -13,8 +13,9 @@ Every image is centre-cropped and area-downsampled to each resolution of the cas
 The data cache is ``$CDMBENCH_DATA_CACHE``, else ``<cdmbench cache>/datasets``. Worker processes
 fill the shards (each builds its own dataset from the recipe); a shard is marked done only
 after its rows are flushed to disk, so an interrupted prepare resumes at the shards not done.
-Training maps the arrays (``np.load(mmap_mode="c")``) and reads only the rows of each batch, so
-a dataset larger than memory trains from disk through the page cache.
+Training and evaluation (``split_images``) map the arrays (``np.load(mmap_mode="c")``) and read
+only the rows of each batch, so a dataset larger than memory is used from disk through the page
+cache.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .cache import default_cache_dir, digest
 from .cascade import make_component
 from .data import ImageSet, load_images, resize_items
 from .errors import CdmbenchError
-from .evaluate import default_cache_dir, digest
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
 from .recipe import Component, Recipe, load_recipe
@@ -192,7 +193,7 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
         "benchmark": getattr(dataset, "benchmark", recipe.data.name),
         "arrays": {f"images-{r}.npy": f"uint8 ({n}, 3, {r}, {r})" for r in layout["resolutions"]}
         | {"labels.npy": f"int64 ({n},)"}})
-    echo(f"prepared: {folder} (cdmbench run uses it for this data and these resolutions)")
+    echo(f"prepared: {folder} (cdmbench run and evaluate use it for this data and these resolutions)")
     return folder
 
 
@@ -206,20 +207,39 @@ def load_prepared(folder: Path) -> ImageSet:
     return ImageSet(images, labels, manifest["num_classes"], manifest["class_names"])
 
 
-def training_images(recipe: Recipe, dataset: Dataset, *, progress: bool = True,
-                    echo=print) -> ImageSet:
-    """The prepared train split when there is one, else every image read into memory."""
-    folder = cache_folder(recipe, "train")
+_said: set[tuple[Path, str]] = set()  # (cache folder, message): each is said once per process
+
+
+def split_images(recipe: Recipe, dataset: Dataset, split: str, needed: list[int] | None = None, *,
+                 limit: int | None = None, progress: bool = True, echo=print) -> ImageSet:
+    """``split`` of the recipe's data (``dataset``) at the resolutions ``needed`` (default: the
+    cascade's), its first ``limit`` images or all: the prepared arrays, memory-mapped, when
+    ``cdmbench prepare --split SPLIT`` wrote them at these resolutions, else read into memory."""
+    needed = needed or resolutions(recipe)
+    folder = cache_folder(recipe, split)
+
+    def say(message: str) -> None:
+        if (folder, message) not in _said:
+            _said.add((folder, message))
+            echo(message)
+
     if (folder / MANIFEST).exists():
         data = load_prepared(folder)
-        if data.class_names != list(dataset.class_names):
-            raise CdmbenchError(f"the prepared data in {folder} has other class names than the "
-                                f"dataset ({data.num_classes} classes, now {dataset.num_classes}): "
-                                "the data changed since it was prepared; delete the folder and run "
-                                "cdmbench prepare again")
-        echo(f"training data: {len(data)} prepared images, memory-mapped from {folder}")
-        return data
-    unfinished = f" (an unfinished one is in {folder})" if folder.exists() else ""
-    echo(f"training data: reading every image into memory; for a large dataset run `cdmbench "
-         f"prepare RECIPE` once{unfinished} to preprocess it to disk")
-    return load_images(dataset, resolutions(recipe), progress=progress)
+        missing = sorted(set(needed) - set(data.images))
+        if not missing:
+            if data.class_names != list(dataset.class_names):
+                raise CdmbenchError(f"the prepared data in {folder} has other class names than the "
+                                    f"dataset ({data.num_classes} classes, now {dataset.num_classes}): "
+                                    "the data changed since it was prepared; delete the folder and "
+                                    "run cdmbench prepare again")
+            say(f"{split} data: {len(data)} prepared images, memory-mapped from {folder}")
+            return ImageSet({r: data.images[r][:limit] for r in needed}, data.labels[:limit],
+                            data.num_classes, data.class_names)
+        say(f"{split} data at {missing} px: not a resolution of the cascade, so not prepared; "
+            "reading every image into memory")
+    else:
+        command = "cdmbench prepare RECIPE" + ("" if split == "train" else f" --split {split}")
+        unfinished = f" (an unfinished one is in {folder})" if folder.exists() else ""
+        say(f"{split} data: reading every image into memory; for a large dataset run `{command}` "
+            f"once{unfinished} to preprocess it to disk")
+    return load_images(dataset, needed, limit=limit, progress=progress)

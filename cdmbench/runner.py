@@ -12,19 +12,18 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from .cache import default_cache_dir, digest
 from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
-from .data import load_images
 from .errors import CdmbenchError
 from .grids import save_grid
 from .plugins import Plugins
-from .prepare import make_dataset, training_images
+from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import baseline_frame, comparison_table, read_results, results_table
 from .rundir import RunDir, result_row
 from . import distributed
-from .evaluate import (EvalContext, chain_to, default_cache_dir, digest, generate_samples, load_chain,
-                       read_samples)
+from .evaluate import EvalContext, chain_to, generate_samples, load_chain, read_samples
 from .sweep import apply_manifest
 from .train import read_log, train_stage, validation_bpd
 
@@ -108,7 +107,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
         folder = run_dir.stage(st.spec.name)
         if stage in (None, st.spec.name):
             if data is None:
-                data = training_images(recipe, dataset, progress=progress, echo=echo)
+                data = split_images(recipe, dataset, "train", progress=progress, echo=echo)
             models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
                                                metadata={**metadata, "stage": st.spec.name},
                                                device=device, progress=progress)
@@ -122,7 +121,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                                value=log[-1]["images_per_s"], unit="img/s", n=log[-1]["step"],
                                higher_is_better=True, protocol={"device": str(device)})])
             if st.spec.train.val_bpd_images and main:
-                _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress)
+                _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress, echo)
         elif _final_step_done(folder, st.spec.train.steps):
             load_ema(folder / "checkpoints", st.backbone)
             models[st.spec.name] = st.backbone.eval()
@@ -163,10 +162,10 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
 
 
 def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
-                device, progress: bool) -> None:
+                device, progress: bool, echo) -> None:
     resolutions = [st.spec.resolution] + ([st.low_res] if st.low_res else [])
-    test = load_images(make_dataset(plugins, recipe, "test"), resolutions,
-                       limit=st.spec.train.val_bpd_images, progress=progress)
+    test = split_images(recipe, make_dataset(plugins, recipe, "test"), "test", resolutions,
+                        limit=st.spec.train.val_bpd_images, progress=progress, echo=echo)
     bpd = validation_bpd(st, model, test, seed=recipe.seed, device=device, progress=progress)
     run_dir.add_results([result_row(
         run=recipe.name, stage=st.spec.name, metric="val_bpd", value=bpd, unit="bits/dim",
@@ -201,7 +200,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
     into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
     run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
-        run_path, stage, metrics, overrides, progress)
+        run_path, stage, metrics, overrides, progress, echo)
     spec = recipe.evaluate
     chain = chain_to(stages, context.stage)
     steps = load_chain(chain, run_dir.path)
@@ -257,7 +256,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     from .sweep import MANIFEST, best_levels, sweep
 
     run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
-        run_path, stage, metrics, overrides, progress)
+        run_path, stage, metrics, overrides, progress, echo)
     for metric in built:
         if hasattr(metric, "prepare"):
             metric.prepare(context)
@@ -293,7 +292,7 @@ def samplers_of(chain: list[StageModel]) -> dict[str, str]:
     return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip() for st in chain}
 
 
-def _evaluation_setup(run_path, stage, metrics, overrides, progress):
+def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
     """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
     run_dir = RunDir(Path(run_path))
     run_yaml = run_dir.path / "run.yaml"
@@ -318,7 +317,7 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress):
     context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
                           resolution=recipe.stage(target).resolution, recipe=recipe, plugins=plugins,
                           device=device, cache_dir=default_cache_dir(), protocol={}, progress=progress,
-                          stage=target)
+                          stage=target, echo=echo)
     built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
     return run_dir, recipe, plugins, dataset, stages, context, built
 

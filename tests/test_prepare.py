@@ -1,7 +1,8 @@
 """`cdmbench prepare`: an image folder preprocessed into memory-mapped arrays at every resolution,
-resumed after a failure, and used by `run` for training."""
+resumed after a failure, and used by `run` for training and by evaluation for real data."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -14,9 +15,11 @@ from safetensors.torch import load_file
 import cdmbench.prepare
 from cdmbench.builtin.datasets import imagefolder, square_resize
 from cdmbench.cli import cli
-from cdmbench.data import area_resize
+from cdmbench.data import area_resize, load_images
 from cdmbench.errors import CdmbenchError
-from cdmbench.prepare import load_prepared, prepare
+from cdmbench.evaluate import EvalContext
+from cdmbench.prepare import load_prepared, make_dataset, prepare, split_images
+from cdmbench.recipe import Component, load_recipe
 from cdmbench.runner import run
 from conftest import TINY_RECIPE
 
@@ -30,24 +33,42 @@ def quiet(*_):
     pass
 
 
+def write_images(folder, sizes, seed=0):
+    """Real JPEG and PNG files of the given sizes and aspect ratios, in three classes."""
+    rng = np.random.default_rng(seed)
+    for i, (w, h, ext) in enumerate(sizes):
+        (folder / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / CLASSES[i % 3] / f"{i}.{ext}")
+    return folder
+
+
+def tiny_recipe_of(tmp_path, folder):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY_RECIPE.replace("{name: shapes, args: {num_images: 40}}",
+                                        f"{{name: imagefolder, args: {{path: '{folder}'}}}}"))
+    return path
+
+
 @pytest.fixture
 def folder(tmp_path):
-    """Nine real JPEG and PNG files of different sizes and aspect ratios in three classes."""
-    rng = np.random.default_rng(0)
-    for i, (w, h, ext) in enumerate(SIZES):
-        (tmp_path / "images" / CLASSES[i % 3]).mkdir(parents=True, exist_ok=True)
-        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(tmp_path / "images" / CLASSES[i % 3] / f"{i}.{ext}")
-    return tmp_path / "images"
+    """Nine images of different sizes and aspect ratios in three classes."""
+    return write_images(tmp_path / "images", SIZES)
 
 
 @pytest.fixture
 def recipe(tmp_path, folder, monkeypatch):
     monkeypatch.setenv("CDMBENCH_DATA_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "tiny.yaml"
-    path.write_text(TINY_RECIPE.replace("{name: shapes, args: {num_images: 40}}",
-                                        f"{{name: imagefolder, args: {{path: '{folder}'}}}}"))
-    return path
+    return tiny_recipe_of(tmp_path, folder)
+
+
+@pytest.fixture
+def split_recipe(tmp_path, monkeypatch):
+    """The tiny recipe on a folder with a train split (the nine images) and a test split (six)."""
+    monkeypatch.setenv("CDMBENCH_DATA_CACHE", str(tmp_path / "cache"))
+    write_images(tmp_path / "split" / "train", SIZES)
+    write_images(tmp_path / "split" / "test", SIZES[3:], seed=1)
+    return tiny_recipe_of(tmp_path, tmp_path / "split")
 
 
 def test_prepare_writes_every_resolution_as_the_in_memory_loader(recipe, folder):
@@ -102,9 +123,6 @@ def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):
 
     prepare(recipe, workers=0, progress=False, echo=quiet)
 
-    def no_reading(*args, **kwargs):
-        raise AssertionError("images read although a prepared cache exists")
-
     monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
     said.clear()
     run(recipe, out=tmp_path / "cached", echo=said.append, **common)
@@ -116,12 +134,109 @@ def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):
 
 
 def test_a_cache_of_other_classes_is_refused(recipe, folder):
-    from cdmbench.prepare import training_images
-    from cdmbench.recipe import load_recipe
-
     out = prepare(recipe, workers=0, progress=False, echo=quiet)
     (folder / "dog").rename(folder / "dingo")  # the folder changed after it was prepared
     parsed, _ = load_recipe(recipe)
     with pytest.raises(CdmbenchError, match=f"{re.escape(str(out))} has other class names .* delete "
                                             "the folder and run cdmbench prepare again"):
-        training_images(parsed, imagefolder(path=str(folder), split="train", resolution=16), echo=quiet)
+        split_images(parsed, imagefolder(path=str(folder), split="train", resolution=16), "train",
+                     echo=quiet)
+
+
+def mapped_file(tensor):
+    """The file mapped at ``tensor``'s memory (from /proc/self/maps), or None for other memory
+    (anonymous, [heap])."""
+    address = tensor.data_ptr()
+    for line in open("/proc/self/maps"):
+        fields = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in fields[0].split("-"))
+        if lo <= address < hi and len(fields) == 6 and fields[5].startswith("/"):
+            return fields[5].strip()
+    return None
+
+
+def context_of(recipe, cache_dir, said):
+    parsed, plugins = load_recipe(recipe)
+    return EvalContext(samples=None, labels=None, num_classes=3, resolution=16, recipe=parsed,
+                       plugins=plugins, device="cpu", cache_dir=cache_dir, protocol={}, progress=False,
+                       stage="sr16", echo=said.append)
+
+
+def in_memory(recipe, split, resolution):
+    parsed, plugins = load_recipe(recipe)
+    data = load_images(make_dataset(plugins, parsed, split), [resolution], progress=False)
+    return data.images[resolution], data.labels
+
+
+def no_reading(*args, **kwargs):
+    raise AssertionError("images read although a prepared cache exists")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_evaluation_maps_the_prepared_splits_and_falls_back_elsewhere(split_recipe, tmp_path, monkeypatch):
+    expected = {(s, r): in_memory(split_recipe, s, r) for s in ("train", "test") for r in (8, 16)}
+    folders = {s: prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
+               for s in ("train", "test")}
+    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    said = []
+    context = context_of(split_recipe, tmp_path / "eval", said)
+    for (split, r), (images, labels) in expected.items():
+        real, real_labels = context.real_at(split, r)
+        assert mapped_file(real) == str(folders[split] / f"images-{r}.npy"), (split, r)  # not a copy
+        assert torch.equal(real, images) and torch.equal(real_labels, labels), (split, r)
+    assert said == [f"{s} data: {n} prepared images, memory-mapped from {folders[s]}"
+                    for s, n in (("train", 9), ("test", 6))]  # once per split
+
+    monkeypatch.setattr(cdmbench.prepare, "load_images", load_images)
+    real, _ = context.real_at("test", 4)  # not a resolution of the cascade: not prepared
+    assert mapped_file(real) is None and torch.equal(real, in_memory(split_recipe, "test", 4)[0])
+    assert said[-1] == "test data at [4] px: not a resolution of the cascade, so not prepared; " \
+                      "reading every image into memory"
+
+
+def test_evaluation_without_a_prepared_split_reads_it_and_says_how_to_prepare(split_recipe, tmp_path):
+    prepare(split_recipe, split="train", workers=0, progress=False, echo=quiet)
+    said = []
+    context = context_of(split_recipe, tmp_path / "eval", said)
+    for r in (8, 16):
+        real, labels = context.real_at("test", r)
+        expected = in_memory(split_recipe, "test", r)
+        assert torch.equal(real, expected[0]) and torch.equal(labels, expected[1])
+    assert [s for s in said if s.startswith("test data")] == [  # said once
+        "test data: reading every image into memory; for a large dataset run `cdmbench prepare "
+        "RECIPE --split test` once to preprocess it to disk"]
+
+
+def test_reference_statistics_from_the_prepared_splits_equal_the_in_memory_ones(split_recipe, tmp_path,
+                                                                                 monkeypatch):
+    """The classifier features train on the train split and the statistics run over the test
+    split: the same network (by hash) and the same statistics from memory-mapped data."""
+    spec = Component("classifier", {"epochs": 1})
+    memory = context_of(split_recipe, tmp_path / "memory", [])
+    network = memory.feature_network(spec)
+    mu, sigma, n = memory.reference_statistics(network, "native", "test")
+
+    for s in ("train", "test"):
+        prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
+    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    mapped = context_of(split_recipe, tmp_path / "mapped", [])  # another cache: computed afresh
+    mapped_network = mapped.feature_network(spec)
+    assert mapped_network.sha256 == network.sha256  # trained on the same images in the same order
+    mapped_mu, mapped_sigma, mapped_n = mapped.reference_statistics(mapped_network, "native", "test")
+    assert n == mapped_n == 6
+    np.testing.assert_array_equal(mapped_mu, mu)
+    np.testing.assert_array_equal(mapped_sigma, sigma)
+
+
+def test_run_reports_bits_per_dim_on_the_prepared_test_split(split_recipe, tmp_path, monkeypatch):
+    for s in ("train", "test"):
+        prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
+    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    said = []
+    out = run(split_recipe, out=tmp_path / "run", stage="base8", progress=False, echo=said.append, overrides=[
+        "stages.base8.train.steps=1", "stages.base8.loss=hybrid", "stages.base8.train.val_bpd_images=2",
+        "stages.base8.schedule={name: cosine, args: {timesteps: 4}}",
+        "stages.base8.sampler={name: ddpm, args: {variance: learned, steps: 2}}"])
+    assert any(s.startswith("test data: 6 prepared images, memory-mapped") for s in said)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [(r["n"], r["protocol"]["split"]) for r in rows if r["metric"] == "val_bpd"] == [(2, "test")]
