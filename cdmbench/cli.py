@@ -121,21 +121,33 @@ def ls(kind, pattern):
 
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
-def report(run_dirs):
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Copy the (single) run's report.md with its figures and results.jsonl here, "
+                   "e.g. reports/<name>, to commit them.")
+def report(run_dirs, out):
     """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
     from .plugins import load_plugins
-    from .report import baseline_frame, comparison_table, read_results, results_table
+    from .report import baseline_frame, comparison_table, read_results, results_table, sweep_table
+    from .runner import export_report
 
     dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
     if not dirs:
         raise CdmbenchError("no run directories given and none found under ./runs")
     results = read_results(dirs)
     click.echo(_format(results_table(results)))
+    sweeps = sweep_table(results)
+    if not sweeps.empty:
+        click.echo("\nsampling-level sweeps:")
+        click.echo(_format(sweeps))
     compared = comparison_table(results, baseline_frame(load_plugins()))
     if not compared.empty:
         click.echo("\nbeside published results (comparable only when dataset, resolution, metric "
                    "and protocol match):")
         click.echo(compared.to_string(index=False))
+    if out is not None:
+        if len(dirs) != 1:
+            raise CdmbenchError(f"--out exports one run's report; got {len(dirs)} run directories")
+        click.echo(f"written: {export_report(dirs[0], out)}")
 
 
 @cli.command()
@@ -197,14 +209,15 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
 @click.option("--backbone", "backbones", multiple=True, metavar="NAME",
               help="Measure the stage's training step with this backbone instead, same args "
                    "(repeatable: side by side in one table, e.g. adm-unet and diffusers-unet2d).")
-def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones):
+@click.option("--smoke", is_flag=True, help=SMOKE_HELP)
+def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smoke):
     """Measure a stage's training step (images/s, FLOPs, MFU against a measured matmul ceiling,
     peak memory; eager and compiled) and the cascade's sampling throughput, on synthetic data."""
     from .runner import bench as run_bench
 
     command = " ".join(["cdmbench", *sys.argv[1:]]) if sys.argv else ""
     run_bench(recipe, stage=stage, overrides=overrides, steps=steps, warmup=warmup, compile=compile_,
-              out=out, command=command, backbones=list(backbones), echo=click.echo)
+              out=out, command=command, backbones=list(backbones), smoke=smoke, echo=click.echo)
 
 
 @cli.command(name="compare-samplers")

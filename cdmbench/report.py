@@ -21,11 +21,18 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
     frame = pd.DataFrame(rows)
     if frame.empty:
         return frame
-    # One value per (run, stage, metric, feature network, mode): the newest.
+    # One value per (run, stage, metric, feature network, mode, sweep point): the newest.
     protocol = frame["protocol"] if "protocol" in frame else pd.Series([{}] * len(frame))
-    frame["_features"] = protocol.map(lambda p: f"{p.get('features', '')}/{p.get('mode', '')}")
-    frame = frame.drop_duplicates(["run", "stage", "metric", "_features"], keep="last")
-    return frame.drop(columns="_features").reset_index(drop=True)
+    frame["_key"] = protocol.map(lambda p: json.dumps(
+        [p.get("features"), p.get("mode"), p.get("level"), p.get("inputs"), p.get("samplers") if "level" in p else None],
+        sort_keys=True, default=str))
+    frame = frame.drop_duplicates(["run", "stage", "metric", "_key"], keep="last")
+    return frame.drop(columns="_key").reset_index(drop=True)
+
+
+def is_sweep(protocol: dict) -> bool:
+    """Rows of `cdmbench sweep` carry the sampling level they were measured at."""
+    return "level" in protocol
 
 
 def _features_label(protocol: dict) -> str:
@@ -36,10 +43,13 @@ def _features_label(protocol: dict) -> str:
 
 
 def results_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, stage), one column per metric (with its unit)."""
+    """One row per (run, stage), one column per metric (with its unit); sweep rows are left to
+    ``sweep_table``."""
     if frame.empty:
         return frame
-    ok = frame[frame["status"] == "ok"].copy()
+    ok = frame[(frame["status"] == "ok") & ~frame["protocol"].map(is_sweep)].copy()
+    if ok.empty:
+        return ok
     ok["metric"] = (ok["metric"] + ok["protocol"].map(_features_label)
                     + ok["unit"].map(lambda u: f" [{u}]" if u else ""))
     order = list(dict.fromkeys(ok["stage"]))
@@ -86,6 +96,8 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
         return pd.DataFrame()
     out = []
     for _, row in results[results["status"] == "ok"].iterrows():
+        if is_sweep(row["protocol"]):
+            continue
         published = baselines[baselines["metric"] == row["metric"]]
         if published.empty:
             continue
@@ -104,3 +116,53 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
                         "published res": b["resolution"], "published": b["value"],
                         "comparable": comparability(row["metric"], row["protocol"], b["protocol"])})
     return pd.DataFrame(out)
+
+
+# --- sample-time level sweeps ------------------------------------------------------------------
+
+def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `cdmbench sweep`: one row per (run, stage, sampler, inputs, level s), one
+    column per metric."""
+    if frame.empty:
+        return frame
+    rows = frame[(frame["status"] == "ok") & frame["protocol"].map(is_sweep)].copy()
+    if rows.empty:
+        return rows
+    rows["sampler"] = [p.get("samplers", {}).get(stage, "") for p, stage in zip(rows["protocol"], rows["stage"])]
+    rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
+    rows["s"] = rows["protocol"].map(lambda p: p["level"])
+    rows["metric"] = rows["metric"] + rows["unit"].map(lambda u: f" [{u}]" if u else "")
+    table = rows.pivot_table(index=["run", "stage", "sampler", "inputs", "s"], columns="metric",
+                             values="value", aggfunc="last")
+    table.columns.name = None
+    return table.sort_index()
+
+
+def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
+    """One panel per (stage, metric): the metric against s, one line per input kind and sampler
+    (CDM's figure: with generated inputs FID should first improve with s, then worsen)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(table.index.get_level_values("stage")))
+    metrics = list(table.columns)
+    fig, axes = plt.subplots(len(stages), len(metrics), figsize=(4.5 * len(metrics), 3.4 * len(stages)),
+                             squeeze=False)
+    for i, stage in enumerate(stages):
+        part = table.xs(stage, level="stage")
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            for (run, sampler, inputs), line in part[metric].dropna().groupby(level=["run", "sampler", "inputs"]):
+                s = line.index.get_level_values("s")
+                ax.plot(s, line.values, marker="o", linestyle="-" if inputs == "generated" else "--",
+                        label=f"{inputs}, {sampler.split(' ')[0]}" if sampler else inputs)
+            ax.set(title=f"{stage}: {metric}", xlabel="sampling level s")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .grids import save_grid
 from .plugins import Plugins
 from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
-from .report import baseline_frame, comparison_table, read_results, results_table
+from .report import baseline_frame, comparison_table, plot_sweeps, read_results, results_table, sweep_table
 from .rundir import RunDir, result_row
 from . import distributed
 from .evaluate import EvalContext, chain_to, generate_samples, load_chain, read_samples
@@ -147,18 +148,54 @@ def _fmt(frame: pd.DataFrame) -> str:
 
 
 def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
-    """report.md: the run's results and, for metrics with published rows, the comparison with
-    them. Returns the results table as text."""
+    """report.md: the run's results, for metrics with published rows the comparison with them,
+    the sample-time level sweeps (table and sweeps.png) and each stage's sample grid. Returns the
+    results table as text."""
     results = read_results([run_dir.path])
     table = _fmt(results_table(results))
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
     compared = comparison_table(results, baseline_frame(plugins))
     if not compared.empty:
-        text += ("\n## Beside published results\n\nA pair is comparable only when dataset, "
-                 "resolution, metric and protocol (feature network, mode, n, reference split) "
-                 f"match.\n\n```text\n{compared.to_string(index=False)}\n```\n")
+        other_data = compared["comparable"].str.startswith("no: published rows are on")
+        text += "\n## Beside published results\n\n"
+        if other_data.all():  # one sentence instead of a row per metric
+            text += f"None: {compared['comparable'].iloc[0].removeprefix('no: ')}.\n"
+        else:
+            text += ("A pair is comparable only when dataset, resolution, metric and protocol "
+                     "(feature network, mode, n, reference split) match.\n\n"
+                     f"```text\n{compared[~other_data].to_string(index=False)}\n```\n")
+    sweeps = sweep_table(results)
+    if not sweeps.empty:
+        plot_sweeps(sweeps, run_dir.path / "sweeps.png")
+        text += ("\n## Sampling-level sweeps\n\nEach SR stage evaluated at sampling-time "
+                 "augmentation levels s, on the previous stage's samples (generated) and on "
+                 "downsampled test images (ground-truth); `cdmbench sweep`.\n\n"
+                 f"```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
+    grids = [st.name for st in recipe.stages if (run_dir.path / st.name / "samples" / "grid.png").exists()]
+    if grids:
+        text += "\n## Samples\n\nOne row per class.\n\n" + "".join(
+            f"**{name}**\n\n![{name}]({name}/samples/grid.png)\n\n" for name in grids)
     (run_dir.path / "report.md").write_text(text)
     return table
+
+
+def export_report(run_path: str | Path, out: str | Path) -> Path:
+    """Copy a run's report.md with the figures it links (sweeps.png, grids) to ``out``, e.g.
+    reports/<name>/ for committing."""
+    import shutil
+
+    run_path, out = Path(run_path), Path(out)
+    report = run_path / "report.md"
+    if not report.is_file():
+        raise CdmbenchError(f"{run_path} has no report.md; run `cdmbench run` or `cdmbench evaluate` first")
+    out.mkdir(parents=True, exist_ok=True)
+    text = report.read_text()
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        (out / link).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_path / link, out / link)
+    shutil.copyfile(run_path / "results.jsonl", out / "results.jsonl")
+    (out / "report.md").write_text(text)
+    return out / "report.md"
 
 
 def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
@@ -325,14 +362,14 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
 def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | list[str] = (),
           steps: int = 10, warmup: int = 3, compile: bool | None = None,
           out: str | Path = "reports/bench", command: str = "", backbones: list[str] | None = None,
-          echo=print) -> Path:
+          smoke: bool = False, echo=print) -> Path:
     """Measure ``stage``'s training step and the cascade's sampling on this device; writes
     <out>/<recipe>-<stage>-<device>.md and .json. Touches no data (synthetic batches).
     ``backbones``: measure the training step with each of these backbones (the stage's args),
     side by side."""
     from .bench import denoiser_speed, environment, matmul_ceiling, training_speed
 
-    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
     recipe.stage(stage)
     device = resolve_device(recipe.device)
     num_classes = make_dataset(plugins, recipe, "train").num_classes
@@ -341,7 +378,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     variants = {}  # backbone name -> the stage built with it (validated before any timing)
     for name in backbones or [target.spec.backbone.name]:
         swapped, _ = load_recipe(recipe_path, overrides=[*overrides, f"stages.{stage}.backbone.name={name}"],
-                                 plugins=plugins)
+                                 plugins=plugins, smoke=smoke, echo=lambda *_: None)
         variants[name] = build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,
                                      device=device)
     ceiling, ceiling_kind = matmul_ceiling(device)

@@ -56,6 +56,21 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     signature = json.loads(next((out / "sr16" / "eval_samples").glob("*/signature.json")).read_text())
     assert signature["stages"][1]["levels"] == [manifest["sr16"]["level"]]
 
+    # The report keeps sweep rows out of the results table and shows them as a table and plot.
+    from cdmbench.report import read_results, results_table, sweep_table
+    frame = read_results([out])
+    evaluated = [r for r in results(out) if r["metric"] == "is_classifier" and "level" not in r["protocol"]]
+    table = results_table(frame)
+    column = next(c for c in table.columns if c.startswith("is_classifier"))
+    assert table.loc[("tiny", "sr16"), column] == evaluated[-1]["value"]
+    assert len(sweep_table(frame)) == 6  # 2 input kinds x 3 levels
+    text = (out / "report.md").read_text()
+    assert "## Sampling-level sweeps" in text and (out / "sweeps.png").stat().st_size > 0
+    exported = CliRunner().invoke(cli, ["report", str(out), "--out", str(tmp_path / "exported")])
+    assert exported.exit_code == 0, exported.output
+    assert {p.name for p in (tmp_path / "exported").rglob("*.png")} == {"sweeps.png", "grid.png"}
+    assert (tmp_path / "exported" / "sr16" / "samples" / "grid.png").exists()
+
 
 def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
