@@ -32,7 +32,7 @@ from .checkpoint import load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
 from .interfaces import FeatureNetwork
-from .metrics import statistics
+from .metrics import RunningStatistics
 from .plugins import Plugins
 from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe
@@ -208,7 +208,11 @@ class EvalContext:
             except Exception as exc:  # a damaged cache entry is recomputed
                 warnings.warn(f"reference statistics {path} unreadable ({exc}); recomputing")
         images, _ = self.real(split)
-        mu, sigma = statistics(self.features(network, images, mode))
+        running = RunningStatistics()  # batch by batch: a split's features need not fit in memory
+        for i in tqdm(range(0, len(images), FEATURE_BATCH), desc=f"{network.name} reference {split}",
+                      leave=False, disable=not self.progress):
+            running.update(network.features(images[i:i + FEATURE_BATCH], mode=mode))
+        mu, sigma = running.result()
         path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),
                          key=np.array(json.dumps(key, sort_keys=True, default=str)))

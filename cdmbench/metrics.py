@@ -19,6 +19,35 @@ def statistics(features: Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+class RunningStatistics:
+    """Mean and covariance of features that arrive in batches, without keeping them: sums of x
+    and x x^T in float64, shifted by the first batch's mean against cancellation. Equals
+    ``statistics`` of the concatenated features (to float64 rounding)."""
+
+    def __init__(self):
+        self.n, self.shift, self.total, self.outer = 0, None, None, None
+
+    def update(self, features: Tensor | np.ndarray) -> None:
+        f = np.asarray(features, dtype=np.float64)
+        if f.ndim != 2:
+            raise ValueError(f"need (B, D) features, got shape {f.shape}")
+        if self.shift is None:
+            self.shift = f.mean(axis=0)
+            self.total = np.zeros_like(self.shift)
+            self.outer = np.zeros((len(self.shift), len(self.shift)))
+        d = f - self.shift
+        self.n += len(f)
+        self.total += d.sum(axis=0)
+        self.outer += d.T @ d
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError(f"need at least 2 feature vectors, got {self.n}")
+        mean = self.total / self.n
+        cov = (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+        return self.shift + mean, cov
+
+
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
     """FID between two (mean, covariance) pairs, by clean-fid."""
     from cleanfid.fid import frechet_distance as clean_fid_distance

@@ -17,7 +17,7 @@ from cdmbench.builtin.baselines import PUBLISHED
 from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
-from cdmbench.metrics import frechet_distance, inception_score, statistics
+from cdmbench.metrics import RunningStatistics, frechet_distance, inception_score, statistics
 from cdmbench.plugins import load_plugins
 from cdmbench.report import baseline_frame, comparability
 from cdmbench.runner import run
@@ -44,6 +44,20 @@ def test_fid_matches_an_independent_implementation():
     f2 = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
     got = frechet_distance(*statistics(f1), *statistics(f2))
     assert got == pytest.approx(reference_fid(f1, f2), rel=1e-6)
+
+
+def test_running_statistics_over_batches_equal_the_statistics_of_all_features():
+    """Streaming reference statistics (large offset, uneven batches) equal np.cov of the whole."""
+    rng = np.random.default_rng(2)
+    f = 1000.0 + rng.normal(size=(1037, 8)) @ rng.normal(size=(8, 8))
+    running = RunningStatistics()
+    for lo in range(0, len(f), 100):
+        running.update(f[lo:lo + 100])
+    mu, sigma = running.result()
+    ref_mu, ref_sigma = statistics(f)
+    assert np.allclose(mu, ref_mu, rtol=0, atol=1e-9) and np.allclose(sigma, ref_sigma, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="at least 2 feature vectors"):
+        RunningStatistics().result()
 
 
 def test_inception_score_closed_forms():
