@@ -42,6 +42,11 @@ def compare_samplers(plugins: Plugins, *, steps: list[int], num_samples: int, ti
             jobs += [(component.name, component, n, extra) for n in steps if n <= timesteps]
     for name, component, n, extra in tqdm(jobs, desc="samplers", disable=not progress):
         sampler = component.build({"steps": n, **extra})
+        try:
+            sampler.check(process, learned_variance=False)
+        except ValueError as exc:  # e.g. a scheduler whose own spacing cannot take n steps
+            rows.append({"sampler": name, "steps": n, "seconds": None, "note": str(exc)})
+            continue
         generators = [torch.Generator().manual_seed(seed * num_samples + i) for i in range(num_samples)]
         start = time.perf_counter()
         x = sampler.sample(denoise=mixture.denoise, process=process, shape=(mixture.dim, 1, 1),
@@ -86,7 +91,9 @@ def write_report(table: pd.DataFrame, out: Path, *, command: str, num_samples: i
         "Errors: ||sample mean - mean||, ||sample covariance - covariance||_F, and the total\n"
         "variation between the component weights and the samples' mean posterior weights.\n"
         "`exact samples` is the Monte Carlo floor. Seconds are wall time with a free denoiser\n"
-        "(per-image noise generation dominates); with a network, cost is proportional to steps.\n\n"
+        "(per-image noise generation dominates); with a network, cost is proportional to steps.\n"
+        "Every registered sampler that needs no argument but `steps` is run, plugins' included\n"
+        "(`diffusers-*`: plugins/cdmbench-diffusers); a row with a `note` is one the sampler refused.\n\n"
         f"Made by `{command}` on {platform.platform()} ({platform.machine()}), torch {torch.__version__}.\n\n"
         "![errors vs steps](samplers.png)\n\n"
         "## Covariance error by steps\n\n```text\n"

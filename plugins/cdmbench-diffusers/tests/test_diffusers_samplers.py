@@ -107,3 +107,10 @@ def test_stochastic_scheduler_draws_per_image_noise():
                      progress=False)
     assert torch.allclose(alone, batch[2:3], atol=1e-6)
     assert not torch.allclose(batch[0], batch[1])
+
+
+def test_a_native_spacing_that_repeats_a_timestep_is_refused_before_sampling():
+    """UniPC's own linspace spacing of T steps over T trained steps repeats one (NaN otherwise)."""
+    with pytest.raises(ValueError, match="repeats a timestep .* use at most 999 steps"):
+        sampler("diffusers-unipc", steps=1000).check(DISCRETE, learned_variance=False)
+    sampler("diffusers-unipc", steps=999).check(DISCRETE, learned_variance=False)

@@ -88,6 +88,12 @@ class DiffusersSampler:
                                  f"level {stop_at} (truncated conditioning augmentation); use "
                                  "diffusers-dpm-solver-multistep, diffusers-euler, diffusers-heun "
                                  "or a cdmbench sampler for that stage")
+            own = self.scheduler(table)
+            own.set_timesteps(self.steps)
+            if len(set(own.timesteps.tolist())) < len(own.timesteps) and own.order == 1:
+                raise ValueError(f"{self.name}'s own spacing of {self.steps} steps over {table.T} trained "
+                                 f"steps repeats a timestep (a zero-length step gives NaN); use at most "
+                                 f"{table.T - 1} steps")
             return None
         lowest = table.index(process, stop_at) + 1 if stop_at > 0 else 0
         if not 1 <= self.steps <= table.T - lowest:
@@ -128,6 +134,8 @@ class DiffusersSampler:
             if self.clip_x0:
                 pred = pred.clipped(x_t, abar)
             x = scheduler.step(pred.eps.to(x.dtype), t, x, **extra).prev_sample
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{self.name} produced NaN or inf with {self.steps} steps on this process")
         return x.clamp(-1.0, 1.0)
 
 
