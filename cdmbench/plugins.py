@@ -110,6 +110,8 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
             raise PluginError(
                 f"plugin module '{name}' cannot be imported ({exc}); install the package that "
                 "provides it or add its folder to PYTHONPATH") from None
+        if pm.is_registered(module):  # already loaded, e.g. through its entry point
+            continue
         pm.register(module, name=name)
         package, versions[name] = _module_distribution(module)
         if package:

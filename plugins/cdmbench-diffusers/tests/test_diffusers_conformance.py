@@ -17,3 +17,12 @@ ARGS = {  # beyond the defaults: a small U-Net, and a scheduler for the generic 
 @pytest.mark.parametrize("component", components("diffusers"), ids=lambda c: f"{c.kind}:{c.name}")
 def test_component_conforms(component):
     check_component(component, ARGS.get(component.name, {}))
+
+
+def test_a_recipe_may_list_the_installed_plugin_module_too():
+    """Listing the module under a recipe's `plugins:` (as a run from the source tree does) while
+    its entry point is installed loads it once."""
+    from cdmbench.plugins import load_plugins
+
+    plugins = load_plugins(["cdmbench_diffusers.plugin"])
+    assert plugins["samplers"].get("diffusers-euler").plugin == "diffusers"

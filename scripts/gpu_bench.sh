@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Issue 4's device check in one command (H100, < 10 min): the gpu-marked tests, then
+# `cdmbench bench` of ADM-64's U-Net (adm-unet and, when diffusers imports, diffusers-unet2d side
+# by side; eager and compiled; MFU against a bf16 matmul ceiling measured in the same run) and of
+# the CDM ImageNet-64 base stage. Tables land in $OUT/bench (copy them to reports/bench/).
+# diffusers is not on the device machine: carry wheels in .whl/ (see .library/device/README.md;
+# diffusers 0.42.1 needs importlib_metadata, zipp, regex, huggingface-hub>=1.32) or its row is skipped.
+set -euo pipefail
+export PYTHONPATH=.:plugins/cdmbench-diffusers/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CDMBENCH_CACHE="$OUT/cache"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+python -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
+if python -c "import pytest" 2>/dev/null; then python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py; fi
+BACKBONES=(--backbone adm-unet)
+PLUGIN=()
+if python -c "import diffusers" 2>/dev/null; then
+    BACKBONES+=(--backbone diffusers-unet2d)
+    PLUGIN=(--set 'plugins=[cdmbench_diffusers.plugin]')   # no entry point without pip install
+fi
+echo "== $(date +%T) bench ADM-64 U-Net"
+python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5 "${BACKBONES[@]}" \
+    "${PLUGIN[@]}" --out "$OUT/bench"
+echo "== $(date +%T) bench CDM ImageNet-64 base stage (batch 256 per GPU)"
+python -m cdmbench bench recipes/cdm_imagenet64.yaml --stage base32 --steps 20 --warmup 5 \
+    --set stages.base32.train.batch_size=256 --set sample.batch_size=256 --out "$OUT/bench"
+echo "== $(date +%T) done"
