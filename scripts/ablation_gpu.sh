@@ -3,11 +3,17 @@
 # stages that differ only in conditioning augmentation), evaluate each SR stage (FID vs the test
 # split with classifier features, CAS), sweep the sampling level s of the two Gaussian stages
 # (generated and ground-truth inputs), and export the report to $OUT/report.
-#   device:  OUT=... bash scripts/ablation_gpu.sh   with Fashion-MNIST's IDX files carried in
-#            data/fashion-mnist (cp /usr/share/datasets/fashion-mnist/* data/fashion-mnist/)
+#   device:  OUT=... bash scripts/ablation_gpu.sh   carrying data/fashion-mnist (Fashion-MNIST's
+#            IDX files: cp /usr/share/datasets/fashion-mnist/* data/fashion-mnist/) and .whl (the
+#            clean-fid wheel FID needs: pip download --no-deps -d .whl clean-fid; the device
+#            machine has its other needs, scipy, matplotlib, timm)
 #   check:   SCALE=smoke OUT=/tmp/abl bash scripts/ablation_gpu.sh   (same procedure, tiny, CPU)
 set -euo pipefail
-export PYTHONPATH=. CDMBENCH_CACHE="$OUT/cache"
+export PYTHONPATH=. PYTHONUNBUFFERED=1 CDMBENCH_CACHE="$OUT/cache"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PYTHONPATH
+fi
 RUN="$OUT/run"
 if [ "${SCALE:-full}" = smoke ]; then
     FLAGS=(--smoke)   # shrunk stages, generated shapes data, a few samples

@@ -3,8 +3,9 @@
 # `cdmbench bench` of ADM-64's U-Net (adm-unet and, when diffusers imports, diffusers-unet2d side
 # by side; eager and compiled; MFU against a bf16 matmul ceiling measured in the same run) and of
 # the CDM ImageNet-64 base stage. Tables land in $OUT/bench (copy them to reports/bench/).
-# diffusers is not on the device machine: carry wheels in .whl/ (see .library/device/README.md;
-# diffusers 0.42.1 needs importlib_metadata, zipp, regex, huggingface-hub>=1.32) or its row is skipped.
+# diffusers is not on the device machine: carry its wheel in .whl/ (carry: [".whl"]; made by
+# `pip download --no-deps -d .whl diffusers==0.42.1 clean-fid`; its needs regex, huggingface-hub
+# and safetensors are there), or the diffusers row is skipped.
 set -euo pipefail
 export PYTHONPATH=.:plugins/cdmbench-diffusers/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CDMBENCH_CACHE="$OUT/cache"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -24,6 +25,9 @@ echo "== $(date +%T) bench ADM-64 U-Net"
 python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5 "${BACKBONES[@]}" \
     "${PLUGIN[@]}" --out "$OUT/bench"
 echo "== $(date +%T) bench CDM ImageNet-64 base stage (batch 256 per GPU)"
+# bench trains on synthetic batches and needs only the class count: `shapes` with ImageNet's 1000
+# stands in for the Hub dataset (no `datasets` package and no network on the device machine)
 python -m cdmbench bench recipes/cdm_imagenet64.yaml --stage base32 --steps 20 --warmup 5 \
+    --set 'data={name: shapes, args: {num_classes: 1000}}' \
     --set stages.base32.train.batch_size=256 --set sample.batch_size=256 --out "$OUT/bench"
 echo "== $(date +%T) done"
