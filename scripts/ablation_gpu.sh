@@ -8,6 +8,8 @@
 #            clean-fid wheel FID needs: pip download --no-deps -d .whl clean-fid; the device
 #            machine has its other needs, scipy, matplotlib, timm)
 #   check:   SCALE=smoke OUT=/tmp/abl bash scripts/ablation_gpu.sh   (same procedure, tiny, CPU)
+# Arguments go to `cdmbench run` and the bench, e.g. --set stages.base16.train.steps=4000 when the
+# first phase's images/s say the budget does not fit.
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 CDMBENCH_CACHE="$OUT/cache"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -25,9 +27,9 @@ fi
 phase() { echo "== $(date +%T) $*"; }
 phase "throughput of one SR stage (decides whether the budget fits)"
 python -m cdmbench bench recipes/ablation_augmentation.yaml --stage sr_gauss --steps 20 --no-compile \
-    --out "$OUT/bench" "${FLAGS[@]}"
+    --out "$OUT/bench" "${FLAGS[@]}" "$@"
 phase "train"
-python -m cdmbench run recipes/ablation_augmentation.yaml --out "$RUN" --no-progress "${FLAGS[@]}"
+python -m cdmbench run recipes/ablation_augmentation.yaml --out "$RUN" --no-progress "${FLAGS[@]}" "$@"
 for stage in sr_none sr_gauss sr_trunc sr_blur; do
     phase "evaluate $stage"
     python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
