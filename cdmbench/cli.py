@@ -95,7 +95,7 @@ def plugins():
 
     loaded = load_plugins()
     for name in loaded.versions:
-        package = loaded.package(name)
+        package = loaded.packages.get(name)
         click.echo(f"{name} {loaded.versions[name] or '(no version)'}"
                    + (f" (package {package})" if package else ""))
         for kind, names in loaded.components_of(name).items():

@@ -60,10 +60,6 @@ class Plugins:
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
 
-    def package(self, plugin: str) -> str | None:
-        """The distribution that provides ``plugin`` (``cdmbench`` for the built-ins)."""
-        return self.packages.get(plugin) or self.packages.get(plugin.rsplit(".", 1)[0])
-
     def components_of(self, plugin: str) -> dict[str, list[str]]:
         return {kind: [c.name for c in reg if c.plugin == plugin]
                 for kind, reg in self.registries.items()}
@@ -76,7 +72,7 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     versions: dict[str, str | None] = {}
-    packages: dict[str, str] = {"cdmbench.builtin": "cdmbench"}
+    packages: dict[str, str] = {}
     failures: dict[str, str] = {}
     only, blocked = _env_set("CDMBENCH_PLUGINS"), _env_set("CDMBENCH_BLOCK_PLUGINS")
     for name in blocked:
@@ -85,7 +81,7 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
     for name in BUILTIN_MODULES:
         if name not in blocked:
             pm.register(importlib.import_module(name), name=name)
-            versions[name] = __version__
+            versions[name], packages[name] = __version__, "cdmbench"
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if (only and ep.name not in only) or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):

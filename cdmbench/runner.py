@@ -377,6 +377,9 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     target = next(s for s in stages if s.spec.name == stage)
     variants = {}  # backbone name -> the stage built with it (validated before any timing)
     for name in backbones or [target.spec.backbone.name]:
+        if name == target.spec.backbone.name:
+            variants[name] = target
+            continue
         swapped, _ = load_recipe(recipe_path, overrides=[*overrides, f"stages.{stage}.backbone.name={name}"],
                                  plugins=plugins, smoke=smoke, echo=lambda *_: None)
         variants[name] = build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,

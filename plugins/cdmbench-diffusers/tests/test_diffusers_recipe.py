@@ -1,5 +1,5 @@
-"""A cascade with a diffusers sampler on one stage and diffusers-unet2d on the other trains,
-resumes from its checkpoints and samples through `cdmbench run`, as a user would run it."""
+"""A cascade with a diffusers sampler on one stage and diffusers-unet2d on the other trains and
+samples through `cdmbench run`, as a user would run it; bench and sweep use the plugin's components."""
 
 from pathlib import Path
 

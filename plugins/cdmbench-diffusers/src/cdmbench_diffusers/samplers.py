@@ -29,7 +29,8 @@ CONTINUOUS_LEVELS = 1000  # N: levels a continuous process is read at
 
 
 class Table:
-    """A process's trained levels as a scheduler sees them: abar_i and noise_cond_i, i < T."""
+    """A process's trained levels as a scheduler sees them: betas, abar and sigma of steps
+    i < T, and the (abar, noise_cond) the backbone gets at a scheduler timestep."""
 
     def __init__(self, process: Any):
         self.continuous = process.continuous
@@ -79,51 +80,46 @@ class DiffusersSampler:
         except (TypeError, ValueError) as exc:
             raise ValueError(f"{self.name} cannot be built with config {self.config}: {exc}") from None
 
-    def timesteps(self, process: Any, table: Table, stop_at: float) -> list[int] | None:
-        """The trained steps to visit (the process's grid, then the stop level), or None for the
-        scheduler's own spacing."""
+    def prepared(self, process: Any, stop_at: float, device: torch.device | str = "cpu"):
+        """(table, scheduler with its timesteps set, stop timestep or None). Custom timesteps:
+        the process's grid (evenly spaced trained steps from T - 1 down, as cdmbench's samplers
+        walk them), then the stop level; otherwise the scheduler's own spacing."""
+        table = Table(process)
+        scheduler = self.scheduler(table)
         if not self.custom_timesteps:
             if stop_at > 0:
                 raise ValueError(f"{self.name} takes no custom timesteps, so it cannot stop early at "
                                  f"level {stop_at} (truncated conditioning augmentation); use "
                                  "diffusers-dpm-solver-multistep, diffusers-euler, diffusers-heun "
                                  "or a cdmbench sampler for that stage")
-            own = self.scheduler(table)
-            own.set_timesteps(self.steps)
-            if len(set(own.timesteps.tolist())) < len(own.timesteps) and own.order == 1:
+            scheduler.set_timesteps(self.steps, device=device)
+            ts = scheduler.timesteps.tolist()
+            if len(set(ts)) < len(ts) and scheduler.order == 1:
                 raise ValueError(f"{self.name}'s own spacing of {self.steps} steps over {table.T} trained "
                                  f"steps repeats a timestep (a zero-length step gives NaN); use at most "
                                  f"{table.T - 1} steps")
-            return None
+            return table, scheduler, None
         lowest = table.index(process, stop_at) + 1 if stop_at > 0 else 0
         if not 1 <= self.steps <= table.T - lowest:
             raise ValueError(f"cannot take {self.steps} steps between level {stop_at} and pure noise "
                              f"on {table.T} trained levels; choose 1..{table.T - lowest}")
-        # evenly spaced trained steps from T - 1 down, as cdmbench's own samplers walk them
         kept = np.linspace(table.T - 1, lowest, self.steps).round().astype(int).tolist()
-        return kept + ([table.index(process, stop_at)] if stop_at > 0 else [])
+        stop = lowest - 1 if stop_at > 0 else None
+        scheduler.set_timesteps(timesteps=kept + ([stop] if stop is not None else []), device=device)
+        return table, scheduler, stop
 
     def check(self, process: Any, *, learned_variance: bool) -> None:
         """Schedulers solve with the mean only, so learned variances are ignored."""
-        table = Table(process)
-        self.timesteps(process, table, 0.0)
-        self.scheduler(table)
+        self.prepared(process, 0.0)
 
     @torch.no_grad()
     def sample(self, *, denoise: Denoise, process: Any, shape: tuple[int, ...],
                generators: list[torch.Generator], device: torch.device | str = "cpu",
                stop_at: float = 0.0, progress: bool = True) -> Tensor:
-        table = Table(process)
-        scheduler = self.scheduler(table)
-        custom = self.timesteps(process, table, stop_at)
-        if custom is None:
-            scheduler.set_timesteps(self.steps, device=device)
-        else:
-            scheduler.set_timesteps(timesteps=custom, device=device)
+        table, scheduler, stop = self.prepared(process, stop_at, device)
         n = len(generators)
         x = randn_per_image(shape, generators, device) * scheduler.init_noise_sigma
         extra = {"generator": generators} if self.takes_generator else {}
-        stop = custom[-1] if stop_at > 0 else None
         for t in tqdm(scheduler.timesteps, desc=self.name, leave=False, disable=not progress):
             x_t = scheduler.scale_model_input(x, t)  # sigma-space schedulers scale x to x_t
             if stop is not None and int(t) == stop and getattr(scheduler, "state_in_first_order", True):
