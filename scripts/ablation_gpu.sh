@@ -8,6 +8,7 @@
 #            clean-fid wheel FID needs: pip download --no-deps -d .whl clean-fid; the device
 #            machine has its other needs, scipy, matplotlib, timm)
 #   check:   SCALE=smoke OUT=/tmp/abl bash scripts/ablation_gpu.sh   (same procedure, tiny, CPU)
+#   CPU:     SCALE=cpu OUT=/tmp/abl bash scripts/ablation_gpu.sh     (the ablation shrunk to a 2-core CPU)
 # Arguments go to `cdmbench run` and the bench, e.g. --set stages.base16.train.steps=4000 when the
 # first phase's images/s say the budget does not fit.
 set -euo pipefail
@@ -17,13 +18,28 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 RUN="$OUT/run"
-if [ "${SCALE:-full}" = smoke ]; then
-    FLAGS=(--smoke)   # shrunk stages, generated shapes data, a few samples
-    SWEEP=()
-else
-    FLAGS=(--set "data.args.path=${FMNIST:-data/fashion-mnist}")
-    SWEEP=(--num-samples 2000)
-fi
+DATA=(--set "data.args.path=${FMNIST:-data/fashion-mnist}")
+case "${SCALE:-full}" in
+full)  FLAGS=("${DATA[@]}"); SWEEP=(--num-samples 2000); GAUSS=0,0.05,0.1,0.2,0.3,0.5; TRUNC=0.05,0.1,0.2,0.3,0.5;;
+smoke) # shrunk stages, generated shapes data, a few samples
+    FLAGS=(--smoke); SWEEP=(); GAUSS=0,0.05,0.1,0.2,0.3,0.5; TRUNC=0.05,0.1,0.2,0.3,0.5;;
+cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quickstart-sized
+       # nets, fp32, fewer steps and samples, a 4-epoch feature classifier; every SR stage
+       # predicts x0 (at this budget eps-prediction drifts in colour: recipes/quickstart.yaml)
+    FLAGS=("${DATA[@]}" --set sample.batch_size=100
+        --set "stages.base16.backbone.args={channels: 32, channel_mult: [1, 2, 2], num_res_blocks: 1, attention_resolutions: [8]}"
+        --set "stages.base16.train={steps: 2500, batch_size: 32, lr: 2.0e-3, ema: 0.995, checkpoint_every: 500, log_every: 100}"
+        --set "stages.base16.sampler.args.steps=50"
+        --set "evaluate.num_samples=1000" --set evaluate.batch_size=250 --set evaluate.shard_size=250
+        --set "evaluate.metrics=[{name: fid, args: {features: classifier, features_args: {epochs: 4}, reference: [test]}}, {name: cas, args: {epochs: 30}}]")
+    for s in sr_none sr_gauss sr_trunc sr_blur; do
+        FLAGS+=(--set "stages.$s.backbone.args={channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: []}"
+            --set "stages.$s.train={steps: 1000, batch_size: 32, lr: 2.0e-3, ema: 0.995, checkpoint_every: 500, log_every: 100}"
+            --set "stages.$s.loss=x0" --set "stages.$s.sampler.args.steps=25")
+    done
+    SWEEP=(--num-samples 1000 --metrics fid); GAUSS=0,0.1,0.2,0.3,0.5; TRUNC=0.1,0.2,0.3,0.5;;
+*) echo "SCALE must be full, smoke or cpu, got '$SCALE'" >&2; exit 2;;
+esac
 phase() { echo "== $(date +%T) $*"; }
 phase "throughput of one SR stage (decides whether the budget fits)"
 python -m cdmbench bench recipes/ablation_augmentation.yaml --stage sr_gauss --steps 20 --no-compile \
@@ -35,9 +51,9 @@ for stage in sr_none sr_gauss sr_trunc sr_blur; do
     python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
 done
 phase "sweep sr_gauss"
-python -m cdmbench sweep "$RUN" --stage sr_gauss --levels 0,0.05,0.1,0.2,0.3,0.5 --no-progress "${SWEEP[@]}"
+python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
 phase "sweep sr_trunc"
-python -m cdmbench sweep "$RUN" --stage sr_trunc --levels 0.05,0.1,0.2,0.3,0.5 --inputs generated --no-progress "${SWEEP[@]}"
+python -m cdmbench sweep "$RUN" --stage sr_trunc --levels "$TRUNC" --inputs generated --no-progress "${SWEEP[@]}"
 phase "report"
 python -m cdmbench report "$RUN" --out "$OUT/report"
 phase "done"
