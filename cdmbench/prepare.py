@@ -60,9 +60,19 @@ def data_cache_root() -> Path:
     return Path(os.environ.get("CDMBENCH_DATA_CACHE") or default_cache_dir() / "datasets")
 
 
+def _resolved(value: Any) -> Any:
+    """A string naming an existing file or folder as its absolute path, anything else as is."""
+    if isinstance(value, str) and value and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
 def cache_folder(recipe: Recipe, split: str) -> Path:
-    """Where ``split`` of the recipe's data is prepared for the recipe's resolutions."""
-    key = {"format": FORMAT, "data": {"name": recipe.data.name, "args": recipe.data.args},
+    """Where ``split`` of the recipe's data is prepared for the recipe's resolutions. Data args
+    that name local paths enter the key resolved, so ``data/x`` run from the project folder and
+    its absolute path share one cache, and the same relative path elsewhere does not."""
+    args = {k: _resolved(v) for k, v in recipe.data.args.items()}
+    key = {"format": FORMAT, "data": {"name": recipe.data.name, "args": args},
            "split": split, "resolutions": resolutions(recipe)}
     return data_cache_root() / digest(key)
 

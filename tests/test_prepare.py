@@ -77,9 +77,9 @@ def test_prepare_writes_every_resolution_as_the_in_memory_loader(recipe, folder)
     assert "5 shards to write, 2 worker processes" in said[0]
     data = load_prepared(out)
     files = imagefolder(path=str(folder), split="train", resolution=16)
-    assert len(data) == len(SIZES) and data.labels.tolist() == files.labels  # the folder's order
+    assert len(data) == len(SIZES) and data.labels.tolist() == files.items[1]  # the folder's order
     assert data.class_names == CLASSES and data.num_classes == 3
-    for i, path in enumerate(files.files):  # decoded and resized as the dataset does
+    for i, path in enumerate(files.items[0]):  # decoded and resized as the dataset does
         with Image.open(path) as image:
             top = torch.from_numpy(np.array(square_resize(image, 16))).permute(2, 0, 1)[None]
         for r in (8, 16):
@@ -91,7 +91,7 @@ def test_prepare_writes_every_resolution_as_the_in_memory_loader(recipe, folder)
 
 
 def test_an_interrupted_prepare_resumes_and_equals_an_uninterrupted_one(recipe, folder, tmp_path, monkeypatch):
-    files = imagefolder(path=str(folder), split="train", resolution=16).files
+    files, _ = imagefolder(path=str(folder), split="train", resolution=16).items
     good = files[BAD].read_bytes()
     files[BAD].write_bytes(b"not an image")
     with pytest.raises(CdmbenchError, match=rf"images 4..5: imagefolder: cannot read image .*{files[BAD].name}"
@@ -240,3 +240,25 @@ def test_run_reports_bits_per_dim_on_the_prepared_test_split(split_recipe, tmp_p
     assert any(s.startswith("test data: 6 prepared images, memory-mapped") for s in said)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [(r["n"], r["protocol"]["split"]) for r in rows if r["metric"] == "val_bpd"] == [(2, "test")]
+
+
+def test_a_prepared_split_is_used_without_listing_the_image_folder(split_recipe, tmp_path):
+    expected = in_memory(split_recipe, "test", 16)
+    prepare(split_recipe, split="test", workers=0, progress=False, echo=quiet)
+    for image in (tmp_path / "split" / "test").rglob("*.*"):
+        image.unlink()  # the class folders stay: the dataset is still built, but has no files
+    real, labels = context_of(split_recipe, tmp_path / "eval", []).real_at("test", 16)
+    assert torch.equal(real, expected[0]) and torch.equal(labels, expected[1])
+
+
+def test_a_relative_data_path_shares_the_cache_of_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMBENCH_DATA_CACHE", str(tmp_path / "cache"))
+    for project in ("a", "b"):
+        write_images(tmp_path / project / "images", SIZES[:3], seed=len(project))
+    absolute, _ = load_recipe(tiny_recipe_of(tmp_path, tmp_path / "a" / "images"))
+    relative, _ = load_recipe(tiny_recipe_of(tmp_path, "images"))
+    monkeypatch.chdir(tmp_path / "a")
+    assert cdmbench.prepare.cache_folder(relative, "train") == cdmbench.prepare.cache_folder(absolute, "train")
+    in_a = cdmbench.prepare.cache_folder(relative, "train")
+    monkeypatch.chdir(tmp_path / "b")  # the same words name other images here
+    assert cdmbench.prepare.cache_folder(relative, "train") != in_a

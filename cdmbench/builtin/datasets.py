@@ -9,6 +9,7 @@ results use to find comparable published numbers.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
 from pathlib import Path
@@ -177,22 +178,28 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 class ImageFolder:
-    """Image files read lazily, one per item, with ``square_resize``."""
+    """Image files read lazily, one per item, with ``square_resize``. The files are listed on
+    first use, so a run or evaluation that reads a prepared cache never walks the folder."""
 
-    def __init__(self, files: list[Path], labels: list[int], *, class_names: list[str],
-                 resolution: int, benchmark: str):
-        self.files, self.labels = files, labels
+    def __init__(self, folder: Path, *, class_names: list[str], resolution: int, benchmark: str):
+        self.folder = folder
         self.class_names, self.num_classes = class_names, len(class_names)
         self.resolution, self.benchmark = resolution, benchmark
 
+    @functools.cached_property
+    def items(self) -> tuple[list[Path], list[int]]:
+        """The image files and their labels."""
+        return _list_images(self.folder, self.class_names)
+
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items[0])
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path = self.files[index]
+        files, labels = self.items
+        path = files[index]
         try:
             with Image.open(path) as image:
-                return square_resize(image, self.resolution), self.labels[index]
+                return square_resize(image, self.resolution), labels[index]
         except (UnidentifiedImageError, OSError) as exc:
             raise CdmbenchError(f"imagefolder: cannot read image {path} ({exc}); replace or "
                                 "delete the file") from None
@@ -253,8 +260,7 @@ def imagefolder(*, path: str, split: str, resolution: int,
     if extra:
         raise CdmbenchError(f"imagefolder: {folder} has class folders {sorted(extra)} that "
                             f"{train_dir} lacks; every class needs training images")
-    files, labels = _list_images(folder, class_names)
-    return ImageFolder(files, labels, class_names=class_names, resolution=resolution,
+    return ImageFolder(folder, class_names=class_names, resolution=resolution,
                        benchmark=benchmark or str(root))
 
 
