@@ -4,7 +4,10 @@ Training: images/s of the full step (forward, backward, AdamW, EMA) on synthetic
 stage's shapes, eager and compiled; FLOPs per training image counted by FlopCounterMode over one
 real step; achieved TFLOP/s and MFU against a matmul ceiling measured in the same run (bf16 on
 CUDA, fp32 on CPU); peak memory. Sampling: denoiser evaluations/s per stage at the sampling
-batch size, and the cascade's images/s with each stage's sampler step count.
+batch size, and the cascade's images/s with each stage's sampler step count. With ``profile``:
+where a step's time goes, by phase (batch, forward + backward, optimizer, EMA; each timed alone)
+and, within forward + backward, by operator kind (torch.profiler: GPU kernel time on CUDA, CPU
+self time on a CPU), with the heaviest operators or kernels by name.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ from __future__ import annotations
 import copy
 import platform
 import time
-from typing import Any
+from collections import Counter
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cascade import IMAGE_CHANNELS, StageModel
 from .data import ImageSet
-from .train import train_step, update_ema
+from .train import backward, make_batch, train_step, update_ema
 
 
 def matmul_ceiling(device: torch.device, *, size: int = 8192, repeats: int = 20) -> tuple[float, str]:
@@ -52,9 +56,92 @@ def synthetic_data(stage: StageModel, num_classes: int, n: int) -> ImageSet:
     return ImageSet(images, torch.arange(n) % num_classes, num_classes, [str(k) for k in range(num_classes)])
 
 
+# Operator kinds, first match wins: (kind, substrings of a lower-cased aten op or kernel name).
+# Inductor's fused Triton kernels are named after the ops they fuse ("triton_red_fused_native_
+# group_norm_..."), conv kernels after their pass ("xmma_fprop/dgrad/wgrad", "implicit_gemm").
+OP_KINDS = (
+    ("attention", ("scaled_dot_product", "flash", "fmha", "efficient_attention", "_attention")),
+    ("normalization", ("group_norm", "layer_norm", "batch_norm", "rowwisemoments", "fusedparams",
+                       "internalgradients", "gammabeta")),  # the last four: eager GroupNorm's CUDA kernels
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm")),
+    ("matmul", ("gemm", "aten::mm", "aten::addmm", "aten::bmm", "matmul", "cutlass")),
+    ("memory and layout", ("copy", "memcpy", "memset", "clone", "aten::cat", "nchwtonhwc", "nhwctonchw",
+                           "contiguous")),
+)
+OTHER = "elementwise and other"
+
+
+def op_kind(name: str) -> str:
+    """The kind of an aten operator or GPU kernel, from its name (``OP_KINDS``, else ``OTHER``)."""
+    lowered = name.lower()
+    if lowered.startswith("triton_") and "group_norm" not in lowered:
+        return OTHER  # a fused pointwise/reduction kernel, even when named after a conv's bias add
+    return next((kind for kind, keys in OP_KINDS if any(k in lowered for k in keys)), OTHER)
+
+
+def _per_step(fn: Callable[[], Any], device: torch.device, steps: int) -> float:
+    """Seconds per call of ``fn``, synchronised before and after each call."""
+    total = 0.0
+    for _ in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        total += time.perf_counter() - start
+    return total / steps
+
+
+def op_times(fn: Callable[[], Any], device: torch.device, steps: int) -> Counter:
+    """Seconds per call of ``fn`` by operator name: GPU kernel time on CUDA, CPU self time on a
+    CPU (torch.profiler)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    times: Counter = Counter()
+    for event in prof.events():
+        if cuda and event.device_type == DeviceType.CUDA:
+            times[event.name] += event.device_time_total / 1e6 / steps
+        elif not cuda and event.device_type == DeviceType.CPU and event.name.startswith("aten::"):
+            times[event.name] += event.self_cpu_time_total / 1e6 / steps
+    return times
+
+
+def time_breakdown(stage: StageModel, model: torch.nn.Module, runner: torch.nn.Module,
+                   ema: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSet,
+                   device: torch.device, steps: int, top: int = 8) -> dict[str, Any]:
+    """Milliseconds per training step by phase, and forward + backward by operator kind and by
+    its ``top`` heaviest operators or kernels."""
+    idx = torch.arange(stage.spec.train.batch_size)
+    batch = make_batch(stage, data, idx, device)
+
+    def forward_backward() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        backward(stage, runner, batch)
+
+    phases = {"batch (noise, flips, augmentation, transfer)": lambda: make_batch(stage, data, idx, device),
+              "forward + backward": forward_backward,
+              "optimizer (AdamW)": optimizer.step,
+              "EMA": lambda: update_ema(ema, model, stage.spec.train.ema)}
+    ms = {name: 1e3 * _per_step(fn, device, steps) for name, fn in phases.items()}
+    ops = op_times(forward_backward, device, steps)
+    kinds: Counter = Counter()
+    for name, seconds in ops.items():
+        kinds[op_kind(name)] += 1e3 * seconds
+    return {"phases": ms, "kinds": dict(kinds.most_common()),
+            "top": {name: 1e3 * seconds for name, seconds in ops.most_common(top)},
+            "profiled": "GPU kernel time" if device.type == "cuda" else "CPU self time"}
+
+
 def training_speed(stage: StageModel, *, num_classes: int, device: torch.device, steps: int,
-                   warmup: int, compile: bool) -> dict[str, Any]:
-    """images/s, FLOPs per image and peak memory of the stage's training step."""
+                   warmup: int, compile: bool, profile: bool = False) -> dict[str, Any]:
+    """images/s, FLOPs per image and peak memory of the stage's training step; with ``profile``
+    also its ``time_breakdown``."""
     spec = stage.spec.train
     model = copy.deepcopy(stage.backbone).to(device)
     if spec.channels_last:
@@ -85,8 +172,11 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
         step()
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"images_per_s": spec.batch_size * steps / seconds, "flops_per_image": flops_per_image,
-            "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    speed = {"images_per_s": spec.batch_size * steps / seconds, "flops_per_image": flops_per_image,
+             "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    if profile:
+        speed["breakdown"] = time_breakdown(stage, model, runner, ema, optimizer, data, device, steps)
+    return speed
 
 
 @torch.no_grad()

@@ -210,14 +210,18 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
               help="Measure the stage's training step with this backbone instead, same args "
                    "(repeatable: side by side in one table, e.g. adm-unet and diffusers-unet2d).")
 @click.option("--smoke", is_flag=True, help=SMOKE_HELP)
-def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smoke):
+@click.option("--profile", is_flag=True,
+              help="Add where a training step's time goes: batch, forward + backward, optimizer and "
+                   "EMA, and forward + backward by operator kind (torch.profiler).")
+def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smoke, profile):
     """Measure a stage's training step (images/s, FLOPs, MFU against a measured matmul ceiling,
     peak memory; eager and compiled) and the cascade's sampling throughput, on synthetic data."""
     from .runner import bench as run_bench
 
     command = " ".join(["cdmbench", *sys.argv[1:]]) if sys.argv else ""
     run_bench(recipe, stage=stage, overrides=overrides, steps=steps, warmup=warmup, compile=compile_,
-              out=out, command=command, backbones=list(backbones), smoke=smoke, echo=click.echo)
+              out=out, command=command, backbones=list(backbones), smoke=smoke, profile=profile,
+              echo=click.echo)
 
 
 @cli.command(name="compare-samplers")

@@ -359,14 +359,29 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
     return run_dir, recipe, plugins, dataset, stages, context, built
 
 
+def _breakdown_tables(breakdowns: dict[str, dict[str, Any]]) -> str:
+    """Markdown: ms per step by phase, by operator kind and by heaviest operator, one column per
+    measured variant (backbone, eager or compiled)."""
+    def table(key: str) -> str:
+        frame = pd.DataFrame({what: b[key] for what, b in breakdowns.items()}).fillna(0.0)
+        return _fmt(frame.rename_axis(key))
+
+    profiled = ", ".join(sorted({b["profiled"] for b in breakdowns.values()}))
+    return ("\n## Where a training step's time goes (ms per step)\n\n"
+            "Phases are timed one at a time with the device synchronised around each, so they add "
+            "up to a little more than a step. Forward + backward by operator kind and its heaviest "
+            f"operators come from torch.profiler ({profiled}).\n\n"
+            + "".join(f"```text\n{table(key)}\n```\n\n" for key in ("phases", "kinds", "top")))
+
+
 def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | list[str] = (),
           steps: int = 10, warmup: int = 3, compile: bool | None = None,
           out: str | Path = "reports/bench", command: str = "", backbones: list[str] | None = None,
-          smoke: bool = False, echo=print) -> Path:
+          smoke: bool = False, profile: bool = False, echo=print) -> Path:
     """Measure ``stage``'s training step and the cascade's sampling on this device; writes
     <out>/<recipe>-<stage>-<device>.md and .json. Touches no data (synthetic batches).
     ``backbones``: measure the training step with each of these backbones (the stage's args),
-    side by side."""
+    side by side. ``profile``: add where each training step's time goes (``time_breakdown``)."""
     from .bench import denoiser_speed, environment, matmul_ceiling, training_speed
 
     recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
@@ -386,13 +401,16 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
                                      device=device)
     ceiling, ceiling_kind = matmul_ceiling(device)
     modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
-    rows = []
+    rows, breakdowns = [], {}
     for name, variant in variants.items():
         for compiled in modes:
             speed = training_speed(variant, num_classes=num_classes, device=device, steps=steps,
-                                   warmup=warmup, compile=compiled)
+                                   warmup=warmup, compile=compiled, profile=profile)
             achieved = speed["flops_per_image"] * speed["images_per_s"]
-            rows.append({"what": f"train {stage} {name} ({'compiled' if compiled else 'eager'})",
+            what = f"{name} ({'compiled' if compiled else 'eager'})"
+            if profile:
+                breakdowns[what] = speed["breakdown"]
+            rows.append({"what": f"train {stage} {what}",
                          "batch": variant.spec.train.batch_size, "images/s": speed["images_per_s"],
                          "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
                          "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"],
@@ -416,11 +434,13 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     tag = env["device"].split(" (")[0].replace(" ", "-").lower()
     path = folder / f"{recipe.name}-{stage}-{tag}.md"
     text = _fmt(table.set_index("what"))
+    where = _breakdown_tables(breakdowns) if profile else ""
     path.write_text(f"# bench: {recipe.name}, stage {stage}\n\n"
                     + "".join(f"- {k}: {v}\n" for k, v in env.items())
                     + f"\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
-                    f"```text\n{text}\n```\n")
-    path.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1, default=str))
-    echo(text)
+                    f"```text\n{text}\n```\n" + where)
+    path.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "breakdown": breakdowns},
+                                                    indent=1, default=str))
+    echo(text + ("\n" + where if where else ""))
     echo(f"written: {path}")
     return path

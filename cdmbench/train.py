@@ -116,9 +116,15 @@ def train_step(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,
                device: torch.device | str) -> Tensor:
     """Forward and backward of this process's share of the global batch ``idx``; returns the
     global batch's mean loss (the same value in every process)."""
+    return backward(stage, model, make_batch(stage, data, idx, device))
+
+
+def backward(stage: StageModel, model: nn.Module, batch: Batch) -> Tensor:
+    """Forward and backward of this process's share of ``batch``, in micro-batches; returns the
+    batch's mean loss (the same value in every process)."""
     spec = stage.spec.train
-    batch = make_batch(stage, data, idx, device)
-    slices = _micro_batches(len(idx), spec.grad_accumulation)
+    device = batch.x0.device
+    slices = _micro_batches(len(batch.x0), spec.grad_accumulation)
     total = torch.zeros((), device=device)
     for k, sl in enumerate(slices):
         last = k == len(slices) - 1

@@ -2,7 +2,8 @@
 # Issue 4's device check in one command (H100, < 10 min): the gpu-marked tests, then
 # `cdmbench bench` of ADM-64's U-Net (adm-unet and, when diffusers imports, diffusers-unet2d side
 # by side; eager and compiled; MFU against a bf16 matmul ceiling measured in the same run) and of
-# the CDM ImageNet-64 base stage. Tables land in $OUT/bench (copy them to reports/bench/).
+# the CDM ImageNet-64 base stage, with where ADM-64's step time goes (--profile: phases and
+# operator kinds, for the MFU work). Tables land in $OUT/bench (copy them to reports/bench/).
 # diffusers is not on the device machine: carry its wheel in .whl/ (carry: [".whl"]; made by
 # `pip download --no-deps -d .whl diffusers==0.42.1 clean-fid`; its needs regex, huggingface-hub
 # and safetensors are there), or the diffusers row is skipped.
@@ -22,7 +23,7 @@ if python -c "import diffusers" 2>/dev/null; then
     PLUGIN=(--set 'plugins=[cdmbench_diffusers.plugin]')   # no entry point without pip install
 fi
 echo "== $(date +%T) bench ADM-64 U-Net"
-python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5 "${BACKBONES[@]}" \
+python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5 --profile "${BACKBONES[@]}" \
     "${PLUGIN[@]}" --out "$OUT/bench"
 echo "== $(date +%T) bench CDM ImageNet-64 base stage (batch 256 per GPU)"
 # bench trains on synthetic batches and needs only the class count: `shapes` with ImageNet's 1000

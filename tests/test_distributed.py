@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -127,8 +128,6 @@ def test_sigkill_and_restart_reach_the_weights_of_an_uninterrupted_run(tiny_reci
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe, tmp_path, monkeypatch):
     import errno
 
-    import pytest
-
     import cdmbench.checkpoint
     from cdmbench.errors import CheckpointError
 
@@ -155,7 +154,7 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     from cdmbench.cli import cli
 
     result = CliRunner().invoke(cli, ["bench", str(tiny_recipe), "--stage", "sr16", "--steps", "2",
-                                      "--warmup", "1", "--no-compile", "--out", str(tmp_path)])
+                                      "--warmup", "1", "--no-compile", "--profile", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     report = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())
     train, *sampling = report["rows"]
@@ -163,6 +162,35 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert 0 < train["MFU"] < 1 and train["GFLOP/image"] > 0
     assert [r["what"].split(" (")[0] for r in sampling] == ["sample base8", "sample sr16", "sample cascade to sr16"]
     assert {"device", "torch", "ceiling", "command"} <= set(report["environment"])
+
+    where = report["breakdown"]["adm-unet (eager)"]  # --profile: where a step's time goes
+    assert list(where["phases"]) == ["batch (noise, flips, augmentation, transfer)", "forward + backward",
+                                     "optimizer (AdamW)", "EMA"] and min(where["phases"].values()) > 0
+    assert where["phases"]["forward + backward"] == max(where["phases"].values())
+    assert where["kinds"]["convolution"] > 0 and where["kinds"]["normalization"] > 0
+    assert "aten::convolution_backward" in where["top"] and where["profiled"] == "CPU self time"
+    assert "Where a training step's time goes" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("aten::convolution_backward", "convolution"),
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("aten::native_group_norm_backward", "normalization"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>", "normalization"),
+    ("triton_red_fused_native_group_norm_silu_3", "normalization"),
+    ("triton_poi_fused_add_convolution_silu_7", "elementwise and other"),  # a conv's bias add, fused
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("void at::native::elementwise_kernel<128, 2>", "elementwise and other"),
+    ("aten::copy_", "memory and layout"),
+    ("Memcpy HtoD (Pageable -> Device)", "memory and layout"),
+])
+def test_operators_and_kernels_fall_into_their_kind(name, kind):
+    from cdmbench.bench import op_kind
+
+    assert op_kind(name) == kind
 
 
 def test_keep_the_newest_checkpoints_and_the_milestones(tiny_recipe, tmp_path):
@@ -174,8 +202,6 @@ def test_keep_the_newest_checkpoints_and_the_milestones(tiny_recipe, tmp_path):
 
 
 def test_tensorboard_logs_when_installed(tiny_recipe, tmp_path):
-    import pytest
-
     accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     out = run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
     events = accumulator.EventAccumulator(str(out / "base8" / "tensorboard"))
