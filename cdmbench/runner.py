@@ -17,6 +17,7 @@ from .cache import default_cache_dir, digest
 from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
 from .errors import CdmbenchError
+from .findings import findings_section
 from .grids import save_grid
 from .plugins import Plugins
 from .prepare import make_dataset, split_images
@@ -149,8 +150,8 @@ def _fmt(frame: pd.DataFrame) -> str:
 
 def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     """report.md: the run's results, for metrics with published rows the comparison with them,
-    the sample-time level sweeps (table and sweeps.png) and each stage's sample grid. Returns the
-    results table as text."""
+    the sample-time level sweeps (table and sweeps.png), CDM's augmentation findings checked on
+    the rows (``findings``) and each stage's sample grid. Returns the results table as text."""
     results = read_results([run_dir.path])
     table = _fmt(results_table(results))
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
@@ -171,6 +172,7 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
                  "augmentation levels s, on the previous stage's samples (generated) and on "
                  "downsampled test images (ground-truth); `cdmbench sweep`.\n\n"
                  f"```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
+    text += findings_section(results, recipe)
     grids = [st.name for st in recipe.stages if (run_dir.path / st.name / "samples" / "grid.png").exists()]
     if grids:
         text += "\n## Samples\n\nOne row per class.\n\n" + "".join(

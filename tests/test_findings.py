@@ -1,0 +1,61 @@
+"""CDM's findings checked on result rows: each verdict follows the numbers, both ways."""
+
+import pandas as pd
+import pytest
+
+from cdmbench.findings import augmentation_lowers_fid, fid_against_level, findings_section
+from cdmbench.recipe import load_recipe
+
+FEATURES = {"features": "classifier", "mode": "native"}
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    """recipes/ablation_augmentation.yaml: sr_none, sr_gauss, sr_trunc, sr_blur on base16."""
+    recipe, _ = load_recipe("recipes/ablation_augmentation.yaml", overrides=["data={name: shapes}"])
+    return recipe
+
+
+def row(stage, value, metric="fid_test", **protocol):
+    return {"run": "r", "stage": stage, "metric": metric, "value": value, "unit": "", "status": "ok",
+            "protocol": {**FEATURES, **protocol}}
+
+
+def sweep(stage, inputs, values, metric="fid_test"):
+    return [row(stage, v, metric, level=s, inputs=inputs, samplers={stage: "ddpm 25"}) for s, v in values]
+
+
+def test_augmented_stages_are_compared_with_the_unaugmented_one(ablation):
+    frame = pd.DataFrame([row("sr_none", 30.0), row("sr_gauss", 21.5), row("sr_trunc", 33.0),
+                          row("base16", 5.0), row("sr_blur", 29.0, metric="fid_train")])
+    lines = augmentation_lowers_fid(frame, ablation)
+    assert lines == [
+        "- `sr_gauss` (gaussian nontruncated) against `sr_none` (none), fid_test (classifier, native): "
+        "21.5 vs 30, lower: holds",
+        "- `sr_trunc` (gaussian truncated) against `sr_none` (none), fid_test (classifier, native): "
+        "33 vs 30, not lower: does not hold"]  # sr_blur has no fid_test: nothing to compare
+
+
+def test_the_level_curves_are_judged_by_where_their_minimum_lies():
+    frame = pd.DataFrame(
+        sweep("sr_gauss", "generated", [(0.0, 30.0), (0.1, 24.0), (0.3, 27.0)])          # U: holds
+        + sweep("sr_gauss", "ground-truth", [(0.0, 10.0), (0.1, 12.0), (0.3, 20.0)])     # rises: holds
+        + sweep("sr_trunc", "generated", [(0.1, 20.0), (0.2, 22.0), (0.3, 25.0)])        # rises: does not
+        + sweep("sr_trunc", "ground-truth", [(0.1, 12.0), (0.2, 11.0), (0.3, 15.0)])     # dips: does not
+        + sweep("sr_blur", "generated", [(0.1, 20.0), (0.2, 19.0)])                      # too few levels
+        + [row("sr_gauss", 25.0)])                                                       # not a sweep row
+    lines = fid_against_level(frame)
+    assert len(lines) == 4
+    gauss_generated, gauss_truth, trunc_generated, trunc_truth = lines
+    assert gauss_generated == ("- `sr_gauss` (ddpm 25), generated inputs, fid_test (classifier, native) at "
+                               "s = 0: 30, 0.1: 24, 0.3: 27; best at s = 0.1. First improves, then "
+                               "worsens: holds")
+    assert gauss_truth.endswith("best at s = 0. Only worsens: holds")
+    assert trunc_generated.endswith("best at s = 0.1. First improves, then worsens: does not hold")
+    assert trunc_truth.endswith("best at s = 0.2. Only worsens: does not hold")
+
+
+def test_no_section_without_rows_to_check(ablation):
+    assert findings_section(pd.DataFrame([row("base16", 5.0)]), ablation) == ""
+    section = findings_section(pd.DataFrame([row("sr_none", 30.0), row("sr_blur", 28.0)]), ablation)
+    assert section.startswith("\n## CDM's findings, checked on this run") and "`sr_blur` (blur)" in section
