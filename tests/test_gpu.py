@@ -35,3 +35,18 @@ def test_an_image_does_not_depend_on_its_batch_on_cuda():
     alone = sample_stage(st, model, labels[2:], seed=0, image_ids=[2], low_res=None, device="cuda",
                          progress=False)
     assert torch.allclose(together[2], alone[0], atol=1e-5)
+
+
+def test_bench_profile_attributes_gpu_kernel_time(tiny_recipe, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cdmbench.cli import cli
+
+    result = CliRunner().invoke(cli, ["bench", str(tiny_recipe), "--stage", "sr16", "--steps", "2", "--warmup", "1",
+                                      "--no-compile", "--profile", "--set", "device=cuda", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    where = next(iter(json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())["breakdown"].values()))
+    assert where["profiled"] == "GPU kernel time"
+    assert where["kinds"]["convolution"] > 0 and where["kinds"]["normalization"] > 0, where["top"]
