@@ -303,7 +303,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     if st.condition_on is None:
         raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
     chain = chain_to(stages, stage)
-    load_chain(chain, run_dir.path)
+    steps = load_chain(chain, run_dir.path)
     n = num_samples or recipe.evaluate.num_samples
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,
@@ -312,7 +312,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     rows = sweep(stages, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
-                 device=context.device, progress=progress)
+                 device=context.device, checkpoint_steps=steps, progress=progress)
     run_dir.add_results([result_row(run=recipe.name, stage=stage, **row) for row in rows])
     best = best_levels(rows)
     primary = next((r["metric"] for r in rows if r["metric"] in best), None)

@@ -72,8 +72,10 @@ def _cached(path: Path, make) -> Tensor:
 def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: list[str],
           context: EvalContext, metric_rows: Callable[[EvalContext], list[dict[str, Any]]],
           run_path: Path, num_samples: int, seed: int, batch_size: int, device,
-          progress: bool = True) -> list[dict[str, Any]]:
-    """Rows (without run/stage) of every metric at every level and input kind."""
+          checkpoint_steps: dict[str, int], progress: bool = True) -> list[dict[str, Any]]:
+    """Rows (without run/stage) of every metric at every level and input kind. The previous
+    stages' outputs are cached under a key of everything they depend on: levels, n, seed, and
+    each previous stage's checkpoint step and sampler."""
     by_name = {s.spec.name: s for s in stages}
     stage = by_name[name]
     if stage.spec.condition_on is None:
@@ -90,8 +92,10 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             except ValueError as exc:
                 raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
     labels = torch.arange(num_samples) % context.num_classes
-    folder = run_path / name / "sweep" / digest({"levels": sorted(levels), "n": num_samples, "seed": seed,
-                                                  "stages": [s.spec.name for s in prev + [stage]]}, 12)
+    folder = run_path / name / "sweep" / digest({
+        "levels": sorted(levels), "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
+        "previous": [[s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
+                      s.spec.guidance.scale] for s in prev]}, 12)
     folder.mkdir(parents=True, exist_ok=True)
     models = {s.spec.name: s.backbone for s in prev + [stage]}
 

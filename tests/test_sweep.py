@@ -71,6 +71,10 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert {p.name for p in (tmp_path / "exported").rglob("*.png")} == {"sweeps.png", "grid.png"}
     assert (tmp_path / "exported" / "sr16" / "samples" / "grid.png").exists()
 
+    other_sampler = CliRunner().invoke(cli, [*args, "--set=stages.base8.sampler.args.steps=2"])
+    assert other_sampler.exit_code == 0, other_sampler.output
+    assert len(counted) == 2  # another previous-stage sampler: another z_0, not the cached one
+
 
 def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
