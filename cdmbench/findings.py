@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .recipe import Recipe, Stage
-from .report import is_sweep
+from .report import features_label, is_sweep, with_sweep_columns
 
 
 def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
@@ -25,8 +25,7 @@ def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
         return frame
     rows = frame[(frame["status"] == "ok") & frame["metric"].str.startswith("fid")
                  & (frame["protocol"].map(is_sweep) == sweeps)].copy()
-    rows["label"] = rows["metric"] + rows["protocol"].map(
-        lambda p: f" ({p['features']}, {p.get('mode', '-')})" if p.get("features") else "")
+    rows["label"] = rows["metric"] + rows["protocol"].map(features_label)
     return rows
 
 
@@ -61,9 +60,7 @@ def fid_against_level(frame: pd.DataFrame) -> list[str]:
     rows = _fid_rows(frame, sweeps=True)
     if rows.empty:
         return []
-    rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
-    rows["s"] = rows["protocol"].map(lambda p: p["level"])
-    rows["sampler"] = [p.get("samplers", {}).get(st, "") for p, st in zip(rows["protocol"], rows["stage"])]
+    rows = with_sweep_columns(rows)
     lines = []
     for (stage, sampler, inputs, label), group in rows.groupby(["stage", "sampler", "inputs", "label"], sort=True):
         curve = group.sort_values("s")

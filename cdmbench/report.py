@@ -35,7 +35,7 @@ def is_sweep(protocol: dict) -> bool:
     return "level" in protocol
 
 
-def _features_label(protocol: dict) -> str:
+def features_label(protocol: dict) -> str:
     """' (features, mode)' for metrics computed with a feature network, else ''."""
     if not protocol.get("features"):
         return ""
@@ -50,7 +50,7 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
     ok = frame[(frame["status"] == "ok") & ~frame["protocol"].map(is_sweep)].copy()
     if ok.empty:
         return ok
-    ok["metric"] = (ok["metric"] + ok["protocol"].map(_features_label)
+    ok["metric"] = (ok["metric"] + ok["protocol"].map(features_label)
                     + ok["unit"].map(lambda u: f" [{u}]" if u else ""))
     order = list(dict.fromkeys(ok["stage"]))
     table = ok.pivot_table(index=["run", "stage"], columns="metric", values="value", aggfunc="last",
@@ -120,6 +120,14 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
 
 # --- sample-time level sweeps ------------------------------------------------------------------
 
+def with_sweep_columns(rows: pd.DataFrame) -> pd.DataFrame:
+    """Sweep rows with the columns sampler (of the swept stage), inputs and s, from the protocol."""
+    rows["sampler"] = [p.get("samplers", {}).get(stage, "") for p, stage in zip(rows["protocol"], rows["stage"])]
+    rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
+    rows["s"] = rows["protocol"].map(lambda p: p["level"])
+    return rows
+
+
 def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
     """The rows of `cdmbench sweep`: one row per (run, stage, sampler, inputs, level s), one
     column per metric."""
@@ -128,9 +136,7 @@ def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
     rows = frame[(frame["status"] == "ok") & frame["protocol"].map(is_sweep)].copy()
     if rows.empty:
         return rows
-    rows["sampler"] = [p.get("samplers", {}).get(stage, "") for p, stage in zip(rows["protocol"], rows["stage"])]
-    rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
-    rows["s"] = rows["protocol"].map(lambda p: p["level"])
+    rows = with_sweep_columns(rows)
     rows["metric"] = rows["metric"] + rows["unit"].map(lambda u: f" [{u}]" if u else "")
     table = rows.pivot_table(index=["run", "stage", "sampler", "inputs", "s"], columns="metric",
                              values="value", aggfunc="last")
