@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -22,11 +20,12 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import sha256_file
+from .files import atomic_write, locked
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
@@ -220,34 +219,24 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
                 "version": CACHE_VERSION}
     key_json = json.dumps(settings, sort_keys=True)
-    folder = Path(cache_dir) / "classifiers"
-    path = folder / f"{hashlib.sha256(key_json.encode()).hexdigest()[:16]}.safetensors"
+    name = hashlib.sha256(key_json.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
+    with locked(path):  # concurrent evaluations train it once; the others wait and load it
+        if path.exists():
+            try:
+                with safe_open(path, framework="pt") as fh:
+                    if (fh.metadata() or {}).get("key") != key_json:
+                        raise ValueError("its metadata key does not match")
+                model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
+                model.load_state_dict(load_file(path))
+                return model.to(device).eval(), sha256_file(path)
+            except Exception as exc:
+                warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
 
-    if path.exists():
-        try:
-            with safe_open(path, framework="pt") as fh:
-                if (fh.metadata() or {}).get("key") != key_json:
-                    raise ValueError("its metadata key does not match")
-            model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
-            model.load_state_dict(load_file(path))
-            return model.to(device).eval(), sha256_file(path)
-        except Exception as exc:
-            warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
-
-    images, labels = train_images() if callable(train_images) else (train_images, train_labels)
-    model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
-                             batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                             seed=seed, device=device, progress=progress)
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}-", suffix=".tmp")
-    os.close(fd)
-    try:
+        images, labels = train_images() if callable(train_images) else (train_images, train_labels)
+        model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                                 seed=seed, device=device, progress=progress)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, tmp, metadata={"key": key_json})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)  # atomic: the cache file is complete or absent
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return model, sha256_file(path)
+        atomic_write(path, save(state, metadata={"key": key_json}))  # complete or absent
+        return model, sha256_file(path)

@@ -63,15 +63,23 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images per shard, the unit of work and of resuming.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def prepare(recipe, overrides, split, workers, shard_size, progress):
+@click.option("--metrics", "metrics_of", metavar="STAGE",
+              help="Also make what evaluate.metrics need for STAGE's samples (feature classifier, "
+                   "reference statistics), e.g. while the stages train.")
+@click.option("--smoke", is_flag=True, help=SMOKE_HELP)
+def prepare(recipe, overrides, split, workers, shard_size, progress, metrics_of, smoke):
     """Preprocess RECIPE's data once (centre crop, area downsampling to every resolution of the
     cascade) into memory-mapped uint8 arrays under $CDMBENCH_DATA_CACHE (default
     ~/.cache/cdmbench/datasets); resumable. `cdmbench run` then trains from them and evaluation
     reads them (prepare --split test too)."""
     from .prepare import prepare as prepare_data
+    from .runner import prepare_metrics
 
     prepare_data(recipe, overrides=overrides, split=split, workers=workers, shard_size=shard_size,
-                 progress=progress, echo=click.echo)
+                 progress=progress, smoke=smoke, echo=click.echo)
+    if metrics_of:
+        prepare_metrics(recipe, overrides=overrides, stage=metrics_of, progress=progress, smoke=smoke,
+                        echo=click.echo)
 
 
 @cli.command()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
+from .files import locked, save_npz
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
@@ -38,15 +38,6 @@ from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe
 
 FEATURE_BATCH = 100
-
-
-def _atomic_save_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -96,7 +87,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
         images, _ = sample_cascade(chain, models, labels, seed=seed, batch_size=batch_size,
                                    device=device, progress=False, first_id=lo)
         pixels = to_uint8(images[chain[-1].spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
-        _atomic_save_npz(path, images=pixels.numpy(), labels=labels.numpy())
+        save_npz(path, images=pixels.numpy(), labels=labels.numpy())
     return folder, signature
 
 
@@ -198,9 +189,15 @@ class EvalContext:
 
     def reference_statistics(self, network: FeatureNetwork, mode: str,
                              split: str) -> tuple[np.ndarray, np.ndarray, int]:
-        """(mu, sigma, n) of a real split's features, computed once and cached on disk."""
+        """(mu, sigma, n) of a real split's features, computed once (by one of concurrent
+        evaluations; the others wait) and cached on disk."""
         key = {**self.data_key(split), "features": network.name, "sha256": network.sha256, "mode": mode}
         path = self.cache_dir / "reference_stats" / f"{digest(key)}.npz"
+        with locked(path):
+            return self._reference_statistics(network, mode, split, path, key)
+
+    def _reference_statistics(self, network: FeatureNetwork, mode: str, split: str, path: Path,
+                              key: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int]:
         if path.exists():
             try:
                 with np.load(path) as stats:
@@ -214,6 +211,6 @@ class EvalContext:
             running.update(network.features(images[i:i + FEATURE_BATCH], mode=mode))
         mu, sigma = running.result()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),
+        save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),
                          key=np.array(json.dumps(key, sort_keys=True, default=str)))
         return mu, sigma, len(images)

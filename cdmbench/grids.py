@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import textwrap
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .data import to_uint8
+from .files import atomic_write
 
 MIN_TILE = 64  # small images are enlarged (nearest) to at least this many pixels a side
 LABEL_WIDTH = 96
@@ -33,6 +35,7 @@ def save_grid(images: Tensor, labels: Tensor, class_names: list[str], path: Path
         for col, i in enumerate(torch.nonzero(labels == c).flatten().tolist()):
             img = Image.fromarray(pixels[i]).resize((tile, tile), Image.NEAREST)
             grid.paste(img, (LABEL_WIDTH + col * (tile + pad), y))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
+    buffer = io.BytesIO()
+    grid.save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
     return path

@@ -35,6 +35,7 @@ from .cache import default_cache_dir, digest
 from .cascade import make_component
 from .data import ImageSet, load_images, resize_items
 from .errors import CdmbenchError
+from .files import atomic_write
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
 from .recipe import Component, Recipe, load_recipe
@@ -78,9 +79,7 @@ def cache_folder(recipe: Recipe, split: str) -> Path:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _done(folder: Path, shard: int) -> Path:
@@ -156,13 +155,13 @@ def _allocate(folder: Path, layout: dict[str, Any]) -> None:
 
 def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
             split: str = "train", workers: int | None = None, shard_size: int = 1000,
-            progress: bool = True, echo=print) -> Path:
+            progress: bool = True, smoke: bool = False, echo=print) -> Path:
     """Preprocess ``split`` of the recipe's data to every resolution of its cascade into the data
     cache, with ``workers`` processes (default: one per CPU; 0: in this process). Resumes an
     interrupted prepare; returns the cache folder."""
     if shard_size < 1 or (workers is not None and workers < 0):
         raise CdmbenchError(f"shard size must be >= 1 and workers >= 0, got {shard_size} and {workers}")
-    recipe, plugins = load_recipe(recipe_path, overrides=overrides)
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
     folder = cache_folder(recipe, split)
     if (folder / MANIFEST).exists():
         echo(f"already prepared: {folder}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pandas as pd
 
 from .errors import CdmbenchError
+from .files import atomic_write
 
 
 def read_results(run_dirs: list[Path]) -> pd.DataFrame:
@@ -168,7 +170,8 @@ def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    atomic_write(path, buffer.getvalue())
     return path

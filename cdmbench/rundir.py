@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from .errors import CdmbenchError
+from .files import append_text, atomic_write
 from .plugins import Plugins
 from .recipe import Recipe
 
@@ -113,14 +114,10 @@ class RunDir:
                     "--out, or delete the folder to start over")
         self.path.mkdir(parents=True, exist_ok=True)
         doc = {"recipe": resolved, "environment": environment(plugins)}
-        tmp = run_yaml.with_suffix(".tmp")
-        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-        os.replace(tmp, run_yaml)
+        atomic_write(run_yaml, yaml.safe_dump(doc, sort_keys=False))
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
-        with open(self.results_path, "a") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        append_text(self.results_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 def result_row(*, run: str, stage: str, metric: str, value: float | None, unit: str, n: int,

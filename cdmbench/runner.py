@@ -17,6 +17,7 @@ from .cache import default_cache_dir, digest
 from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
 from .errors import CdmbenchError
+from .files import atomic_write, locked
 from .findings import findings_section
 from .grids import save_grid
 from .plugins import Plugins
@@ -177,21 +178,24 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     if grids:
         text += "\n## Samples\n\nOne row per class.\n\n" + "".join(
             f"**{name}**\n\n![{name}]({name}/samples/grid.png)\n\n" for name in grids)
-    (run_dir.path / "report.md").write_text(text)
+    atomic_write(run_dir.path / "report.md", text)
     return table
 
 
 def export_report(run_path: str | Path, out: str | Path) -> Path:
-    """Copy a run's report.md with the figures it links (sweeps.png, grids) to ``out``, e.g.
+    """Write a run's report.md afresh from its results (concurrent jobs on one run may have left
+    an older one) and copy it with the figures it links (sweeps.png, grids) to ``out``, e.g.
     reports/<name>/ for committing."""
     import shutil
 
     run_path, out = Path(run_path), Path(out)
-    report = run_path / "report.md"
-    if not report.is_file():
-        raise CdmbenchError(f"{run_path} has no report.md; run `cdmbench run` or `cdmbench evaluate` first")
+    run_yaml = run_path / "run.yaml"
+    if not (run_path / "results.jsonl").is_file() or not run_yaml.is_file():
+        raise CdmbenchError(f"{run_path} has no results yet; run `cdmbench run` or `cdmbench evaluate` first")
+    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"])
+    write_report(RunDir(run_path), recipe, plugins)
     out.mkdir(parents=True, exist_ok=True)
-    text = report.read_text()
+    text = (run_path / "report.md").read_text()
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         (out / link).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_path / link, out / link)
@@ -312,15 +316,17 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     rows = sweep(stages, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
-                 device=context.device, checkpoint_steps=steps, progress=progress)
-    run_dir.add_results([result_row(run=recipe.name, stage=stage, **row) for row in rows])
+                 device=context.device, checkpoint_steps=steps, progress=progress,
+                 record=lambda level_rows: run_dir.add_results(
+                     [result_row(run=recipe.name, stage=stage, **row) for row in level_rows]))
     best = best_levels(rows)
     primary = next((r["metric"] for r in rows if r["metric"] in best), None)
     if primary is not None:
         path = run_dir.path / MANIFEST
-        manifest = json.loads(path.read_text()) if path.exists() else {}
-        manifest[stage] = {"level": best[primary]["level"], "metric": primary, "by_metric": best}
-        path.write_text(json.dumps(manifest, indent=1))
+        with locked(path):  # concurrent sweeps of other stages update it too
+            manifest = json.loads(path.read_text()) if path.exists() else {}
+            manifest[stage] = {"level": best[primary]["level"], "metric": primary, "by_metric": best}
+            atomic_write(path, json.dumps(manifest, indent=1))
         echo(f"best level for {stage} by {primary}: {best[primary]['level']} (written to {path})")
     echo(write_report(run_dir, recipe, plugins))
     return best
@@ -339,6 +345,16 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
         raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
                             "that cdmbench run wrote (runs/<recipe name>)")
     recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    dataset, context, built = _metrics_setup(recipe, plugins, stage, metrics, progress, echo)
+    stages = _build_all(plugins, recipe, dataset.num_classes, context.device)
+    apply_manifest(stages, run_dir.path)
+    return run_dir, recipe, plugins, dataset, stages, context, built
+
+
+def _metrics_setup(recipe: Recipe, plugins: Plugins, stage: str | None, metrics: list[str] | None,
+                   progress: bool, echo):
+    """The dataset, an EvalContext for ``stage``'s samples (default: evaluate.stage or the last
+    stage) and the chosen metrics (default: evaluate.metrics), built."""
     spec = recipe.evaluate
     specs = {m.name: m for m in spec.metrics}
     chosen = [specs.get(name, Component(name)) for name in metrics] if metrics else spec.metrics
@@ -349,16 +365,28 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
         check_component(plugins, "metrics", m, f"metrics[{i}]")
     target = stage or spec.stage or recipe.stages[-1].name
     recipe.stage(target)
-    device = resolve_device(recipe.device)
     dataset = make_dataset(plugins, recipe, "train")
-    stages = _build_all(plugins, recipe, dataset.num_classes, device)
-    apply_manifest(stages, run_dir.path)
     context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
                           resolution=recipe.stage(target).resolution, recipe=recipe, plugins=plugins,
-                          device=device, cache_dir=default_cache_dir(), protocol={}, progress=progress,
-                          stage=target, echo=echo)
+                          device=resolve_device(recipe.device), cache_dir=default_cache_dir(), protocol={},
+                          progress=progress, stage=target, echo=echo)
     built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
-    return run_dir, recipe, plugins, dataset, stages, context, built
+    return dataset, context, built
+
+
+def prepare_metrics(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
+                    stage: str | None = None, progress: bool = True, smoke: bool = False,
+                    echo=print) -> None:
+    """Make, before any sample exists, what the recipe's evaluation metrics need for ``stage``'s
+    samples: feature networks (a classifier trained once) and real-data reference statistics,
+    in the cache that ``cdmbench evaluate`` and ``cdmbench sweep`` read; e.g. while the stages
+    train."""
+    recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
+    _, context, built = _metrics_setup(recipe, plugins, stage, None, progress, echo)
+    for metric in built:
+        if hasattr(metric, "prepare"):
+            metric.prepare(context)
+    echo(f"evaluation of {context.stage} prepared in {context.cache_dir}")
 
 
 def _breakdown_tables(breakdowns: dict[str, dict[str, Any]]) -> str:

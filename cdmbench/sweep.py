@@ -3,8 +3,9 @@ section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones
 
 The expensive part, the previous stages, runs once: non-truncated sweeps sample the previous
 stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
-sampler at each s once. Those inputs are cached (float16 npz) in the sweep folder, so a rerun
-or an added metric samples nothing again. Every level's metric rows go into results.jsonl
+sampler at each s once. Those inputs (float16) and each level's samples (uint8) are cached as
+npz in the sweep folder, so a rerun, an added metric or a sweep killed midway samples nothing
+twice. Every level's metric rows go into results.jsonl as soon as they are computed
 (protocol: level, inputs); the best level per metric goes into ``<run>/cascade.json``, which
 later sampling (``cdmbench run``, ``cdmbench evaluate``) uses for that stage.
 """
@@ -12,7 +13,6 @@ later sampling (``cdmbench run``, ``cdmbench evaluate``) uses for that stage.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +25,7 @@ from .cascade import StageModel, sample_cascade, sample_stage
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .evaluate import EvalContext, chain_to, digest
+from .files import save_npz
 
 MANIFEST = "cascade.json"
 INPUTS = ("generated", "ground-truth")
@@ -56,26 +57,23 @@ def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _cached(path: Path, make) -> Tensor:
-    """Load a float16 tensor from ``path``, or make, save (atomically) and return it."""
-    if path.exists():
-        with np.load(path) as data:
-            return torch.from_numpy(data["x"]).float()
-    x = make()
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, x=x.half().numpy())
-    os.replace(tmp, path)
-    return x
+def _cached(path: Path, make: Callable[[], Tensor]) -> Tensor:
+    """Load a tensor from ``path``, or make, save (atomically) and return it as saved."""
+    if not path.exists():
+        save_npz(path, x=make().numpy())
+    with np.load(path) as data:
+        return torch.from_numpy(data["x"])
 
 
 def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: list[str],
           context: EvalContext, metric_rows: Callable[[EvalContext], list[dict[str, Any]]],
           run_path: Path, num_samples: int, seed: int, batch_size: int, device,
-          checkpoint_steps: dict[str, int], progress: bool = True) -> list[dict[str, Any]]:
-    """Rows (without run/stage) of every metric at every level and input kind. The previous
-    stages' outputs are cached under a key of everything they depend on: levels, n, seed, and
-    each previous stage's checkpoint step and sampler."""
+          checkpoint_steps: dict[str, int], record: Callable[[list[dict[str, Any]]], None],
+          progress: bool = True) -> list[dict[str, Any]]:
+    """Rows (without run/stage) of every metric at every level and input kind; ``record`` gets
+    each level's rows as soon as they exist. The previous stages' outputs are cached under a key
+    of everything they depend on: levels, n, seed, and each previous stage's checkpoint step and
+    sampler; the samples under a key of the swept stage's too."""
     by_name = {s.spec.name: s for s in stages}
     stage = by_name[name]
     if stage.spec.condition_on is None:
@@ -92,11 +90,14 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             except ValueError as exc:
                 raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
     labels = torch.arange(num_samples) % context.num_classes
+    def sampling(s: StageModel) -> list:
+        return [s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
+                s.spec.guidance.scale]
+
     folder = run_path / name / "sweep" / digest({
         "levels": sorted(levels), "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
-        "previous": [[s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
-                      s.spec.guidance.scale] for s in prev]}, 12)
-    folder.mkdir(parents=True, exist_ok=True)
+        "previous": [sampling(s) for s in prev]}, 12)
+    samples_folder = folder / digest(sampling(stage), 12)
     models = {s.spec.name: s.backbone for s in prev + [stage]}
 
     def previous(stop: float) -> Tensor:
@@ -118,15 +119,18 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             real, real_labels = context.real_at("test", stage.low_res)
             low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
         elif not truncated:  # the previous stage runs once; each level only re-noises
-            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0))
+            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0).half()).float()
             kind_labels = labels
         for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
             if kind == "generated" and truncated:  # z_s of the previous stage, once per level
-                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
+                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level).half()).float()
                 kind_labels = labels
-            context.set_samples(upsample(low_all, level, kind_labels), kind_labels.cpu(),
-                                {"level": level, "inputs": kind, "truncated": truncated})
-            rows += metric_rows(context)
+            samples = _cached(samples_folder / f"samples-{kind}-{level}.npz",
+                              lambda: upsample(low_all, level, kind_labels))
+            context.set_samples(samples, kind_labels.cpu(), {"level": level, "inputs": kind, "truncated": truncated})
+            level_rows = metric_rows(context)
+            record(level_rows)
+            rows += level_rows
     return rows
 
 

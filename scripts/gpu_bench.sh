@@ -1,34 +1,37 @@
 #!/usr/bin/env bash
-# Issue 4's device check in one command (H100, < 10 min): the gpu-marked tests, then
-# `cdmbench bench` of ADM-64's U-Net (adm-unet and, when diffusers imports, diffusers-unet2d side
-# by side; eager and compiled; MFU against a bf16 matmul ceiling measured in the same run) and of
-# the CDM ImageNet-64 base stage, with where ADM-64's step time goes (--profile: phases and
-# operator kinds, for the MFU work). Tables land in $OUT/bench (copy them to reports/bench/).
+# Issue 4's device check in one command (H100, < 10 min): `cdmbench bench` of ADM-64's U-Net
+# (eager and compiled; MFU against a bf16 matmul ceiling measured in the same run; where the step
+# time goes: --profile's phases and operator kinds, for the MFU work), the gpu-marked tests, the
+# CDM ImageNet-64 base stage, and adm-unet beside diffusers' UNet2DModel when diffusers imports.
+# Tables land in $OUT/bench/<part>/ (copy them to reports/bench/).
 # diffusers is not on the device machine: carry its wheel in .whl/ (carry: [".whl"]; made by
 # `pip download --no-deps -d .whl diffusers==0.42.1 clean-fid`; its needs regex, huggingface-hub
 # and safetensors are there), or the diffusers row is skipped.
 set -euo pipefail
-export PYTHONPATH=.:plugins/cdmbench-diffusers/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CDMBENCH_CACHE="$OUT/cache"
+export PYTHONPATH=.:plugins/cdmbench-diffusers/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CDMBENCH_CACHE=/tmp/cdmbench-cache
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch; print('torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"
-if python -c "import pytest" 2>/dev/null; then python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py; fi
-BACKBONES=(--backbone adm-unet)
-PLUGIN=()
-if python -c "import diffusers" 2>/dev/null; then
-    BACKBONES+=(--backbone diffusers-unet2d)
-    PLUGIN=(--set 'plugins=[cdmbench_diffusers.plugin]')   # no entry point without pip install
+BENCH=(python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5)
+# Most wanted first, each writing its own folder, so a run cut short keeps what finished.
+echo "== $(date +%T) bench ADM-64 U-Net (adm-unet), with where the time goes"
+"${BENCH[@]}" --profile --backbone adm-unet --out "$OUT/bench/adm-unet"
+if python -c "import pytest" 2>/dev/null; then
+    echo "== $(date +%T) gpu tests"
+    python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || echo "gpu tests FAILED"
 fi
-echo "== $(date +%T) bench ADM-64 U-Net"
-python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 20 --warmup 5 --profile "${BACKBONES[@]}" \
-    "${PLUGIN[@]}" --out "$OUT/bench"
 echo "== $(date +%T) bench CDM ImageNet-64 base stage (batch 256 per GPU)"
 # bench trains on synthetic batches and needs only the class count: `shapes` with ImageNet's 1000
 # stands in for the Hub dataset (no `datasets` package and no network on the device machine)
 python -m cdmbench bench recipes/cdm_imagenet64.yaml --stage base32 --steps 20 --warmup 5 \
     --set 'data={name: shapes, args: {num_classes: 1000}}' \
-    --set stages.base32.train.batch_size=256 --set sample.batch_size=256 --out "$OUT/bench"
+    --set stages.base32.train.batch_size=256 --set sample.batch_size=256 --out "$OUT/bench/cdm64"
+if python -c "import diffusers" 2>/dev/null; then  # no entry point without pip install: name the plugin
+    echo "== $(date +%T) bench ADM-64 U-Net, diffusers' UNet2DModel beside adm-unet"
+    "${BENCH[@]}" --backbone adm-unet --backbone diffusers-unet2d --set 'plugins=[cdmbench_diffusers.plugin]' \
+        --out "$OUT/bench/diffusers"
+fi
 echo "== $(date +%T) done"

@@ -97,7 +97,8 @@ def test_cache_trains_once(tmp_path, monkeypatch, model, data):
     first, digest = C.cached_classifier(key={"data": "colours"}, train_images=images,
                                         train_labels=labels, **kwargs)
     assert torch.equal(first.state_dict()["net.fc.weight"], model.state_dict()["net.fc.weight"])
-    [path] = (tmp_path / "classifiers").iterdir()  # no temp files left behind
+    [path] = (tmp_path / "classifiers").glob("*.safetensors")
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]  # no temp files
 
     def fail(*args, **kwargs):
         raise AssertionError("retrained or loaded data on a cache hit")
@@ -117,7 +118,7 @@ def test_corrupt_cache_is_retrained(tmp_path, data):
     kwargs = dict(key={"data": "colours"}, train_images=lambda: (images, labels), num_classes=8,
                   cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
     _, digest = C.cached_classifier(**kwargs)
-    [path] = (tmp_path / "classifiers").iterdir()
+    [path] = (tmp_path / "classifiers").glob("*.safetensors")
     path.write_bytes(path.read_bytes()[:1000])  # a truncated file
     with pytest.warns(UserWarning, match="unreadable.*retraining"):
         _, digest2 = C.cached_classifier(**kwargs)

@@ -33,7 +33,10 @@ class FID:
         self.spec, self.mode, self.reference = features, mode, reference
 
     def prepare(self, context) -> None:
-        _mode(context.feature_network(self.spec), self.mode)
+        network = context.feature_network(self.spec)
+        mode = _mode(network, self.mode)
+        for split in self.reference:
+            context.reference_statistics(network, mode, split)
 
     def evaluate(self, context) -> list[dict[str, Any]]:
         network = context.feature_network(self.spec)
