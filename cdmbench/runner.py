@@ -430,14 +430,35 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         variants[name] = build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,
                                      device=device)
     ceiling, ceiling_kind = matmul_ceiling(device)
-    modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
+    env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
+           "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
+           "gradient_checkpointing": str(target.spec.train.gradient_checkpointing),
+           "command": command or f"cdmbench bench {recipe_path} --stage {stage}"}
+    tag = env["device"].split(" (")[0].replace(" ", "-").lower()
+    path = Path(out) / f"{recipe.name}-{stage}-{tag}.md"
     rows, breakdowns = [], {}
+
+    def write() -> str:
+        """The figures so far, so that a bench cut short (a compile that outlasts a job's
+        time) keeps what it measured."""
+        text = _fmt(pd.DataFrame(rows).set_index("what"))
+        where = _breakdown_tables(breakdowns) if breakdowns else ""
+        atomic_write(path, f"# bench: {recipe.name}, stage {stage}\n\n"
+                     + "".join(f"- {k}: {v}\n" for k, v in env.items())
+                     + "\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
+                     f"```text\n{text}\n```\n" + where)
+        atomic_write(path.with_suffix(".json"), json.dumps(
+            {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))
+        return text + ("\n" + where if where else "")
+
+    modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
     for name, variant in variants.items():
         for compiled in modes:
+            what = f"{name} ({'compiled' if compiled else 'eager'})"
+            echo(f"measuring train {stage} {what}")
             speed = training_speed(variant, num_classes=num_classes, device=device, steps=steps,
                                    warmup=warmup, compile=compiled, profile=profile)
             achieved = speed["flops_per_image"] * speed["images_per_s"]
-            what = f"{name} ({'compiled' if compiled else 'eager'})"
             if profile:
                 breakdowns[what] = speed["breakdown"]
             rows.append({"what": f"train {stage} {what}",
@@ -445,6 +466,8 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
                          "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
                          "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"],
                          "parameters (M)": sum(p.numel() for p in variant.backbone.parameters()) / 1e6})
+            echo(f"  {speed['images_per_s']:.1f} img/s, MFU {achieved / ceiling:.1%} (written: {path})")
+            write()
     seconds_per_image = 0.0
     batch = recipe.sample.batch_size
     for st in chain_to(stages, stage):
@@ -454,23 +477,6 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image)", "batch": batch,
                      "images/s": evals / per_image})
     rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image})
-    table = pd.DataFrame(rows)
-    env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
-           "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
-           "gradient_checkpointing": str(target.spec.train.gradient_checkpointing),
-           "command": command or f"cdmbench bench {recipe_path} --stage {stage}"}
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    tag = env["device"].split(" (")[0].replace(" ", "-").lower()
-    path = folder / f"{recipe.name}-{stage}-{tag}.md"
-    text = _fmt(table.set_index("what"))
-    where = _breakdown_tables(breakdowns) if profile else ""
-    path.write_text(f"# bench: {recipe.name}, stage {stage}\n\n"
-                    + "".join(f"- {k}: {v}\n" for k, v in env.items())
-                    + f"\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
-                    f"```text\n{text}\n```\n" + where)
-    path.with_suffix(".json").write_text(json.dumps({"environment": env, "rows": rows, "breakdown": breakdowns},
-                                                    indent=1, default=str))
-    echo(text + ("\n" + where if where else ""))
+    echo(write())
     echo(f"written: {path}")
     return path

@@ -113,6 +113,31 @@ def test_cache_trains_once(tmp_path, monkeypatch, model, data):
         C.cached_classifier(key={"data": "other"}, train_images=fail, **kwargs)
 
 
+def test_concurrent_users_of_the_cache_train_once(tmp_path, monkeypatch, data):
+    import threading
+    import time
+
+    (images, labels), _ = data
+    trained = []
+    real = C.train_classifier
+
+    def slow(*args, **kwargs):  # long enough for the other user to ask meanwhile
+        trained.append(1)
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "train_classifier", slow)
+    kwargs = dict(key={"data": "colours"}, train_images=lambda: (images, labels), num_classes=8,
+                  cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
+    digests = []
+    users = [threading.Thread(target=lambda: digests.append(C.cached_classifier(**kwargs)[1])) for _ in range(2)]
+    for user in users:
+        user.start()
+    for user in users:
+        user.join()
+    assert len(trained) == 1 and len(digests) == 2 and digests[0] == digests[1]
+
+
 def test_corrupt_cache_is_retrained(tmp_path, data):
     (images, labels), _ = data
     kwargs = dict(key={"data": "colours"}, train_images=lambda: (images, labels), num_classes=8,

@@ -172,6 +172,27 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert "Where a training step's time goes" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
 
 
+def test_a_bench_cut_short_keeps_what_it_measured(tiny_recipe, tmp_path, monkeypatch):
+    import json
+
+    import cdmbench.bench
+    from cdmbench.runner import bench
+
+    real = cdmbench.bench.training_speed
+
+    def compile_fails(*args, compile, **kwargs):  # a compile that outlasts the job's time
+        if compile:
+            raise KeyboardInterrupt
+        return real(*args, compile=compile, **kwargs)
+
+    monkeypatch.setattr(cdmbench.bench, "training_speed", compile_fails)
+    with pytest.raises(KeyboardInterrupt):
+        bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=True, out=tmp_path, echo=quiet)
+    [row] = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())["rows"]
+    assert row["what"] == "train sr16 adm-unet (eager)" and row["images/s"] > 0
+    assert "adm-unet (eager)" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
+
+
 @pytest.mark.parametrize("name, kind", [
     ("aten::convolution_backward", "convolution"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),

@@ -207,10 +207,24 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
     assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
 
 
-def test_evaluate_with_classifier_features_end_to_end(trained_run, tmp_path, monkeypatch):
+def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, tmp_path, monkeypatch):
+    import cdmbench.classifier
+
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     classifier = "{features: classifier, features_args: {epochs: 1}}"
     metrics = f"[{{name: fid, args: {classifier}}}, {{name: is, args: {classifier}}}, {{name: cas, args: {{epochs: 1}}}}]"
+    # `prepare --metrics` trains the feature classifier and the reference statistics ahead ...
+    ahead = CliRunner().invoke(cli, ["prepare", str(tiny_recipe), "--split", "test", "--metrics", "sr16",
+                                     "--no-progress", f"--set=evaluate.metrics={metrics}"])
+    assert ahead.exit_code == 0, ahead.output
+    assert len(list((tmp_path / "cache" / "reference_stats").glob("*.npz"))) == 2  # fid vs train and test
+
+    def trained_again(*args, **kwargs):
+        raise AssertionError("the feature classifier was trained again")
+
+    import cdmbench.cas  # imported first, CAS keeps the real train_classifier for its own two
+
+    monkeypatch.setattr(cdmbench.classifier, "train_classifier", trained_again)  # ... so evaluate trains none
     result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--no-progress", f"--set=evaluate.metrics={metrics}",
                                       *[f"--set={o}" for o in TINY_EVAL]])
     assert result.exit_code == 0, result.output

@@ -76,6 +76,35 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert len(counted) == 2  # another previous-stage sampler: another z_0, not the cached one
 
 
+def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
+    (out / "report.md").unlink()
+    calls = []
+    real = cdmbench.sweep.sample_stage
+
+    def interrupted(*args, **kwargs):  # two batches a level: stop in the third level
+        calls.append(kwargs["low_res"].shape[0])
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cdmbench.sweep, "sample_stage", interrupted)
+    args = ["sweep", str(out), "--stage", "sr16", "--levels", "0,0.1,0.3", "--inputs", "generated", IS, *SMALL]
+    assert CliRunner().invoke(cli, args).exit_code != 0
+    levels = [r["protocol"]["level"] for r in results(out) if r["metric"] == "is_classifier"]
+    assert levels == [0.0, 0.1]  # recorded as each level finished
+
+    calls.clear()
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert len(calls) == 2  # only the unfinished level is sampled; the others come from the cache
+    rows = [r for r in results(out) if r["metric"] == "is_classifier"]
+    assert sorted({r["protocol"]["level"] for r in rows}) == [0.0, 0.1, 0.3]
+    exported = CliRunner().invoke(cli, ["report", str(out), "--out", str(tmp_path / "exported")])
+    assert exported.exit_code == 0, exported.output  # report.md written afresh from the results
+    assert "## Sampling-level sweeps" in (tmp_path / "exported" / "report.md").read_text()
+
+
 def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None, overrides=[
