@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import json
 import math
 import signal
@@ -29,15 +30,21 @@ from .diffusion import q_sample, training_loss as diffusion_loss
 from .errors import CdmbenchError
 
 
+@functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
+def epoch_permutation(n: int, seed: int, stage_index: int, epoch: int) -> Tensor:
+    """The order of the ``n`` training images in ``epoch``: drawn once per epoch, not per step
+    (1.28 M ImageNet indices take ~15 ms to draw)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, stage_index, epoch)))
+
+
 def batch_indices(n: int, batch_size: int, step: int, seed: int, stage_index: int) -> Tensor:
     """Indices of step ``step``'s batch: consecutive slices of per-epoch random permutations."""
-    start = step * batch_size
-    out = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, stage_index, epoch)))
-        out.extend(perm[offset:offset + batch_size - len(out)].tolist())
-    return torch.tensor(out)
+    start, parts, have = step * batch_size, [], 0
+    while have < batch_size:
+        epoch, offset = divmod(start + have, n)
+        parts.append(epoch_permutation(n, seed, stage_index, epoch)[offset:offset + batch_size - have])
+        have += len(parts[-1])
+    return torch.cat(parts)
 
 
 @torch.no_grad()

@@ -35,6 +35,17 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
     assert report.exit_code == 0 and "sr16" in report.output and "train_loss" in report.output
 
 
+def test_batches_walk_one_permutation_per_epoch_across_epoch_boundaries():
+    from cdmbench.cascade import derive_seed
+    from cdmbench.train import batch_indices
+
+    walked = torch.cat([batch_indices(10, 4, step, seed=3, stage_index=1) for step in range(5)])
+    epochs = [torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(3, 1, e))) for e in (0, 1)]
+    assert torch.equal(walked, torch.cat(epochs))  # step 2 takes the end of epoch 0 and the start of epoch 1
+    assert not torch.equal(epochs[0], epochs[1])
+    assert torch.equal(batch_indices(10, 4, 2, seed=3, stage_index=1), walked[8:12])  # resuming at a step
+
+
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tmp_path):
     common = dict(stage="base8", progress=False, echo=lambda *_: None)
     run(tiny_recipe, out=tmp_path / "a", **common)
