@@ -7,12 +7,13 @@ same settings on as many real training images per class is the reference row. No
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .classifier import Classifier, _check_labels, accuracy, predict_logits, train_classifier
+from .classifier import Classifier, _check_labels, accuracy, cached_classifier, predict_logits, train_classifier
 
 PAPER = {"classifier": "resnet50", "epochs": 90, "num_classes": 1000, "train_images": 1_281_167}
 
@@ -48,7 +49,8 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
                                   arch: str = "resnet10t", epochs: int, batch_size: int = 128,
                                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
                                   paper_protocol: bool = False,
-                                  reference: Classifier | None = None) -> list[dict[str, Any]]:
+                                  reference: Classifier | None = None,
+                                  reference_cache: tuple[Path, dict] | None = None) -> list[dict[str, Any]]:
     """CAS top-1/top-5 (fractions) of ``samples`` and of the matched real-data reference.
 
     All images are (N, 3, H, W) uint8 at one resolution. ``paper_protocol`` trains as the paper
@@ -56,7 +58,9 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     weight decay 1e-4; 1000 classes required) and marks the rows not scaled down.
     ``reference``: a classifier already trained on ``matched_real_subset(...)`` with the same
     settings (e.g. from ``cached_classifier``); then no real-data classifier is trained and the
-    real training set may be None. Returns one row per (metric, source).
+    real training set may be None. ``reference_cache``: (cache dir, key naming the real training
+    data): the reference is trained once per class counts and settings (``cached_classifier``).
+    Returns one row per (metric, source).
     """
     _check_labels(sample_labels, n=len(samples), num_classes=num_classes, name="sample_labels")
     _check_labels(real_val_labels, n=len(real_val_images), num_classes=num_classes, name="real_val_labels")
@@ -88,9 +92,18 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
         if real_train_images.shape[1:] != samples.shape[1:]:
             raise ValueError(f"real_train_images {tuple(real_train_images.shape[1:])} and samples "
                              f"{tuple(samples.shape[1:])} must have the same (3, H, W)")
-        index = matched_real_subset(sample_labels, real_train_labels, num_classes=num_classes, seed=seed)
-        reference = train_classifier(real_train_images[index.to(real_train_images.device)],
-                                     real_train_labels[index.to(real_train_labels.device)], **train)
+
+        def matched() -> tuple[Tensor, Tensor]:
+            index = matched_real_subset(sample_labels, real_train_labels, num_classes=num_classes, seed=seed)
+            return (real_train_images[index.to(real_train_images.device)],
+                    real_train_labels[index.to(real_train_labels.device)])
+
+        if reference_cache is None:
+            reference = train_classifier(*matched(), **train)
+        else:  # one per class counts: every level of a sweep shares it
+            cache_dir, key = reference_cache
+            reference, _ = cached_classifier(key={**key, "cas_reference_counts": counts.tolist()},
+                                             train_images=matched, cache_dir=cache_dir, **train)
     classifiers = {"generated": train_classifier(samples, sample_labels, **train), "real data": reference}
 
     rows = []

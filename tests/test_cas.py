@@ -39,6 +39,28 @@ def test_cas_separable_samples(real):
         assert "scaled down" in p["note"]
 
 
+def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, monkeypatch):
+    import cdmbench.classifier
+
+    (train_images, train_labels), (val_images, val_labels) = real
+    samples, sample_labels = colour_images(8, seed=12)
+    trained, real_train = [], cdmbench.classifier.train_classifier
+    monkeypatch.setattr(cdmbench.classifier, "train_classifier",
+                        lambda *a, **k: trained.append(len(a[0])) or real_train(*a, **k))
+
+    def score(labels, images=samples):
+        return rows_by(classification_accuracy_score(
+            samples=images, sample_labels=labels, real_train_images=train_images, real_train_labels=train_labels,
+            real_val_images=val_images, real_val_labels=val_labels, reference_cache=(tmp_path, {"data": "colours"}),
+            **SETTINGS))
+
+    first, again = score(sample_labels), score(sample_labels.flip(0))  # same class counts: a sweep's levels
+    assert trained == [64]  # the reference, on 64 matched real images, once
+    assert first["real data", "cas_top1"] == again["real data", "cas_top1"]
+    score(sample_labels[:32], samples[:32])  # other class counts: another reference
+    assert len(trained) == 2
+
+
 def test_cas_shuffled_labels_near_chance(real):
     """Labels independent of the images carry no class information, so E[top-1] = 1/8.
 

@@ -100,7 +100,8 @@ class CAS:
             real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
             num_classes=context.num_classes, arch=self.arch, epochs=self.epochs,
             batch_size=self.batch_size, seed=self.seed, device=context.device,
-            progress=context.progress, paper_protocol=self.paper_protocol)
+            progress=context.progress, paper_protocol=self.paper_protocol,
+            reference_cache=(context.cache_dir, context.data_key("train")))
         out = []
         for row in rows:
             real = row["source"] != "generated"
