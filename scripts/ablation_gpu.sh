@@ -4,11 +4,10 @@
 # split with classifier features, CAS), sweep the sampling level s of the two Gaussian stages
 # (generated and ground-truth inputs), and export the report to $OUT/report.
 # One job at a time: as six concurrent jobs on one H100 (five stages and the feature classifier),
-# the SR stages trained at 160 img/s each and the base at 400 img/s (batch 64 and 128), far
-# below their FLOP counts; small kernels from many processes time-slice the GPU. Every phase
-# resumes, so when a
-# command is cut short (SIGTERM: training checkpoints first), the same command carries on; keep
-# $OUT outside the device's emptied output folder (e.g. OUT=runs/ablation_gpu, gitignored).
+# the SR stages trained at 160 img/s each and the base at 400 img/s (batch 64 and 128), far below
+# their FLOP counts (probably the GPU time-slicing between processes that launch small kernels).
+# Every phase resumes: when a command is cut short (SIGTERM: training checkpoints first), the same
+# command carries on; keep $OUT outside the device's emptied output folder (OUT=runs/ablation_gpu).
 #   device:  OUT=runs/ablation_gpu bash scripts/ablation_gpu.sh   carrying data/fashion-mnist
 #            (Fashion-MNIST's IDX files: cp /usr/share/datasets/fashion-mnist/* data/fashion-mnist/)
 #            and .whl (the clean-fid wheel FID needs: pip download --no-deps -d .whl clean-fid;
