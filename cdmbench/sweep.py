@@ -3,7 +3,8 @@ section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones
 
 The expensive part, the previous stages, runs once: non-truncated sweeps sample the previous
 stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
-sampler at each s once. Those inputs (float16) and each level's samples (uint8) are cached as
+sampler at each s once. Those inputs (float32, so that a sweep at the level `cdmbench evaluate`
+uses gives its numbers exactly) and each level's samples (uint8) are cached as
 npz in the sweep folder, so a rerun, an added metric or a sweep killed midway samples nothing
 twice. Every level's metric rows go into results.jsonl as soon as they are computed
 (protocol: level, inputs); the best level per metric goes into ``<run>/cascade.json``, which
@@ -90,6 +91,7 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             except ValueError as exc:
                 raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
     labels = torch.arange(num_samples) % context.num_classes
+
     def sampling(s: StageModel) -> list:
         return [s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
                 s.spec.guidance.scale]
@@ -119,11 +121,11 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             real, real_labels = context.real_at("test", stage.low_res)
             low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
         elif not truncated:  # the previous stage runs once; each level only re-noises
-            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0).half()).float()
+            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0))
             kind_labels = labels
         for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
             if kind == "generated" and truncated:  # z_s of the previous stage, once per level
-                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level).half()).float()
+                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
                 kind_labels = labels
             samples = _cached(samples_folder / f"samples-{kind}-{level}.npz",
                               lambda: upsample(low_all, level, kind_labels))

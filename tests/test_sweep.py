@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import cdmbench.sweep
 from cdmbench.cli import cli
+from cdmbench.evaluate import read_samples
 from cdmbench.runner import run
 
 IS = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
@@ -55,6 +58,9 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert CliRunner().invoke(cli, ["evaluate", str(out), IS, *SMALL]).exit_code == 0
     signature = json.loads(next((out / "sr16" / "eval_samples").glob("*/signature.json")).read_text())
     assert signature["stages"][1]["levels"] == [manifest["sr16"]["level"]]
+    evaluated, _ = read_samples(signature_folder := next((out / "sr16" / "eval_samples").glob("*/")), 20)
+    [swept] = (out / "sr16" / "sweep").glob(f"*/*/samples-generated-{manifest['sr16']['level']}.npz")
+    assert torch.equal(evaluated, torch.from_numpy(np.load(swept)["x"])), signature_folder  # the same samples
 
     # The report keeps sweep rows out of the results table and shows them as a table and plot.
     from cdmbench.report import read_results, results_table, sweep_table
