@@ -143,6 +143,7 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     """images/s, FLOPs per image and peak memory of the stage's training step; with ``profile``
     also its ``time_breakdown``."""
     spec = stage.spec.train
+    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     model = copy.deepcopy(stage.backbone).to(device)
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)

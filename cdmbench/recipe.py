@@ -54,6 +54,7 @@ class Train:
     precision: str = "fp32"  # or bf16 (autocast)
     channels_last: bool = False
     compile: bool = False  # torch.compile the training step
+    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms for the fixed shapes, keeps the fastest
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 slower
 
 

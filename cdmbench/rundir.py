@@ -29,7 +29,8 @@ from .recipe import Recipe
 RESUMABLE_KEYS = ("sample", "device", "evaluate")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
-                        "train.gradient_checkpointing", "sampler", "guidance.scale")
+                        "train.gradient_checkpointing", "train.cudnn_benchmark", "sampler",
+                        "guidance.scale")
 
 
 def git_commit() -> str | None:

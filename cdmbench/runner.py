@@ -433,6 +433,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
            "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
            "gradient_checkpointing": str(target.spec.train.gradient_checkpointing),
+           "cudnn_benchmark": str(target.spec.train.cudnn_benchmark),
            "command": command or f"cdmbench bench {recipe_path} --stage {stage}"}
     tag = env["device"].split(" (")[0].replace(" ", "-").lower()
     path = Path(out) / f"{recipe.name}-{stage}-{tag}.md"

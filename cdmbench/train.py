@@ -187,6 +187,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     Every ``log_every`` steps a row (step, mean loss, images/s) goes to train_log.jsonl."""
     spec = stage.spec.train
     check_batch(spec.batch_size, spec.grad_accumulation)
+    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
     model = stage.backbone
     if spec.channels_last:
         model = model.to(memory_format=torch.channels_last)

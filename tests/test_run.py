@@ -60,6 +60,16 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tm
     assert [r["step"] for r in log] == [1, 2, 3, 4]
 
 
+def test_cudnn_benchmark_follows_the_recipe_and_may_change_on_resume(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after the test
+    run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=lambda *_: None,
+        overrides=["stages.base8.train.steps=2"])
+    assert torch.backends.cudnn.benchmark is True  # the default
+    run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=lambda *_: None,
+        overrides=["stages.base8.train.steps=3", "stages.base8.train.cudnn_benchmark=false"])
+    assert torch.backends.cudnn.benchmark is False
+
+
 def test_a_different_recipe_in_the_same_run_directory_is_refused(tiny_recipe, tmp_path):
     common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
     run(tiny_recipe, overrides=["stages.base8.train.steps=1"], **common)
