@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4's device check in one command (H100, < 10 min): `cdmbench bench` of ADM-64's U-Net
 # (eager and compiled; MFU against a bf16 matmul ceiling measured in the same run; where the step
-# time goes: --profile's phases and operator kinds, for the MFU work), the gpu-marked tests, the
+# time goes: --profile's phases and operator kinds, for the MFU work; eager again without cuDNN
+# benchmark mode), the gpu-marked tests, the
 # CDM ImageNet-64 base stage, and adm-unet beside diffusers' UNet2DModel when diffusers imports.
 # Tables land in $OUT/bench/<part>/ (copy them to reports/bench/).
 # diffusers is not on the device machine: carry its wheel in .whl/ (carry: [".whl"]; made by
@@ -19,6 +20,9 @@ BENCH=(python -m cdmbench bench recipes/bench_adm64.yaml --stage base64 --steps 
 # Most wanted first, each writing its own folder, so a run cut short keeps what finished.
 echo "== $(date +%T) bench ADM-64 U-Net (adm-unet), with where the time goes"
 "${BENCH[@]}" --profile --backbone adm-unet --out "$OUT/bench/adm-unet"
+echo "== $(date +%T) bench ADM-64 U-Net (adm-unet, eager) with cuDNN's heuristics instead of benchmark mode"
+"${BENCH[@]}" --no-compile --backbone adm-unet --set stages.base64.train.cudnn_benchmark=false \
+    --out "$OUT/bench/no-cudnn-benchmark"
 if python -c "import pytest" 2>/dev/null; then
     echo "== $(date +%T) gpu tests"
     python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || echo "gpu tests FAILED"
