@@ -194,22 +194,28 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,
                    seed: int, batch_size: int, device: torch.device | str, progress: bool = True,
                    first_id: int = 0, stop_at: dict[str, float] | None = None,
-                   ) -> tuple[dict[str, Tensor], dict[str, float]]:
+                   given: dict[str, Tensor] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Chain class labels -> base -> augmented low-res -> SR ...; returns images in [-1, 1] and
     seconds per stage. Stages must be listed so that each comes after the one it is
     conditioned on. Image i of the batch is image ``first_id + i`` (its seed).
 
     A stage whose output feeds a truncated augmentation is also sampled to that level s (z_s);
     ``stop_at`` makes a stage stop at a level instead of sampling to clean data (a sweep's
-    truncated inputs). The returned image of such a stage is its z_s."""
+    truncated inputs). The returned image of such a stage is its z_s.
+
+    ``given``: the outputs of stages not listed that a listed stage is conditioned on (z_0, or
+    z_s at that stage's truncation level), e.g. a previous stage sampled once for several."""
     levels: dict[str, set[float]] = {st.spec.name: set() for st in stages}
+    outputs: dict[tuple[str, float], Tensor] = {}
     for st in stages:
-        if st.spec.condition_on is not None:
-            levels[st.spec.condition_on].add(st.augmentation.truncation)
+        cond = st.spec.condition_on
+        if cond in levels:
+            levels[cond].add(st.augmentation.truncation)
+        elif cond is not None:
+            outputs[(cond, st.augmentation.truncation)] = (given or {})[cond]
     for name, wanted in levels.items():
         if not wanted:  # nobody here conditions on it: clean data, or the level asked for
             wanted.add((stop_at or {}).get(name, 0.0))
-    outputs: dict[tuple[str, float], Tensor] = {}
     seconds: dict[str, float] = {}
     labels = labels.to(device)
     for stage in stages:

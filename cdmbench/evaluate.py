@@ -13,6 +13,7 @@ statistics.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -30,7 +31,7 @@ from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
-from .files import locked, save_npz
+from .files import cached_tensor, locked, save_npz
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
@@ -64,7 +65,11 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
                      num_samples: int, num_classes: int, seed: int, batch_size: int,
                      shard_size: int, device: torch.device | str, progress: bool = True,
                      rank: int = 0, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
-    """Write the missing shards of the last stage's samples; returns the folder and signature."""
+    """Write the missing shards of the last stage's samples; returns the folder and signature.
+
+    The previous stages' output (float32, per shard) is cached too, in
+    ``<previous stage>/eval_outputs/``, so every SR stage conditioned on one base (an ablation)
+    samples that base once."""
     signature = {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
@@ -76,6 +81,10 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
+    *previous, last = chain
+    level = last.augmentation.truncation  # the previous stage's output it takes: z_0 or z_s
+    inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
+        {**signature, "stages": signature["stages"][:-1], "level": level}, 12)) if previous else None
     models = {st.spec.name: st.backbone for st in chain}
     shards = [k for k in range(math.ceil(num_samples / shard_size)) if k % world_size == rank]
     for k in tqdm(shards, desc="eval samples (shards)", disable=not progress):
@@ -84,9 +93,15 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
         if path.exists():
             continue
         labels = torch.arange(lo, hi) % num_classes
-        images, _ = sample_cascade(chain, models, labels, seed=seed, batch_size=batch_size,
-                                   device=device, progress=False, first_id=lo)
-        pixels = to_uint8(images[chain[-1].spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
+        sample = functools.partial(sample_cascade, models=models, labels=labels, seed=seed,
+                                   batch_size=batch_size, device=device, progress=False, first_id=lo)
+        given = {}
+        if previous:
+            name = previous[-1].spec.name
+            given[name] = cached_tensor(inputs / f"outputs-{k:05d}-{lo}-{hi}.npz",
+                                        lambda: sample(previous, stop_at={name: level})[0][name])
+        images, _ = sample([last], given=given)
+        pixels = to_uint8(images[last.spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
         save_npz(path, images=pixels.numpy(), labels=labels.numpy())
     return folder, signature
 

@@ -9,9 +9,10 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -36,6 +37,14 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write(path, buffer.getvalue())
+
+
+def cached_tensor(path: Path, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Load a tensor from the npz ``path``, or make, save (atomically) and return it as saved."""
+    if not path.exists():
+        save_npz(path, x=make().numpy())
+    with np.load(path) as data:
+        return torch.from_numpy(data["x"])
 
 
 def append_text(path: Path, text: str) -> None:

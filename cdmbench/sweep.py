@@ -17,7 +17,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -26,7 +25,7 @@ from .cascade import StageModel, sample_cascade, sample_stage
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .evaluate import EvalContext, chain_to, digest
-from .files import save_npz
+from .files import cached_tensor
 
 MANIFEST = "cascade.json"
 INPUTS = ("generated", "ground-truth")
@@ -56,14 +55,6 @@ def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:
         if chosen is not None:
             set_level(st, chosen["level"])
     return manifest
-
-
-def _cached(path: Path, make: Callable[[], Tensor]) -> Tensor:
-    """Load a tensor from ``path``, or make, save (atomically) and return it as saved."""
-    if not path.exists():
-        save_npz(path, x=make().numpy())
-    with np.load(path) as data:
-        return torch.from_numpy(data["x"])
 
 
 def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: list[str],
@@ -121,13 +112,13 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             real, real_labels = context.real_at("test", stage.low_res)
             low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
         elif not truncated:  # the previous stage runs once; each level only re-noises
-            low_all = _cached(folder / "inputs-z0.npz", lambda: previous(0.0))
+            low_all = cached_tensor(folder / "inputs-z0.npz", lambda: previous(0.0))
             kind_labels = labels
         for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
             if kind == "generated" and truncated:  # z_s of the previous stage, once per level
-                low_all = _cached(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
+                low_all = cached_tensor(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
                 kind_labels = labels
-            samples = _cached(samples_folder / f"samples-{kind}-{level}.npz",
+            samples = cached_tensor(samples_folder / f"samples-{kind}-{level}.npz",
                               lambda: upsample(low_all, level, kind_labels))
             context.set_samples(samples, kind_labels.cpu(), {"level": level, "inputs": kind, "truncated": truncated})
             level_rows = metric_rows(context)

@@ -207,6 +207,28 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
     assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
 
 
+def test_stages_conditioned_on_one_base_share_its_samples(trained_run, tmp_path, monkeypatch):
+    import cdmbench.evaluate
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    sampled, real = [], cdmbench.evaluate.sample_cascade
+
+    def counting(stages, **kwargs):
+        sampled.append([s.spec.name for s in stages])
+        return real(stages, **kwargs)
+
+    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    metric = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
+    for steps in (4, 2):  # two SR samplers stand in for two SR stages on one base
+        result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--no-progress", metric,
+                                          f"--set=stages.sr16.sampler.args.steps={steps}",
+                                          *[f"--set={o}" for o in TINY_EVAL]])
+        assert result.exit_code == 0, result.output
+    assert sampled.count(["sr16"]) == 6  # 30 samples in shards of 12, for each evaluation
+    assert sampled.count(["base8"]) == 3  # the base only for the first
+    assert len(list((trained_run / "base8" / "eval_outputs").glob("*/outputs-*.npz"))) == 3
+
+
 def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, tmp_path, monkeypatch):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     classifier = "{features: classifier, features_args: {epochs: 1}}"
