@@ -113,7 +113,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                 data = split_images(recipe, dataset, "train", progress=progress, echo=echo)
             models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
                                                metadata={**metadata, "stage": st.spec.name},
-                                               device=device, progress=progress)
+                                               device=device, progress=progress, echo=echo)
             log = read_log(folder) if main else []
             if log:
                 run_dir.add_results([

@@ -181,10 +181,11 @@ def _learning_rate(spec, step: int) -> float:
 
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 metadata: dict[str, Any], device: torch.device | str,
-                progress: bool = True) -> nn.Module:
+                progress: bool = True, echo=print) -> nn.Module:
     """Train (or resume) ``stage`` up to its recipe's step count; returns the EMA model.
 
-    Every ``log_every`` steps a row (step, mean loss, images/s) goes to train_log.jsonl."""
+    Every ``log_every`` steps a row (step, mean loss, images/s) goes to train_log.jsonl, and
+    without a progress bar (batch jobs) to ``echo`` as a line."""
     spec = stage.spec.train
     check_batch(spec.batch_size, spec.grad_accumulation)
     torch.backends.cudnn.benchmark = spec.cudnn_benchmark
@@ -253,6 +254,10 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                         if key != "step":
                             board.add_scalar(f"{stage.spec.name}/{key}", value, done)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                if bar.disable:
+                    memory = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
+                    echo(f"train {stage.spec.name} step {done}/{spec.steps}: loss {row['loss']:.4f}, "
+                         f"{row['images_per_s']:.0f} img/s{memory}")
             stopping = stop.requested()
             if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
                 if main:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
+    assert re.search(r"train sr16 step 4/4: loss \d\.\d{4}, \d+ img/s", result.output)  # no bar: log lines
     for stage in ("base8", "sr16"):
         assert (out / stage / "samples" / "grid.png").stat().st_size > 0
         assert (out / stage / "checkpoints" / "step-00000004" / "model.safetensors").exists()
