@@ -225,7 +225,6 @@ class EvalContext:
                       leave=False, disable=not self.progress):
             running.update(network.features(images[i:i + FEATURE_BATCH], mode=mode))
         mu, sigma = running.result()
-        path.parent.mkdir(parents=True, exist_ok=True)
         save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),
-                         key=np.array(json.dumps(key, sort_keys=True, default=str)))
+                 key=np.array(json.dumps(key, sort_keys=True, default=str)))
         return mu, sigma, len(images)
