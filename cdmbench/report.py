@@ -149,11 +149,7 @@ def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
 def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
     """One panel per (stage, metric): the metric against s, one line per input kind and sampler
     (CDM's figure: with generated inputs FID should first improve with s, then worsen)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     stages = list(dict.fromkeys(table.index.get_level_values("stage")))
     metrics = list(table.columns)
     fig, axes = plt.subplots(len(stages), len(metrics), figsize=(4.5 * len(metrics), 3.4 * len(stages)),
@@ -169,9 +165,46 @@ def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
             ax.set(title=f"{stage}: {metric}", xlabel="sampling level s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def training_table(logs: dict[str, list[dict]]) -> pd.DataFrame:
+    """One row per stage from its train_log.jsonl rows: steps trained, the last logged loss and
+    images/s, training time across resumes and peak GPU memory (when logged)."""
+    rows = [{"stage": stage, "steps": log[-1]["step"], "loss": log[-1]["loss"],
+             "img/s": log[-1]["images_per_s"], "train min": log[-1].get("seconds", float("nan")) / 60,
+             "peak GiB": log[-1].get("peak_memory_gib", float("nan"))}
+            for stage, log in logs.items() if log]
+    return pd.DataFrame(rows).set_index("stage").dropna(axis=1, how="all")
+
+
+def plot_training(logs: dict[str, list[dict]], path: Path) -> Path:
+    """The training loss (mean over each log window) against the step, one line per stage, on a
+    log scale: stages whose losses differ (base vs SR, eps vs x0) share one panel."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for stage, log in logs.items():
+        ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=stage)
+    ax.set(xlabel="training step", ylabel="training loss", yscale="log", title="training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save_figure(fig, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(fig, path: Path) -> Path:
+    """Write the figure as a PNG atomically (a reader never sees half a file) and close it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
     atomic_write(path, buffer.getvalue())
     return path

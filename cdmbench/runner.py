@@ -23,7 +23,8 @@ from .grids import save_grid
 from .plugins import Plugins
 from .prepare import make_dataset, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
-from .report import baseline_frame, comparison_table, plot_sweeps, read_results, results_table, sweep_table
+from .report import (baseline_frame, comparison_table, plot_sweeps, plot_training, read_results, results_table,
+                     sweep_table, training_table)
 from .rundir import RunDir, result_row
 from . import distributed
 from .evaluate import EvalContext, chain_to, generate_samples, load_chain, read_samples
@@ -152,7 +153,7 @@ def _fmt(frame: pd.DataFrame) -> str:
 def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     """report.md: the run's results, for metrics with published rows the comparison with them,
     the sample-time level sweeps (table and sweeps.png), CDM's augmentation findings checked on
-    the rows (``findings``) and each stage's sample grid. Returns the results table as text."""
+    the rows (``findings``), training (table and training.png) and each stage's sample grid. Returns the results table as text."""
     results = read_results([run_dir.path])
     table = _fmt(results_table(results))
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
@@ -174,6 +175,12 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
                  "downsampled test images (ground-truth); `cdmbench sweep`.\n\n"
                  f"```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
     text += findings_section(results, recipe)
+    logs = {st.name: log for st in recipe.stages if (log := read_log(run_dir.stage(st.name)))}
+    if logs:
+        plot_training(logs, run_dir.path / "training.png")
+        text += ("\n## Training\n\nThe last row of each stage's train_log.jsonl: loss and images/s "
+                 "over its last log window, training time across resumes.\n\n"
+                 f"```text\n{_fmt(training_table(logs))}\n```\n\n![training loss](training.png)\n")
     grids = [st.name for st in recipe.stages if (run_dir.path / st.name / "samples" / "grid.png").exists()]
     if grids:
         text += "\n## Samples\n\nOne row per class.\n\n" + "".join(

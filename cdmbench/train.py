@@ -184,8 +184,9 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 progress: bool = True, echo=print) -> nn.Module:
     """Train (or resume) ``stage`` up to its recipe's step count; returns the EMA model.
 
-    Every ``log_every`` steps a row (step, mean loss, images/s) goes to train_log.jsonl, and
-    without a progress bar (batch jobs) to ``echo`` as a line."""
+    Every ``log_every`` steps a row (step, mean loss, images/s, training seconds so far across
+    resumes, peak GPU memory) goes to train_log.jsonl, and without a progress bar (batch jobs)
+    to ``echo`` as a line with the time left."""
     spec = stage.spec.train
     check_batch(spec.batch_size, spec.grad_accumulation)
     torch.backends.cudnn.benchmark = spec.cudnn_benchmark
@@ -213,8 +214,8 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "
                             "raise train.steps or use another --out")
     log_path = folder / "train_log.jsonl"
-    if main:
-        _truncate_log(log_path, start)
+    earlier = _truncate_log(log_path, start) if main else []
+    elapsed = earlier[-1].get("seconds", 0.0) if earlier else 0.0  # training time before this resume
     board = _tensorboard(folder) if main else None
     losses: list[float] = []
     images, seconds = 0, 0.0
@@ -244,7 +245,8 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
             done = step + 1
             if main and (done % spec.log_every == 0 or done == spec.steps):
                 window = losses[-spec.log_every:]
-                row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds}
+                row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds,
+                       "seconds": elapsed + seconds}
                 if torch.device(device).type == "cuda":
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 with open(log_path, "a") as fh:
@@ -256,8 +258,9 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 if bar.disable:
                     memory = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
+                    left = round((spec.steps - done) * seconds / (done - start))
                     echo(f"train {stage.spec.name} step {done}/{spec.steps}: loss {row['loss']:.4f}, "
-                         f"{row['images_per_s']:.0f} img/s{memory}")
+                         f"{row['images_per_s']:.0f} img/s{memory}, {left // 60}m{left % 60:02d}s left")
             stopping = stop.requested()
             if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
                 if main:
@@ -305,12 +308,13 @@ def _tensorboard(folder: Path):
     return SummaryWriter(str(folder / "tensorboard"))
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log rows written after the checkpoint a run resumes from."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop log rows written after the checkpoint a run resumes from; returns the rows kept."""
+    if not path.exists():
+        return []
+    rows = [row for row in read_log(path.parent) if row["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def read_log(folder: Path) -> list[dict[str, Any]]:

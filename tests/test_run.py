@@ -18,7 +18,7 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(out), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"train sr16 step 4/4: loss \d\.\d{4}, \d+ img/s", result.output)  # no bar: log lines
+    assert re.search(r"train sr16 step 4/4: loss \d\.\d{4}, \d+ img/s, 0m00s left", result.output)  # no bar: log lines
     for stage in ("base8", "sr16"):
         assert (out / stage / "samples" / "grid.png").stat().st_size > 0
         assert (out / stage / "checkpoints" / "step-00000004" / "model.safetensors").exists()
@@ -35,6 +35,13 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
         assert json.loads(f.metadata()["recipe"])["name"] == "tiny"
     report = CliRunner().invoke(cli, ["report", str(out)])
     assert report.exit_code == 0 and "sr16" in report.output and "train_loss" in report.output
+    # The training section: each stage's last log row, and the loss curves it plots.
+    text = (out / "report.md").read_text()
+    section = text.split("## Training")[1].split("##")[0]
+    for stage in ("base8", "sr16"):
+        last = json.loads((out / stage / "train_log.jsonl").read_text().splitlines()[-1])
+        assert re.search(rf"{stage}\s+4\s+{last['loss']:.4g}\s", section)
+    assert "![training loss](training.png)" in section and (out / "training.png").stat().st_size > 0
 
 
 def test_batches_walk_one_permutation_per_epoch_across_epoch_boundaries():
@@ -60,6 +67,8 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tm
         assert all(torch.equal(a[k], b[k]) for k in a)
     log = [json.loads(x) for x in (tmp_path / "b" / "base8" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
+    seconds = [r["seconds"] for r in log]  # training time accumulates across the resume
+    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
 
 
 def test_cudnn_benchmark_follows_the_recipe_and_may_change_on_resume(tiny_recipe, tmp_path, monkeypatch):
