@@ -74,7 +74,7 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert "## Sampling-level sweeps" in text and (out / "sweeps.png").stat().st_size > 0
     exported = CliRunner().invoke(cli, ["report", str(out), "--out", str(tmp_path / "exported")])
     assert exported.exit_code == 0, exported.output
-    assert {p.name for p in (tmp_path / "exported").rglob("*.png")} == {"sweeps.png", "grid.png"}
+    assert {p.name for p in (tmp_path / "exported").rglob("*.png")} == {"sweeps.png", "training.png", "grid.png"}
     assert (tmp_path / "exported" / "sr16" / "samples" / "grid.png").exists()
 
     other_sampler = CliRunner().invoke(cli, [*args, "--set=stages.base8.sampler.args.steps=2"])
