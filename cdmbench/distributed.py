@@ -22,9 +22,15 @@ def is_main() -> bool:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group torchrun describes (once)."""
+    """Join the process group torchrun describes (once). On GPUs, NCCL carries CUDA tensors
+    (gradients, the loss) and gloo CPU ones: the stop-signal flag every process agrees on each
+    step is a CPU tensor, which NCCL alone refuses, and a CUDA one would wait for the GPU."""
     if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            dist.init_process_group("cpu:gloo,cuda:nccl",
+                                    device_id=device if device.index is not None else None)
+        else:
+            dist.init_process_group("gloo")
 
 
 def barrier() -> None:

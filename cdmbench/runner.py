@@ -256,7 +256,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     steps = load_chain(chain, run_dir.path)
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
     device = context.device
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = distributed.rank(), distributed.world_size()
     for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
             metric.prepare(context)
@@ -265,11 +265,8 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
         num_classes=dataset.num_classes, seed=recipe.sample.seed, batch_size=spec.batch_size,
         shard_size=spec.shard_size, device=device, progress=progress, rank=rank, world_size=world)
     if world > 1:  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        dist.barrier()
+        distributed.init(device)
+        distributed.barrier()
         if rank != 0:
             return []
     context.samples, context.labels = read_samples(folder, n)
@@ -450,11 +447,15 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         """The figures so far, so that a bench cut short (a compile that outlasts a job's
         time) keeps what it measured."""
         text = _fmt(pd.DataFrame(rows).set_index("what"))
+        if any(row.get("MFU", 0) > 1 for row in rows):
+            text += ("\n\nMFU above 100%: the ceiling was measured below the device's peak "
+                     "(another job busy on it?); rerun on an idle device.")
         where = _breakdown_tables(breakdowns) if breakdowns else ""
+        table, _, warning = text.partition("\n\n")
         atomic_write(path, f"# bench: {recipe.name}, stage {stage}\n\n"
                      + "".join(f"- {k}: {v}\n" for k, v in env.items())
                      + "\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
-                     f"```text\n{text}\n```\n" + where)
+                     f"```text\n{table}\n```\n" + (f"\n{warning}\n" if warning else "") + where)
         atomic_write(path.with_suffix(".json"), json.dumps(
             {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))
         return text + ("\n" + where if where else "")

@@ -193,6 +193,27 @@ def test_a_bench_cut_short_keeps_what_it_measured(tiny_recipe, tmp_path, monkeyp
     assert "adm-unet (eager)" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
 
 
+def test_the_matmul_ceiling_is_the_fastest_trial(monkeypatch):
+    import cdmbench.bench
+
+    # Start and end of each trial: 2 s, 0.5 s, 3 s. A busy moment must not lower a peak.
+    readings = iter([0.0, 2.0, 10.0, 10.5, 20.0, 23.0])
+    fake_clock = readings.__next__
+    monkeypatch.setattr(cdmbench.bench.time, "perf_counter", fake_clock)
+    flops, kind = cdmbench.bench.matmul_ceiling(torch.device("cpu"), repeats=2, trials=3)
+    assert flops == 2 * 1024**3 * 2 / 0.5 and kind == "float32 1024x1024 matmul, fastest of 3"
+
+
+def test_a_bench_above_the_ceiling_says_so(tiny_recipe, tmp_path, monkeypatch):
+    import cdmbench.bench
+    from cdmbench.runner import bench
+
+    monkeypatch.setattr(cdmbench.bench, "matmul_ceiling", lambda device: (1.0, "a ceiling measured far too low"))
+    bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=quiet)
+    text = next(tmp_path.glob("tiny-sr16-*.md")).read_text()
+    assert "```\n\nMFU above 100%: the ceiling was measured below the device's peak" in text
+
+
 @pytest.mark.parametrize("name, kind", [
     ("aten::convolution_backward", "convolution"),
     ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc", "convolution"),
@@ -229,3 +250,24 @@ def test_tensorboard_logs_when_installed(tiny_recipe, tmp_path):
     events.Reload()
     assert [e.step for e in events.Scalars("base8/loss")] == [1, 2, 3, 4]
     assert "base8/images_per_s" in events.Tags()["scalars"]
+
+
+def test_gpu_process_groups_carry_cpu_tensors_on_gloo(monkeypatch):
+    """Under torchrun on GPUs, NCCL takes CUDA tensors and gloo CPU ones: the per-step stop flag
+    is a CPU tensor (NCCL alone would refuse it). Checked on the arguments, as CPU machines have
+    no NCCL; BackendConfig is what init_process_group parses them with."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from cdmbench import distributed
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    distributed.init(torch.device("cuda:1"))
+    distributed.init(torch.device("cpu"))
+    (gpu, gpu_kw), (cpu, cpu_kw) = calls
+    assert BackendConfig(Backend(gpu)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
+    assert gpu_kw == {"device_id": torch.device("cuda:1")}  # bound: barriers use this process's GPU
+    assert (cpu, cpu_kw) == ("gloo", {})
