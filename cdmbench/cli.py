@@ -177,6 +177,40 @@ def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--stage", help="Sample up to this stage (default: the last).")
+@click.option("--classes", help="Comma-separated class indices or names (a name with a comma: "
+                                "its index) (default: the recipe's sample.num_classes first "
+                                "classes, or all).")
+@click.option("--per-class", type=int, help="Images per class (default: sample.images_per_class).")
+@click.option("--seed", type=int, help="Image i gets the seed (seed, i) (default: sample.seed).")
+@click.option("--level", "levels", multiple=True, metavar="STAGE=S",
+              help="Sampling-time augmentation level of an SR stage (repeatable; default: the "
+                   "recipe's, or the best of a sweep in cascade.json).")
+@click.option("--batch-size", type=int, help="Images per batch (default: sample.batch_size).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe value, e.g. --set stages.sr32.sampler.args.steps=100 (repeatable).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default: RUN_DIR/samples/<stage>-seed<seed>).")
+@click.option("--progress/--no-progress", default=True, help="Show progress bars.")
+def sample(run_dir, stage, classes, per_class, seed, levels, batch_size, overrides, out, progress):
+    """Sample chosen classes from a trained run's cascade: PNG files, a grid per stage, an npz
+    and sample.json (the settings that made them)."""
+    from .generate import sample_run
+
+    chosen = {}
+    for item in levels:
+        name, _, value = item.partition("=")
+        try:
+            chosen[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"expected STAGE=S with a number S, got {item!r}", param_hint="--level")
+    names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
+    sample_run(run_dir, stage=stage, classes=names, per_class=per_class, seed=seed, levels=chosen,
+               batch_size=batch_size, overrides=overrides, out=out, progress=progress, echo=click.echo)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--stage", required=True, help="The SR stage whose sampling level is swept.")
 @click.option("--levels", required=True, help="Comma-separated levels s in [0, 1], e.g. 0,0.05,0.1,0.2.")
 @click.option("--inputs", default="generated,ground-truth", show_default=True,

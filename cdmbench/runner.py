@@ -195,12 +195,11 @@ def export_report(run_path: str | Path, out: str | Path) -> Path:
     reports/<name>/ for committing."""
     import shutil
 
-    run_path, out = Path(run_path), Path(out)
-    run_yaml = run_path / "run.yaml"
-    if not (run_path / "results.jsonl").is_file() or not run_yaml.is_file():
+    run_dir, recipe, plugins = load_run(run_path)
+    run_path, out = run_dir.path, Path(out)
+    if not run_dir.results_path.is_file():
         raise CdmbenchError(f"{run_path} has no results yet; run `cdmbench run` or `cdmbench evaluate` first")
-    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"])
-    write_report(RunDir(run_path), recipe, plugins)
+    write_report(run_dir, recipe, plugins)
     out.mkdir(parents=True, exist_ok=True)
     text = (run_path / "report.md").read_text()
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
@@ -341,14 +340,20 @@ def samplers_of(chain: list[StageModel]) -> dict[str, str]:
     return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip() for st in chain}
 
 
-def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
-    """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
+def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[RunDir, Recipe, Plugins]:
+    """A run directory and the recipe it was trained with (from run.yaml), with ``overrides``."""
     run_dir = RunDir(Path(run_path))
     run_yaml = run_dir.path / "run.yaml"
     if not run_yaml.is_file():
         raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
                             "that cdmbench run wrote (runs/<recipe name>)")
     recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    return run_dir, recipe, plugins
+
+
+def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
+    """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
+    run_dir, recipe, plugins = load_run(run_path, overrides)
     dataset, context, built = _metrics_setup(recipe, plugins, stage, metrics, progress, echo)
     stages = _build_all(plugins, recipe, dataset.num_classes, context.device)
     apply_manifest(stages, run_dir.path)

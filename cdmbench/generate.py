@@ -1,0 +1,112 @@
+"""`cdmbench sample`: images of chosen classes from a trained run's cascade.
+
+Writes, under the output folder: the sampled stage's images as PNG files
+(``images/<id>-class<label>.png``) and as one npz (uint8 NHWC ``images`` and ``labels``, ADM's
+layout), a grid per stage of the chain (rows = classes) and ``sample.json``, the settings that
+made them (checkpoint steps, samplers, sampling levels, guidance scales, seed, seconds). Image i
+has the per-image seed (seed, i): the same seed, classes and counts give the same images, in
+any batch size. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
+then ``levels``. Sampling again into a folder replaces the sample there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from .cascade import sample_cascade
+from .data import to_uint8
+from .errors import CdmbenchError, CheckpointError
+from .evaluate import chain_to, load_chain
+from .files import atomic_write, save_npz
+from .grids import save_grid
+from .prepare import make_dataset
+from .runner import _build_all, load_run, resolve_device, samplers_of
+from .sweep import apply_manifest, gaussian_parts, set_level
+
+
+def class_labels(classes: list[str] | None, class_names: list[str], default_count: int) -> list[int]:
+    """Class indices from indices or names (default: the first ``default_count`` classes)."""
+    if not classes:
+        return list(range(default_count))
+    labels = []
+    for c in classes:
+        if c.isdigit() and int(c) < len(class_names):
+            labels.append(int(c))
+        elif c in class_names:
+            labels.append(class_names.index(c))
+        else:
+            shown = ", ".join(f"{i}={n}" for i, n in enumerate(class_names[:12]))
+            raise CdmbenchError(f"unknown class {c!r}: give an index in 0..{len(class_names) - 1} or a "
+                                f"class name ({shown}{', ...' if len(class_names) > 12 else ''})")
+    return labels
+
+
+def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[str] | None = None,
+               per_class: int | None = None, seed: int | None = None,
+               levels: dict[str, float] | None = None, batch_size: int | None = None,
+               overrides: tuple[str, ...] | list[str] = (), out: str | Path | None = None,
+               progress: bool = True, echo=print) -> Path:
+    """Sample ``per_class`` images of each of ``classes`` (indices or names) from the trained
+    stages that produce ``stage`` (default: the last), with each stage's EMA weights; returns the
+    output folder (default: RUN/samples/<stage>-seed<seed>)."""
+    run_dir, recipe, plugins = load_run(run_path, overrides)
+    spec = recipe.sample
+    target = stage or recipe.stages[-1].name
+    recipe.stage(target)  # an unknown name fails here, naming the stages
+    seed = spec.seed if seed is None else seed
+    per_class = spec.images_per_class if per_class is None else per_class
+    if per_class < 1:
+        raise CdmbenchError(f"--per-class {per_class}: sample at least one image per class")
+    dataset = make_dataset(plugins, recipe, "train")  # the class count and names
+    device = resolve_device(recipe.device)
+    stages = _build_all(plugins, recipe, dataset.num_classes, device)
+    apply_manifest(stages, run_dir.path)
+    chain = chain_to(stages, target)
+    by_name = {st.spec.name: st for st in chain}
+    for name, level in (levels or {}).items():
+        if name not in by_name:
+            raise CdmbenchError(f"--level {name}={level}: {name} is not among the stages that make "
+                                f"{target} ({', '.join(by_name)})")
+        if not 0.0 <= level <= 1.0:
+            raise CdmbenchError(f"--level {name}={level}: a level s must be in [0, 1]")
+        set_level(by_name[name], level)
+    default_count = dataset.num_classes if spec.num_classes is None else min(spec.num_classes, dataset.num_classes)
+    chosen = class_labels(classes, list(dataset.class_names), default_count)
+    labels = torch.tensor(chosen).repeat_interleave(per_class)
+    try:
+        steps = load_chain(chain, run_dir.path)
+    except CheckpointError as exc:
+        raise CdmbenchError(f"{exc}: train the stages first (cdmbench run RECIPE --out {run_dir.path})")
+    out = Path(out) if out else run_dir.path / "samples" / f"{target}-seed{seed}"
+    if (out / "sample.json").is_file():  # an earlier sample's files there would mix with these
+        for old in [*out.glob("images/*-class*.png"), *out.glob("*_grid.png")]:
+            old.unlink()
+    echo(f"sampling {len(labels)} images of {target} ({len(chosen)} classes x {per_class}) into {out}")
+    images, seconds = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels,
+                                     seed=seed, batch_size=batch_size or spec.batch_size, device=device,
+                                     progress=progress)
+    for st in chain:
+        save_grid(images[st.spec.name], labels, dataset.class_names, out / f"{st.spec.name}_grid.png")
+    pixels = to_uint8(images[target]).permute(0, 2, 3, 1).numpy()  # NHWC
+    for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        atomic_write(out / "images" / f"{i:05d}-class{label}.png", buffer.getvalue())
+    save_npz(out / "samples.npz", images=pixels, labels=labels.numpy())
+    settings: dict[str, Any] = {
+        "run": str(run_dir.path), "stage": target, "classes": chosen, "per_class": per_class,
+        "seed": seed, "image_ids": f"0..{len(labels) - 1}", "checkpoint_steps": steps,
+        "samplers": samplers_of(chain),
+        "levels": {st.spec.name: gaussian_parts(st.augmentation)[0].level
+                   for st in chain if gaussian_parts(st.augmentation)},
+        "guidance_scales": {st.spec.name: st.spec.guidance.scale for st in chain},
+        "seconds": seconds, "device": str(device)}
+    atomic_write(out / "sample.json", json.dumps(settings, indent=1))
+    echo(f"wrote {len(labels)} images, {len(chain)} grid(s), samples.npz and sample.json to {out}")
+    return out

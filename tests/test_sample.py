@@ -1,0 +1,91 @@
+"""`cdmbench sample`: chosen classes from a trained run, reproducible per image."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cdmbench.cli import cli
+from cdmbench.errors import CdmbenchError
+from cdmbench.generate import sample_run
+from cdmbench.runner import run
+from conftest import TINY_RECIPE
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The tiny 8 -> 16 cascade, trained (4 steps a stage)."""
+    folder = tmp_path_factory.mktemp("trained")
+    (folder / "tiny.yaml").write_text(TINY_RECIPE)
+    return run(folder / "tiny.yaml", out=folder / "run", progress=False, echo=lambda *_: None)
+
+
+def quiet(*_):
+    pass
+
+
+def test_sample_writes_images_grids_npz_and_settings(trained, tmp_path):
+    out = tmp_path / "s"
+    result = CliRunner().invoke(cli, ["sample", str(trained), "--classes", "3,heart (speckle)", "--per-class", "2",
+                                      "--seed", "5", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    with np.load(out / "samples.npz") as npz:
+        images, labels = npz["images"], npz["labels"]
+    assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8
+    settings = json.loads((out / "sample.json").read_text())
+    assert labels.tolist() == [3, 3, 9, 9] and settings["classes"] == [3, 9]  # by index and by name
+    for i, label in enumerate(labels):  # the PNG files are the npz images
+        assert (np.asarray(Image.open(out / "images" / f"{i:05d}-class{label}.png")) == images[i]).all()
+    assert {p.name for p in out.glob("*_grid.png")} == {"base8_grid.png", "sr16_grid.png"}
+    assert settings["checkpoint_steps"] == {"base8": 4, "sr16": 4} and settings["seed"] == 5
+    assert settings["levels"] == {"sr16": 0.1} and settings["samplers"]["sr16"].startswith("ddpm")
+    # Sampling again into the folder replaces the earlier sample, instead of mixing with it.
+    sample_run(trained, stage="base8", classes=["0"], per_class=1, out=out, progress=False, echo=quiet)
+    assert [p.name for p in (out / "images").iterdir()] == ["00000-class0.png"]
+    assert [p.name for p in out.glob("*_grid.png")] == ["base8_grid.png"]
+
+
+def test_an_image_depends_on_its_seed_and_id_not_on_the_other_classes(trained, tmp_path):
+    one = sample_run(trained, classes=["2"], per_class=2, seed=1, out=tmp_path / "one", progress=False, echo=quiet)
+    two = sample_run(trained, classes=["2", "7"], per_class=2, seed=1, batch_size=3, out=tmp_path / "two",
+                     progress=False, echo=quiet)
+    other_seed = sample_run(trained, classes=["2"], per_class=2, seed=2, out=tmp_path / "three",
+                            progress=False, echo=quiet)
+    images = {p: np.load(p / "samples.npz")["images"] for p in (one, two, other_seed)}
+    assert (images[one] == images[two][:2]).all()  # ids 0, 1 in both; batches of 16 and of 3
+    assert not (images[one] == images[other_seed]).all()
+
+
+def test_a_level_changes_the_sr_stage_and_not_the_base(trained, tmp_path):
+    common = dict(classes=["1"], per_class=2, progress=False, echo=quiet)
+    low = sample_run(trained, levels={"sr16": 0.0}, out=tmp_path / "low", **common)
+    high = sample_run(trained, levels={"sr16": 0.3}, out=tmp_path / "high", **common)
+    assert json.loads((high / "sample.json").read_text())["levels"] == {"sr16": 0.3}
+    assert not (np.load(low / "samples.npz")["images"] == np.load(high / "samples.npz")["images"]).all()
+    base = [np.asarray(Image.open(folder / "base8_grid.png")) for folder in (low, high)]
+    assert (base[0] == base[1]).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(classes=["12"]), r"unknown class '12': give an index in 0..9 or a class name \(0="),
+    (dict(levels={"base8": 0.1}), r"stage base8 has no augmentation with a level"),
+    (dict(levels={"sr32": 0.1}), r"sr32 is not among the stages that make sr16 \(base8, sr16\)"),
+    (dict(levels={"sr16": 1.5}), r"a level s must be in \[0, 1\]"),
+    (dict(stage="sr32"), r"no stage 'sr32'; did you mean 'sr16'"),
+    (dict(per_class=0), r"sample at least one image per class"),
+])
+def test_bad_requests_are_refused_with_the_fix(trained, tmp_path, kwargs, message):
+    with pytest.raises(CdmbenchError, match=message):
+        sample_run(trained, out=tmp_path / "x", progress=False, echo=quiet, **kwargs)
+
+
+def test_an_untrained_run_says_to_train_first(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    run(tmp_path / "tiny.yaml", out=tmp_path / "run", stage="base8", progress=False, echo=quiet,
+        overrides=["stages.base8.train.steps=1"])
+    with pytest.raises(CdmbenchError, match=r"no readable checkpoint in .*sr16.*train the stages first"):
+        sample_run(tmp_path / "run", progress=False, echo=quiet)
