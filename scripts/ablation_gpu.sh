@@ -44,23 +44,28 @@ cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quic
     SWEEP=(--num-samples 1000 --metrics fid); GAUSS=0,0.1,0.2,0.3,0.5; TRUNC=0.1,0.2,0.3,0.5;;
 *) echo "SCALE must be full, smoke or cpu, got '$SCALE'" >&2; exit 2;;
 esac
-phase() { echo "== $(date +%T) $*"; }
+# phase NAME COMMAND...: run COMMAND unless an earlier run of the script finished it (a rerun
+# after a cut skips whole finished phases: no re-sampled grids, no retrained CAS classifiers;
+# delete $OUT/done/NAME to run a phase again).
+mkdir -p "$OUT/done"
+phase() {
+    local name=$1; shift
+    if [ -e "$OUT/done/$name" ]; then echo "== $(date +%T) $name: done before"; return; fi
+    echo "== $(date +%T) $name"
+    "$@"
+    touch "$OUT/done/$name"
+}
 RECIPE=recipes/ablation_augmentation.yaml
-phase "prepare the data (train and test splits)"
-python -m cdmbench prepare $RECIPE --no-progress "${FLAGS[@]}" "$@"
-python -m cdmbench prepare $RECIPE --split test --no-progress "${FLAGS[@]}" "$@"
-phase "train the five stages (resumes), sample the grids"
-python -m cdmbench run $RECIPE --out "$RUN" --no-progress "${FLAGS[@]}" "$@"
-phase "train the FID feature classifier"
-python -m cdmbench prepare $RECIPE --split test --metrics sr_none --no-progress "${FLAGS[@]}" "$@"
+phase prepare-train python -m cdmbench prepare $RECIPE --no-progress "${FLAGS[@]}" "$@"
+phase prepare-test python -m cdmbench prepare $RECIPE --split test --no-progress "${FLAGS[@]}" "$@"
+# training resumes from checkpoints; at the end the grids of every stage are sampled
+phase train python -m cdmbench run $RECIPE --out "$RUN" --no-progress "${FLAGS[@]}" "$@"
+phase feature-classifier python -m cdmbench prepare $RECIPE --split test --metrics sr_none --no-progress "${FLAGS[@]}" "$@"
 for stage in sr_none sr_gauss sr_trunc sr_blur; do
-    phase "evaluate $stage"
-    python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
+    phase "evaluate-$stage" python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
 done
-phase "sweep sr_gauss"
-python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
-phase "sweep sr_trunc"
-python -m cdmbench sweep "$RUN" --stage sr_trunc --levels "$TRUNC" --inputs generated --no-progress "${SWEEP[@]}"
-phase "report"
-python -m cdmbench report "$RUN" --out "$OUT/report"
-phase "done"
+phase sweep-sr_gauss python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
+phase sweep-sr_trunc python -m cdmbench sweep "$RUN" --stage sr_trunc --levels "$TRUNC" --inputs generated \
+    --no-progress "${SWEEP[@]}"
+phase report python -m cdmbench report "$RUN" --out "$OUT/report"
+echo "== $(date +%T) done"
