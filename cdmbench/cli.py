@@ -92,7 +92,7 @@ def validate(recipe, overrides, smoke):
     from .runner import describe
 
     parsed, plugins = load_recipe(recipe, overrides=overrides, smoke=smoke, echo=click.echo)
-    click.echo(_format(describe(parsed, plugins)))
+    click.echo(_format(describe(parsed, plugins, click.echo)))
     click.echo(f"{recipe}: ok")
 
 

@@ -26,6 +26,7 @@ from .recipe import Component, Recipe, check_component, load_recipe, parse_recip
 from .report import (baseline_frame, comparison_table, plot_sweeps, plot_training, read_results, results_table,
                      sweep_table, training_table)
 from .rundir import RunDir, result_row
+from .smoke import recipe_classes
 from . import distributed
 from .evaluate import EvalContext, chain_to, generate_samples, load_chain, read_samples
 from .sweep import apply_manifest
@@ -51,10 +52,12 @@ def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> li
             for s in recipe.stages]
 
 
-def describe(recipe: Recipe, plugins: Plugins) -> pd.DataFrame:
+def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
     """Build every stage on the meta device (no memory, no data): parameters and forward FLOPs
-    for one image."""
-    num_classes = make_dataset(plugins, recipe, "train").num_classes
+    for one image. The class count (class-embedding parameters) is known for Hub ids, else read
+    from the dataset (``recipe_classes``)."""
+    num_classes, source = recipe_classes(recipe.to_dict(), plugins)
+    echo(f"class embeddings for {num_classes} classes ({source})")
     rows = []
     stages = _build_all(plugins, recipe, num_classes, "meta")
     for st in stages:
@@ -91,7 +94,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     if stage is not None:
         recipe.stage(stage)  # unknown stage names fail here
     if dry_run:
-        return describe(recipe, plugins)
+        return describe(recipe, plugins, echo)
     device = resolve_device(recipe.device)
     distributed.init(device)  # under torchrun; only rank 0 writes
     main = distributed.is_main()

@@ -16,7 +16,7 @@ for any recipe; the rules, per stage and section:
 - data: the procedural ``shapes`` dataset with the same number of classes (stand-in), at every
   stage's resolution; name: ``<name>-smoke`` (so the run directory is ``runs/<name>-smoke``).
 
-``load_recipe(..., smoke=True)`` finds the class count (``stand_in_classes``) and applies
+``load_recipe(..., smoke=True)`` finds the class count (``recipe_classes``) and applies
 ``--set`` overrides around it: those under ``data`` first (they choose the real dataset whose
 class count the stand-in copies), all others after ``smoke`` (so ``--set`` wins over smoke values).
 """
@@ -33,7 +33,7 @@ DISCRETE_SCHEDULES = ("cosine", "linear")
 MAX_TIMESTEPS = 100
 MAX_SAMPLER_STEPS = 10
 SAMPLE_CLASSES = 4
-# class counts of known Hub datasets, for when the real dataset cannot be built (offline)
+# class counts of known Hub datasets: --smoke and --dry-run need no network or data for them
 KNOWN_CLASSES = {"ILSVRC/imagenet-1k": 1000, "imagenet-1k": 1000,
                  "zalando-datasets/fashion_mnist": 10, "fashion_mnist": 10}
 DEFAULT_CLASSES = 10
@@ -138,14 +138,19 @@ def smoke(raw: dict[str, Any], num_classes: int) -> dict[str, Any]:
     return out
 
 
-def stand_in_classes(raw: dict[str, Any], plugins=None) -> tuple[int, str]:
-    """The class count of the recipe's real dataset, and a one-line note on where it came from:
-    the dataset itself if it can be built, else ``KNOWN_CLASSES`` for a known Hub id, else 10."""
+def recipe_classes(raw: dict[str, Any], plugins=None) -> tuple[int, str]:
+    """The class count of the recipe's dataset and where it came from: ``KNOWN_CLASSES`` for a
+    known Hub id (no network, no data), else the dataset itself if it can be built, else
+    ``DEFAULT_CLASSES``."""
     from .cascade import make_component
     from .plugins import load_plugins
     from .recipe import Component, _convert, check_component
 
     data = raw.get("data") if isinstance(raw, dict) else None
+    args = data.get("args") if isinstance(data, dict) else None
+    path = args.get("path") if isinstance(args, dict) else None
+    if isinstance(path, str) and path in KNOWN_CLASSES:
+        return KNOWN_CLASSES[path], f"the known class count of {path}"
     try:
         spec = _convert(copy.deepcopy(data), Component, "data")
         plugins = plugins or load_plugins(raw.get("plugins") or [])
@@ -154,18 +159,10 @@ def stand_in_classes(raw: dict[str, Any], plugins=None) -> tuple[int, str]:
         resolution = max((r for r in resolutions if _number(r)), default=32)
         dataset = make_component(plugins, "datasets", spec, "data", split="train",
                                  resolution=int(resolution))
-        count = int(dataset.num_classes)
-        return count, f"smoke: stand-in data with {count} classes, as {spec.name} has"
+        return int(dataset.num_classes), f"as {spec.name} has"
     except CdmbenchError as exc:
-        args = data.get("args") if isinstance(data, dict) else None
-        path = args.get("path") if isinstance(args, dict) else None
-        if isinstance(path, str) and path in KNOWN_CLASSES:
-            count, why = KNOWN_CLASSES[path], f"known class count of {path}"
-        else:
-            count, why = DEFAULT_CLASSES, "default"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return count, (f"smoke: stand-in data with {count} classes ({why}; the recipe's data "
-                       f"could not be built: {first[:120]})")
+        return DEFAULT_CLASSES, f"a default: the recipe's data could not be built: {first[:120]}"
 
 
 def _is_data_override(assignment: str) -> bool:
@@ -186,6 +183,6 @@ def smoke_recipe(raw: Any, overrides: tuple[str, ...] | list[str] = (), plugins=
     for assignment in overrides:
         if _is_data_override(assignment):
             apply_override(raw, assignment)
-    count, note = stand_in_classes(raw, plugins)
-    echo(note)
+    count, source = recipe_classes(raw, plugins)
+    echo(f"smoke: stand-in data with {count} classes ({source})")
     return smoke(raw, count), [a for a in overrides if not _is_data_override(a)]

@@ -19,10 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def offline(monkeypatch):
-    """No Hub access here: fail fast instead of retrying, so the class count comes from the table."""
+    """Any use of the Hub fails the test: the class count of a known Hub id comes from the
+    table, without network (there is none here) and without retries."""
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    for name in ("load_dataset", "load_dataset_builder"):
+        monkeypatch.setattr(datasets, name, no_hub)
 
 
 def _raw(name: str) -> dict:
@@ -99,7 +104,7 @@ def test_smoke_run_imagenet64(offline, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet64.yaml"), "--smoke",
                                       "--out", str(out), "--no-progress"])
-    _check_run(result, out, ["base32", "sr64"], "stand-in data with 1000 classes (known class count")
+    _check_run(result, out, ["base32", "sr64"], "stand-in data with 1000 classes (the known class count of ILSVRC/imagenet-1k)")
 
 
 def test_smoke_run_imagenet256(offline, tmp_path):  # ~50 s on a 2-core CPU
@@ -109,10 +114,18 @@ def test_smoke_run_imagenet256(offline, tmp_path):  # ~50 s on a 2-core CPU
     _check_run(result, out, ["base32", "sr64", "sr256"], "stand-in data with 1000 classes")
 
 
+def test_dry_run_of_an_imagenet_recipe_needs_no_network_or_data(offline):
+    result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet256.yaml"), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "class embeddings for 1000 classes (the known class count of ILSVRC/imagenet-1k)" in result.output
+    for stage in ("base32", "sr64", "sr256"):
+        assert stage in result.output
+
+
 def test_validate_smoke(offline):
     result = CliRunner().invoke(cli, ["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--smoke"])
     assert result.exit_code == 0, result.output
-    assert "stand-in data with 10 classes, as shapes has" in result.output
+    assert "stand-in data with 10 classes (as shapes has)" in result.output
 
 
 def test_shapes_with_more_classes():
@@ -147,3 +160,14 @@ def test_sample_num_classes_limits_the_grid(tiny_recipe, tmp_path):
     assert small[1] < large[1]  # fewer rows
     with pytest.raises(Exception, match="sample.num_classes"):
         run(tiny_recipe, out=tmp_path / "bad", overrides=["sample.num_classes=0"], dry_run=True)
+
+
+def test_the_class_count_falls_back_to_a_default_that_says_why(tmp_path):
+    from cdmbench.smoke import recipe_classes
+
+    raw = _raw("ablation_augmentation.yaml")
+    raw["data"]["args"] = {"path": str(tmp_path / "missing")}
+    count, source = recipe_classes(raw)
+    assert count == 10 and source.startswith("a default: the recipe's data could not be built: fashion-mnist:")
+    raw["data"] = {"name": "shapes", "args": {"num_classes": 7}}
+    assert recipe_classes(raw) == (7, "as shapes has")
