@@ -429,7 +429,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
     recipe.stage(stage)
     device = resolve_device(recipe.device)
-    num_classes = make_dataset(plugins, recipe, "train").num_classes
+    num_classes, _ = recipe_classes(recipe.to_dict(), plugins)  # synthetic batches: no data needed
     stages = _build_all(plugins, recipe, num_classes, device)
     target = next(s for s in stages if s.spec.name == stage)
     variants = {}  # backbone name -> the stage built with it (validated before any timing)

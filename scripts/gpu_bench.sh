@@ -28,10 +28,9 @@ if python -c "import pytest" 2>/dev/null; then
     python -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py || echo "gpu tests FAILED"
 fi
 echo "== $(date +%T) bench CDM ImageNet-64 base stage (batch 256 per GPU)"
-# bench trains on synthetic batches and needs only the class count: `shapes` with ImageNet's 1000
-# stands in for the Hub dataset (no `datasets` package and no network on the device machine)
+# bench trains on synthetic batches and needs only the class count, which it knows for the Hub
+# id (no `datasets` package and no network on the device machine)
 python -m cdmbench bench recipes/cdm_imagenet64.yaml --stage base32 --steps 20 --warmup 5 \
-    --set 'data={name: shapes, args: {num_classes: 1000}}' \
     --set stages.base32.train.batch_size=256 --set sample.batch_size=256 --out "$OUT/bench/cdm64"
 if python -c "import diffusers" 2>/dev/null; then  # no entry point without pip install: name the plugin
     echo "== $(date +%T) bench ADM-64 U-Net, diffusers' UNet2DModel beside adm-unet"

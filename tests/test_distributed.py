@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +193,25 @@ def test_a_bench_cut_short_keeps_what_it_measured(tiny_recipe, tmp_path, monkeyp
     [row] = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())["rows"]
     assert row["what"] == "train sr16 adm-unet (eager)" and row["images/s"] > 0
     assert "adm-unet (eager)" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
+
+
+def test_bench_of_an_imagenet_recipe_needs_no_data(tmp_path, monkeypatch):
+    """Synthetic batches need only the class count, known for the Hub id: no network, no data."""
+    import datasets
+
+    from cdmbench.runner import bench
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"the Hub was asked for {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    small = "{channels: 32, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}"
+    root = Path(__file__).resolve().parents[1]
+    bench(root / "recipes" / "cdm_imagenet64.yaml", stage="base32", steps=1, warmup=0, compile=False,
+          out=tmp_path, echo=quiet, overrides=[f"stages.base32.backbone.args={small}", "stages.base32.train.batch_size=2",
+                                                "sample.batch_size=2", "stages.base32.sampler.args.steps=2"])
+    [train, *_] = json.loads(next(tmp_path.glob("cdm-imagenet64-base32-*.json")).read_text())["rows"]
+    assert train["images/s"] > 0
 
 
 def test_the_matmul_ceiling_is_the_fastest_trial(monkeypatch):
