@@ -6,7 +6,8 @@ layout), a grid per stage of the chain (rows = classes) and ``sample.json``, the
 made them (checkpoint steps, samplers, sampling levels, guidance scales, seed, seconds). Image i
 has the per-image seed (seed, i): the same seed, classes and counts give the same images, in
 any batch size. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
-then ``levels``. Sampling again into a folder replaces the sample there.
+then ``levels``. Sampling again into a folder replaces the sample there. The class names come from run.yaml:
+sampling needs the checkpoints, not the dataset.
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
     per_class = spec.images_per_class if per_class is None else per_class
     if per_class < 1:
         raise CdmbenchError(f"--per-class {per_class}: sample at least one image per class")
-    dataset = make_dataset(plugins, recipe, "train")  # the class count and names
+    names = run_dir.class_names() or list(make_dataset(plugins, recipe, "train").class_names)
     device = resolve_device(recipe.device)
-    stages = _build_all(plugins, recipe, dataset.num_classes, device)
+    stages = _build_all(plugins, recipe, len(names), device)
     apply_manifest(stages, run_dir.path)
     chain = chain_to(stages, target)
     by_name = {st.spec.name: st for st in chain}
@@ -76,8 +77,8 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
         if not 0.0 <= level <= 1.0:
             raise CdmbenchError(f"--level {name}={level}: a level s must be in [0, 1]")
         set_level(by_name[name], level)
-    default_count = dataset.num_classes if spec.num_classes is None else min(spec.num_classes, dataset.num_classes)
-    chosen = class_labels(classes, list(dataset.class_names), default_count)
+    default_count = len(names) if spec.num_classes is None else min(spec.num_classes, len(names))
+    chosen = class_labels(classes, names, default_count)
     labels = torch.tensor(chosen).repeat_interleave(per_class)
     try:
         steps = load_chain(chain, run_dir.path)
@@ -92,7 +93,7 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
                                      seed=seed, batch_size=batch_size or spec.batch_size, device=device,
                                      progress=progress)
     for st in chain:
-        save_grid(images[st.spec.name], labels, dataset.class_names, out / f"{st.spec.name}_grid.png")
+        save_grid(images[st.spec.name], labels, names, out / f"{st.spec.name}_grid.png")
     pixels = to_uint8(images[target]).permute(0, 2, 3, 1).numpy()  # NHWC
     for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
         buffer = io.BytesIO()

@@ -1,6 +1,7 @@
 """The run directory: the resolved recipe with its environment, stage folders, results.
 
-    <out>/run.yaml          resolved recipe + versions of cdmbench, plugins, torch, git commit, machine
+    <out>/run.yaml          resolved recipe + versions of cdmbench, plugins, torch, git commit,
+                            machine; the dataset's class names
     <out>/results.jsonl     tidy result rows (see ``result_row``)
     <out>/report.md         the results table
     <out>/<stage>/          checkpoints/, train_log.jsonl, samples/
@@ -102,8 +103,9 @@ class RunDir:
     def results_path(self) -> Path:
         return self.path / "results.jsonl"
 
-    def prepare(self, recipe: Recipe, plugins: Plugins) -> None:
-        """Write run.yaml first; a run directory of a different recipe is refused."""
+    def prepare(self, recipe: Recipe, plugins: Plugins, class_names: list[str]) -> None:
+        """Write run.yaml first (with the class names, so that sampling needs no dataset); a run
+        directory of a different recipe is refused."""
         resolved = recipe.to_dict()
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
@@ -114,8 +116,12 @@ class RunDir:
                     f"({_first_difference(_comparable(old), _comparable(resolved))}); pass another "
                     "--out, or delete the folder to start over")
         self.path.mkdir(parents=True, exist_ok=True)
-        doc = {"recipe": resolved, "environment": environment(plugins)}
+        doc = {"recipe": resolved, "environment": environment(plugins), "classes": list(class_names)}
         atomic_write(run_yaml, yaml.safe_dump(doc, sort_keys=False))
+
+    def class_names(self) -> list[str] | None:
+        """The dataset's class names as training saw them (None for runs older than the key)."""
+        return yaml.safe_load((self.path / "run.yaml").read_text()).get("classes")
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
         append_text(self.results_path, "".join(json.dumps(row) + "\n" for row in rows))

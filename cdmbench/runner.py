@@ -102,7 +102,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     dataset = make_dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
     if main:
-        run_dir.prepare(recipe, plugins)
+        run_dir.prepare(recipe, plugins, dataset.class_names)
     distributed.barrier()
     apply_manifest(stages, run_dir.path)  # sampling levels chosen by `cdmbench sweep`
     echo(f"run directory: {run_dir.path}  (device: {device}, processes: {distributed.world_size()})")

@@ -89,3 +89,15 @@ def test_an_untrained_run_says_to_train_first(tmp_path):
         overrides=["stages.base8.train.steps=1"])
     with pytest.raises(CdmbenchError, match=r"no readable checkpoint in .*sr16.*train the stages first"):
         sample_run(tmp_path / "run", progress=False, echo=quiet)
+
+
+def test_sampling_needs_the_checkpoints_not_the_dataset(trained, tmp_path, monkeypatch):
+    import cdmbench.generate
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was built")
+
+    monkeypatch.setattr(cdmbench.generate, "make_dataset", no_data)
+    out = sample_run(trained, classes=["heart (speckle)"], per_class=1, out=tmp_path / "s", progress=False,
+                     echo=quiet)  # the class names come from run.yaml
+    assert json.loads((out / "sample.json").read_text())["classes"] == [9]
