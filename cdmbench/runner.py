@@ -53,9 +53,11 @@ def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> li
 
 
 def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
-    """Build every stage on the meta device (no memory, no data): parameters and forward FLOPs
-    for one image. The class count (class-embedding parameters) is known for Hub ids, else read
-    from the dataset (``recipe_classes``)."""
+    """Build every stage on the meta device (no memory, no data): parameters, FLOPs of a forward
+    pass and of a training pass (forward + backward, with the recomputation when gradient
+    checkpointing is on) for one image, and the whole training run's FLOPs (training pass x
+    batch x steps). The class count (class-embedding parameters)
+    is known for Hub ids, else read from the dataset (``recipe_classes``)."""
     num_classes, source = recipe_classes(recipe.to_dict(), plugins)
     echo(f"class embeddings for {num_classes} classes ({source})")
     rows = []
@@ -67,14 +69,21 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
                if st.low_res else None)
         aug = torch.zeros(1, st.augmentation.cond_dim, device="meta")
         labels = torch.zeros(1, dtype=torch.long, device="meta")
-        with FlopCounterMode(display=False) as counter:
-            st.forward(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
+        flops = []
+        for train in (False, True):
+            st.backbone.train(train)
+            with FlopCounterMode(display=False) as counter:
+                out = st.forward(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
+                if train:
+                    out.float().sum().backward()
+            flops.append(counter.get_total_flops())
+        spec = st.spec.train
         rows.append({"stage": st.spec.name, "resolution": r, "condition_on": st.spec.condition_on or "-",
                      "backbone": st.spec.backbone.name,
                      "parameters": sum(p.numel() for p in st.backbone.parameters()),
-                     "GFLOP/forward": counter.get_total_flops() / 1e9,
-                     "T": "continuous" if st.process.continuous else st.process.T, "train steps": st.spec.train.steps,
-                     "batch": st.spec.train.batch_size})
+                     "GFLOP/forward": flops[0] / 1e9, "GFLOP/train image": flops[1] / 1e9,
+                     "T": "continuous" if st.process.continuous else st.process.T, "train steps": spec.steps,
+                     "batch": spec.batch_size, "train EFLOP": flops[1] * spec.batch_size * spec.steps / 1e18})
     return pd.DataFrame(rows).set_index("stage")
 
 

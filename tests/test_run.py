@@ -131,6 +131,15 @@ def test_dry_run_parameters_match_a_hand_count(tiny_recipe):
     # sr16: 6 input channels, augmentation MLP, attention at 8x8 on level 1
     assert table.loc["sr16", "parameters"] == n + 3 * 9 * c + linear(c, E) + linear(E, E)
     assert table.loc["sr16", "GFLOP/forward"] > 3 * table.loc["base8", "GFLOP/forward"]
+    # Training: backward costs two forwards (input and weight gradients; the input conv needs no
+    # input gradient), the run is that x batch x steps, and checkpointing adds at most a forward.
+    for stage in ("base8", "sr16"):
+        row = table.loc[stage]
+        assert 2.9 < row["GFLOP/train image"] / row["GFLOP/forward"] <= 3.0
+        assert row["train EFLOP"] == pytest.approx(row["GFLOP/train image"] * 1e9 * 8 * 4 / 1e18)
+    recipe, plugins = load_recipe(tiny_recipe, overrides=["stages.base8.train.gradient_checkpointing=true"])
+    extra = describe(recipe, plugins).loc["base8", "GFLOP/train image"] - table.loc["base8", "GFLOP/train image"]
+    assert 0.5 * table.loc["base8", "GFLOP/forward"] < extra <= table.loc["base8", "GFLOP/forward"]
 
 
 def test_dry_run_cli_touches_nothing(tiny_recipe, tmp_path, monkeypatch):
