@@ -23,11 +23,11 @@ from PIL import Image
 from .cascade import sample_cascade
 from .data import to_uint8
 from .errors import CdmbenchError, CheckpointError
-from .evaluate import chain_to, load_chain
+from .evaluate import load_chain
 from .files import atomic_write, save_npz
 from .grids import save_grid
 from .prepare import make_dataset
-from .runner import _build_all, load_run, resolve_device, samplers_of
+from .runner import build_chain, load_run, resolve_device, samplers_of
 from .sweep import apply_manifest, gaussian_parts, set_level
 
 
@@ -66,9 +66,8 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
         raise CdmbenchError(f"--per-class {per_class}: sample at least one image per class")
     names = run_dir.class_names() or list(make_dataset(plugins, recipe, "train").class_names)
     device = resolve_device(recipe.device)
-    stages = _build_all(plugins, recipe, len(names), device)
-    apply_manifest(stages, run_dir.path)
-    chain = chain_to(stages, target)
+    chain = build_chain(plugins, recipe, target, len(names), device)
+    apply_manifest(chain, run_dir.path)
     by_name = {st.spec.name: st for st in chain}
     for name, level in (levels or {}).items():
         if name not in by_name:

@@ -28,7 +28,7 @@ from .report import (baseline_frame, comparison_table, plot_sweeps, plot_trainin
 from .rundir import RunDir, result_row
 from .smoke import recipe_classes
 from . import distributed
-from .evaluate import EvalContext, chain_to, generate_samples, load_chain, read_samples
+from .evaluate import EvalContext, generate_samples, load_chain, read_samples
 from .sweep import apply_manifest
 from .train import read_log, train_stage, validation_bpd
 
@@ -50,6 +50,16 @@ def resolve_device(name: str) -> torch.device:
 def _build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:
     return [build_stage(plugins, recipe, s, num_classes=num_classes, device=device)
             for s in recipe.stages]
+
+
+def build_chain(plugins: Plugins, recipe: Recipe, target: str, num_classes: int, device) -> list[StageModel]:
+    """The stages that produce ``target``'s samples, base first, and only those: evaluating the
+    middle stage of a cascade does not build (or hold in memory) the last."""
+    names = [recipe.stage(target).name]
+    while recipe.stage(names[0]).condition_on is not None:
+        names.insert(0, recipe.stage(names[0]).condition_on)
+    return [build_stage(plugins, recipe, recipe.stage(name), num_classes=num_classes, device=device)
+            for name in names]
 
 
 def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
@@ -260,10 +270,9 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
              progress: bool = True, echo=print) -> list[dict[str, Any]]:
     """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
     into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
-    run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
+    run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
     spec = recipe.evaluate
-    chain = chain_to(stages, context.stage)
     steps = load_chain(chain, run_dir.path)
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
     device = context.device
@@ -313,7 +322,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     record every row and write the best level (by the first metric) to the run's manifest."""
     from .sweep import MANIFEST, best_levels, sweep
 
-    run_dir, recipe, plugins, dataset, stages, context, built = _evaluation_setup(
+    run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
     for metric in built:
         if hasattr(metric, "prepare"):
@@ -321,14 +330,13 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     st = recipe.stage(stage)
     if st.condition_on is None:
         raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
-    chain = chain_to(stages, stage)
     steps = load_chain(chain, run_dir.path)
     n = num_samples or recipe.evaluate.num_samples
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,
                         "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samplers": samplers_of(chain)}
-    rows = sweep(stages, name=stage, levels=levels, inputs=inputs, context=context,
+    rows = sweep(chain, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
                  device=context.device, checkpoint_steps=steps, progress=progress,
@@ -364,10 +372,11 @@ def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
 
 
 def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
-    """Recipe, stages (with a sweep's chosen levels), an EvalContext and the metrics of a run."""
+    """Recipe, the stages up to the evaluated one (with a sweep's chosen levels), an EvalContext
+    and the metrics of a run."""
     run_dir, recipe, plugins = load_run(run_path, overrides)
     dataset, context, built = _metrics_setup(recipe, plugins, stage, metrics, progress, echo)
-    stages = _build_all(plugins, recipe, dataset.num_classes, context.device)
+    stages = build_chain(plugins, recipe, context.stage, dataset.num_classes, context.device)
     apply_manifest(stages, run_dir.path)
     return run_dir, recipe, plugins, dataset, stages, context, built
 
@@ -439,8 +448,8 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     recipe.stage(stage)
     device = resolve_device(recipe.device)
     num_classes, _ = recipe_classes(recipe.to_dict(), plugins)  # synthetic batches: no data needed
-    stages = _build_all(plugins, recipe, num_classes, device)
-    target = next(s for s in stages if s.spec.name == stage)
+    stages = build_chain(plugins, recipe, stage, num_classes, device)
+    target = stages[-1]
     variants = {}  # backbone name -> the stage built with it (validated before any timing)
     for name in backbones or [target.spec.backbone.name]:
         if name == target.spec.backbone.name:
@@ -496,7 +505,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
             write()
     seconds_per_image = 0.0
     batch = recipe.sample.batch_size
-    for st in chain_to(stages, stage):
+    for st in stages:
         evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
         per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
         seconds_per_image += per_image / evals

@@ -101,3 +101,17 @@ def test_sampling_needs_the_checkpoints_not_the_dataset(trained, tmp_path, monke
     out = sample_run(trained, classes=["heart (speckle)"], per_class=1, out=tmp_path / "s", progress=False,
                      echo=quiet)  # the class names come from run.yaml
     assert json.loads((out / "sample.json").read_text())["classes"] == [9]
+
+
+def test_only_the_stages_up_to_the_sampled_one_are_built(trained, tmp_path, monkeypatch):
+    import cdmbench.runner
+
+    built, real = [], cdmbench.runner.build_stage
+
+    def counted(plugins, recipe, spec, **kwargs):
+        built.append(spec.name)
+        return real(plugins, recipe, spec, **kwargs)
+
+    monkeypatch.setattr(cdmbench.runner, "build_stage", counted)
+    sample_run(trained, stage="base8", classes=["0"], per_class=1, out=tmp_path / "b", progress=False, echo=quiet)
+    assert built == ["base8"]  # not sr16: its weights are never allocated
