@@ -20,6 +20,7 @@ cache.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import multiprocessing
@@ -38,7 +39,7 @@ from .errors import CdmbenchError
 from .files import atomic_write
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
-from .recipe import Component, Recipe, load_recipe
+from .recipe import Component, Recipe, _convert, check_component, load_recipe
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -54,6 +55,34 @@ def make_dataset(plugins: Plugins, recipe: Recipe, split: str) -> Dataset:
 
 def resolutions(recipe: Recipe) -> list[int]:
     return sorted({s.resolution for s in recipe.stages})
+
+
+# class counts of known Hub datasets: --smoke, --dry-run and bench need no network or data for them
+KNOWN_CLASSES = {"ILSVRC/imagenet-1k": 1000, "imagenet-1k": 1000,
+                 "zalando-datasets/fashion_mnist": 10, "fashion_mnist": 10}
+DEFAULT_CLASSES = 10
+
+
+def recipe_classes(raw: dict[str, Any], plugins=None) -> tuple[int, str]:
+    """The class count of the recipe's dataset and where it came from: ``KNOWN_CLASSES`` for a
+    known Hub id (no network, no data), else the dataset itself if it can be built, else
+    ``DEFAULT_CLASSES``."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    args = data.get("args") if isinstance(data, dict) else None
+    path = args.get("path") if isinstance(args, dict) else None
+    if isinstance(path, str) and path in KNOWN_CLASSES:
+        return KNOWN_CLASSES[path], f"the known class count of {path}"
+    try:
+        spec = _convert(copy.deepcopy(data), Component, "data")
+        plugins = plugins or load_plugins(raw.get("plugins") or [])
+        check_component(plugins, "datasets", spec, "data")
+        sides = [s.get("resolution") for s in raw.get("stages") or [] if isinstance(s, dict)]
+        resolution = max((r for r in sides if isinstance(r, int) and not isinstance(r, bool)), default=32)
+        dataset = make_component(plugins, "datasets", spec, "data", split="train", resolution=resolution)
+        return int(dataset.num_classes), f"as {spec.name} has"
+    except CdmbenchError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return DEFAULT_CLASSES, f"a default: the recipe's data could not be built: {first[:120]}"
 
 
 def data_cache_root() -> Path:

@@ -21,12 +21,11 @@ from .files import atomic_write, locked
 from .findings import findings_section
 from .grids import save_grid
 from .plugins import Plugins
-from .prepare import make_dataset, split_images
+from .prepare import make_dataset, recipe_classes, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import (baseline_frame, comparison_table, plot_sweeps, plot_training, read_results, results_table,
                      sweep_table, training_table)
 from .rundir import RunDir, result_row
-from .smoke import recipe_classes
 from . import distributed
 from .evaluate import EvalContext, generate_samples, load_chain, read_samples
 from .sweep import apply_manifest
@@ -472,19 +471,17 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     def write() -> str:
         """The figures so far, so that a bench cut short (a compile that outlasts a job's
         time) keeps what it measured."""
-        text = _fmt(pd.DataFrame(rows).set_index("what"))
-        if any(row.get("MFU", 0) > 1 for row in rows):
-            text += ("\n\nMFU above 100%: the ceiling was measured below the device's peak "
-                     "(another job busy on it?); rerun on an idle device.")
+        table = _fmt(pd.DataFrame(rows).set_index("what"))
+        warning = ("\nMFU above 100%: the ceiling was measured below the device's peak (another job "
+                   "busy on it?); rerun on an idle device.\n" if any(r.get("MFU", 0) > 1 for r in rows) else "")
         where = _breakdown_tables(breakdowns) if breakdowns else ""
-        table, _, warning = text.partition("\n\n")
         atomic_write(path, f"# bench: {recipe.name}, stage {stage}\n\n"
                      + "".join(f"- {k}: {v}\n" for k, v in env.items())
                      + "\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
-                     f"```text\n{table}\n```\n" + (f"\n{warning}\n" if warning else "") + where)
+                     f"```text\n{table}\n```\n" + warning + where)
         atomic_write(path.with_suffix(".json"), json.dumps(
             {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))
-        return text + ("\n" + where if where else "")
+        return table + warning + ("\n" + where if where else "")
 
     modes = [False, True] if (device.type == "cuda" if compile is None else compile) else [False]
     for name, variant in variants.items():

@@ -16,7 +16,7 @@ for any recipe; the rules, per stage and section:
 - data: the procedural ``shapes`` dataset with the same number of classes (stand-in), at every
   stage's resolution; name: ``<name>-smoke`` (so the run directory is ``runs/<name>-smoke``).
 
-``load_recipe(..., smoke=True)`` finds the class count (``recipe_classes``) and applies
+``load_recipe(..., smoke=True)`` finds the class count (``prepare.recipe_classes``) and applies
 ``--set`` overrides around it: those under ``data`` first (they choose the real dataset whose
 class count the stand-in copies), all others after ``smoke`` (so ``--set`` wins over smoke values).
 """
@@ -26,17 +26,11 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
-from .errors import CdmbenchError
-
 SUFFIX = "-smoke"
 DISCRETE_SCHEDULES = ("cosine", "linear")
 MAX_TIMESTEPS = 100
 MAX_SAMPLER_STEPS = 10
 SAMPLE_CLASSES = 4
-# class counts of known Hub datasets: --smoke and --dry-run need no network or data for them
-KNOWN_CLASSES = {"ILSVRC/imagenet-1k": 1000, "imagenet-1k": 1000,
-                 "zalando-datasets/fashion_mnist": 10, "fashion_mnist": 10}
-DEFAULT_CLASSES = 10
 
 
 def _args(node: Any) -> dict[str, Any] | None:
@@ -138,33 +132,6 @@ def smoke(raw: dict[str, Any], num_classes: int) -> dict[str, Any]:
     return out
 
 
-def recipe_classes(raw: dict[str, Any], plugins=None) -> tuple[int, str]:
-    """The class count of the recipe's dataset and where it came from: ``KNOWN_CLASSES`` for a
-    known Hub id (no network, no data), else the dataset itself if it can be built, else
-    ``DEFAULT_CLASSES``."""
-    from .cascade import make_component
-    from .plugins import load_plugins
-    from .recipe import Component, _convert, check_component
-
-    data = raw.get("data") if isinstance(raw, dict) else None
-    args = data.get("args") if isinstance(data, dict) else None
-    path = args.get("path") if isinstance(args, dict) else None
-    if isinstance(path, str) and path in KNOWN_CLASSES:
-        return KNOWN_CLASSES[path], f"the known class count of {path}"
-    try:
-        spec = _convert(copy.deepcopy(data), Component, "data")
-        plugins = plugins or load_plugins(raw.get("plugins") or [])
-        check_component(plugins, "datasets", spec, "data")
-        resolutions = [s.get("resolution") for s in raw.get("stages") or [] if isinstance(s, dict)]
-        resolution = max((r for r in resolutions if _number(r)), default=32)
-        dataset = make_component(plugins, "datasets", spec, "data", split="train",
-                                 resolution=int(resolution))
-        return int(dataset.num_classes), f"as {spec.name} has"
-    except CdmbenchError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        return DEFAULT_CLASSES, f"a default: the recipe's data could not be built: {first[:120]}"
-
-
 def _is_data_override(assignment: str) -> bool:
     key = assignment.partition("=")[0]
     return key == "data" or key.startswith("data.")
@@ -175,6 +142,7 @@ def smoke_recipe(raw: Any, overrides: tuple[str, ...] | list[str] = (), plugins=
     """``raw`` shrunk for ``--smoke`` and the overrides still to apply: ``data`` overrides are
     applied first (they pick the real dataset whose class count the stand-in copies), the rest
     are returned, to be applied after ``smoke`` so that they win over its values."""
+    from .prepare import recipe_classes
     from .recipe import apply_override
 
     if not isinstance(raw, dict):

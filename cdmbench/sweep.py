@@ -119,7 +119,7 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                 low_all = cached_tensor(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
                 kind_labels = labels
             samples = cached_tensor(samples_folder / f"samples-{kind}-{level}.npz",
-                              lambda: upsample(low_all, level, kind_labels))
+                                    lambda: upsample(low_all, level, kind_labels))
             context.set_samples(samples, kind_labels.cpu(), {"level": level, "inputs": kind, "truncated": truncated})
             level_rows = metric_rows(context)
             record(level_rows)

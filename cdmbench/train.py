@@ -28,6 +28,7 @@ from .checkpoint import resume_latest, save_checkpoint
 from .data import ImageSet, to_float
 from .diffusion import q_sample, training_loss as diffusion_loss
 from .errors import CdmbenchError
+from .files import atomic_write
 
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
@@ -313,7 +314,7 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     rows = [row for row in read_log(path.parent) if row["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))  # a crash here keeps the old log
     return rows
 
 

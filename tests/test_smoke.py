@@ -163,7 +163,7 @@ def test_sample_num_classes_limits_the_grid(tiny_recipe, tmp_path):
 
 
 def test_the_class_count_falls_back_to_a_default_that_says_why(tmp_path):
-    from cdmbench.smoke import recipe_classes
+    from cdmbench.prepare import recipe_classes
 
     raw = _raw("ablation_augmentation.yaml")
     raw["data"]["args"] = {"path": str(tmp_path / "missing")}
