@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .cascade import IMAGE_CHANNELS, StageModel
 from .data import ImageSet
-from .train import backward, make_batch, train_step, update_ema
+from .train import Trainer, backward, make_batch, train_step, update_ema
 
 
 def matmul_ceiling(device: torch.device, *, size: int = 8192, repeats: int = 20,
@@ -117,22 +117,24 @@ def op_times(fn: Callable[[], Any], device: torch.device, steps: int) -> Counter
     return times
 
 
-def time_breakdown(stage: StageModel, model: torch.nn.Module, runner: torch.nn.Module,
-                   ema: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSet,
-                   device: torch.device, steps: int, top: int = 8) -> dict[str, Any]:
+def time_breakdown(trainer: Trainer, data: ImageSet, steps: int, top: int = 8) -> dict[str, Any]:
     """Milliseconds per training step by phase, and forward + backward by operator kind and by
     its ``top`` heaviest operators or kernels."""
-    idx = torch.arange(stage.spec.train.batch_size)
+    stage, spec, device = trainer.stage, trainer.spec, torch.device(trainer.device)
+    idx = torch.arange(spec.batch_size)
     batch = make_batch(stage, data, idx, device)
 
     def forward_backward() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        backward(stage, runner, batch)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        backward(stage, trainer.runner, batch)
 
     phases = {"batch (noise, flips, augmentation, transfer)": lambda: make_batch(stage, data, idx, device),
-              "forward + backward": forward_backward,
-              "optimizer (AdamW)": optimizer.step,
-              "EMA": lambda: update_ema(ema, model, stage.spec.train.ema)}
+              "forward + backward": forward_backward}
+    if spec.grad_clip:
+        phases["gradient clipping"] = lambda: torch.nn.utils.clip_grad_norm_(trainer.model.parameters(),
+                                                                             spec.grad_clip)
+    phases["optimizer (fused AdamW)"] = trainer.optimizer.step
+    phases["EMA"] = lambda: update_ema(trainer.ema, trainer.model, spec.ema)
     ms = {name: 1e3 * _per_step(fn, device, steps) for name, fn in phases.items()}
     ops = op_times(forward_backward, device, steps)
     kinds: Counter = Counter()
@@ -148,26 +150,18 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     """images/s, FLOPs per image and peak memory of the stage's training step; with ``profile``
     also its ``time_breakdown``."""
     spec = stage.spec.train
-    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
-    model = copy.deepcopy(stage.backbone).to(device)
-    if spec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, fused=device.type == "cuda" or None)
-    runner = torch.compile(model) if compile else model
+    trainer = Trainer(stage, copy.deepcopy(stage.backbone).to(device), device)
+    trainer.wrap(compile)
     data = synthetic_data(stage, num_classes, spec.batch_size)
     idx = torch.arange(spec.batch_size)
 
     def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        train_step(stage, runner, data, idx, device)
-        optimizer.step()
-        update_ema(ema, model, spec.ema)
+        trainer.step(data, idx, spec.warmup_steps)  # the learning rate after warm-up
 
     with FlopCounterMode(display=False) as counter:  # one step of one image, eager
-        train_step(stage, model, synthetic_data(stage, num_classes, 1), torch.arange(1), device)
+        train_step(stage, trainer.model, synthetic_data(stage, num_classes, 1), torch.arange(1), device)
     flops_per_image = counter.get_total_flops()
-    model.zero_grad(set_to_none=True)
+    trainer.model.zero_grad(set_to_none=True)
     for _ in range(warmup):
         step()
     _sync(device)
@@ -181,7 +175,7 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     speed = {"images_per_s": spec.batch_size * steps / seconds, "flops_per_image": flops_per_image,
              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if profile:
-        speed["breakdown"] = time_breakdown(stage, model, runner, ema, optimizer, data, device, steps)
+        speed["breakdown"] = time_breakdown(trainer, data, steps)
     return speed
 
 

@@ -77,6 +77,14 @@ class Batch:
         return Batch(**{k: None if v is None else v[sl] for k, v in vars(self).items()})
 
 
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """``x`` on ``device``; to a GPU from pinned memory without waiting, so that the host
+    prepares the next batch while the GPU computes."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.device | str) -> Batch:
     """x_t ~ q(x_t | x_0) at uniform t, random flips (the same for x_0 and low-res), the
     augmented low-res input, labels dropped to the null class with probability
@@ -85,9 +93,9 @@ def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.dev
 
     def fetch(res: int) -> Tensor:
         x = data.images[res][idx]
-        return to_float(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x).to(device))
+        return to_float(to_device(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), device))
 
-    x0, labels = fetch(stage.spec.resolution), data.labels[idx].to(device)
+    x0, labels = fetch(stage.spec.resolution), to_device(data.labels[idx], device)
     low_res, aug_cond = None, None
     if stage.low_res is not None:
         low_res, aug_cond = stage.augmentation.train(fetch(stage.low_res))
@@ -171,6 +179,8 @@ class StopSignal:
 
     def requested(self) -> bool:
         """Whether any process received a signal (all processes agree, so all stop)."""
+        if distributed.world_size() == 1:
+            return self.received is not None
         flag = torch.tensor(float(self.received is not None))
         return bool(distributed.mean(flag) > 0)
 
@@ -180,37 +190,74 @@ def _learning_rate(spec, step: int) -> float:
     return spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
 
 
+class Trainer:
+    """A stage's weights, their EMA and AdamW, and one training step on them. ``runner`` is what
+    the step calls: the same weights, wrapped for DDP and/or compiled by ``wrap``.
+
+    A step makes no host-device synchronisation: the loss stays on the device (the caller reads
+    it when it logs), batches are copied from pinned memory, and AdamW is fused (one kernel for
+    all parameters, on CPUs too, with no per-parameter read of the step count)."""
+
+    def __init__(self, stage: StageModel, model: nn.Module, device: torch.device | str):
+        self.stage, self.spec, self.device = stage, stage.spec.train, device
+        torch.backends.cudnn.benchmark = self.spec.cudnn_benchmark
+        if self.spec.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = self.runner = model
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.spec.lr,
+                                           weight_decay=self.spec.weight_decay, fused=True)
+
+    def wrap(self, compile: bool) -> None:
+        """DDP under torchrun, then ``torch.compile``; call after loading a checkpoint."""
+        if distributed.world_size() > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            index = torch.device(self.device).index if torch.device(self.device).type == "cuda" else None
+            self.runner = DistributedDataParallel(self.model, device_ids=None if index is None else [index])
+        if compile:
+            self.runner = torch.compile(self.runner)
+
+    def step(self, data: ImageSet, idx: Tensor, step: int) -> Tensor:
+        """Training step ``step`` on the global batch ``idx``; returns its mean loss, on the device."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = _learning_rate(self.spec, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = train_step(self.stage, self.runner, data, idx, self.device)
+        if self.spec.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+        self.optimizer.step()
+        update_ema(self.ema, self.model, self.spec.ema)
+        return loss
+
+
+def _first_non_finite(losses: list[Tensor]) -> tuple[list[float], int | None]:
+    """The losses as floats (one host read for all of them) and the index of the first that is
+    NaN or infinite, if any."""
+    values = torch.stack(losses).tolist() if losses else []
+    return values, next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+
+
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 metadata: dict[str, Any], device: torch.device | str,
                 progress: bool = True, echo=print) -> nn.Module:
     """Train (or resume) ``stage`` up to its recipe's step count; returns the EMA model.
 
-    Every ``log_every`` steps a row (step, mean loss, images/s, training seconds so far across
-    resumes, peak GPU memory) goes to train_log.jsonl, and without a progress bar (batch jobs)
-    to ``echo`` as a line with the time left."""
+    Every ``log_every`` steps a row (step, mean loss since the previous row, images/s, training
+    seconds so far across resumes, peak GPU memory) goes to train_log.jsonl, and without a
+    progress bar (batch jobs) to ``echo`` as a line with the time left. The host reads the
+    losses only then and before a checkpoint: a NaN or infinite loss stops the run there, naming
+    the step it first appeared at, before a checkpoint of the spoiled weights is written."""
     spec = stage.spec.train
     check_batch(spec.batch_size, spec.grad_accumulation)
-    torch.backends.cudnn.benchmark = spec.cudnn_benchmark
-    model = stage.backbone
-    if spec.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay,
-                                  fused=torch.device(device).type == "cuda" or None)
+    trainer = Trainer(stage, stage.backbone, device)
     ckpt_dir = folder / "checkpoints"
     main = distributed.is_main()
     if main:
         folder.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    start = resume_latest(ckpt_dir, model=model, ema=ema, optimizer=optimizer)
-    runner_model = model  # what the step calls: DDP and/or compiled wrappers of the same weights
-    if distributed.world_size() > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        on_gpu = torch.device(device).type == "cuda"
-        runner_model = DistributedDataParallel(model, device_ids=[torch.device(device).index] if on_gpu else None)
-    if spec.compile:
-        runner_model = torch.compile(runner_model)
+    start = resume_latest(ckpt_dir, model=trainer.model, ema=trainer.ema, optimizer=trainer.optimizer)
+    trainer.wrap(spec.compile)
     if start > spec.steps:
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "
                             "raise train.steps or use another --out")
@@ -218,9 +265,10 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     earlier = _truncate_log(log_path, start) if main else []
     elapsed = earlier[-1].get("seconds", 0.0) if earlier else 0.0  # training time before this resume
     board = _tensorboard(folder) if main else None
-    losses: list[float] = []
+    pending: list[Tensor] = []  # losses on the device, not yet read
+    window: list[float] = []  # losses read since the last log row
     images, seconds = 0, 0.0
-    model.train()
+    trainer.model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
                desc=f"train {stage.spec.name}", disable=not (progress and main))
     with StopSignal() as stop:
@@ -228,24 +276,22 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
             tick = time.perf_counter()
             torch.manual_seed(derive_seed(seed, stage.index, step, 1))
             idx = batch_indices(len(data), spec.batch_size, step, seed, stage.index)
-            for group in optimizer.param_groups:
-                group["lr"] = _learning_rate(spec, step)
-            optimizer.zero_grad(set_to_none=True)
-            loss = train_step(stage, runner_model, data, idx, device)
-            if not math.isfinite(loss.item()):  # every process sees the same (averaged) loss
-                raise CdmbenchError(
-                    f"stage {stage.spec.name}: loss is {loss.item()} at step {step + 1}; lower "
-                    f"train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
-            if spec.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), spec.grad_clip)
-            optimizer.step()
-            update_ema(ema, model, spec.ema)
-            seconds += time.perf_counter() - tick
+            pending.append(trainer.step(data, idx, step))
             images += len(idx)
-            losses.append(loss.item())
             done = step + 1
-            if main and (done % spec.log_every == 0 or done == spec.steps):
-                window = losses[-spec.log_every:]
+            stopping = stop.requested()
+            log_now = done % spec.log_every == 0 or done == spec.steps
+            save_now = done % spec.checkpoint_every == 0 or done == spec.steps or stopping
+            if log_now or save_now:  # every process sees the same (averaged) losses
+                values, bad = _first_non_finite(pending)
+                if bad is not None:
+                    raise CdmbenchError(
+                        f"stage {stage.spec.name}: loss is {values[bad]} at step {done - len(values) + bad + 1}; "
+                        f"lower train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
+                window += values
+                pending.clear()
+            seconds += time.perf_counter() - tick  # reading the losses waited for the GPU's steps
+            if main and log_now:
                 row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds,
                        "seconds": elapsed + seconds}
                 if torch.device(device).type == "cuda":
@@ -262,12 +308,13 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                     left = round((spec.steps - done) * seconds / (done - start))
                     echo(f"train {stage.spec.name} step {done}/{spec.steps}: loss {row['loss']:.4f}, "
                          f"{row['images_per_s']:.0f} img/s{memory}, {left // 60}m{left % 60:02d}s left")
-            stopping = stop.requested()
-            if done % spec.checkpoint_every == 0 or done == spec.steps or stopping:
+            if log_now:
+                window.clear()
+            if save_now:
                 if main:
-                    save_checkpoint(ckpt_dir, done, model=model, ema=ema, optimizer=optimizer,
-                                    metadata=metadata, keep=spec.keep_checkpoints,
-                                    milestone_every=spec.milestone_every)
+                    save_checkpoint(ckpt_dir, done, model=trainer.model, ema=trainer.ema,
+                                    optimizer=trainer.optimizer, metadata=metadata,
+                                    keep=spec.keep_checkpoints, milestone_every=spec.milestone_every)
                 distributed.barrier()
             if stopping:
                 name = signal.Signals(stop.received).name if stop.received else "a signal"
@@ -277,7 +324,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     bar.close()
     if board is not None:
         board.close()
-    return ema.eval()
+    return trainer.ema.eval()
 
 
 @torch.no_grad()

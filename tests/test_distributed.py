@@ -167,7 +167,7 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
 
     where = report["breakdown"]["adm-unet (eager)"]  # --profile: where a step's time goes
     assert list(where["phases"]) == ["batch (noise, flips, augmentation, transfer)", "forward + backward",
-                                     "optimizer (AdamW)", "EMA"] and min(where["phases"].values()) > 0
+                                     "optimizer (fused AdamW)", "EMA"] and min(where["phases"].values()) > 0
     assert where["phases"]["forward + backward"] == max(where["phases"].values())
     assert where["kinds"]["convolution"] > 0 and where["kinds"]["normalization"] > 0
     assert "aten::convolution_backward" in where["top"] and where["profiled"] == "CPU self time"

@@ -3,6 +3,9 @@ GPU. Marked `gpu`; skipped without CUDA (run them on a GPU machine: python -m py
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import pytest
 import torch
 import yaml
@@ -11,6 +14,7 @@ from cdmbench.cascade import build_stage, sample_stage
 from cdmbench.recipe import parse_recipe
 from cdmbench.runner import run
 from conftest import TINY_RECIPE
+from test_run import steps_between_log_rows_make_no_more_events
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -50,3 +54,23 @@ def test_bench_profile_attributes_gpu_kernel_time(tiny_recipe, tmp_path):
     where = next(iter(json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())["breakdown"].values()))
     assert where["profiled"] == "GPU kernel time"
     assert where["kinds"]["convolution"] > 0 and where["kinds"]["normalization"] > 0, where["top"]
+
+
+@contextlib.contextmanager
+def gpu_synchronisations():
+    """Collects CUDA's warnings for every host-device synchronisation inside (blocking copies
+    included, which the CPU test of the same property cannot see)."""
+    found: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield found
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            found += [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+
+def test_training_steps_between_log_rows_do_not_wait_for_the_gpu(tiny_recipe, tmp_path, monkeypatch):
+    steps_between_log_rows_make_no_more_events(tiny_recipe, tmp_path, monkeypatch, gpu_synchronisations, overrides=[
+        "device=cuda", "stages.sr16.train.precision=bf16", "stages.sr16.train.channels_last=true"])

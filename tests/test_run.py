@@ -1,11 +1,14 @@
+import contextlib
 import json
 import re
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+import cdmbench.runner
 import cdmbench.train
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
@@ -88,7 +91,8 @@ def test_a_different_recipe_in_the_same_run_directory_is_refused(tiny_recipe, tm
         run(tiny_recipe, overrides=["stages.base8.train.lr=0.01"], **common)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch):
+@pytest.mark.parametrize("log_every", [1, 4])  # 4: the loss of step 3 is read after step 4
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch, log_every):
     real = cdmbench.train.diffusion_loss
     calls = []
 
@@ -99,9 +103,71 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_pa
 
     monkeypatch.setattr(cdmbench.train, "diffusion_loss", poisoned)
     with pytest.raises(CdmbenchError, match="loss is nan at step 3; lower train.lr"):
-        run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
-    ckpt = tmp_path / "a" / "base8" / "checkpoints" / "step-00000002"
-    assert torch.isfinite(load_file(ckpt / "model.safetensors")["input_conv.weight"]).all()
+        run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
+            overrides=[f"stages.base8.train.log_every={log_every}"])
+    checkpoints = tmp_path / "a" / "base8" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]  # none of spoiled weights
+    assert torch.isfinite(load_file(checkpoints / "step-00000002" / "model.safetensors")["input_conv.weight"]).all()
+
+
+# Operators that read a tensor's value on the host: on a GPU each waits for every queued kernel.
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero", "equal"}
+SR16 = ["stages.sr16.train.grad_clip=1.0", "stages.sr16.train.warmup_steps=2",
+        "stages.sr16.augmentation=[{name: gaussian, args: {max_level: 0.3}}, {name: blur}]"]
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Collects the names of the HOST_READS operators called inside."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: list[str] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            if name in HOST_READS:
+                found.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Watch():
+        yield found
+
+
+def events_while_training(tiny_recipe, out, monkeypatch, steps: int, watch, overrides=()) -> list[str]:
+    """What ``watch()`` (a context manager yielding a list it fills) collects while sr16 of a
+    trained base8 trains ``steps`` steps with one log row and one checkpoint."""
+    real, seen = cdmbench.runner.train_stage, []
+
+    def watched(*args, **kwargs):
+        with watch() as events:
+            result = real(*args, **kwargs)
+        seen.extend(events)
+        return result
+
+    monkeypatch.setattr(cdmbench.runner, "train_stage", watched)
+    every = [f"stages.sr16.train.{key}={steps}" for key in ("steps", "log_every", "checkpoint_every")]
+    run(tiny_recipe, out=out, stage="sr16", progress=False, echo=lambda *_: None,
+        overrides=[*every, *SR16, *overrides])
+    monkeypatch.setattr(cdmbench.runner, "train_stage", real)
+    return seen
+
+
+def steps_between_log_rows_make_no_more_events(tiny_recipe, tmp_path, monkeypatch, watch, overrides=()):
+    """3 and 6 steps with one log row and one checkpoint each give the same events."""
+    run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=lambda *_: None,
+        overrides=[*SR16, *overrides])
+    shutil.copytree(tmp_path / "r", tmp_path / "r2")
+    short = events_while_training(tiny_recipe, tmp_path / "r", monkeypatch, 3, watch, overrides)
+    long = events_while_training(tiny_recipe, tmp_path / "r2", monkeypatch, 6, watch, overrides)
+    assert len(short) == len(long), (short, long)
+
+
+def test_training_steps_between_log_rows_read_nothing_on_the_host(tiny_recipe, tmp_path, monkeypatch):
+    """A step queues its work and goes on (the GPU is never left waiting for the host): the loss
+    is read at log rows and checkpoints only, AdamW is fused, the stop flag needs no tensor with
+    one process."""
+    steps_between_log_rows_make_no_more_events(tiny_recipe, tmp_path, monkeypatch, host_reads)
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tiny_recipe, tmp_path):
