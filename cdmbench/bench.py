@@ -190,12 +190,13 @@ def denoiser_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     aug = torch.zeros(batch_size, stage.augmentation.cond_dim, device=device)
     labels = torch.arange(batch_size, device=device) % num_classes
     t = torch.full((batch_size,), 500.0, device=device)
-    stage.forward(model, x, t, labels, low, aug)
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    with stage.autocast(device):
         stage.forward(model, x, t, labels, low, aug)
-    _sync(device)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            stage.forward(model, x, t, labels, low, aug)
+        _sync(device)
     return batch_size * repeats / (time.perf_counter() - start)
 
 

@@ -36,6 +36,7 @@ class StageModel:
     augmentation: Augmentation
     low_res: int | None  # resolution of the conditioning stage, None for a base stage
     null_label: int | None  # the "no class" label of classifier-free guidance, if trained
+    sample_precision: str = "fp32"  # the network's precision when sampling: fp32 or bf16 (autocast)
 
     @property
     def prediction(self) -> str:
@@ -50,20 +51,31 @@ class StageModel:
         return model(x_t, noise_cond, labels, low_res=low_res,
                      aug_cond=aug_cond if aug_cond is not None and aug_cond.shape[1] else None)
 
+    def autocast(self, device: torch.device | str, precision: str | None = None):
+        """The context the network samples in: bf16 autocast when ``precision`` (default: the
+        stage's sampling precision) is bf16."""
+        precision = precision or self.sample_precision
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
     def denoiser(self, model: nn.Module, labels: Tensor, low_res: Tensor | None,
-                 aug_cond: Tensor | None, *, guidance_scale: float | None = None) -> Denoise:
+                 aug_cond: Tensor | None, *, guidance_scale: float | None = None,
+                 precision: str | None = None) -> Denoise:
         """The model with its conditioning bound, as the samplers call it. With a guidance
-        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's)."""
+        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's).
+        The network runs in ``precision`` (default: the stage's sampling precision); the
+        sampler's arithmetic stays in float32."""
         w = self.spec.guidance.scale if guidance_scale is None else guidance_scale
 
         def denoise(x_t: Tensor, abar: Tensor, noise_cond: Tensor) -> Prediction:
             if w == 1.0:
-                out = self.forward(model, x_t, noise_cond, labels, low_res, aug_cond)
+                with self.autocast(x_t.device, precision):
+                    out = self.forward(model, x_t, noise_cond, labels, low_res, aug_cond).float()
             else:
-                both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
-                                    torch.cat([labels, torch.full_like(labels, self.null_label)]),
-                                    None if low_res is None else low_res.repeat(2, 1, 1, 1),
-                                    None if aug_cond is None else aug_cond.repeat(2, 1))
+                with self.autocast(x_t.device, precision):
+                    both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
+                                        torch.cat([labels, torch.full_like(labels, self.null_label)]),
+                                        None if low_res is None else low_res.repeat(2, 1, 1, 1),
+                                        None if aug_cond is None else aug_cond.repeat(2, 1)).float()
                 cond, uncond = both.chunk(2)
                 c = x_t.shape[1]
                 guided = uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c])
@@ -160,7 +172,9 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                               f"'{stage.backbone.name}' has no set_gradient_checkpointing method; "
                               "set it to false or use a backbone that supports it (adm-unet)")
         backbone.set_gradient_checkpointing(True)
-    return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label)
+    sample_precision = stage.train.precision if recipe.sample.precision == "train" else recipe.sample.precision
+    return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label,
+                      sample_precision)
 
 
 def derive_seed(*keys: int) -> int:

@@ -73,7 +73,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     signature = {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
-         "guidance_scale": st.spec.guidance.scale,
+         "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
          "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],
          "levels": [p.level for p in getattr(st.augmentation, "parts", [st.augmentation])
                     if hasattr(p, "level")]}

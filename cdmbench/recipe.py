@@ -92,6 +92,7 @@ class Sample:
     batch_size: int = 64
     seed: int = 0
     num_classes: int | None = None  # sample (and grid) only the first N classes (None: all)
+    precision: str = "train"  # the networks' precision when sampling: each stage's train.precision, fp32 or bf16
 
 
 @dataclass
@@ -344,6 +345,9 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         seen[stage.name] = stage
     if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
         raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
+    if recipe.sample.precision not in ("train", "fp32", "bf16"):
+        raise RecipeError("sample.precision", "expected train (each stage's train.precision), fp32 or "
+                          f"bf16, got {recipe.sample.precision!r}")
     if recipe.sample.num_classes is not None and recipe.sample.num_classes < 1:
         raise RecipeError("sample.num_classes", "must be >= 1 or null (every class)")
     evaluate = recipe.evaluate

@@ -355,8 +355,10 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
 
 
 def samplers_of(chain: list[StageModel]) -> dict[str, str]:
-    """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"}."""
-    return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip() for st in chain}
+    """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"},
+    with ", bf16" when its network samples in bf16."""
+    return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip()
+            + (", bf16" if st.sample_precision == "bf16" else "") for st in chain}
 
 
 def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[RunDir, Recipe, Plugins]:
@@ -506,7 +508,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
         per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
         seconds_per_image += per_image / evals
-        rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image)", "batch": batch,
+        rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image, {st.sample_precision})", "batch": batch,
                      "images/s": evals / per_image})
     rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image})
     echo(write())

@@ -85,7 +85,7 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
 
     def sampling(s: StageModel) -> list:
         return [s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
-                s.spec.guidance.scale]
+                s.spec.guidance.scale, s.sample_precision]
 
     folder = run_path / name / "sweep" / digest({
         "levels": sorted(levels), "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],

@@ -341,7 +341,8 @@ def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed:
             gens = image_generators(seed, stage.index, idx.tolist(), device)
             low_res, aug_cond = stage.augmentation.sample(
                 to_float(data.images[stage.low_res][idx].to(device)), generators=gens)
-        denoise = stage.denoiser(model, data.labels[idx].to(device), low_res, aug_cond, guidance_scale=1.0)
+        denoise = stage.denoiser(model, data.labels[idx].to(device), low_res, aug_cond, guidance_scale=1.0,
+                                 precision="fp32")  # a likelihood: in full precision
         generator = torch.Generator(device).manual_seed(derive_seed(seed, stage.index, lo, 2))
         total += stage.process.bits_per_dim(denoise, x0, generator=generator, progress=progress).sum().item()
     return total / n

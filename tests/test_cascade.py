@@ -91,3 +91,31 @@ def test_hybrid_guided_and_continuous_stages_train_sample_and_report_bpd(tiny_re
     assert len(bpd) == 1 and bpd[0]["n"] == 6 and bpd[0]["unit"] == "bits/dim"
     assert 0 < bpd[0]["value"] < float("inf")  # 4 training steps: a loose bound, but a bound
     assert (out / "sr16" / "samples" / "grid.png").exists()
+
+
+@pytest.mark.parametrize("train, sample, expected", [
+    ("bf16", "train", "bf16"), ("fp32", "train", "fp32"), ("bf16", "fp32", "fp32"), ("fp32", "bf16", "bf16")])
+def test_the_network_samples_in_the_chosen_precision(train, sample, expected):
+    """sample.precision: train (each stage as it trained), fp32 or bf16 (autocast). The sampler
+    gets float32 either way; bf16 changes the prediction by about its rounding."""
+    st = stage("base8", f"stages.base8.train.precision={train}", f"sample.precision={sample}")
+    assert st.sample_precision == expected
+    model = st.backbone.eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    x_t, labels = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 3, 5, 9])
+    abar, cond = st.process.abar[[5, 10, 20, 40]], torch.tensor([5.0, 10, 20, 40]) * 1000 / 50
+    with torch.no_grad():
+        eps = st.denoiser(model, labels, None, None)(x_t, abar, cond).eps
+        full = st.denoiser(model, labels, None, None, precision="fp32")(x_t, abar, cond).eps
+        exact = model(x_t, cond, labels)
+    assert eps.dtype == torch.float32 and torch.equal(full, exact)
+    error = (eps - exact).abs().max() / exact.abs().max()
+    assert (0 < error < 0.05) if expected == "bf16" else error == 0
+
+
+def test_an_unknown_sampling_precision_is_refused():
+    with pytest.raises(RecipeError, match="expected train .* fp32 or bf16, got 'fp16'") as info:
+        tiny("sample.precision=fp16")
+    assert info.value.path == "sample.precision"

@@ -70,6 +70,17 @@ def test_a_level_changes_the_sr_stage_and_not_the_base(trained, tmp_path):
     assert (base[0] == base[1]).all()
 
 
+def test_bf16_sampling_is_recorded_and_close_to_fp32(trained, tmp_path):
+    common = dict(classes=["4"], per_class=3, progress=False, echo=quiet)
+    full = sample_run(trained, out=tmp_path / "fp32", **common)
+    half = sample_run(trained, out=tmp_path / "bf16", overrides=["sample.precision=bf16"], **common)
+    samplers = json.loads((half / "sample.json").read_text())["samplers"]
+    assert samplers["base8"].endswith(", bf16") and not json.loads((full / "sample.json").read_text())[
+        "samplers"]["base8"].endswith("bf16")
+    a, b = (np.load(f / "samples.npz")["images"].astype(int) for f in (full, half))
+    assert (a != b).any() and np.abs(a - b).mean() < 8  # uint8 levels: the same images, rounded apart
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(classes=["12"]), r"unknown class '12': give an index in 0..9 or a class name \(0="),
     (dict(levels={"base8": 0.1}), r"stage base8 has no augmentation with a level"),

@@ -40,10 +40,11 @@ class GridSampler:
         x = randn_per_image(shape, generators, device)
         history: list[Prediction] = []
         n = len(generators)
+        noise_cond = grid.noise_cond.to(device)  # once: a copy per step would wait for the GPU
         for i in tqdm(range(grid.steps), desc=self.name, leave=False, disable=not progress):
-            abar_t = grid.abar[i].item()
+            abar_t = grid.abar[i].item()  # grid.abar stays on the CPU: reading it waits for nothing
             pred = denoise(x, torch.full((n,), abar_t, device=device, dtype=torch.float64),
-                           grid.noise_cond[i].expand(n).to(device))
+                           noise_cond[i].expand(n))
             if self.clip_x0:
                 pred = pred.clipped(x, abar_t)
             history.append(pred)
