@@ -74,3 +74,22 @@ def gpu_synchronisations():
 def test_training_steps_between_log_rows_do_not_wait_for_the_gpu(tiny_recipe, tmp_path, monkeypatch):
     steps_between_log_rows_make_no_more_events(tiny_recipe, tmp_path, monkeypatch, gpu_synchronisations, overrides=[
         "device=cuda", "stages.sr16.train.precision=bf16", "stages.sr16.train.channels_last=true"])
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm-solver-2m"])
+def test_sampling_steps_do_not_wait_for_the_gpu(sampler):
+    """2 and 4 sampling steps (bf16 network, classifier-free guidance) make the same number of
+    host-device synchronisations."""
+    def syncs(steps: int) -> list[str]:
+        recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE), overrides=[
+            "device=cuda", "sample.precision=bf16", f"stages.base8.sampler={{name: {sampler}, args: {{steps: {steps}}}}}",
+            "stages.base8.guidance={label_dropout: 0.1, scale: 2.0}"])
+        st = build_stage(plugins, recipe, recipe.stage("base8"), num_classes=10, device="cuda")
+        labels = torch.arange(4, device="cuda")
+        with gpu_synchronisations() as found:
+            sample_stage(st, st.backbone.eval(), labels, seed=0, image_ids=[0, 1, 2, 3], low_res=None,
+                         device="cuda", progress=False)
+        return found
+
+    syncs(2)  # first calls: cuDNN and allocator set-up
+    assert len(syncs(2)) == len(syncs(4))
