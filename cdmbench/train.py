@@ -61,7 +61,8 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
 @dataclass
 class Batch:
     """One global batch with every random draw made for all of it, so that a process's slice
-    (or a micro-batch) sees the same draws whatever the number of processes."""
+    (or a micro-batch) sees the same draws whatever the number of processes. Each process reads
+    only its own images; the other processes' rows hold zeros (their draws are made, not used)."""
 
     x0: Tensor
     labels: Tensor
@@ -90,10 +91,15 @@ def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.dev
     augmented low-res input, labels dropped to the null class with probability
     guidance.label_dropout."""
     flip = torch.rand(len(idx)) < 0.5
+    own = _process_rows(len(idx))
 
     def fetch(res: int) -> Tensor:
-        x = data.images[res][idx]
-        return to_float(to_device(torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x), device))
+        x = data.images[res][idx[own]]
+        x = to_device(torch.where(flip[own].view(-1, 1, 1, 1), x.flip(-1), x), device)
+        if distributed.world_size() > 1:
+            x = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=device).index_copy_(
+                0, torch.arange(own.start, own.stop, device=device), x)
+        return to_float(x)
 
     x0, labels = fetch(stage.spec.resolution), to_device(data.labels[idx], device)
     low_res, aug_cond = None, None
@@ -121,11 +127,17 @@ def check_batch(batch_size: int, accumulation: int) -> None:
                             f"evenly into {world} processes x {accumulation} accumulation steps")
 
 
-def _micro_batches(batch_size: int, accumulation: int) -> list[slice]:
-    """This process's equal, contiguous share of a global batch, in micro-batches."""
+def _process_rows(batch_size: int) -> slice:
+    """This process's equal, contiguous share of a global batch."""
     per_rank = batch_size // distributed.world_size()
-    micro, first = per_rank // accumulation, distributed.rank() * per_rank
-    return [slice(first + k * micro, first + (k + 1) * micro) for k in range(accumulation)]
+    return slice(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank)
+
+
+def _micro_batches(batch_size: int, accumulation: int) -> list[slice]:
+    """This process's share of a global batch, in micro-batches."""
+    rows = _process_rows(batch_size)
+    micro = (rows.stop - rows.start) // accumulation
+    return [slice(rows.start + k * micro, rows.start + (k + 1) * micro) for k in range(accumulation)]
 
 
 def train_step(stage: StageModel, model: nn.Module, data: ImageSet, idx: Tensor,

@@ -292,3 +292,44 @@ def test_gpu_process_groups_carry_cpu_tensors_on_gloo(monkeypatch):
     assert BackendConfig(Backend(gpu)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
     assert gpu_kw == {"device_id": torch.device("cuda:1")}  # bound: barriers use this process's GPU
     assert (cpu, cpu_kw) == ("gloo", {})
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_process_reads_only_its_share_and_draws_for_all(rank, monkeypatch):
+    """Process `rank` of 2 reads its half of the batch's images (at both resolutions) and gets
+    the same flips, noise and augmentation for it as one process that reads them all."""
+    import yaml
+
+    from cdmbench.cascade import build_stage
+    from cdmbench.data import ImageSet
+    from cdmbench.recipe import parse_recipe
+    from cdmbench.train import make_batch
+    from conftest import TINY_RECIPE
+
+    recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE))
+    st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    images = {r: torch.randint(0, 256, (20, 3, r, r), dtype=torch.uint8, generator=g) for r in (8, 16)}
+    read: list[int] = []
+
+    class Recorded:
+        def __init__(self, x):
+            self.x = x
+
+        def __getitem__(self, idx):
+            read.extend(idx.tolist())
+            return self.x[idx]
+
+    idx = torch.tensor([3, 17, 5, 0, 11, 8, 2, 19])
+    torch.manual_seed(1)
+    alone = make_batch(st, ImageSet(images, torch.arange(20) % 10, 10, list("abcdefghij")), idx, "cpu")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", str(rank))
+    torch.manual_seed(1)
+    data = ImageSet({r: Recorded(x) for r, x in images.items()}, torch.arange(20) % 10, 10, list("abcdefghij"))
+    shared = make_batch(st, data, idx, "cpu")
+    mine = slice(4 * rank, 4 * rank + 4)
+    assert sorted(read) == sorted(idx[mine].tolist() * 2)  # its 4 images at 16 and at 8 px
+    for key in ("x0", "low_res", "aug_cond", "eps", "x_t", "t", "labels"):
+        assert torch.equal(getattr(shared, key)[mine], getattr(alone, key)[mine]), key
+    assert not torch.equal(alone.aug_cond[:4], alone.aug_cond[4:])  # per-example levels
