@@ -44,17 +44,7 @@ cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quic
     SWEEP=(--num-samples 1000 --metrics fid); GAUSS=0,0.1,0.2,0.3,0.5; TRUNC=0.1,0.2,0.3,0.5;;
 *) echo "SCALE must be full, smoke or cpu, got '$SCALE'" >&2; exit 2;;
 esac
-# phase NAME COMMAND...: run COMMAND unless an earlier run of the script finished it (a rerun
-# after a cut skips whole finished phases: no re-sampled grids, no retrained CAS classifiers;
-# delete $OUT/done/NAME to run a phase again).
-mkdir -p "$OUT/done"
-phase() {
-    local name=$1; shift
-    if [ -e "$OUT/done/$name" ]; then echo "== $(date +%T) $name: done before"; return; fi
-    echo "== $(date +%T) $name"
-    "$@"
-    touch "$OUT/done/$name"
-}
+source scripts/phase.sh  # phase NAME COMMAND...: skipped when a rerun finds it done
 RECIPE=recipes/ablation_augmentation.yaml
 phase prepare-train python -m cdmbench prepare $RECIPE --no-progress "${FLAGS[@]}" "$@"
 phase prepare-test python -m cdmbench prepare $RECIPE --split test --no-progress "${FLAGS[@]}" "$@"
