@@ -508,8 +508,8 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
         per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
         seconds_per_image += per_image / evals
-        rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image, {st.sample_precision})", "batch": batch,
-                     "images/s": evals / per_image})
+        rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image, {st.sample_precision})",
+                     "batch": batch, "images/s": evals / per_image})
     rows.append({"what": f"sample cascade to {stage}", "batch": batch, "images/s": 1 / seconds_per_image})
     echo(write())
     echo(f"written: {path}")

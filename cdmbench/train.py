@@ -246,7 +246,7 @@ class Trainer:
 def _first_non_finite(losses: list[Tensor]) -> tuple[list[float], int | None]:
     """The losses as floats (one host read for all of them) and the index of the first that is
     NaN or infinite, if any."""
-    values = torch.stack(losses).tolist() if losses else []
+    values = torch.stack(losses).tolist()
     return values, next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
 
 
