@@ -131,11 +131,13 @@ def ls(kind, pattern):
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Copy the (single) run's report.md with its figures and results.jsonl here, "
-                   "e.g. reports/<name>, to commit them.")
-def report(run_dirs, out):
+                   "e.g. reports/<name>, to commit them (with results.csv).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every result row of RUN_DIRS here, one column per protocol field.")
+def report(run_dirs, out, csv_path):
     """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
     from .plugins import load_plugins
-    from .report import baseline_frame, comparison_table, read_results, results_table, sweep_table
+    from .report import baseline_frame, comparison_table, flat_results, read_results, results_table, sweep_table
     from .runner import export_report
 
     dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
@@ -152,6 +154,9 @@ def report(run_dirs, out):
         click.echo("\nbeside published results (comparable only when dataset, resolution, metric "
                    "and protocol match):")
         click.echo(compared.to_string(index=False))
+    if csv_path is not None:
+        flat_results(results).to_csv(csv_path, index=False)
+        click.echo(f"written: {csv_path} ({len(results)} rows)")
     if out is not None:
         if len(dirs) != 1:
             raise CdmbenchError(f"--out exports one run's report; got {len(dirs)} run directories")

@@ -32,6 +32,15 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
     return frame.drop(columns="_key").reset_index(drop=True)
 
 
+def flat_results(frame: pd.DataFrame) -> pd.DataFrame:
+    """The result rows with their protocol spread over ``protocol.<key>`` columns (nested values
+    as JSON), for a spreadsheet or ``pd.read_csv``."""
+    protocol = pd.json_normalize(list(frame["protocol"]), max_level=0).map(
+        lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+    protocol.columns = [f"protocol.{key}" for key in protocol.columns]
+    return pd.concat([frame.drop(columns="protocol").reset_index(drop=True), protocol], axis=1)
+
+
 def is_sweep(protocol: dict) -> bool:
     """Rows of `cdmbench sweep` carry the sampling level they were measured at."""
     return "level" in protocol

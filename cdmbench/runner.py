@@ -23,8 +23,8 @@ from .grids import save_grid
 from .plugins import Plugins
 from .prepare import make_dataset, recipe_classes, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
-from .report import (baseline_frame, comparison_table, plot_sweeps, plot_training, read_results, results_table,
-                     sweep_table, training_table)
+from .report import (baseline_frame, comparison_table, flat_results, plot_sweeps, plot_training, read_results,
+                     results_table, sweep_table, training_table)
 from .rundir import RunDir, result_row
 from . import distributed
 from .evaluate import EvalContext, generate_samples, load_chain, read_samples
@@ -227,6 +227,7 @@ def export_report(run_path: str | Path, out: str | Path) -> Path:
         (out / link).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(run_path / link, out / link)
     shutil.copyfile(run_path / "results.jsonl", out / "results.jsonl")
+    flat_results(read_results([run_path])).to_csv(out / "results.csv", index=False)
     (out / "report.md").write_text(text)
     return out / "report.md"
 
@@ -260,7 +261,8 @@ def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],
                                unit="s", n=len(labels), higher_is_better=False,
                                protocol={"sampler": st.spec.sampler.name,
                                          "sampler_args": json.loads(json.dumps(st.spec.sampler.args)),
-                                         "device": str(device), "batch_size": spec.batch_size}))
+                                         "precision": st.sample_precision, "device": str(device),
+                                         "batch_size": spec.batch_size}))
     run_dir.add_results(rows)
 
 

@@ -36,8 +36,17 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
     from safetensors import safe_open
     with safe_open(out / "base8" / "checkpoints" / "step-00000004" / "model.safetensors", "pt") as f:
         assert json.loads(f.metadata()["recipe"])["name"] == "tiny"
-    report = CliRunner().invoke(cli, ["report", str(out)])
+    report = CliRunner().invoke(cli, ["report", str(out), "--csv", str(tmp_path / "all.csv"),
+                                      "--out", str(tmp_path / "exported")])
     assert report.exit_code == 0 and "sr16" in report.output and "train_loss" in report.output
+    # Every row as a flat table: one column per protocol field, nested values as JSON.
+    import pandas as pd
+
+    flat = pd.read_csv(tmp_path / "all.csv")
+    assert len(flat) == len(rows) and set(flat["stage"]) == {"base8", "sr16"}
+    grid = flat[(flat["stage"] == "sr16") & (flat["metric"] == "sample_time")].iloc[0]
+    assert grid["protocol.precision"] == "fp32" and json.loads(grid["protocol.sampler_args"]) == {"steps": 4}
+    assert pd.read_csv(tmp_path / "exported" / "results.csv").equals(flat)
     # The training section: each stage's last log row, and the loss curves it plots.
     text = (out / "report.md").read_text()
     section = text.split("## Training")[1].split("##")[0]
