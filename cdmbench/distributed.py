@@ -45,3 +45,13 @@ def mean(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return value
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true in any process (itself without torchrun). It travels as a CPU
+    tensor, which gloo carries without waiting for the GPU."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor(float(flag))
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value > 0)

@@ -97,8 +97,9 @@ def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.dev
         x = data.images[res][idx[own]]
         x = to_device(torch.where(flip[own].view(-1, 1, 1, 1), x.flip(-1), x), device)
         if distributed.world_size() > 1:
-            x = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=device).index_copy_(
-                0, torch.arange(own.start, own.stop, device=device), x)
+            full = torch.zeros((len(idx), *x.shape[1:]), dtype=x.dtype, device=device)
+            full[own] = x
+            x = full
         return to_float(x)
 
     x0, labels = fetch(stage.spec.resolution), to_device(data.labels[idx], device)
@@ -191,10 +192,7 @@ class StopSignal:
 
     def requested(self) -> bool:
         """Whether any process received a signal (all processes agree, so all stop)."""
-        if distributed.world_size() == 1:
-            return self.received is not None
-        flag = torch.tensor(float(self.received is not None))
-        return bool(distributed.mean(flag) > 0)
+        return distributed.any_process(self.received is not None)
 
 
 def _learning_rate(spec, step: int) -> float:
