@@ -4,9 +4,13 @@
         model.safetensors      weights; metadata holds the resolved recipe, stage and step
         ema.safetensors        EMA weights (used for sampling)
         optimizer.pt           optimizer state, loaded with weights_only=True (no pickle code)
+        manifest.json          size and SHA-256 of each file above, checked on every load
+    <stage>/checkpoints/corrupt-step-00001000/
+        a checkpoint found unreadable when resuming, moved aside (never loaded nor pruned)
 
-A folder is written under a temporary name, fsynced and renamed, so a checkpoint folder either
-is complete or does not exist. Only tensors, numbers and strings are stored.
+A folder is written under a temporary name, fsynced (files, folder) and renamed, so a checkpoint
+folder either is complete or does not exist. Only tensors, numbers and strings are stored.
+Checkpoints written before manifests existed load without the check.
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import distributed
 from .errors import CheckpointError
 
 PREFIX = "step-"
+CORRUPT = "corrupt-"
+MANIFEST = "manifest.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -36,40 +43,60 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _write_manifest(path: Path) -> None:
+    """Record the size and SHA-256 of every file of the checkpoint folder ``path``."""
+    entries = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(path.iterdir())}
+    (path / MANIFEST).write_text(json.dumps(entries, indent=1))
 
 
 def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int,
                     milestone_every: int = 0) -> Path:
-    """Write the checkpoint of ``step`` atomically and prune all but the ``keep`` newest and
-    the milestones (steps that are multiples of ``milestone_every``, when > 0)."""
+    """Write the checkpoint of ``step`` atomically, then prune (``_prune``). A failed write (a
+    full disk, a file-size limit) leaves no partial folder and raises CheckpointError."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
     try:
+        tmp.mkdir()
         save_file(_state(model), tmp / "model.safetensors", metadata=meta)
         save_file(_state(ema), tmp / "ema.safetensors", metadata=meta)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _write_manifest(tmp)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _fsync_dir(folder)
-    except OSError as exc:
+    except Exception as exc:  # OSError, SafetensorError, RuntimeError (torch.save) on I/O failure
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"cannot write checkpoint {final}: {exc.strerror or exc}; free space "
-                              f"or choose another --out (earlier checkpoints are untouched)") from exc
-    for old in list_checkpoints(folder)[:-keep]:
-        if milestone_every and int(old.name[len(PREFIX):]) % milestone_every == 0:
-            continue
-        shutil.rmtree(old, ignore_errors=True)
+        free = shutil.disk_usage(folder).free / 2**30
+        raise CheckpointError(f"cannot write checkpoint {final}: {getattr(exc, 'strerror', None) or exc}; "
+                              f"free space ({free:.2f} GiB left on that disk) or choose another --out "
+                              f"(earlier checkpoints are untouched)") from exc
+    _prune(folder, step, keep, milestone_every)
     return final
+
+
+def _prune(folder: Path, step: int, keep: int, milestone_every: int) -> None:
+    """Delete the checkpoints up to ``step`` but the ``keep`` newest and the milestones (multiples
+    of ``milestone_every``, when > 0). Later steps (a run resumed from an earlier one) are kept."""
+    earlier = [p for p in list_checkpoints(folder) if _step(p) <= step]
+    for old in earlier[:-keep]:
+        if not (milestone_every and _step(old) % milestone_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,36 +115,81 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def _verified(path: Path, name: str) -> Path:
+    """File ``name`` of checkpoint ``path``, after checking its size and SHA-256 against the
+    folder's manifest.json (unchecked when the folder has none)."""
+    file = path / name
+    if (path / MANIFEST).exists():
+        entry = json.loads((path / MANIFEST).read_text()).get(name)
+        if entry is None:
+            raise ValueError(f"{name} is missing from {MANIFEST}")
+        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+            raise ValueError(f"{name} does not match its size and SHA-256 in {MANIFEST} (corrupt)")
+    return file
+
+
+def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Raise unless ``state`` has exactly the keys and shapes of ``module``'s state, so that
+    loading it cannot stop part way."""
+    own = module.state_dict()
+    if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
+        raise ValueError(f"{name} does not fit the model (other keys or shapes)")
+
+
 def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore a checkpoint in place; returns its step. Raises CheckpointError if unreadable."""
+    """Restore a checkpoint in place; returns its step. Every file is read and checked first, so
+    on CheckpointError (unreadable or corrupt) the modules are unchanged."""
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
-        ema.load_state_dict(load_file(path / "ema.safetensors"))
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        weights = load_file(_verified(path, "model.safetensors"))
+        ema_weights = load_file(_verified(path, "ema.safetensors"))
+        _check_fits(model, weights, "model.safetensors")
+        _check_fits(ema, ema_weights, "ema.safetensors")
+        opt_state = (None if optimizer is None
+                     else torch.load(_verified(path, "optimizer.pt"), weights_only=True))
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
-    return int(path.name[len(PREFIX):])
+    model.load_state_dict(weights)
+    ema.load_state_dict(ema_weights)
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    return _step(path)
 
 
 def load_ema(folder: Path, module: nn.Module) -> int:
-    """Load the EMA weights of the newest readable checkpoint into ``module`` (for sampling)."""
+    """Load the EMA weights of the newest readable checkpoint into ``module`` (for sampling);
+    unreadable ones are skipped with a warning and left in place."""
     for path in reversed(list_checkpoints(folder)):
         try:
-            module.load_state_dict(load_file(path / "ema.safetensors"))
-            return int(path.name[len(PREFIX):])
+            state = load_file(_verified(path, "ema.safetensors"))
+            _check_fits(module, state, "ema.safetensors")
         except Exception as exc:
-            warnings.warn(f"checkpoint {path} is unreadable ({exc}); falling back to the previous one")
+            warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "falling back to the previous one")
+            continue
+        module.load_state_dict(state)
+        return _step(path)
     raise CheckpointError(f"no readable checkpoint in {folder}")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename checkpoint ``path`` to ``corrupt-step-*``, replacing an older folder of that name."""
+    aside = path.with_name(CORRUPT + path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
 
 
 def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
                   optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore the newest readable checkpoint (warning about any skipped); 0 when none exists."""
+    """Restore the newest readable checkpoint; 0 when none exists. The main process moves each
+    unreadable one aside (with a warning saying where), so that pruning never keeps it in place
+    of the readable ones."""
     for path in reversed(list_checkpoints(folder)):
         try:
             return load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
         except CheckpointError as exc:
-            warnings.warn(f"{exc}; falling back to the previous checkpoint")
+            where = (f"moved to {_move_aside(path)}" if distributed.is_main()
+                     else "the main process moves it aside")
+            warnings.warn(f"{exc}; {where}; falling back to the previous checkpoint")
     return 0
