@@ -229,23 +229,39 @@ class Trainer:
             self.runner = torch.compile(self.runner)
 
     def step(self, data: ImageSet, idx: Tensor, step: int) -> Tensor:
-        """Training step ``step`` on the global batch ``idx``; returns its mean loss, on the device."""
+        """Training step ``step`` on the global batch ``idx``; returns (mean loss, gradient norm
+        before clipping) on the device."""
         for group in self.optimizer.param_groups:
             group["lr"] = _learning_rate(self.spec, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = train_step(self.stage, self.runner, data, idx, self.device)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.spec.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(grads)
         self.optimizer.step()
         update_ema(self.ema, self.model, self.spec.ema)
-        return loss
+        return torch.stack([loss, norm.to(loss.dtype)])
 
 
-def _first_non_finite(losses: list[Tensor]) -> tuple[list[float], int | None]:
-    """The losses as floats (one host read for all of them) and the index of the first that is
-    NaN or infinite, if any."""
-    values = torch.stack(losses).tolist()
-    return values, next((i for i, v in enumerate(values) if not math.isfinite(v)), None)
+def _first_non_finite(steps: list[Tensor]) -> tuple[list[list[float]], int | None]:
+    """The steps' (loss, gradient norm) as floats (one host read for all of them) and the index
+    of the first step where either is NaN or infinite, if any."""
+    values = torch.stack(steps).tolist()
+    return values, next((i for i, v in enumerate(values) if not all(map(math.isfinite, v))), None)
+
+
+def _stopped(stage: StageModel, stop: StopSignal, step: int, ckpt_dir: Path) -> CdmbenchError:
+    name = signal.Signals(stop.received).name if stop.received else "a signal"
+    return CdmbenchError(f"stage {stage.spec.name}: stopped by {name} after step {step}; its checkpoint "
+                         f"is in {ckpt_dir}: run the same command again to resume")
+
+
+def _non_finite(loss: float, grad_norm: float) -> str:
+    if not math.isfinite(loss):
+        return f"loss is {loss}"
+    return f"gradient norm is {grad_norm} (loss {loss:.4g})"
 
 
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
@@ -274,9 +290,9 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     log_path = folder / "train_log.jsonl"
     earlier = _truncate_log(log_path, start) if main else []
     elapsed = earlier[-1].get("seconds", 0.0) if earlier else 0.0  # training time before this resume
-    board = _tensorboard(folder) if main else None
-    pending: list[Tensor] = []  # losses on the device, not yet read
-    window: list[float] = []  # losses read since the last log row
+    board = _tensorboard(folder, start) if main else None
+    pending: list[Tensor] = []  # (loss, gradient norm) per step on the device, not yet read
+    window: list[list[float]] = []  # those read since the last log row
     images, seconds = 0, 0.0
     trainer.model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
@@ -295,14 +311,15 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
             if log_now or save_now:  # every process sees the same (averaged) losses
                 values, bad = _first_non_finite(pending)
                 if bad is not None:
-                    raise CdmbenchError(
-                        f"stage {stage.spec.name}: loss is {values[bad]} at step {done - len(values) + bad + 1}; "
-                        f"lower train.lr (now {spec.lr}). The last good checkpoint in {ckpt_dir} is kept.")
+                    raise CdmbenchError(f"stage {stage.spec.name}: {_non_finite(*values[bad])} at step "
+                                        f"{done - len(values) + bad + 1}; lower train.lr (now {spec.lr}) or "
+                                        f"set train.grad_clip. The last good checkpoint in {ckpt_dir} is kept.")
                 window += values
                 pending.clear()
             seconds += time.perf_counter() - tick  # reading the losses waited for the GPU's steps
-            if main and log_now:
-                row = {"step": done, "loss": sum(window) / len(window), "images_per_s": images / seconds,
+            if main and (log_now or save_now):  # a row at each checkpoint too: a resume loses no steps
+                row = {"step": done, "loss": sum(v[0] for v in window) / len(window),
+                       "grad_norm": sum(v[1] for v in window) / len(window), "images_per_s": images / seconds,
                        "seconds": elapsed + seconds}
                 if torch.device(device).type == "cuda":
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -318,7 +335,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                     left = round((spec.steps - done) * seconds / (done - start))
                     echo(f"train {stage.spec.name} step {done}/{spec.steps}: loss {row['loss']:.4f}, "
                          f"{row['images_per_s']:.0f} img/s{memory}, {left // 60}m{left % 60:02d}s left")
-            if log_now:
+            if log_now or save_now:
                 window.clear()
             if save_now:
                 if main:
@@ -327,10 +344,9 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                                     keep=spec.keep_checkpoints, milestone_every=spec.milestone_every)
                 distributed.barrier()
             if stopping:
-                name = signal.Signals(stop.received).name if stop.received else "a signal"
-                raise CdmbenchError(f"stage {stage.spec.name}: stopped by {name} after step {done}; "
-                                    f"its checkpoint is in {ckpt_dir}: run the same command again "
-                                    "to resume")
+                raise _stopped(stage, stop, done, ckpt_dir)
+        if stop.requested():  # during the last step's checkpoint: the stage is done, the job is not
+            raise _stopped(stage, stop, spec.steps, ckpt_dir)
     bar.close()
     if board is not None:
         board.close()
@@ -349,8 +365,8 @@ def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed:
         low_res, aug_cond = None, None
         if stage.low_res is not None:
             gens = image_generators(seed, stage.index, idx.tolist(), device)
-            low_res, aug_cond = stage.augmentation.sample(
-                to_float(data.images[stage.low_res][idx].to(device)), generators=gens)
+            low_res, aug_cond = stage.condition(to_float(data.images[stage.low_res][idx].to(device)), gens,
+                                                ground_truth=True)
         denoise = stage.denoiser(model, data.labels[idx].to(device), low_res, aug_cond, guidance_scale=1.0,
                                  precision="fp32")  # a likelihood: in full precision
         generator = torch.Generator(device).manual_seed(derive_seed(seed, stage.index, lo, 2))
@@ -358,13 +374,14 @@ def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed:
     return total / n
 
 
-def _tensorboard(folder: Path):
-    """A TensorBoard writer for <stage>/tensorboard when tensorboard is installed, else None."""
+def _tensorboard(folder: Path, start: int):
+    """A TensorBoard writer for <stage>/tensorboard when tensorboard is installed, else None;
+    a resumed run first drops the events logged after step ``start`` (its checkpoint)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         return None
-    return SummaryWriter(str(folder / "tensorboard"))
+    return SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
 
 
 def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
@@ -377,7 +394,17 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
 
 
 def read_log(folder: Path) -> list[dict[str, Any]]:
+    """The rows of <stage>/train_log.jsonl. A last line cut short (a crash while appending) is
+    dropped: the resume that follows rewrites the log from its checkpoint's step."""
     path = folder / "train_log.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number < len(lines):
+                raise CdmbenchError(f"{path} line {number} is not JSON ({exc}); delete that line") from None
+    return rows

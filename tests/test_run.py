@@ -119,6 +119,58 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_pa
     assert torch.isfinite(load_file(checkpoints / "step-00000002" / "model.safetensors")["input_conv.weight"]).all()
 
 
+def test_non_finite_gradients_of_a_finite_loss_stop_before_their_checkpoint(tiny_recipe, tmp_path, monkeypatch):
+    """Step 2's loss is finite but its gradients are NaN (d sqrt(x) at 0): the update would spoil
+    the weights that step 2's checkpoint saves."""
+    real = cdmbench.train.diffusion_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss + 0 * (loss * 0).sqrt() if len(calls) == 2 else loss
+
+    monkeypatch.setattr(cdmbench.train, "diffusion_loss", poisoned)
+    with pytest.raises(CdmbenchError, match=r"gradient norm is nan \(loss .*\) at step 2; lower train.lr .* "
+                                            "or set train.grad_clip"):
+        run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    assert not list((tmp_path / "a" / "base8" / "checkpoints").glob("step-*"))
+    log = [json.loads(x) for x in (tmp_path / "a" / "base8" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1] and log[0]["grad_norm"] > 0
+
+
+def test_log_rows_at_checkpoints_and_a_torn_last_row_is_dropped_on_resume(tiny_recipe, tmp_path):
+    """A row is written at every checkpoint (so a resume loses no steps' losses), and a row cut
+    short by a crash does not block the resume."""
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=2", "stages.base8.train.log_every=4"], **common)
+    log_path = tmp_path / "a" / "base8" / "train_log.jsonl"
+    with open(log_path, "a") as fh:
+        fh.write('{"step": 3, "lo')
+    run(tiny_recipe, overrides=["stages.base8.train.log_every=4"], **common)
+    assert [json.loads(x)["step"] for x in log_path.read_text().splitlines()] == [2, 4]
+
+
+def test_a_signal_during_the_last_checkpoint_stops_the_job(tiny_recipe, tmp_path, monkeypatch):
+    """SIGTERM while the final checkpoint is written: the stage is complete, and the job stops
+    instead of going on to the next stage."""
+    import os
+    import signal
+
+    real = cdmbench.train.save_checkpoint
+
+    def save_then_terminate(folder, step, **kwargs):
+        path = real(folder, step, **kwargs)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return path
+
+    monkeypatch.setattr(cdmbench.train, "save_checkpoint", save_then_terminate)
+    with pytest.raises(CdmbenchError, match="stage base8: stopped by SIGTERM after step 4; its checkpoint is in"):
+        run(tiny_recipe, out=tmp_path / "a", progress=False, echo=lambda *_: None)
+    assert not (tmp_path / "a" / "sr16").exists()
+
+
 # Operators that read a tensor's value on the host: on a GPU each waits for every queued kernel.
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "is_nonzero", "equal"}
 SR16 = ["stages.sr16.train.grad_clip=1.0", "stages.sr16.train.warmup_steps=2",
