@@ -25,6 +25,9 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +163,21 @@ def _write_in_worker(shard: int) -> int:
     return _worker_shards.write(shard)
 
 
+def _write_in_pool(shards: _Shards, todo: list[int], workers: int, bar: tqdm) -> None:
+    """Write shards ``todo`` in ``workers`` processes; a worker that dies (OOM killer, SIGBUS)
+    raises BrokenProcessPool, where a multiprocessing Pool would wait for its shard forever."""
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context(), _init_worker, (shards,))
+    try:
+        for future in as_completed([pool.submit(_write_in_worker, k) for k in todo]):
+            bar.update(future.result())
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure, no further shard starts
+
+
 def _allocate(folder: Path, layout: dict[str, Any]) -> None:
-    """Create the arrays for ``layout`` (sparse files) unless a prepare with it was started."""
+    """Create the arrays for ``layout`` (sparse files) unless a prepare with it was started;
+    first check that the disk has room for them (a full disk met later would be a SIGBUS in a
+    worker writing into a mapped array)."""
     path = folder / LAYOUT
     if path.exists():
         old = json.loads(path.read_text())
@@ -174,10 +190,16 @@ def _allocate(folder: Path, layout: dict[str, Any]) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     n = layout["num_images"]
-    for r in layout["resolutions"]:
-        np.lib.format.open_memmap(folder / f"images-{r}.npy", mode="w+", dtype=np.uint8,
-                                  shape=(n, 3, r, r)).flush()
-    np.lib.format.open_memmap(folder / "labels.npy", mode="w+", dtype=np.int64, shape=(n,)).flush()
+    arrays = {f"images-{r}.npy": (np.uint8, (n, 3, r, r)) for r in layout["resolutions"]}
+    arrays["labels.npy"] = (np.int64, (n,))
+    needed = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in arrays.values())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CdmbenchError(f"no disk space for the prepared arrays in {folder}: they need {needed} bytes "
+                            f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; free space or set "
+                            "CDMBENCH_DATA_CACHE to a folder on a larger disk")
+    for name, (dtype, shape) in arrays.items():
+        np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape).flush()
     (folder / "done").mkdir(exist_ok=True)
     _write_json(path, layout)
 
@@ -216,13 +238,13 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
             for k in todo:
                 bar.update(shards.write(k))
         else:
-            with multiprocessing.get_context().Pool(workers, _init_worker, (shards,)) as pool:
-                for count in pool.imap_unordered(_write_in_worker, todo):
-                    bar.update(count)
-    except CdmbenchError as exc:
+            _write_in_pool(shards, todo, workers, bar)
+    except (CdmbenchError, BrokenProcessPool) as exc:
+        reason = ("a preprocessing worker process died (out of memory or disk space?)"
+                  if isinstance(exc, BrokenProcessPool) else exc)
         written = sum(1 for _ in (folder / "done").iterdir())
-        raise CdmbenchError(f"prepare stopped: {exc}. {written} shards are written in {folder}; "
-                            "fix the problem and run the same command to resume") from None
+        raise CdmbenchError(f"prepare stopped: {reason}. {written} shards are written in {folder} "
+                            "and kept; fix the problem and run the same command to resume") from None
     finally:
         bar.close()
     _write_json(folder / MANIFEST, {

@@ -221,6 +221,22 @@ def test_hf_saved_dataset_and_columns(tmp_path):
         hf(path=str(tmp_path / "d"), split="train", resolution=4, label_column="extra")
 
 
+def test_hf_selects_its_columns_once(tmp_path, monkeypatch):
+    import datasets
+
+    hf_rows(4).save_to_disk(tmp_path / "d")
+    ds = hf(path=str(tmp_path / "d"), split="train", resolution=4)
+    select, calls = datasets.Dataset.select_columns, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(args)
+        return select(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "select_columns", counted)
+    assert [ds[i][1] for i in range(len(ds))] == [0, 1, 2, 0] and ds[3][0].max() == 30
+    assert calls == [(["image", "label"],)]  # not once per item (it cost 4x the row read)
+
+
 def test_hf_unlabelled_row(tmp_path):
     hf_rows(2).map(lambda row: {"label": -1}).save_to_disk(tmp_path / "d")
     ds = hf(path=str(tmp_path / "d"), split="train", resolution=4)

@@ -2,8 +2,11 @@
 resumed after a failure, and used by `run` for training and by evaluation for real data."""
 
 import json
+import multiprocessing
 import os
 import re
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,6 +116,49 @@ def test_an_interrupted_prepare_resumes_and_equals_an_uninterrupted_one(recipe, 
     straight = prepare(recipe, workers=0, shard_size=2, progress=False, echo=quiet)
     for name in ("images-8.npy", "images-16.npy", "labels.npy", "manifest.json"):
         assert (cache / name).read_bytes() == (straight / name).read_bytes(), name
+
+
+@pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
+                    reason="the workers inherit the patched write by fork")
+def test_a_dead_worker_stops_prepare_with_an_error_instead_of_a_hang(recipe, monkeypatch):
+    write = cdmbench.prepare._Shards.write
+
+    def die_at_shard_2(self, shard):
+        if shard == 2:
+            os._exit(1)  # as a SIGBUS or the OOM killer ends a worker: no exception, no result
+        return write(self, shard)
+
+    monkeypatch.setattr(cdmbench.prepare._Shards, "write", die_at_shard_2)
+    outcome = []
+
+    def prepare_with_workers():
+        try:
+            outcome.append(prepare(recipe, workers=2, shard_size=2, progress=False, echo=quiet))
+        except CdmbenchError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=prepare_with_workers, daemon=True)  # a hang fails the test
+    thread.start()
+    thread.join(60)
+    assert outcome, "prepare still waits 60 s after a worker died"
+    assert re.fullmatch(r"prepare stopped: a preprocessing worker process died \(out of memory or disk "
+                        r"space\?\)\. [0-4] shards are written in .* and kept; fix the problem and run "
+                        r"the same command to resume", str(outcome[0])), outcome[0]
+
+    monkeypatch.undo()
+    out = prepare(recipe, workers=2, shard_size=2, progress=False, echo=quiet)  # resumes
+    assert len(load_prepared(out)) == len(SIZES)
+
+
+def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
+    real = cdmbench.prepare.shutil.disk_usage
+    monkeypatch.setattr(cdmbench.prepare.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CdmbenchError, match=r"no disk space for the prepared arrays in (.*): they need (\d+) "
+                                            r"bytes .* free space or set CDMBENCH_DATA_CACHE") as info:
+        prepare(recipe, workers=0, progress=False, echo=quiet)
+    folder, size = re.search(r"arrays in (.*): they need (\d+) bytes", str(info.value)).groups()
+    assert int(size) == len(SIZES) * (3 * 8 * 8 + 3 * 16 * 16 + 8)
+    assert not list(Path(folder).glob("*.npy"))  # nothing written; the next prepare allocates afresh
 
 
 def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):

@@ -277,8 +277,9 @@ class HFDataset:
         self.class_names, self.num_classes = class_names, len(class_names)
         self.resolution, self.benchmark = resolution, benchmark
 
-    @property
+    @functools.cached_property
     def data(self) -> Any:
+        """The image and label columns, selected once; Hub data is loaded here, on first use."""
         if callable(self._data):
             self._data = self._data()
         return self._data.select_columns([self.image_column, self.label_column])
