@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .diffusion import LOSSES, Denoise, Prediction, Process, make_process, prediction_from_output
+from .diffusion import LOSSES, Denoise, Prediction, Process, make_process, prediction_from_output, randn_per_image
 from .interfaces import Augmentation, Sampler
 from .plugins import Plugins
 from .errors import RecipeError
@@ -37,6 +37,7 @@ class StageModel:
     low_res: int | None  # resolution of the conditioning stage, None for a base stage
     null_label: int | None  # the "no class" label of classifier-free guidance, if trained
     sample_precision: str = "fp32"  # the network's precision when sampling: fp32 or bf16 (autocast)
+    cond_process: Process | None = None  # the process of the stage it is conditioned on (SR stages)
 
     @property
     def prediction(self) -> str:
@@ -45,6 +46,25 @@ class StageModel:
     @property
     def learned_variance(self) -> bool:
         return self.spec.loss == "hybrid"
+
+    @property
+    def truncation(self) -> float:
+        """The level s at which the previous stage's sampler stops for this stage (0: it samples
+        clean data z_0). Optional for a plugin augmentation."""
+        return truncation_of(self.augmentation)
+
+    def condition(self, low_res: Tensor, generators: list[torch.Generator], *,
+                  ground_truth: bool = False) -> tuple[Tensor, Tensor]:
+        """The augmented low-res input and its conditioning vector. ``low_res`` is the previous
+        stage's output (z_0, or z_s at ``truncation``), or with ``ground_truth`` a real image
+        z_0, which a truncated stage first takes to z_s ~ q(z_s | z_0) of the previous stage's
+        process, at the level its sampler stops at."""
+        s = self.truncation
+        if ground_truth and s > 0:
+            abar = self.cond_process.grid(1, s).abar[-1].item()
+            eps = randn_per_image(tuple(low_res.shape[1:]), generators, low_res.device)
+            low_res = abar**0.5 * low_res + (1 - abar)**0.5 * eps
+        return self.augmentation.sample(low_res, generators=generators)
 
     def forward(self, model: nn.Module, x_t: Tensor, noise_cond: Tensor, labels: Tensor,
                 low_res: Tensor | None, aug_cond: Tensor | None) -> Tensor:
@@ -85,11 +105,15 @@ class StageModel:
         return denoise
 
 
+def truncation_of(augmentation) -> float:
+    return getattr(augmentation, "truncation", 0.0)
+
+
 class Composition:
     """Several augmentations applied in order; their conditioning vectors concatenate."""
 
     def __init__(self, parts: list):
-        truncated = [p for p in parts if p.truncation > 0]
+        truncated = [p for p in parts if truncation_of(p) > 0]
         if len(truncated) > 1:
             raise ValueError("at most one augmentation of a stage can be truncated")
         self.parts = parts
@@ -97,7 +121,7 @@ class Composition:
 
     @property
     def truncation(self) -> float:
-        return max(p.truncation for p in self.parts)
+        return max(truncation_of(p) for p in self.parts)
 
     def train(self, z0: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         conds = []
@@ -141,10 +165,12 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
              for i, spec in enumerate(stage.augmentations())]
     try:
         augmentation = Composition(parts) if many else parts[0]
-        if augmentation.truncation > 0:  # the previous stage must be able to stop there
-            make_process(cond_schedule).grid(None, augmentation.truncation)
     except ValueError as exc:
         raise RecipeError(f"{path}.augmentation", str(exc)) from None
+    cond_process = make_process(cond_schedule) if cond_schedule is not None else None
+    if truncation_of(augmentation) > 0:  # the previous stage's sampler must be able to stop there
+        check_truncation(plugins, recipe.stage(stage.condition_on), cond_process, truncation_of(augmentation),
+                         f"{path}.augmentation")
     process = make_process(schedule)
     learned_variance = stage.loss == "hybrid"
     if learned_variance and process.continuous:
@@ -174,7 +200,17 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
         backbone.set_gradient_checkpointing(True)
     sample_precision = stage.train.precision if recipe.sample.precision == "train" else recipe.sample.precision
     return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label,
-                      sample_precision)
+                      sample_precision, cond_process)
+
+
+def check_truncation(plugins: Plugins, cond: Stage, cond_process: Process, level: float, path: str) -> None:
+    """RecipeError at ``path`` unless stage ``cond``'s sampler can stop its process at ``level``."""
+    sampler = make_component(plugins, "samplers", cond.sampler, f"stages.{cond.name}.sampler")
+    try:
+        sampler.check(cond_process, learned_variance=cond.loss == "hybrid", stop_at=level)
+    except ValueError as exc:
+        raise RecipeError(path, f"truncated at level {level}, stage {cond.name}'s sampler "
+                          f"'{cond.sampler.name}' must stop there: {exc}") from None
 
 
 def derive_seed(*keys: int) -> int:
@@ -191,14 +227,14 @@ def image_generators(seed: int, stage_index: int, image_ids: list[int],
 @torch.no_grad()
 def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: int,
                  image_ids: list[int], low_res: Tensor | None, device: torch.device | str,
-                 stop_at: float = 0.0, progress: bool = True) -> Tensor:
+                 stop_at: float = 0.0, ground_truth: bool = False, progress: bool = True) -> Tensor:
     """Samples in [-1, 1] for ``labels`` (or z_s at ``stop_at`` > 0); ``low_res`` is the
     previous stage's output (SR stages): z_0, or z_s when this stage's augmentation is
-    truncated."""
+    truncated; with ``ground_truth``, real images z_0 (``StageModel.condition``)."""
     gens = image_generators(seed, stage.index, image_ids, device)
     aug_cond = None
     if low_res is not None:
-        low_res, aug_cond = stage.augmentation.sample(low_res, generators=gens)
+        low_res, aug_cond = stage.condition(low_res, gens, ground_truth=ground_truth)
     shape = (IMAGE_CHANNELS, stage.spec.resolution, stage.spec.resolution)
     return stage.sampler.sample(denoise=stage.denoiser(model, labels, low_res, aug_cond),
                                 process=stage.process, shape=shape, generators=gens,
@@ -224,9 +260,9 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
     for st in stages:
         cond = st.spec.condition_on
         if cond in levels:
-            levels[cond].add(st.augmentation.truncation)
+            levels[cond].add(st.truncation)
         elif cond is not None:
-            outputs[(cond, st.augmentation.truncation)] = (given or {})[cond]
+            outputs[(cond, st.truncation)] = (given or {})[cond]
     for name, wanted in levels.items():
         if not wanted:  # nobody here conditions on it: clean data, or the level asked for
             wanted.add((stop_at or {}).get(name, 0.0))
@@ -240,7 +276,7 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
             for lo in tqdm(range(0, len(labels), batch_size), desc=f"sample {stage.spec.name}",
                            disable=not progress):
                 hi = min(lo + batch_size, len(labels))
-                low_res = outputs[(cond, stage.augmentation.truncation)][lo:hi].to(device) if cond else None
+                low_res = outputs[(cond, stage.truncation)][lo:hi].to(device) if cond else None
                 chunks.append(sample_stage(
                     stage, models[stage.spec.name], labels[lo:hi], seed=seed,
                     image_ids=list(range(first_id + lo, first_id + hi)), low_res=low_res,

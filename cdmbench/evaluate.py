@@ -82,7 +82,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
     *previous, last = chain
-    level = last.augmentation.truncation  # the previous stage's output it takes: z_0 or z_s
+    level = last.truncation  # the previous stage's output it takes: z_0 or z_s
     inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
         {**signature, "stages": signature["stages"][:-1], "level": level}, 12)) if previous else None
     models = {st.spec.name: st.backbone for st in chain}

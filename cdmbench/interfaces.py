@@ -84,9 +84,10 @@ class Sampler(Protocol):
     input and guidance bound; ``process.grid(steps, stop_at)`` gives the levels to visit.
     """
 
-    def check(self, process: Any, *, learned_variance: bool) -> None:
+    def check(self, process: Any, *, learned_variance: bool, stop_at: float = 0.0) -> None:
         """Raise ValueError saying what to change when this sampler cannot sample ``process``
-        (called when a recipe is validated, before any work)."""
+        down to level ``stop_at`` (called when a recipe is validated, before any work; with
+        ``stop_at`` > 0 when a truncated stage is conditioned on this one)."""
 
     def sample(self, *, denoise: Callable[[Tensor, Tensor, Tensor], Any], process: Any,
                shape: tuple[int, ...], generators: list[torch.Generator],

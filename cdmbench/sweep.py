@@ -1,5 +1,7 @@
 """`cdmbench sweep`: evaluate an SR stage at many sampling-time augmentation levels s (CDM
-section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones.
+section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones: downsampled
+training images (the metrics' references are test images, which an SR stage given their own
+low-res copies would reproduce), taken to z_s first for a truncated stage.
 
 The expensive part, the previous stages, runs once: non-truncated sweeps sample the previous
 stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
@@ -29,6 +31,7 @@ from .files import cached_tensor
 
 MANIFEST = "cascade.json"
 INPUTS = ("generated", "ground-truth")
+GROUND_TRUTH_SPLIT = "train"  # where ground-truth low-res inputs come from
 
 
 def gaussian_parts(augmentation) -> list:
@@ -37,11 +40,21 @@ def gaussian_parts(augmentation) -> list:
     return [p for p in parts if hasattr(p, "level")]
 
 
+def truncated(stage: StageModel) -> bool:
+    """Whether the stage's Gaussian augmentation is truncated (whatever its level now)."""
+    return any(getattr(p, "mode", None) == "truncated" for p in gaussian_parts(stage.augmentation))
+
+
 def set_level(stage: StageModel, level: float) -> None:
     parts = gaussian_parts(stage.augmentation)
     if not parts:
         raise CdmbenchError(f"stage {stage.spec.name} has no augmentation with a level to sweep "
                             "(use augmentation gaussian)")
+    if not 0.0 <= level <= 1.0:
+        raise CdmbenchError(f"level {level} is outside [0, 1]")
+    if level == 0 and truncated(stage):
+        raise CdmbenchError(f"stage {stage.spec.name} is truncated: its level must be > 0 (the previous "
+                            "stage's sampler stops there)")
     for part in parts:
         part.level = level
 
@@ -71,14 +84,13 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     if stage.spec.condition_on is None:
         raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
     prev = chain_to(stages, stage.spec.condition_on)
-    truncated = any(p.truncation > 0 for p in gaussian_parts(stage.augmentation))
-    for level in levels:
-        if not 0.0 <= level <= 1.0:
-            raise CdmbenchError(f"level {level} is outside [0, 1]")
-        if truncated:  # the previous stage must be able to stop there
+    is_truncated = truncated(stage)
+    cond = by_name[stage.spec.condition_on]
+    for level in levels:  # every level is checked before any work
+        set_level(stage, level)
+        if is_truncated:  # the previous stage's sampler must be able to stop there
             try:
-                prev_process = by_name[stage.spec.condition_on].process
-                prev_process.grid(None, level)
+                cond.sampler.check(cond.process, learned_variance=cond.learned_variance, stop_at=level)
             except ValueError as exc:
                 raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
     labels = torch.arange(num_samples) % context.num_classes
@@ -87,10 +99,11 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
         return [s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
                 s.spec.guidance.scale, s.sample_precision]
 
-    folder = run_path / name / "sweep" / digest({
-        "levels": sorted(levels), "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
+    folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
+        "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
         "previous": [sampling(s) for s in prev]}, 12)
-    samples_folder = folder / digest(sampling(stage), 12)
+    samples_folder = folder / digest([sampling(stage), [{"name": a.name, "args": a.args}
+                                                        for a in stage.spec.augmentations()]], 12)
     models = {s.spec.name: s.backbone for s in prev + [stage]}
 
     def previous(stop: float) -> Tensor:
@@ -98,29 +111,33 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                                    progress=progress, stop_at={prev[-1].spec.name: stop})
         return images[prev[-1].spec.name]
 
-    def upsample(low: Tensor, level: float, batch_labels: Tensor) -> Tensor:
+    def upsample(low: Tensor, level: float, batch_labels: Tensor, ground_truth: bool) -> Tensor:
         set_level(stage, level)
         out = [sample_stage(stage, models[name], batch_labels[i:i + batch_size].to(device), seed=seed,
                             image_ids=list(range(i, min(i + batch_size, len(low)))),
-                            low_res=low[i:i + batch_size].to(device), device=device, progress=False).cpu()
+                            low_res=low[i:i + batch_size].to(device), device=device,
+                            ground_truth=ground_truth, progress=False).cpu()
                for i in range(0, len(low), batch_size)]
         return to_uint8(torch.cat(out))
 
     rows = []
     for kind in inputs:
-        if kind == "ground-truth":
-            real, real_labels = context.real_at("test", stage.low_res)
+        extra = {}
+        if kind == "ground-truth":  # training images: the metrics' references are test images
+            real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
             low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
-        elif not truncated:  # the previous stage runs once; each level only re-noises
+            extra = {"inputs_split": GROUND_TRUTH_SPLIT}
+        elif not is_truncated:  # the previous stage runs once; each level only re-noises
             low_all = cached_tensor(folder / "inputs-z0.npz", lambda: previous(0.0))
             kind_labels = labels
         for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
-            if kind == "generated" and truncated:  # z_s of the previous stage, once per level
+            if kind == "generated" and is_truncated:  # z_s of the previous stage, once per level
                 low_all = cached_tensor(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
                 kind_labels = labels
             samples = cached_tensor(samples_folder / f"samples-{kind}-{level}.npz",
-                                    lambda: upsample(low_all, level, kind_labels))
-            context.set_samples(samples, kind_labels.cpu(), {"level": level, "inputs": kind, "truncated": truncated})
+                                    lambda: upsample(low_all, level, kind_labels, kind == "ground-truth"))
+            context.set_samples(samples, kind_labels.cpu(),
+                                {"level": level, "inputs": kind, "truncated": is_truncated, **extra})
             level_rows = metric_rows(context)
             record(level_rows)
             rows += level_rows

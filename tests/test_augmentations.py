@@ -110,25 +110,68 @@ def tiny(*overrides):
     return parse_recipe(yaml.safe_load(TINY_RECIPE), overrides=list(overrides))
 
 
+def random_models(stages) -> dict:
+    """The stages' networks with random weights: an untrained U-Net's zero output convolution
+    would make an SR sample independent of its low-res input."""
+    torch.manual_seed(0)
+    for st in stages:
+        for p in st.backbone.parameters():
+            torch.nn.init.normal_(p, std=0.05)
+    return {st.spec.name: st.backbone.eval() for st in stages}
+
+
 def test_truncated_cascade_passes_the_previous_sampler_stopped_at_s():
     recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}")
     stages = [build_stage(plugins, recipe, s, num_classes=10) for s in recipe.stages]
-    models = {st.spec.name: st.backbone.eval() for st in stages}
+    models = random_models(stages)
     labels = torch.tensor([1, 4, 7])
     images, _ = sample_cascade(stages, models, labels, seed=3, batch_size=2, device="cpu", progress=False)
     stopped = sample_stage(stages[0], models["base8"], labels, seed=3, image_ids=[0, 1, 2], low_res=None,
                            device="cpu", stop_at=0.2, progress=False)
-    assert torch.equal(images["base8"], stopped)  # z_s of the base, same seeds
+    assert torch.allclose(images["base8"], stopped, atol=1e-5)  # z_s of the base, same seeds (batches of 2 vs 3)
     full = sample_stage(stages[0], models["base8"], labels, seed=3, image_ids=[0, 1, 2], low_res=None,
                         device="cpu", progress=False)
     assert not torch.allclose(stopped, full)
     z, cond = stages[1].augmentation.sample(stopped, generators=[torch.Generator() for _ in range(3)])
     assert torch.equal(z, stopped) and torch.all(cond == 200.0)  # passed on, level conditioned
-    assert images["sr16"].shape == (3, 3, 16, 16)
+    upsampled = sample_stage(stages[1], models["sr16"], labels, seed=3, image_ids=[0, 1, 2], low_res=stopped,
+                             device="cpu", progress=False)
+    assert torch.allclose(images["sr16"], upsampled, atol=1e-5)  # the SR stage got the base's z_s
+
+
+def test_ground_truth_input_of_a_truncated_stage_is_taken_to_z_s():
+    """A real low-res image z_0 given to a truncated stage becomes z_s ~ q(z_s | z_0) of the
+    previous stage's process, at the level its sampler stops at; a non-truncated stage re-noises
+    it itself, and the previous stage's output (z_s already) is passed on as it is."""
+    recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}")
+    st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
+    z0 = torch.linspace(-1, 1, 2000 * 3 * 8 * 8).view(2000, 3, 8, 8)
+
+    def generators():
+        return [torch.Generator().manual_seed(i) for i in range(2000)]
+
+    z_s, cond = st.condition(z0, generators(), ground_truth=True)
+    abar = st.cond_process.abar[st.cond_process.level_index(0.2)].item()  # step 10 of the base's 50
+    eps = (z_s - abar**0.5 * z0) / (1 - abar) ** 0.5
+    assert eps.mean().abs() < 0.01 and eps.std().item() == pytest.approx(1.0, abs=0.01)
+    expected = torch.stack([torch.randn((3, 8, 8), generator=g) for g in generators()])
+    assert torch.allclose(eps, expected, atol=1e-4) and torch.all(cond == 200.0)
+    passed, _ = st.condition(z0, generators())
+    assert torch.equal(passed, z0)
+
+
+def test_a_truncated_stage_needs_a_previous_sampler_that_can_stop_there():
+    with pytest.raises(RecipeError, match=r"stages.sr16.augmentation: truncated at level 0.3, stage base8's "
+                                          r"sampler 'ddpm' must stop there: cannot sample 40 steps down to "
+                                          r"level 0.3 from a 50-step process; choose 1..35"):
+        recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, level: 0.3}}",
+                               "stages.base8.sampler.args.steps=40")
+        build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
 
 
 def test_truncation_level_must_be_a_step_of_the_previous_stage():
-    with pytest.raises(RecipeError, match=r"stages.sr16.augmentation: level 0.205 is not a step of this 50-step process"):
+    with pytest.raises(RecipeError, match=r"stages.sr16.augmentation: truncated at level 0.205, .*: level 0.205 is "
+                                          r"not a step of this 50-step process"):
         recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, level: 0.205}}")
         build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
 
@@ -150,11 +193,13 @@ def test_truncated_and_nontruncated_consumers_of_one_stage():
     raw["stages"].append(truncated)
     recipe, plugins = parse_recipe(raw)
     stages = [build_stage(plugins, recipe, s, num_classes=10) for s in recipe.stages]
-    models = {st.spec.name: st.backbone.eval() for st in stages}
+    models = random_models(stages)
     labels = torch.tensor([2, 5])
     images, _ = sample_cascade(stages, models, labels, seed=1, batch_size=2, device="cpu", progress=False)
-    clean = sample_stage(stages[0], models["base8"], labels, seed=1, image_ids=[0, 1], low_res=None,
-                         device="cpu", progress=False)
+    common = dict(seed=1, image_ids=[0, 1], device="cpu", progress=False)
+    clean = sample_stage(stages[0], models["base8"], labels, low_res=None, **common)
+    stopped = sample_stage(stages[0], models["base8"], labels, low_res=None, stop_at=0.2, **common)
     assert torch.equal(images["base8"], clean)
-    assert images["sr16"].shape == images["sr16t"].shape == (2, 3, 16, 16)
-    assert not torch.allclose(images["sr16"], images["sr16t"])
+    assert torch.equal(images["sr16"], sample_stage(stages[1], models["sr16"], labels, low_res=clean, **common))
+    assert torch.equal(images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=stopped, **common))
+    assert not torch.allclose(images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=clean, **common))

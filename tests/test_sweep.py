@@ -122,5 +122,22 @@ def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp
     bad = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0.105",
                                    "--inputs", "generated", IS, *SMALL])
     assert bad.exit_code == 2 and "not a step of this 50-step process" in bad.output
+    zero = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0,0.1", IS, *SMALL])
+    assert zero.exit_code == 2 and "sr16 is truncated: its level must be > 0" in zero.output
+
+    ground_truth = []
+    real = cdmbench.sweep.sample_stage
+
+    def recording(*args, **kwargs):
+        ground_truth.append(kwargs["ground_truth"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cdmbench.sweep, "sample_stage", recording)
+    result = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0.1",
+                                      "--inputs", "ground-truth", IS, *SMALL])
+    assert result.exit_code == 0, result.output
+    assert ground_truth == [True, True]  # two batches of real images, taken to z_s by the stage
+    [row] = [r for r in results(out) if r["metric"] == "is_classifier" and r["protocol"]["inputs"] == "ground-truth"]
+    assert row["protocol"]["inputs_split"] == "train" and row["protocol"]["truncated"] is True
     base = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "base8", "--levels", "0.1", IS, *SMALL])
     assert base.exit_code == 2 and "base stage" in base.output

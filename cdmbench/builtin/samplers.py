@@ -27,9 +27,10 @@ class GridSampler:
     def __init__(self, *, steps: int | None, clip_x0: bool):
         self.steps, self.clip_x0 = steps, clip_x0
 
-    def check(self, process: Process, *, learned_variance: bool) -> None:
-        """Raise ValueError (what to change) when this sampler cannot sample ``process``."""
-        process.grid(self.steps)
+    def check(self, process: Process, *, learned_variance: bool, stop_at: float = 0.0) -> None:
+        """Raise ValueError (what to change) when this sampler cannot sample ``process`` (down
+        to level ``stop_at``)."""
+        process.grid(self.steps, stop_at)
 
     @torch.no_grad()
     def sample(self, *, denoise: Denoise, process: Process, shape: tuple[int, ...],
@@ -71,8 +72,8 @@ class DDPM(GridSampler):
         super().__init__(steps=steps, clip_x0=clip_x0)
         self.variance = variance
 
-    def check(self, process: Process, *, learned_variance: bool) -> None:
-        super().check(process, learned_variance=learned_variance)
+    def check(self, process: Process, *, learned_variance: bool, stop_at: float = 0.0) -> None:
+        super().check(process, learned_variance=learned_variance, stop_at=stop_at)
         if self.variance == "learned" and not learned_variance:
             raise ValueError("variance 'learned' needs a model that learns its variance "
                              "(loss: hybrid); use fixed-small or fixed-large")

@@ -108,9 +108,9 @@ class DiffusersSampler:
         scheduler.set_timesteps(timesteps=kept + ([stop] if stop is not None else []), device=device)
         return table, scheduler, stop
 
-    def check(self, process: Any, *, learned_variance: bool) -> None:
+    def check(self, process: Any, *, learned_variance: bool, stop_at: float = 0.0) -> None:
         """Schedulers solve with the mean only, so learned variances are ignored."""
-        self.prepared(process, 0.0)
+        self.prepared(process, stop_at)
 
     @torch.no_grad()
     def sample(self, *, denoise: Denoise, process: Any, shape: tuple[int, ...],
