@@ -19,11 +19,12 @@ from collections import Counter
 from typing import Any, Callable
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cascade import IMAGE_CHANNELS, StageModel
 from .data import ImageSet
-from .train import Trainer, backward, make_batch, train_step, update_ema
+from .train import Trainer, backward, make_batch, update_ema
 
 
 def matmul_ceiling(device: torch.device, *, size: int = 8192, repeats: int = 20,
@@ -145,6 +146,27 @@ def time_breakdown(trainer: Trainer, data: ImageSet, steps: int, top: int = 8) -
             "profiled": "GPU kernel time" if device.type == "cuda" else "CPU self time"}
 
 
+def network_flops(stage: StageModel, model: nn.Module) -> tuple[int, int]:
+    """FLOPs of the network for one image: a forward pass, and a training pass (forward +
+    backward, with the recomputation when gradient checkpointing is on). ``model`` is on the
+    meta device: no memory, no time, and every attention backend counts as its matmuls (on a
+    CPU, FlopCounterMode would count SDPA's fused kernel as 0)."""
+    r = stage.spec.resolution
+    x = torch.zeros(1, IMAGE_CHANNELS, r, r, device="meta")
+    low = torch.zeros(1, IMAGE_CHANNELS, stage.low_res, stage.low_res, device="meta") if stage.low_res else None
+    aug = torch.zeros(1, stage.augmentation.cond_dim, device="meta")
+    labels = torch.zeros(1, dtype=torch.long, device="meta")
+    flops = []
+    for train in (False, True):
+        model.train(train)
+        with FlopCounterMode(display=False) as counter:
+            out = stage.forward(model, x, torch.zeros(1, device="meta"), labels, low, aug)
+            if train:
+                out.float().sum().backward()
+        flops.append(counter.get_total_flops())
+    return flops[0], flops[1]
+
+
 def training_speed(stage: StageModel, *, num_classes: int, device: torch.device, steps: int,
                    warmup: int, compile: bool, profile: bool = False) -> dict[str, Any]:
     """images/s, FLOPs per image and peak memory of the stage's training step; with ``profile``
@@ -158,10 +180,7 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     def step() -> None:
         trainer.step(data, idx, spec.warmup_steps)  # the learning rate after warm-up
 
-    with FlopCounterMode(display=False) as counter:  # one step of one image, eager
-        train_step(stage, trainer.model, synthetic_data(stage, num_classes, 1), torch.arange(1), device)
-    flops_per_image = counter.get_total_flops()
-    trainer.model.zero_grad(set_to_none=True)
+    flops_per_image = network_flops(stage, copy.deepcopy(stage.backbone).to("meta"))[1]
     for _ in range(warmup):
         step()
     _sync(device)

@@ -11,10 +11,10 @@ from typing import Any
 import pandas as pd
 import torch
 import yaml
-from torch.utils.flop_counter import FlopCounterMode
 
+from .bench import network_flops
 from .cache import default_cache_dir, digest
-from .cascade import IMAGE_CHANNELS, StageModel, build_stage, make_component, sample_cascade
+from .cascade import StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
 from .errors import CdmbenchError
 from .files import atomic_write, locked
@@ -72,22 +72,9 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
     rows = []
     stages = _build_all(plugins, recipe, num_classes, "meta")
     for st in stages:
-        r = st.spec.resolution
-        x = torch.zeros(1, IMAGE_CHANNELS, r, r, device="meta")
-        low = (torch.zeros(1, IMAGE_CHANNELS, st.low_res, st.low_res, device="meta")
-               if st.low_res else None)
-        aug = torch.zeros(1, st.augmentation.cond_dim, device="meta")
-        labels = torch.zeros(1, dtype=torch.long, device="meta")
-        flops = []
-        for train in (False, True):
-            st.backbone.train(train)
-            with FlopCounterMode(display=False) as counter:
-                out = st.forward(st.backbone, x, torch.zeros(1, device="meta"), labels, low, aug)
-                if train:
-                    out.float().sum().backward()
-            flops.append(counter.get_total_flops())
+        flops = network_flops(st, st.backbone)
         spec = st.spec.train
-        rows.append({"stage": st.spec.name, "resolution": r, "condition_on": st.spec.condition_on or "-",
+        rows.append({"stage": st.spec.name, "resolution": st.spec.resolution, "condition_on": st.spec.condition_on or "-",
                      "backbone": st.spec.backbone.name,
                      "parameters": sum(p.numel() for p in st.backbone.parameters()),
                      "GFLOP/forward": flops[0] / 1e9, "GFLOP/train image": flops[1] / 1e9,
@@ -193,7 +180,7 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
         plot_sweeps(sweeps, run_dir.path / "sweeps.png")
         text += ("\n## Sampling-level sweeps\n\nEach SR stage evaluated at sampling-time "
                  "augmentation levels s, on the previous stage's samples (generated) and on "
-                 "downsampled test images (ground-truth); `cdmbench sweep`.\n\n"
+                 "downsampled training images (ground-truth); `cdmbench sweep`.\n\n"
                  f"```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
     text += findings_section(results, recipe)
     logs = {st.name: log for st in recipe.stages if (log := read_log(run_dir.stage(st.name)))}
@@ -481,7 +468,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         where = _breakdown_tables(breakdowns) if breakdowns else ""
         atomic_write(path, f"# bench: {recipe.name}, stage {stage}\n\n"
                      + "".join(f"- {k}: {v}\n" for k, v in env.items())
-                     + "\nMFU = FLOP/image (FlopCounterMode, one training step) x images/s / ceiling.\n\n"
+                     + "\nMFU = FLOP/image (the network's forward + backward, FlopCounterMode on the meta device) x images/s / ceiling.\n\n"
                      f"```text\n{table}\n```\n" + warning + where)
         atomic_write(path.with_suffix(".json"), json.dumps(
             {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))
