@@ -114,13 +114,13 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
                      epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
-                     schedule: str = "cosine", seed: int = 0, device: str | torch.device = "cpu",
-                     progress: bool = True) -> Classifier:
+                     schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True) -> Classifier:
     """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
 
     The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
     16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
-    30/60/80 of 90 epochs). Each batch is indexed where ``images`` lie and moved to ``device``
+    30/60/80 of 90 epochs). SGD with momentum 0.9, Nesterov's unless ``nesterov`` is false. Each batch is indexed where ``images`` lie and moved to ``device``
     alone, so a memory-mapped set is never read whole. Returns the model in eval mode on ``device``.
     """
     _check_images(images)
@@ -138,7 +138,7 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": rest, "weight_decay": 0.0}],
-                                lr=lr, momentum=0.9, nesterov=True)
+                                lr=lr, momentum=0.9, nesterov=nesterov)
     shuffle = torch.Generator().manual_seed(seed)
     augment = torch.Generator(device=device).manual_seed(seed + 1)
     # Near-equal batches (never a lone image, which batch norm cannot train on).
