@@ -15,7 +15,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .recipe import Recipe, Stage
-from .report import features_label, is_sweep, with_sweep_columns
+from .report import features_label, is_sweep, sweep_rows
 
 
 def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
@@ -56,13 +56,13 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
 
 
 def fid_against_level(frame: pd.DataFrame) -> list[str]:
-    """Finding 2, one line per swept (stage, sampler, inputs, FID metric) with at least 3 levels."""
-    rows = _fid_rows(frame, sweeps=True)
+    """Finding 2, one line per swept (stage, samplers, inputs, FID metric) with at least 3 levels:
+    sweeps that differ in any stage's sampler are separate curves."""
+    rows = _fid_rows(sweep_rows(frame), sweeps=True)
     if rows.empty:
         return []
-    rows = with_sweep_columns(rows)
     lines = []
-    for (stage, sampler, inputs, label), group in rows.groupby(["stage", "sampler", "inputs", "label"], sort=True):
+    for (stage, samplers, inputs, label), group in rows.groupby(["stage", "samplers", "inputs", "label"], sort=True):
         curve = group.sort_values("s")
         if len(curve) < 3:
             continue
@@ -75,7 +75,7 @@ def fid_against_level(frame: pd.DataFrame) -> list[str]:
             holds = best == 0
             claim = "only worsens"
         points = ", ".join(f"{a:g}: {v:.4g}" for a, v in zip(s, value))
-        lines.append(f"- `{stage}`{f' ({sampler})' if sampler else ''}, {inputs} inputs, {label} at s = "
+        lines.append(f"- `{stage}`{f' ({samplers})' if samplers else ''}, {inputs} inputs, {label} at s = "
                      f"{points}; best at s = {s[best]:g}. {claim.capitalize()}: "
                      f"{'holds' if holds else 'does not hold'}")
     return lines

@@ -131,32 +131,45 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
 
 # --- sample-time level sweeps ------------------------------------------------------------------
 
-def with_sweep_columns(rows: pd.DataFrame) -> pd.DataFrame:
-    """Sweep rows with the columns sampler (of the swept stage), inputs and s, from the protocol."""
-    rows["sampler"] = [p.get("samplers", {}).get(stage, "") for p, stage in zip(rows["protocol"], rows["stage"])]
+def sweep_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows of `cdmbench sweep` with the columns samplers, inputs and s from the protocol.
+    samplers is the swept stage's sampler, then ``; stage: sampler`` for each other stage whose
+    sampler differs between the sweeps of that run and stage: sweeps that differ only in a
+    previous stage's sampler are separate curves."""
+    if frame.empty:
+        return frame
+    rows = frame[(frame["status"] == "ok") & frame["protocol"].map(is_sweep)].copy()
+    if rows.empty:
+        return rows
+    chains = rows["protocol"].map(lambda p: p.get("samplers", {}))
+    varying = {}
+    for (run, stage), group in chains.groupby([rows["run"], rows["stage"]]):
+        names = dict.fromkeys(name for chain in group for name in chain)
+        varying[run, stage] = [name for name in names
+                               if name != stage and len({chain.get(name) for chain in group}) > 1]
+    rows["samplers"] = [chain.get(stage, "") + "".join(f"; {name}: {chain.get(name, '-')}"
+                                                       for name in varying[run, stage])
+                        for chain, run, stage in zip(chains, rows["run"], rows["stage"])]
     rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
     rows["s"] = rows["protocol"].map(lambda p: p["level"])
     return rows
 
 
 def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The rows of `cdmbench sweep`: one row per (run, stage, sampler, inputs, level s), one
+    """The rows of `cdmbench sweep`: one row per (run, stage, samplers, inputs, level s), one
     column per metric."""
-    if frame.empty:
-        return frame
-    rows = frame[(frame["status"] == "ok") & frame["protocol"].map(is_sweep)].copy()
+    rows = sweep_rows(frame)
     if rows.empty:
         return rows
-    rows = with_sweep_columns(rows)
     rows["metric"] = rows["metric"] + rows["unit"].map(lambda u: f" [{u}]" if u else "")
-    table = rows.pivot_table(index=["run", "stage", "sampler", "inputs", "s"], columns="metric",
+    table = rows.pivot_table(index=["run", "stage", "samplers", "inputs", "s"], columns="metric",
                              values="value", aggfunc="last")
     table.columns.name = None
     return table.sort_index()
 
 
 def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
-    """One panel per (stage, metric): the metric against s, one line per input kind and sampler
+    """One panel per (stage, metric): the metric against s, one line per input kind and samplers
     (CDM's figure: with generated inputs FID should first improve with s, then worsen)."""
     plt = _pyplot()
     stages = list(dict.fromkeys(table.index.get_level_values("stage")))
@@ -167,10 +180,10 @@ def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
         part = table.xs(stage, level="stage")
         for j, metric in enumerate(metrics):
             ax = axes[i][j]
-            for (run, sampler, inputs), line in part[metric].dropna().groupby(level=["run", "sampler", "inputs"]):
+            for (run, samplers, inputs), line in part[metric].dropna().groupby(level=["run", "samplers", "inputs"]):
                 s = line.index.get_level_values("s")
                 ax.plot(s, line.values, marker="o", linestyle="-" if inputs == "generated" else "--",
-                        label=f"{inputs}, {sampler.split(' ')[0]}" if sampler else inputs)
+                        label=f"{inputs}, {samplers}" if samplers else inputs)
             ax.set(title=f"{stage}: {metric}", xlabel="sampling level s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

@@ -21,8 +21,9 @@ def row(stage, value, metric="fid_test", **protocol):
             "protocol": {**FEATURES, **protocol}}
 
 
-def sweep(stage, inputs, values, metric="fid_test"):
-    return [row(stage, v, metric, level=s, inputs=inputs, samplers={stage: "ddpm 25"}) for s, v in values]
+def sweep(stage, inputs, values, metric="fid_test", samplers=None):
+    samplers = samplers or {stage: "ddpm 25"}
+    return [row(stage, v, metric, level=s, inputs=inputs, samplers=samplers) for s, v in values]
 
 
 def test_augmented_stages_are_compared_with_the_unaugmented_one(ablation):
@@ -53,6 +54,19 @@ def test_the_level_curves_are_judged_by_where_their_minimum_lies():
     assert gauss_truth.endswith("best at s = 0. Only worsens: holds")
     assert trunc_generated.endswith("best at s = 0.1. First improves, then worsens: does not hold")
     assert trunc_truth.endswith("best at s = 0.2. Only worsens: does not hold")
+
+
+def test_sweeps_that_differ_only_in_the_base_sampler_are_judged_apart(ablation):
+    coarse, fine = ({"base16": f"ddpm {{'steps': {n}}}", "sr_gauss": "ddpm 25"} for n in (10, 50))
+    frame = pd.DataFrame(sweep("sr_gauss", "generated", [(0.0, 30.0), (0.1, 20.0), (0.3, 25.0)], samplers=coarse)
+                         + sweep("sr_gauss", "generated", [(0.0, 10.0), (0.1, 40.0), (0.3, 45.0)], samplers=fine))
+    assert fid_against_level(frame) == [
+        ("- `sr_gauss` (ddpm 25; base16: ddpm {'steps': 10}), generated inputs, fid_test (classifier, native) "
+         "at s = 0: 30, 0.1: 20, 0.3: 25; best at s = 0.1. First improves, then worsens: holds"),
+        ("- `sr_gauss` (ddpm 25; base16: ddpm {'steps': 50}), generated inputs, fid_test (classifier, native) "
+         "at s = 0: 10, 0.1: 40, 0.3: 45; best at s = 0. First improves, then worsens: does not hold")]
+    section = findings_section(frame, ablation)
+    assert section.count("First improves, then worsens:") == 2
 
 
 def test_no_section_without_rows_to_check(ablation):
