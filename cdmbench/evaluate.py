@@ -4,7 +4,9 @@ Samples: N class-balanced images (label i % K) from the cascade up to a stage, i
 (sample seed, stage, i) only, stored as uint8 npz shards under
 ``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
 pixels: samplers, guidance, augmentation, checkpoint steps, seed). Shards already written are
-kept, so an interrupted evaluation resumes; under torchrun, rank r writes shards r, r + W, ...
+kept, so an interrupted evaluation resumes, and a shard covering at least the rows needed serves a
+smaller N (a shorter one, from a smaller N, is sampled again and replaced); under torchrun, rank
+r writes shards r, r + W, ...
 
 Metrics read an ``EvalContext``: the samples, the real data of any split at the stage's
 resolution, feature networks (built from the ``features`` registry), and cached reference
@@ -35,7 +37,7 @@ from .files import cached_tensor, locked, save_npz
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
-from .prepare import make_dataset, split_images
+from .prepare import cache_folder, make_dataset, split_images
 from .recipe import Component, Recipe
 
 FEATURE_BATCH = 100
@@ -90,7 +92,8 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     for k in tqdm(shards, desc="eval samples (shards)", disable=not progress):
         lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
         path = folder / f"shard-{k:05d}-{lo}-{hi}.npz"
-        if path.exists():
+        existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
+        if any(_span(p)[1] >= hi for p in existing):
             continue
         labels = torch.arange(lo, hi) % num_classes
         sample = functools.partial(sample_cascade, models=models, labels=labels, seed=seed,
@@ -103,14 +106,25 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
         images, _ = sample([last], given=given)
         pixels = to_uint8(images[last.spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
         save_npz(path, images=pixels.numpy(), labels=labels.numpy())
+        for shorter in existing:  # written for a smaller N; ``path`` covers its rows
+            shorter.unlink(missing_ok=True)
     return folder, signature
 
 
+def _span(path: Path) -> tuple[int, int]:
+    """The rows [lo, hi) of shard file ``shard-<k>-<lo>-<hi>.npz``."""
+    lo, hi = path.stem.split("-")[2:]
+    return int(lo), int(hi)
+
+
 def read_samples(folder: Path, num_samples: int) -> tuple[Tensor, Tensor]:
-    """The first ``num_samples`` samples of a folder of shards, as uint8 (N, 3, H, W) and labels."""
+    """The first ``num_samples`` samples of a folder of shards, as uint8 (N, 3, H, W) and labels;
+    of shards starting at one row, the longest is read."""
+    longest = {}
+    for path in sorted(folder.glob("shard-*.npz"), key=_span):
+        longest[_span(path)[0]] = path
     images, labels, have = [], [], 0
-    for path in sorted(folder.glob("shard-*.npz"), key=lambda p: int(p.name.split("-")[2])):
-        lo = int(path.name.split("-")[2])
+    for lo, path in sorted(longest.items()):
         if lo != have or have >= num_samples:
             break
         try:
@@ -172,8 +186,10 @@ class EvalContext:
         self._features.clear()
 
     def data_key(self, split: str) -> dict[str, Any]:
-        return {"data": {"name": self.recipe.data.name, "args": self.recipe.data.args},
-                "split": split, "resolution": self.resolution}
+        """Names the real images of ``split`` at the stage resolution, for caches: the prepared
+        data's key (data with resolved paths, split, the cascade's resolutions, whose largest the
+        images are resized to first) and the resolution."""
+        return {"data": cache_folder(self.recipe, split).name, "resolution": self.resolution}
 
     def feature_network(self, spec: Component) -> FeatureNetwork:
         key = digest({"name": spec.name, "args": spec.args})

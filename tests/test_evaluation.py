@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,10 @@ from cdmbench.builtin.baselines import PUBLISHED
 from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
+from cdmbench.evaluate import EvalContext, read_samples
 from cdmbench.metrics import RunningStatistics, frechet_distance, inception_score, statistics
 from cdmbench.plugins import load_plugins
+from cdmbench.recipe import load_recipe
 from cdmbench.report import baseline_frame, comparability
 from cdmbench.runner import run
 
@@ -67,6 +70,22 @@ def test_inception_score_closed_forms():
     confident = np.eye(k)[np.arange(700) % k]  # K equiprobable classes, one-hot predictions
     mean, std = inception_score(confident, splits=10)
     assert mean == pytest.approx(k, rel=1e-6) and std == pytest.approx(0, abs=1e-6)
+
+
+def test_inception_score_follows_the_definition_on_unequal_rows():
+    """IS of a split = exp(mean_i KL(p(y|x_i) || p_split(y))), p_split the mean of that split's
+    rows; mean and std (ddof=0, np.std as metrics uses) over the splits."""
+    p = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.3, 0.3, 0.4],
+                  [0.5, 0.25, 0.25], [0.2, 0.2, 0.6], [0.6, 0.3, 0.1]])
+    scores = []
+    for part in (p[:3], p[3:]):
+        marginal = part.mean(axis=0)
+        kls = [sum(q * math.log(q / m) for q, m in zip(row, marginal)) for row in part]
+        scores.append(math.exp(sum(kls) / len(kls)))
+    # a marginal over all 6 rows gives (1.19881, 0.05827), a mean of exp(KL) (1.17777, 0.05812)
+    mean, std = inception_score(p, splits=2)
+    assert mean == pytest.approx(sum(scores) / 2, rel=1e-9)
+    assert std == pytest.approx(abs(scores[0] - scores[1]) / 2, rel=1e-9)
 
 
 class StandIn(nn.Module):
@@ -188,6 +207,55 @@ def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, mon
     assert fid["protocol"]["mode"] == "legacy_tensorflow" and fid["protocol"]["reference_n"] == 24
     assert {"fid_test", "is"} <= {r["metric"] for r in rows}
     assert "fid_train" in (trained_run / "report.md").read_text()
+
+
+def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeypatch, tmp_path):
+    import cdmbench.evaluate
+
+    monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
+    monkeypatch.setenv("CDMBENCH_INCEPTION", str(save_standin(tmp_path / "small-inception.pt", dims=64)))
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    sampled, real = [], cdmbench.evaluate.sample_cascade
+
+    def counting(stages, **kwargs):
+        if stages[-1].spec.name == "sr16":
+            sampled.append((kwargs["first_id"], len(kwargs["labels"])))
+        return real(stages, **kwargs)
+
+    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+
+    def evaluate(n: int) -> list[str]:
+        """Evaluate n samples, check them; the shards' row ranges."""
+        sampled.clear()
+        result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--metrics", "is", "--no-progress",
+                                          f"--num-samples={n}", *[f"--set={o}" for o in TINY_EVAL]])
+        assert result.exit_code == 0, result.output
+        [folder] = (trained_run / "sr16" / "eval_samples").iterdir()
+        images, labels = read_samples(folder, n)
+        classes = json.loads((folder / "signature.json").read_text())["num_classes"]
+        assert len(images) == n and torch.equal(labels, torch.arange(n) % classes)
+        return sorted(p.name.split("-", 2)[2] for p in folder.glob("shard-*.npz"))
+
+    assert evaluate(18) == ["0-12.npz", "12-18.npz"]
+    [first] = (trained_run / "sr16" / "eval_samples").glob("*/shard-00000-*.npz")
+    made = first.stat().st_mtime_ns
+    assert evaluate(30) == ["0-12.npz", "12-24.npz", "24-30.npz"]  # 12-18 replaced by 12-24
+    assert sampled == [(12, 12), (24, 6)] and first.stat().st_mtime_ns == made
+    assert evaluate(18) == ["0-12.npz", "12-24.npz", "24-30.npz"] and sampled == []
+
+
+def test_data_key_names_what_determines_the_real_images(tiny_recipe, tmp_path, monkeypatch):
+    def key(recipe: Path, *overrides: str) -> dict:
+        parsed, plugins = load_recipe(recipe, overrides=overrides)
+        return EvalContext(samples=None, labels=None, num_classes=3, resolution=8, recipe=parsed,
+                           plugins=plugins, device="cpu", cache_dir=tmp_path, protocol={}).data_key("train")
+
+    # base8 images are area-downsampled from the largest resolution: 16 here, 32 there
+    assert key(tiny_recipe) != key(tiny_recipe, "stages.sr16.resolution=32")
+    (tmp_path / "data" / "x").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    relative = key(tiny_recipe, "data={name: imagefolder, args: {path: data/x}}")
+    assert relative == key(tiny_recipe, f"data={{name: imagefolder, args: {{path: {tmp_path / 'data' / 'x'}}}}}")
 
 
 def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standin_path, tmp_path):
