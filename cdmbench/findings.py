@@ -39,7 +39,7 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     rows = _fid_rows(frame, sweeps=False)
     if rows.empty:
         return []
-    fid = {(r.stage, r.label): r.value for r in rows.itertuples()}
+    fid = {(r.stage, r.label): r for r in rows.itertuples()}
     lines = []
     for plain in recipe.stages:
         if plain.condition_on is None or _augmentation(plain) != "none":
@@ -49,10 +49,23 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
                 continue
             for label in sorted({lab for st, lab in fid if st == other.name and (plain.name, lab) in fid}):
                 ours, theirs = fid[other.name, label], fid[plain.name, label]
-                verdict = "lower: holds" if ours < theirs else "not lower: does not hold"
-                lines.append(f"- `{other.name}` ({_augmentation(other)}) against `{plain.name}` (none), "
-                             f"{label}: {ours:.4g} vs {theirs:.4g}, {verdict}")
+                head = f"- `{other.name}` ({_augmentation(other)}) against `{plain.name}` (none), {label}: "
+                differs = _unlike(ours, theirs, plain.condition_on)
+                if differs:
+                    lines.append(head + f"not comparable ({differs})")
+                    continue
+                verdict = "lower: holds" if ours.value < theirs.value else "not lower: does not hold"
+                lines.append(head + f"{ours.value:.4g} vs {theirs.value:.4g}, {verdict}")
     return lines
+
+
+def _unlike(a, b, previous: str) -> str:
+    """What makes two stages' FID rows incomparable: sample counts, or the samples of the stage
+    both are conditioned on; empty when nothing does."""
+    if a.n != b.n:
+        return f"n {a.n} vs {b.n}"
+    first, second = (r.protocol.get("samplers", {}).get(previous) for r in (a, b))
+    return "" if first == second else f"{previous} sampled by {first} vs {second}"
 
 
 def fid_against_level(frame: pd.DataFrame) -> list[str]:

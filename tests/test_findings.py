@@ -16,8 +16,8 @@ def ablation():
     return recipe
 
 
-def row(stage, value, metric="fid_test", **protocol):
-    return {"run": "r", "stage": stage, "metric": metric, "value": value, "unit": "", "status": "ok",
+def row(stage, value, metric="fid_test", n=1000, **protocol):
+    return {"run": "r", "stage": stage, "metric": metric, "value": value, "unit": "", "status": "ok", "n": n,
             "protocol": {**FEATURES, **protocol}}
 
 
@@ -35,6 +35,17 @@ def test_augmented_stages_are_compared_with_the_unaugmented_one(ablation):
         "21.5 vs 30, lower: holds",
         "- `sr_trunc` (gaussian truncated) against `sr_none` (none), fid_test (classifier, native): "
         "33 vs 30, not lower: does not hold"]  # sr_blur has no fid_test: nothing to compare
+
+
+def test_stages_evaluated_on_other_samples_are_not_compared(ablation):
+    frame = pd.DataFrame([row("sr_none", 30.0, samplers={"base16": "ddpm 100"}),
+                          row("sr_gauss", 21.5, n=500, samplers={"base16": "ddpm 100"}),
+                          row("sr_trunc", 20.0, samplers={"base16": "ddpm 50"})])
+    assert augmentation_lowers_fid(frame, ablation) == [
+        "- `sr_gauss` (gaussian nontruncated) against `sr_none` (none), fid_test (classifier, native): "
+        "not comparable (n 500 vs 1000)",
+        "- `sr_trunc` (gaussian truncated) against `sr_none` (none), fid_test (classifier, native): "
+        "not comparable (base16 sampled by ddpm 50 vs ddpm 100)"]
 
 
 def test_the_level_curves_are_judged_by_where_their_minimum_lies():
