@@ -239,7 +239,11 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise RecipeError(here, f"cannot set a key inside {node!r}")
     if not isinstance(node, dict):
         raise RecipeError(key, "cannot set a key here")
-    node[parts[-1]] = yaml.safe_load(text)
+    try:
+        node[parts[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(key, f"--set value {text!r} is not valid YAML ({exc.problem or exc}); quote a "
+                               "string, or write a list as [a, b] and a mapping as {k: v}") from None
 
 
 # --- semantic checks ---------------------------------------------------------------------
@@ -280,6 +284,9 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
                                       f"cdmbench reads format {FORMAT_VERSION}")
     if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
         raise RecipeError("device", f"expected auto, cpu, cuda or cuda:N, got {recipe.device!r}")
+    for path, seed in (("seed", recipe.seed), ("sample.seed", recipe.sample.seed)):
+        if seed < 0:
+            raise RecipeError(path, f"must be >= 0 (seeds derive per-image generators), got {seed}")
     check_component(plugins, "datasets", recipe.data, "data")
     seen: dict[str, Stage] = {}
     for stage in recipe.stages:

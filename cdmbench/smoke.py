@@ -3,8 +3,9 @@
 ``smoke(raw, num_classes)`` rewrites a raw (YAML-loaded) recipe before validation, so it works
 for any recipe; the rules, per stage and section:
 
-- backbone ``adm-unet``: channels 32, every channel_mult entry 1 (same length: the same
-  downsampling), num_res_blocks 1, num_head_channels 32 where set > 0; attention kept.
+- backbone ``adm-unet``, or any backbone whose args name ``channels`` (``diffusers-unet2d``):
+  channels 32, every channel_mult entry 1 (same length: the same downsampling), num_res_blocks
+  1, num_head_channels 32 where set > 0; attention kept.
 - schedule ``cosine``/``linear``: at most 100 timesteps. sampler: steps min(steps or T, 10),
   other args kept. A truncated ``gaussian`` augmentation's level is rounded to the new 1/T grid
   of the stage it conditions on.
@@ -48,12 +49,14 @@ def _number(value: Any) -> bool:
 def _shrink_stage(stage: dict[str, Any], timesteps: dict[str, int | None]) -> None:
     backbone = stage.get("backbone")
     args = _args(backbone)
-    if args is not None and backbone.get("name") == "adm-unet":
+    adm = backbone.get("name") == "adm-unet" if isinstance(backbone, dict) else False
+    if args is not None and (adm or "channels" in args):  # adm-unet's arguments (diffusers-unet2d too)
         args["channels"] = 32
-        mult = args.get("channel_mult", (1, 2, 2, 2))  # the factory's default
+        mult = args.get("channel_mult", (1, 2, 2, 2) if adm else None)  # adm-unet's default
         if isinstance(mult, (list, tuple)):
             args["channel_mult"] = [1] * len(mult)
-        args["num_res_blocks"] = 1
+        if adm or "num_res_blocks" in args:
+            args["num_res_blocks"] = 1
         if _number(args.get("num_head_channels")) and args["num_head_channels"] > 0:
             args["num_head_channels"] = 32
     schedule = stage.get("schedule")

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 
 import pytest
@@ -74,6 +75,10 @@ def test_overrides_go_through_validation(raw):
     assert error(raw, ["stages.sr16.train.steps=many"]).path == "stages.sr16.train.steps"
     assert "no stage 'sr61'; did you mean 'sr16'?" in str(error(raw, ["stages.sr61.train.steps=1"]))
     assert "expected key=value" in str(error(raw, ["seed"]))
+    broken = error(raw, ["stages.base8.train.steps=[1"])
+    assert broken.path == "stages.base8.train.steps" and "--set value '[1' is not valid YAML" in str(broken)
+    for key in ("seed", "sample.seed"):  # a negative seed would fail only when images are seeded
+        assert error(copy.deepcopy(raw), ["stages.sr16.train.steps=7", f"{key}=-1"]).path == key
 
 
 def test_validate_cli_prints_path_and_suggestion_without_traceback(tiny_recipe):

@@ -63,6 +63,18 @@ def test_smoke_shrinks_the_256_recipe():
     assert recipe.sample.num_classes == 4
 
 
+def test_smoke_shrinks_any_backbone_with_adm_unets_arguments():
+    """diffusers-unet2d takes adm-unet's arguments: a swapped backbone is shrunk the same way."""
+    raw = _raw("cdm_imagenet64.yaml")
+    raw["stages"][0]["backbone"]["name"] = "diffusers-unet2d"
+    raw["stages"][1]["backbone"] = {"name": "other-net", "args": {"width": 512}}  # unknown arguments: kept
+    out = smoke(raw, 1000)
+    args = out["stages"][0]["backbone"]["args"]
+    assert (args["channels"], args["channel_mult"], args["num_res_blocks"], args["num_head_channels"]) == (
+        32, [1, 1, 1, 1], 1, 32)
+    assert out["stages"][1]["backbone"]["args"] == {"width": 512}
+
+
 def test_smoke_rounds_truncated_levels_and_caps_classifier_epochs():
     raw = _raw("ablation_augmentation.yaml")
     raw["stages"][0]["schedule"]["args"]["timesteps"] = 1000
