@@ -13,23 +13,37 @@ from .files import atomic_write
 
 
 def read_results(run_dirs: list[Path]) -> pd.DataFrame:
-    """All rows of the runs' results.jsonl; for a repeated (run, stage, metric) the newest wins."""
+    """Every row of the runs' results.jsonl as written (oldest first within a run), the rows of an
+    evaluation run again included (each has its time): the tables keep the newest (``latest``)."""
     rows = []
     for folder in run_dirs:
         path = Path(folder) / "results.jsonl"
         if not path.exists():
             raise CdmbenchError(f"no results in {folder} (missing {path.name}); is it a run directory?")
         rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    # One value per (run, stage, metric, feature network, mode, sweep point): the newest.
-    protocol = frame["protocol"] if "protocol" in frame else pd.Series([{}] * len(frame))
-    frame["_key"] = protocol.map(lambda p: json.dumps(
-        [p.get("features"), p.get("mode"), p.get("level"), p.get("inputs"), p.get("samplers") if "level" in p else None],
-        sort_keys=True, default=str))
-    frame = frame.drop_duplicates(["run", "stage", "metric", "_key"], keep="last")
-    return frame.drop(columns="_key").reset_index(drop=True)
+    return pd.DataFrame(rows)
+
+
+def latest(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest (last written) row of each evaluation: per run, stage, metric, feature network,
+    mode and samplers (with their precision), and for a sweep its level and inputs, else n."""
+    key = frame["protocol"].map(lambda p: json.dumps(
+        [p.get("features"), p.get("mode"), p.get("level"), p.get("inputs"), p.get("samplers"),
+         None if is_sweep(p) else p.get("n")], sort_keys=True, default=str))
+    frame = frame.assign(_key=key).drop_duplicates(["run", "stage", "metric", "_key"], keep="last")
+    return frame.drop(columns="_key")
+
+
+def _varying(rows: pd.DataFrame, fields: list[dict]) -> list[list[str]]:
+    """For each row, 'name: value' for each of its ``fields`` whose value differs between the rows
+    of its (run, stage) that have that field."""
+    keys = list(zip(rows["run"], rows["stage"]))
+    values = {}
+    for key, row_fields in zip(keys, fields):
+        for name, value in row_fields.items():
+            values.setdefault((key, name), set()).add(value)
+    return [[f"{name}: {value}" for name, value in row_fields.items() if len(values[key, name]) > 1]
+            for key, row_fields in zip(keys, fields)]
 
 
 def flat_results(frame: pd.DataFrame) -> pd.DataFrame:
@@ -53,12 +67,25 @@ def features_label(protocol: dict) -> str:
     return f" ({protocol['features']}, {protocol.get('mode', '-')})"
 
 
+def _evaluations(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest ok row of each evaluation but sweeps, its stage labelled with what tells it
+    apart from the stage's other evaluations: n and each stage's sampler that differ, e.g.
+    ``sr16 (n: 1000; base8: ddpm {'steps': 50}, bf16)``."""
+    rows = latest(frame)
+    rows = rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep)].copy()
+    fields = [{**({"n": p["n"]} if "n" in p else {}), **p.get("samplers", {})} for p in rows["protocol"]]
+    rows["stage"] = [stage + (f" ({'; '.join(parts)})" if parts else "")
+                     for stage, parts in zip(rows["stage"], _varying(rows, fields))]
+    return rows
+
+
 def results_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, stage), one column per metric (with its unit); sweep rows are left to
-    ``sweep_table``."""
+    """One row per (run, stage), one column per metric (with its unit), the newest of each; a
+    stage evaluated with other sample counts or samplers gets a row per evaluation (labelled as
+    in ``_evaluations``); sweep rows are left to ``sweep_table``."""
     if frame.empty:
         return frame
-    ok = frame[(frame["status"] == "ok") & ~frame["protocol"].map(is_sweep)].copy()
+    ok = _evaluations(frame)
     if ok.empty:
         return ok
     ok["metric"] = (ok["metric"] + ok["protocol"].map(features_label)
@@ -101,14 +128,13 @@ def comparability(metric: str, measured: dict, published: dict) -> str:
 
 
 def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
-    """Each measured metric row beside the published rows of the same metric (at its
-    resolution when there are any), with whether the pair is comparable and why not."""
+    """Each measured metric row (the newest of each evaluation, labelled as in ``_evaluations``)
+    beside the published rows of the same metric (at its resolution when there are any), with
+    whether the pair is comparable and why not."""
     if results.empty or baselines.empty:
         return pd.DataFrame()
     out = []
-    for _, row in results[results["status"] == "ok"].iterrows():
-        if is_sweep(row["protocol"]):
-            continue
+    for _, row in _evaluations(results).iterrows():
         published = baselines[baselines["metric"] == row["metric"]]
         if published.empty:
             continue
@@ -132,24 +158,21 @@ def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataF
 # --- sample-time level sweeps ------------------------------------------------------------------
 
 def sweep_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The ok rows of `cdmbench sweep` with the columns samplers, inputs and s from the protocol.
-    samplers is the swept stage's sampler, then ``; stage: sampler`` for each other stage whose
-    sampler differs between the sweeps of that run and stage: sweeps that differ only in a
-    previous stage's sampler are separate curves."""
+    """The newest ok row of each sweep point of `cdmbench sweep`, with the columns samplers, inputs
+    and s from the protocol. samplers is the swept stage's sampler, then ``; stage: sampler`` for
+    each other stage whose sampler differs between the sweeps of that run and stage: sweeps that
+    differ only in a previous stage's sampler are separate curves."""
     if frame.empty:
         return frame
-    rows = frame[(frame["status"] == "ok") & frame["protocol"].map(is_sweep)].copy()
+    rows = latest(frame)
+    rows = rows[(rows["status"] == "ok") & rows["protocol"].map(is_sweep)].copy()
     if rows.empty:
         return rows
     chains = rows["protocol"].map(lambda p: p.get("samplers", {}))
-    varying = {}
-    for (run, stage), group in chains.groupby([rows["run"], rows["stage"]]):
-        names = dict.fromkeys(name for chain in group for name in chain)
-        varying[run, stage] = [name for name in names
-                               if name != stage and len({chain.get(name) for chain in group}) > 1]
-    rows["samplers"] = [chain.get(stage, "") + "".join(f"; {name}: {chain.get(name, '-')}"
-                                                       for name in varying[run, stage])
-                        for chain, run, stage in zip(chains, rows["run"], rows["stage"])]
+    others = [{name: sampler for name, sampler in chain.items() if name != stage}
+              for chain, stage in zip(chains, rows["stage"])]
+    rows["samplers"] = [chain.get(stage, "") + "".join(f"; {part}" for part in parts)
+                        for chain, stage, parts in zip(chains, rows["stage"], _varying(rows, others))]
     rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
     rows["s"] = rows["protocol"].map(lambda p: p["level"])
     return rows

@@ -2,8 +2,12 @@
 
 import json
 
+import pandas as pd
+from click.testing import CliRunner
+
 from cdmbench import report
-from cdmbench.report import read_results, sweep_table
+from cdmbench.cli import cli
+from cdmbench.report import comparison_table, read_results, results_table, sweep_table
 
 
 def sweep(samplers, values, inputs="generated"):
@@ -36,3 +40,44 @@ def test_sweeps_that_differ_only_in_the_base_sampler_stay_apart(tmp_path, monkey
     assert curves == {f"generated, {coarse_label}": [30.0, 20.0, 25.0],
                       f"generated, {fine_label}": [10.0, 40.0, 45.0],
                       f"ground-truth, {fine_label}": [5.0, 6.0, 7.0]}
+
+
+PROTOCOL = {"dataset": "imagenet", "resolution": 256, "features": "inception-2015-12-05",
+            "mode": "legacy_tensorflow", "reference_split": "train"}
+
+
+def evaluation(value, n, time, precision=""):
+    samplers = {"base64": f"ddpm {{'steps': 250}}{precision}", "sr256": f"ddpm {{'steps': 100}}{precision}"}
+    return {"run": "r", "stage": "sr256", "metric": "fid_train", "value": value, "n": n, "unit": "",
+            "status": "ok", "time": time, "protocol": {**PROTOCOL, "n": n, "samplers": samplers}}
+
+
+def write_evaluations(folder):
+    """FID at n=50000 (fp32), at n=1000 (bf16), then at n=50000 again."""
+    rows = [evaluation(5.0, 50000, "2025-01-01T00:00:00+00:00"),
+            evaluation(6.0, 1000, "2025-01-02T00:00:00+00:00", precision=", bf16"),
+            evaluation(4.0, 50000, "2025-01-03T00:00:00+00:00")]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_csv_has_every_row(tmp_path):
+    write_evaluations(tmp_path)
+    result = CliRunner().invoke(cli, ["report", str(tmp_path), "--csv", str(tmp_path / "all.csv")])
+    assert result.exit_code == 0, result.output
+    flat = pd.read_csv(tmp_path / "all.csv")
+    assert list(zip(flat["value"], flat["protocol.n"])) == [(5.0, 50000), (6.0, 1000), (4.0, 50000)]
+
+
+def test_evaluations_with_other_n_or_precision_are_rows_of_their_own_and_the_newest_wins(tmp_path):
+    write_evaluations(tmp_path)
+    frame = read_results([tmp_path])
+    fp32 = "sr256 (n: 50000; base64: ddpm {'steps': 250}; sr256: ddpm {'steps': 100})"
+    bf16 = "sr256 (n: 1000; base64: ddpm {'steps': 250}, bf16; sr256: ddpm {'steps': 100}, bf16)"
+    assert results_table(frame)["fid_train (inception-2015-12-05, legacy_tensorflow)"].to_dict() == {
+        ("r", fp32): 4.0, ("r", bf16): 6.0}
+
+    published = pd.DataFrame([{"model": "CDM", "dataset": "imagenet", "resolution": 256, "metric": "fid_train",
+                               "value": 4.88, "protocol": {**PROTOCOL, "n": 50000}}])
+    compared = comparison_table(frame, published)
+    assert compared[["stage", "measured", "comparable"]].values.tolist() == [
+        [bf16, 6.0, "no: n 1000 vs 50000"], [fp32, 4.0, "comparable"]]
