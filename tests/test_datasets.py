@@ -73,15 +73,24 @@ def test_fashion_mnist_args(idx_dir):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda data: data[:-7], "cannot be read"),
+    (lambda data: data[:10] + bytes([data[10] ^ 0xFF]) + data[11:], "cannot be read"),  # zlib.error
     (lambda data: gzip.compress(gzip.decompress(data)[:-5]), "truncated or corrupt"),
     (lambda data: gzip.compress(b"\x00\x00\x0c\x03" + gzip.decompress(data)[4:]), "magic number 00000c03"),
     (lambda data: b"", "the file is empty"),
     (lambda data: b"not gzip at all", "cannot be read"),
-], ids=["truncated-gzip", "truncated-data", "wrong-type", "empty", "not-gzip"])
+], ids=["truncated-gzip", "corrupt-deflate", "truncated-data", "wrong-type", "empty", "not-gzip"])
 def test_fashion_mnist_corrupt_file(idx_dir, damage, message):
     path = idx_dir / "train-images-idx3-ubyte.gz"
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CdmbenchError, match=message) as info:
+        fashion_mnist(split="train", resolution=32, path=str(idx_dir))
+    assert str(path) in str(info.value) and "apt-get install --reinstall" in str(info.value)
+
+
+def test_fashion_mnist_label_out_of_range(idx_dir):
+    path = idx_dir / "train-labels-idx1-ubyte.gz"
+    write_idx(path, np.array([0, 1, 2, 200, 8, 7]))
+    with pytest.raises(CdmbenchError, match=r"holds label 200 \(item 3\), but the classes are 0..9") as info:
         fashion_mnist(split="train", resolution=32, path=str(idx_dir))
     assert str(path) in str(info.value) and "apt-get install --reinstall" in str(info.value)
 

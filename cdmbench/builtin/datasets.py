@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gzip
 import math
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +33,8 @@ FASHION_MNIST_FILES = {  # split -> (images, labels), each raw or with ".gz"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
 IDX_UBYTE = 0x08  # IDX type code of unsigned bytes
+IDX_FIX = ("replace it with an intact copy (apt-get install --reinstall dataset-fashion-mnist, or "
+           f"download it again from {FASHION_MNIST_URL})")
 
 # Hub ids of known benchmarks (the ``benchmark`` published results are filed under).
 HUB_BENCHMARKS = {"ILSVRC/imagenet-1k": "imagenet", "imagenet-1k": "imagenet",
@@ -82,24 +85,22 @@ def _split_names(dataset: str, split_names: dict[str, str] | None) -> dict[str, 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
     """The uint8 array with ``ndim`` dimensions stored in IDX file ``path`` (raw or gzip)."""
-    fix = ("replace it with an intact copy (apt-get install --reinstall dataset-fashion-mnist, or "
-           f"download it again from {FASHION_MNIST_URL})")
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as exc:  # bad or truncated gzip stream
-        raise CdmbenchError(f"{path} cannot be read ({exc}); {fix}") from None
+    except (OSError, EOFError, zlib.error) as exc:  # bad, corrupt or truncated gzip stream
+        raise CdmbenchError(f"{path} cannot be read ({exc}); {IDX_FIX}") from None
     magic = bytes((0, 0, IDX_UBYTE, ndim))
     header = 4 + 4 * ndim  # magic, then one big-endian uint32 per dimension
     if len(data) < header or data[:4] != magic:
         found = data[:4].hex() or "missing: the file is empty"
         raise CdmbenchError(f"{path} is not an IDX file of uint8 with {ndim} dimensions (magic "
-                            f"number {found}, expected {magic.hex()}); {fix}")
+                            f"number {found}, expected {magic.hex()}); {IDX_FIX}")
     shape = tuple(int(n) for n in np.frombuffer(data, ">u4", ndim, 4))
     if len(data) - header != math.prod(shape):
         raise CdmbenchError(
             f"{path} is truncated or corrupt: its header promises {'x'.join(map(str, shape))} = "
-            f"{math.prod(shape)} bytes of data, the file holds {len(data) - header}; {fix}")
+            f"{math.prod(shape)} bytes of data, the file holds {len(data) - header}; {IDX_FIX}")
     return np.frombuffer(data, np.uint8, math.prod(shape), header).reshape(shape)
 
 
@@ -158,6 +159,11 @@ def fashion_mnist(*, split: str, resolution: int, path: str = FASHION_MNIST_DIR,
         raise CdmbenchError(f"fashion-mnist: {image_file} holds {len(images)} images but "
                             f"{label_file} {len(labels)} labels; replace them with a matching pair "
                             f"(apt-get install --reinstall dataset-fashion-mnist)")
+    bad = np.flatnonzero(labels >= len(FASHION_MNIST_CLASSES))
+    if bad.size:
+        raise CdmbenchError(f"fashion-mnist: {label_file} holds label {labels[bad[0]]} (item "
+                            f"{bad[0]}), but the classes are 0..{len(FASHION_MNIST_CLASSES) - 1}; "
+                            f"{IDX_FIX}")
     if images.shape[1] > pad_to or images.shape[2] > pad_to:
         raise ValueError(f"fashion-mnist: pad_to ({pad_to}) is smaller than the images in "
                          f"{image_file} ({images.shape[1]}x{images.shape[2]}); set pad_to to at "

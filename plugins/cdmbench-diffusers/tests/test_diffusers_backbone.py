@@ -30,6 +30,14 @@ def test_adm_arguments_map_onto_unet2dmodel_blocks():
     assert plain.unet.config.downsample_type == "conv"
 
 
+def test_a_first_level_wider_than_channels_runs_with_class_and_augmentation():
+    """The time embedding is 4 * channels, as ADM's and as the class and augmentation embeddings."""
+    model = build({**SMALL, "channel_mult": [2, 2]}, num_classes=4)
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([1.0, 500.0]), torch.tensor([0, 1]),
+                torch.rand(2, 3, 8, 8), torch.tensor([[0.0], [300.0]]))
+    assert out.shape == (2, 3, 16, 16) and model.unet.time_embedding.linear_2.out_features == 128
+
+
 def test_same_configuration_as_adm_unet_has_a_comparable_size():
     """Same widths, depths and attention: within 10% of adm-unet's parameter count."""
     ours = PLUGINS["backbones"].get("adm-unet").build(SMALL, **SR)

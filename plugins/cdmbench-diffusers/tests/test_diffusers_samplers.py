@@ -51,6 +51,40 @@ def test_dpm_solver_multistep_equals_cdmbench_dpm_solver_2m_on_the_same_grid():
     assert torch.allclose(a, b, rtol=1e-3, atol=1e-4)  # diffusers keeps abar in float32
 
 
+CONTINUOUS = ContinuousProcess(log_snr(logsnr_min=-4, logsnr_max=10))  # abar_T = 0.018
+
+
+@pytest.mark.parametrize("name", ["diffusers-dpm-solver-multistep", "diffusers-euler"])
+def test_continuous_process_is_walked_on_its_own_grid(name):
+    """10 steps visit t = 1.0, 0.9, ..., 0.1 as process.grid does (not 1.0, 0.889, ..., 0.001);
+    Euler in sigma space is DDIM, so on that grid and from the same z_T it gives ddim's samples."""
+    ours, theirs = gaussian_denoiser(), gaussian_denoiser()
+    a = run(sampler("ddim", steps=10), ours, process=CONTINUOUS)
+    b = run(sampler(name, steps=10), theirs, process=CONTINUOUS)
+    assert [round(nc) for _, nc in theirs.seen] == list(range(1000, 0, -100))
+    assert torch.allclose(torch.tensor(ours.seen), torch.tensor(theirs.seen), rtol=1e-5)
+    if name == "diffusers-euler":
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("name", ["diffusers-euler", "diffusers-heun"])
+def test_sigma_space_schedulers_start_from_standard_normal_z_T(name):
+    """The first model input is z_T ~ N(0, I), as for ddim (x_T = z_T / sqrt(abar_T) in sigma
+    space), not sigma_max N(0, I), whose z-space std is sqrt(1 - abar_T) = 0.991."""
+    first = []
+
+    def record(x_t, abar, noise_cond):
+        first.append(x_t)
+        x0 = torch.zeros_like(x_t)
+        return Prediction(x0, eps_from_x0(x_t, abar.to(x_t.dtype).view(-1, 1, 1, 1), x0))
+    gens = [torch.Generator().manual_seed(i) for i in range(500)]
+    sampler(name, steps=5).sample(denoise=record, process=CONTINUOUS, shape=(1, 16, 16),
+                                  generators=gens, progress=False)
+    z_T = torch.stack([torch.randn((1, 16, 16), generator=torch.Generator().manual_seed(i)) for i in range(500)])
+    assert abs(first[0].std().item() - 1) < 3 / (2 * z_T.numel()) ** 0.5  # 3 standard errors
+    assert torch.allclose(first[0], z_T, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["diffusers-dpm-solver-multistep", "diffusers-euler", "diffusers-heun"])
 @pytest.mark.parametrize("process", [DiscreteProcess(linear(timesteps=1000).betas()),
                                      ContinuousProcess(log_snr(logsnr_min=-10, logsnr_max=10))],

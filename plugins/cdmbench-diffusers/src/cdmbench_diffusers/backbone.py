@@ -7,8 +7,9 @@ attention), num_head_channels -> attention_head_dim, resblock_updown -> residual
 (ResnetDownsampleBlock2D, downsample_type "resnet"), scale-shift normalisation as in ADM.
 Conditioning: the low-res image is upsampled bilinearly and concatenated to x_t; the class label
 and the augmentation level s (each entry embedded like a timestep) are summed into one vector
-that UNet2DModel adds to its timestep embedding (``class_embed_type="identity"``). What
-UNet2DModel cannot express (a head count per level) is refused with the alternative.
+that UNet2DModel adds to its timestep embedding (``class_embed_type="identity"``), which is
+4 * channels wide as ADM's, whatever channel_mult[0]. What UNet2DModel cannot express (a head
+count per level) is refused with the alternative.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def diffusers_unet2d(*, resolution: int, in_channels: int, out_channels: int, nu
         upsample_type="resnet" if resblock_updown else "conv",
         attention_head_dim=head_dim, norm_num_groups=GROUPS, dropout=dropout,
         resnet_time_scale_shift="scale_shift", flip_sin_to_cos=True, freq_shift=0,
+        time_embedding_dim=4 * channels,  # ADM's width (UNet2DModel's default: 4 block_out_channels[0])
         class_embed_type="identity" if num_classes > 0 or aug_dim > 0 else None)
     return DiffusersUNet(unet, num_classes=num_classes, low_res_channels=low_res_channels,
                          aug_dim=aug_dim, channels=channels)
@@ -99,7 +101,7 @@ class DiffusersUNet(Backbone):
         super().__init__()
         self.unet, self.num_classes = unet, num_classes
         self.low_res_channels, self.aug_dim = low_res_channels, aug_dim
-        emb_dim = 4 * channels  # UNet2DModel's time embedding width
+        emb_dim = 4 * channels  # UNet2DModel's time_embedding_dim
         self.class_embed = nn.Embedding(num_classes, emb_dim) if num_classes > 0 else None
         if aug_dim > 0:
             self.aug_proj = Timesteps(channels, flip_sin_to_cos=True, downscale_freq_shift=0)

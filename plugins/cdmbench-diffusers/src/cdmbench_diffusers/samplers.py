@@ -4,9 +4,11 @@ A scheduler is built on the trained process's own discretisation: a discrete pro
 (T steps), or a continuous process read at N = 1000 levels t_i = (i + 1) / N. diffusers'
 timestep i is cdmbench's level s = (i + 1) / T (N), so the backbone sees the noise conditioning
 it was trained with. Schedulers that accept custom timesteps walk the same grid as cdmbench's own
-samplers (``process.grid(steps, stop_at)``), which makes solver comparisons about the solver
-alone and allows an early stop at a level s: the loop ends when the scheduler reaches s and
-returns z_s. Schedulers without custom timesteps use their own spacing and cannot stop early.
+samplers (``process.grid(steps, stop_at)``'s levels, a continuous one's at the nearest of the N),
+and every scheduler starts from z_T ~ N(0, I) as they do, which makes solver comparisons about
+the solver alone. Custom timesteps also allow an early stop at a level s: the loop ends when the
+scheduler reaches s and returns z_s. Schedulers without custom timesteps use their own spacing
+and cannot stop early.
 
 The model output handed to the scheduler is eps made consistent with the (optionally clipped)
 x_0 prediction (``prediction_type="epsilon"``, which every scheduler supports), so any cdmbench
@@ -82,8 +84,9 @@ class DiffusersSampler:
 
     def prepared(self, process: Any, stop_at: float, device: torch.device | str = "cpu"):
         """(table, scheduler with its timesteps set, stop timestep or None). Custom timesteps:
-        the process's grid (evenly spaced trained steps from T - 1 down, as cdmbench's samplers
-        walk them), then the stop level; otherwise the scheduler's own spacing."""
+        the levels of ``process.grid`` (discrete: evenly spaced trained steps from T - 1 down;
+        continuous: t evenly spaced from 1 to the end, at the nearest of the N levels), then the
+        stop level; otherwise the scheduler's own spacing."""
         table = Table(process)
         scheduler = self.scheduler(table)
         if not self.custom_timesteps:
@@ -99,13 +102,15 @@ class DiffusersSampler:
                                  f"steps repeats a timestep (a zero-length step gives NaN); use at most "
                                  f"{table.T - 1} steps")
             return table, scheduler, None
-        lowest = table.index(process, stop_at) + 1 if stop_at > 0 else 0
-        if not 1 <= self.steps <= table.T - lowest:
+        end = table.index(process, stop_at) if stop_at > 0 else -1  # -1: clean data
+        if not 1 <= self.steps <= table.T - 1 - end:
             raise ValueError(f"cannot take {self.steps} steps between level {stop_at} and pure noise "
-                             f"on {table.T} trained levels; choose 1..{table.T - lowest}")
-        kept = np.linspace(table.T - 1, lowest, self.steps).round().astype(int).tolist()
-        stop = lowest - 1 if stop_at > 0 else None
-        scheduler.set_timesteps(timesteps=kept + ([stop] if stop is not None else []), device=device)
+                             f"on {table.T} trained levels; choose 1..{table.T - 1 - end}")
+        kept = (np.linspace(table.T - 1, end, self.steps + 1)[:-1] if table.continuous
+                else np.linspace(table.T - 1, end + 1, self.steps))
+        stop = end if stop_at > 0 else None
+        timesteps = kept.round().astype(int).tolist() + ([stop] if stop is not None else [])
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
         return table, scheduler, stop
 
     def check(self, process: Any, *, learned_variance: bool, stop_at: float = 0.0) -> None:
@@ -118,7 +123,9 @@ class DiffusersSampler:
                stop_at: float = 0.0, progress: bool = True) -> Tensor:
         table, scheduler, stop = self.prepared(process, stop_at, device)
         n = len(generators)
-        x = randn_per_image(shape, generators, device) * scheduler.init_noise_sigma
+        x = randn_per_image(shape, generators, device)  # z_T ~ N(0, I), as cdmbench's samplers
+        if scheduler.init_noise_sigma != 1:  # sigma space: x = z_T / sqrt(abar_T)
+            x = x * (1 + float(scheduler.sigmas.max()) ** 2) ** 0.5
         extra = {"generator": generators} if self.takes_generator else {}
         for t in tqdm(scheduler.timesteps, desc=self.name, leave=False, disable=not progress):
             x_t = scheduler.scale_model_input(x, t)  # sigma-space schedulers scale x to x_t
