@@ -300,11 +300,21 @@ def _format(frame) -> str:
 
 
 def main() -> None:
+    import warnings
+
     from .plugins import load_plugins
 
     try:
-        load_plugins().manager.hook.cdmbench_add_commands(cli=cli)
+        hook = load_plugins().manager.hook.cdmbench_add_commands
     except CdmbenchError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)
+    for impl in hook.get_hookimpls():  # one by one: a broken plugin must not take the others' commands
+        commands = dict(cli.commands)
+        try:
+            impl.function(cli=cli)
+        except Exception as exc:
+            cli.commands = commands
+            warnings.warn(f"plugin '{impl.plugin_name}' raised while adding commands: {exc!r}; "
+                          "its commands are not available")
     cli()

@@ -47,6 +47,26 @@ def _module_distribution(module) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _fail(failures: dict[str, str], name: str, error: str, warning: str) -> None:
+    """Add ``error`` to plugin ``name``'s failures (keeping earlier ones) and warn."""
+    failures[name] = f"{failures[name]}; {error}" if name in failures else error
+    warnings.warn(f"plugin '{name}' {warning}")
+
+
+def _register(pm: pluggy.PluginManager, plugin, name: str, failures: dict[str, str]) -> bool:
+    """Register ``plugin``; a hook pluggy rejects (e.g. a misspelled argument) is a failure."""
+    try:
+        pm.register(plugin, name=name)
+        return True
+    except pluggy.PluginValidationError as exc:
+        pm.unregister(name=name)  # pluggy leaves it half-registered
+        reason = str(exc)
+    except ValueError as exc:  # the same object under another name; pluggy appends every plugin
+        reason = str(exc).splitlines()[0]
+    _fail(failures, name, f"registration failed: {reason}", f"cannot be registered: {reason}")
+    return False
+
+
 @dataclass
 class Plugins:
     """The plugin manager and one registry per component kind."""
@@ -55,7 +75,7 @@ class Plugins:
     registries: dict[str, Registry]
     versions: dict[str, str | None]
     packages: dict[str, str] = field(default_factory=dict)  # plugin -> distribution name
-    failures: dict[str, str] = field(default_factory=dict)  # plugin -> import or register error
+    failures: dict[str, str] = field(default_factory=dict)  # plugin -> its errors, joined by "; "
 
     def __getitem__(self, kind: str) -> Registry:
         return self.registries[kind]
@@ -84,31 +104,42 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
             versions[name], packages[name] = __version__, "cdmbench"
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if (only and ep.name not in only) or pm.is_blocked(ep.name) or pm.has_plugin(ep.name):
+        if (only and ep.name not in only) or pm.is_blocked(ep.name):
             continue
+        package = ep.dist.name if ep.dist else None
+        if ep.name in packages or pm.has_plugin(ep.name):  # the first package with the name wins
+            if packages.get(ep.name) != package:
+                error = (f"the packages '{packages.get(ep.name)}' and '{package}' both provide it; "
+                         f"'{package}' is not loaded")
+                _fail(failures, ep.name, error, f"is provided twice: {error}")
+            continue
+        if package:
+            packages[ep.name] = package
         try:
             plugin = ep.load()
         except Exception as exc:  # a broken third-party package must not break the others
-            failures[ep.name] = f"import of {ep.value} failed: {exc!r}"
-            warnings.warn(f"plugin '{ep.name}' ({ep.value}) failed to import: {exc!r}")
+            _fail(failures, ep.name, f"import of {ep.value} failed: {exc!r}",
+                  f"({ep.value}) failed to import: {exc!r}")
             continue
-        pm.register(plugin, name=ep.name)
-        versions[ep.name] = ep.dist.version if ep.dist else None
-        if ep.dist:
-            packages[ep.name] = ep.dist.name
+        if _register(pm, plugin, ep.name, failures):
+            versions[ep.name] = ep.dist.version if ep.dist else None
 
     for name in modules:
         if pm.is_blocked(name) or pm.has_plugin(name):
             continue
         try:
             module = importlib.import_module(name)
-        except ImportError as exc:
+        except ModuleNotFoundError as exc:
+            if exc.name and not f"{name}.".startswith(f"{exc.name}."):  # a dependency is missing
+                raise PluginError(f"plugin module '{name}' needs the module '{exc.name}', which is "
+                                  "not installed; install the package that provides it") from None
             raise PluginError(
                 f"plugin module '{name}' cannot be imported ({exc}); install the package that "
                 "provides it or add its folder to PYTHONPATH") from None
-        if pm.is_registered(module):  # already loaded, e.g. through its entry point
-            continue
-        pm.register(module, name=name)
+        except Exception as exc:
+            raise PluginError(f"plugin module '{name}' failed to import: {exc!r}") from exc
+        if pm.is_registered(module) or not _register(pm, module, name, failures):
+            continue  # already loaded (e.g. through its entry point), or rejected
         package, versions[name] = _module_distribution(module)
         if package:
             packages[name] = package
@@ -120,21 +151,24 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
 
 
 def _fill(plugins: Plugins, kind: str) -> None:
-    """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin."""
+    """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin; what a
+    hook registers is kept only if the hook returns."""
     registry = plugins.registries[kind]
     hook = getattr(plugins.manager.hook, f"cdmbench_register_{kind}")
     for impl in hook.get_hookimpls():  # in registration order
-        name = impl.plugin_name
+        name, staged = impl.plugin_name, Registry(kind)
 
-        def register(component, factory, *, summary: str = "", _plugin=name):
-            registry.add(component, factory, summary=summary, plugin=_plugin,
-                         version=plugins.versions.get(_plugin))
+        def register(component, factory, *, summary: str = "", _plugin=name, _staged=staged):
+            _staged.add(component, factory, summary=summary, plugin=_plugin,
+                        version=plugins.versions.get(_plugin))
 
         try:
             impl.function(register=register)
         except RegistryError:
             raise
         except Exception as exc:
-            plugins.failures[name] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"plugin '{name}' raised while registering {kind}: {exc!r}; "
-                          "its components are not available")
+            _fail(plugins.failures, name, f"registering {kind} raised {exc!r}",
+                  f"raised while registering {kind}: {exc!r}; its {kind} are not available")
+            continue
+        for c in staged:
+            registry.add(c.name, c.factory, summary=c.summary, plugin=c.plugin, version=c.version)

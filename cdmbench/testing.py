@@ -43,8 +43,9 @@ def components(plugin: str, plugins: Plugins | None = None) -> list[Component]:
     plugins = plugins or load_plugins()
     found = [c for reg in plugins.registries.values() for c in reg if c.plugin == plugin]
     if not found:
-        raise CdmbenchError(f"no components from plugin '{plugin}'; loaded plugins: "
-                            f"{', '.join(plugins.versions)}")
+        reason = (f"it failed: {plugins.failures[plugin]}" if plugin in plugins.failures
+                  else f"loaded plugins: {', '.join(plugins.versions)}")
+        raise CdmbenchError(f"no components from plugin '{plugin}'; {reason}")
     return found
 
 

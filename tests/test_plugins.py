@@ -5,9 +5,11 @@ import textwrap
 
 import pytest
 
-from cdmbench.errors import PluginError, RegistryError
+from cdmbench.cli import cli, main
+from cdmbench.errors import CdmbenchError, PluginError, RegistryError
 from cdmbench.plugins import BUILTIN_MODULES, load_plugins
 from cdmbench.recipe import load_recipe
+from cdmbench.testing import components
 
 SCHEDULE_PLUGIN = '''
 import torch
@@ -35,6 +37,14 @@ def constant(*, timesteps: int = 100, beta: float = 0.02):
 def cdmbench_register_schedules(register):
     register("{name}", constant, summary="constant betas")
 '''
+
+
+def _distribution(folder, name, entry_point):
+    """An installed distribution ``name`` 1.0 in ``folder`` declaring ``entry_point``."""
+    info = folder / f"{name.replace('-', '_')}-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[cdmbench]\n{entry_point}\n")
 
 
 def test_builtins_register_the_first_components():
@@ -88,6 +98,90 @@ def test_plugin_raising_while_registering_does_not_break_others(plugin_dir):
     assert "ddpm" in plugins["samplers"]
 
 
+def test_a_hook_raising_part_way_keeps_none_of_its_components_and_every_error(plugin_dir):
+    (plugin_dir / "testplugin_half.py").write_text(textwrap.dedent('''
+        from cdmbench import hookimpl
+        from cdmbench.builtin.schedules import cosine
+
+        @hookimpl
+        def cdmbench_register_schedules(register):
+            register("half-one", cosine)
+            raise RuntimeError("boom after one")
+
+        @hookimpl
+        def cdmbench_register_samplers(register):
+            raise ValueError("no sampler")
+    '''))
+    with pytest.warns(UserWarning, match="testplugin_half"):
+        plugins = load_plugins(["testplugin_half"])
+    assert "half-one" not in plugins["schedules"]
+    assert "boom after one" in plugins.failures["testplugin_half"]
+    assert "no sampler" in plugins.failures["testplugin_half"]
+    with pytest.raises(CdmbenchError, match="no components from plugin 'testplugin_half'; it failed: "
+                                            ".*boom after one.*no sampler"):
+        components("testplugin_half", plugins)
+
+
+def test_a_hook_with_a_wrong_argument_name_is_a_failure_of_its_plugin(plugin_dir):
+    (plugin_dir / "testplugin_badarg.py").write_text(textwrap.dedent('''
+        from cdmbench import hookimpl
+        from cdmbench.builtin.augmentations import gaussian
+
+        @hookimpl
+        def cdmbench_register_augmentations(register):
+            register("badarg-aug", gaussian)
+
+        @hookimpl
+        def cdmbench_register_samplers(reg):
+            pass
+    '''))
+    with pytest.warns(UserWarning, match="plugin 'testplugin_badarg' cannot be registered"):
+        plugins = load_plugins(["testplugin_badarg"])
+    assert "{'reg'}" in plugins.failures["testplugin_badarg"]
+    assert "testplugin_badarg" not in plugins.versions and "badarg-aug" not in plugins["augmentations"]
+    assert "ddpm" in plugins["samplers"]
+
+
+@pytest.mark.parametrize("source, error", [
+    ("raise RuntimeError('needs CUDA')", r"failed to import: RuntimeError\('needs CUDA'\)"),
+    ("import no_such_dependency_xyz", (r"needs the module 'no_such_dependency_xyz', which is not "
+                                       r"installed; install the package that provides it$")),
+], ids=["raises", "missing-dependency"])
+def test_a_recipe_plugin_module_failing_at_import_is_a_plugin_error(plugin_dir, source, error):
+    (plugin_dir / "testplugin_raising.py").write_text(source)
+    with pytest.raises(PluginError, match=f"plugin module 'testplugin_raising' {error}"):
+        load_plugins(["testplugin_raising"])
+
+
+def test_a_failing_add_commands_hook_keeps_the_other_plugins_commands(plugin_dir, monkeypatch, capsys):
+    (plugin_dir / "testplugin_cmd_bad.py").write_text(textwrap.dedent('''
+        import click
+        from cdmbench import hookimpl
+
+        @hookimpl
+        def cdmbench_add_commands(cli):
+            cli.add_command(click.Command("half", callback=lambda: None))
+            import no_such_click_extension
+    '''))
+    (plugin_dir / "testplugin_cmd_good.py").write_text(textwrap.dedent('''
+        import click
+        from cdmbench import hookimpl
+
+        @hookimpl
+        def cdmbench_add_commands(cli):
+            cli.add_command(click.Command("hello", callback=lambda: click.echo("hello from a plugin")))
+    '''))
+    monkeypatch.setattr("cdmbench.plugins.load_plugins",
+                        lambda: load_plugins(["testplugin_cmd_bad", "testplugin_cmd_good"]))
+    monkeypatch.setattr(cli, "commands", dict(cli.commands))
+    monkeypatch.setattr(sys, "argv", ["cdmbench", "hello"])
+    with pytest.warns(UserWarning, match="plugin 'testplugin_cmd_bad' raised while adding commands: "
+                                         "ModuleNotFoundError"), pytest.raises(SystemExit) as exit:
+        main()
+    assert exit.value.code == 0 and "hello from a plugin" in capsys.readouterr().out
+    assert "half" not in cli.commands
+
+
 def test_blocked_plugin_is_not_loaded(monkeypatch):
     monkeypatch.setenv("CDMBENCH_BLOCK_PLUGINS", "cdmbench.builtin.samplers")
     plugins = load_plugins()
@@ -125,10 +219,7 @@ def test_installed_package_found_through_entry_point(tmp_path):
 
 def test_an_installed_plugin_that_fails_to_import_is_reported_by_name(tmp_path, monkeypatch):
     """A package whose entry point cannot be imported is a failure of that plugin only."""
-    dist = tmp_path / "cdmbench_broken-1.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: cdmbench-broken\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[cdmbench]\nbroken = cdmbench_no_such_module\n")
+    _distribution(tmp_path, "cdmbench-broken", "broken = cdmbench_no_such_module")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.warns(UserWarning, match="plugin 'broken'.*failed to import"):
         plugins = load_plugins()
@@ -136,3 +227,17 @@ def test_an_installed_plugin_that_fails_to_import_is_reported_by_name(tmp_path, 
     assert "ddpm" in plugins["samplers"] and "broken" not in plugins.versions
     monkeypatch.setenv("CDMBENCH_BLOCK_PLUGINS", "broken")
     assert "broken" not in load_plugins().failures
+
+
+def test_two_packages_with_one_entry_point_name_load_the_first_and_name_both(plugin_dir):
+    for dist, component in (("cdmbench-dupa", "dupa-sched"), ("cdmbench-dupb", "dupb-sched")):
+        module = f"testplugin_{dist[9:]}"
+        (plugin_dir / f"{module}.py").write_text(SCHEDULE_PLUGIN.format(name=component))
+        _distribution(plugin_dir, dist, f"dupe = {module}")
+    with pytest.warns(UserWarning, match="plugin 'dupe' is provided twice"):
+        plugins = load_plugins()
+    first = plugins.packages["dupe"]
+    second = ({"cdmbench-dupa", "cdmbench-dupb"} - {first}).pop()
+    assert plugins.failures["dupe"] == (f"the packages '{first}' and '{second}' both provide it; "
+                                        f"'{second}' is not loaded")
+    assert [f"{first[9:]}-sched"] == [n for n in plugins["schedules"].names() if n.startswith("dup")]
