@@ -167,7 +167,7 @@ def report(run_dirs, out, csv_path):
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--stage", help="Evaluate this stage's samples (default: evaluate.stage or the last stage).")
 @click.option("--metrics", help="Comma-separated metric names, e.g. fid,is,cas (default: evaluate.metrics).")
-@click.option("--num-samples", type=int, help="Samples to generate and evaluate (default: evaluate.num_samples).")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Samples to generate and evaluate (default: evaluate.num_samples).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
@@ -186,12 +186,12 @@ def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
 @click.option("--classes", help="Comma-separated class indices or names (a name with a comma: "
                                 "its index) (default: the recipe's sample.num_classes first "
                                 "classes, or all).")
-@click.option("--per-class", type=int, help="Images per class (default: sample.images_per_class).")
-@click.option("--seed", type=int, help="Image i gets the seed (seed, i) (default: sample.seed).")
+@click.option("--per-class", type=click.IntRange(min=1), help="Images per class (default: sample.images_per_class).")
+@click.option("--seed", type=click.IntRange(min=0), help="Image i gets the seed (seed, i) (default: sample.seed).")
 @click.option("--level", "levels", multiple=True, metavar="STAGE=S",
               help="Sampling-time augmentation level of an SR stage (repeatable; default: the "
                    "recipe's, or the best of a sweep in cascade.json).")
-@click.option("--batch-size", type=int, help="Images per batch (default: sample.batch_size).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Images per batch (default: sample.batch_size).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a recipe value, e.g. --set stages.sr32.sampler.args.steps=100 (repeatable).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -221,7 +221,7 @@ def sample(run_dir, stage, classes, per_class, seed, levels, batch_size, overrid
 @click.option("--inputs", default="generated,ground-truth", show_default=True,
               help="Low-res inputs: generated (the cascade), ground-truth, or both.")
 @click.option("--metrics", help="Comma-separated metric names (default: evaluate.metrics).")
-@click.option("--num-samples", type=int, help="Samples per level (default: evaluate.num_samples).")
+@click.option("--num-samples", type=click.IntRange(min=1), help="Samples per level (default: evaluate.num_samples).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progress):
@@ -246,8 +246,8 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--stage", required=True, help="The stage whose training step is measured.")
-@click.option("--steps", default=10, show_default=True, help="Timed training steps.")
-@click.option("--warmup", default=3, show_default=True, help="Untimed steps first (compilation, caches).")
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed training steps.")
+@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first (compilation, caches).")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Also measure the torch.compile'd step (default: on CUDA).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)

@@ -117,3 +117,13 @@ def test_shipped_recipes_validate(path):
     result = CliRunner().invoke(cli, ["validate", str(path), *extra])
     assert result.exit_code == 0, result.output
     assert all(f"{s['name']} " in result.output for s in yaml.safe_load(path.read_text())["stages"])
+
+
+@pytest.mark.parametrize("args", [["sample", "RUN", "--batch-size", "0"], ["sample", "RUN", "--seed", "-1"],
+                                  ["evaluate", "RUN", "--num-samples", "-3"], ["sweep", "RUN", "--stage", "sr16",
+                                  "--levels", "0.1", "--num-samples", "0"], ["bench", "R.yaml", "--steps", "0"]])
+def test_integer_options_are_checked_before_any_work(args):
+    """0 would fall back to the recipe's default (50,000 samples for evaluate), a negative count
+    or batch fail with a traceback after loading everything."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "is not in the range" in result.output
