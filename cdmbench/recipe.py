@@ -154,8 +154,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 return _convert(value, option, path)
             except RecipeError as exc:
                 errors.append(exc)
+        deeper = [exc for exc in errors if exc.path != path]  # the value has an option's shape
+        if deeper:
+            raise deeper[0]
         names = " or ".join(_type_name(o) for o in typing.get_args(tp))
         raise RecipeError(path, f"expected {names}, got {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise RecipeError(path, f"expected one of {', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
+        return value
     if tp is Component and isinstance(value, str):  # a bare name: no args
         return Component(value)
     if dataclasses.is_dataclass(tp):
@@ -164,12 +171,17 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise RecipeError(path, f"expected a list, got {value!r}")
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: one type per item
+            if len(value) != len(args):
+                raise RecipeError(path, f"expected a list of {len(args)} items, got {value!r}")
+            return [_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args))]
         item = args[0] if args else Any
         return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise RecipeError(path, f"expected a mapping, got {value!r}")
-        return dict(value)
+        key_type, item = typing.get_args(tp) or (Any, Any)
+        return {_convert(k, key_type, path): _convert(v, item, _join(path, str(k))) for k, v in value.items()}
     if tp is type(None):
         if value is not None:
             raise RecipeError(path, f"expected null, got {value!r}")

@@ -127,3 +127,28 @@ def test_integer_options_are_checked_before_any_work(args):
     or batch fail with a traceback after loading everything."""
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "is not in the range" in result.output
+
+
+def test_args_are_checked_against_tuple_literal_and_dict_hints():
+    from typing import Literal
+
+    from cdmbench.recipe import _convert
+
+    assert _convert([3, "x"], tuple[int, str], "a") == [3, "x"]
+    assert _convert([1, 2, 3], tuple[int, ...], "a") == [1, 2, 3]
+    with pytest.raises(RecipeError, match=r"a\[1\]: expected a string, got 4"):
+        _convert([3, 4], tuple[int, str], "a")
+    with pytest.raises(RecipeError, match="a: expected a list of 2 items"):
+        _convert([3], tuple[int, str], "a")
+    assert _convert("fast", Literal["fast", "slow"], "m") == "fast"
+    with pytest.raises(RecipeError, match="m: expected one of 'fast', 'slow', got 'bogus'"):
+        _convert("bogus", Literal["fast", "slow"], "m")
+    with pytest.raises(RecipeError, match="w.a: expected an integer, got 'x'"):
+        _convert({"a": "x"}, dict[str, int], "w")
+
+
+def test_a_component_mapping_without_a_name_says_so(raw):
+    """The error of the option the value's shape matches (a mapping: a Component), not 'expected
+    Component or list[Component]'."""
+    exc = error(raw, ["stages.base8.augmentation={args: {level: 0.1}}"])
+    assert exc.path == "stages.base8.augmentation.name" and "required key is missing" in str(exc)
