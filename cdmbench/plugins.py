@@ -19,7 +19,7 @@ import pluggy
 from . import hookspecs
 from .errors import PluginError, RegistryError
 from .interfaces import KINDS
-from .registry import Registry
+from .registry import Registry, suggestion
 
 BUILTIN_MODULES = (
     "cdmbench.builtin.unet",
@@ -55,6 +55,13 @@ def _fail(failures: dict[str, str], name: str, error: str, warning: str) -> None
 
 def _register(pm: pluggy.PluginManager, plugin, name: str, failures: dict[str, str]) -> bool:
     """Register ``plugin``; a hook pluggy rejects (e.g. a misspelled argument) is a failure."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    unknown = [a for a in dir(plugin) if hasattr(getattr(plugin, a, None), marker) and not hasattr(pm.hook, a)]
+    if unknown:  # pluggy would keep a misspelled hook and never call it
+        hooks = [h for h in dir(pm.hook) if h.startswith(f"{hookspecs.PROJECT}_")]
+        reason = f"unknown hook '{unknown[0]}'; {suggestion(unknown[0], hooks)}"
+        _fail(failures, name, f"registration failed: {reason}", f"cannot be registered: {reason}")
+        return False
     try:
         pm.register(plugin, name=name)
         return True
@@ -144,6 +151,10 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
         if package:
             packages[name] = package
 
+    for name in sorted(only - set(packages)):
+        _fail(failures, name, "named in CDMBENCH_PLUGINS, but no installed package provides it",
+              f"is named in CDMBENCH_PLUGINS, but no installed package provides it; "
+              f"{suggestion(name, [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)])}")
     plugins = Plugins(pm, {kind: Registry(kind) for kind in KINDS}, versions, packages, failures)
     for kind in KINDS:
         _fill(plugins, kind)

@@ -241,3 +241,28 @@ def test_two_packages_with_one_entry_point_name_load_the_first_and_name_both(plu
     assert plugins.failures["dupe"] == (f"the packages '{first}' and '{second}' both provide it; "
                                         f"'{second}' is not loaded")
     assert [f"{first[9:]}-sched"] == [n for n in plugins["schedules"].names() if n.startswith("dup")]
+
+
+def test_a_misspelled_hook_is_a_failure_of_its_plugin(plugin_dir):
+    """pluggy keeps an implementation of an unknown hook and never calls it: a plugin whose
+    samplers silently never appear."""
+    (plugin_dir / "testplugin_typo.py").write_text(textwrap.dedent('''
+        from cdmbench import hookimpl
+        from cdmbench.builtin.samplers import ddim
+
+        @hookimpl
+        def cdmbench_register_sampler(register):
+            register("typo-ddim", ddim)
+    '''))
+    with pytest.warns(UserWarning, match="plugin 'testplugin_typo' cannot be registered: unknown hook "
+                                         "'cdmbench_register_sampler'; did you mean 'cdmbench_register_samplers'"):
+        plugins = load_plugins(["testplugin_typo"])
+    assert "unknown hook" in plugins.failures["testplugin_typo"]
+
+
+def test_a_plugin_named_in_cdmbench_plugins_but_not_installed_is_reported(monkeypatch):
+    monkeypatch.setenv("CDMBENCH_PLUGINS", "cdmbench-difusers")
+    with pytest.warns(UserWarning, match="plugin 'cdmbench-difusers' is named in CDMBENCH_PLUGINS, but no "
+                                         "installed package provides it"):
+        plugins = load_plugins()
+    assert "cdmbench-difusers" in plugins.failures and "ddpm" in plugins["samplers"]
