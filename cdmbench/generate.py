@@ -6,7 +6,7 @@ layout), a grid per stage of the chain (rows = classes) and ``sample.json``, the
 made them (checkpoint steps, samplers, sampling levels, guidance scales, seed, seconds). Image i
 has the per-image seed (seed, i): the same seed, classes and counts give the same images, in
 any batch size. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
-then ``levels``. Sampling again into a folder replaces the sample there. The class names come from run.yaml:
+then ``overrides`` and ``levels``. Sampling again into a folder replaces the sample there. The class names come from run.yaml:
 sampling needs the checkpoints, not the dataset.
 """
 
@@ -27,8 +27,8 @@ from .evaluate import load_chain
 from .files import atomic_write, save_npz
 from .grids import save_grid
 from .prepare import make_dataset
-from .runner import build_chain, load_run, resolve_device, samplers_of
-from .sweep import apply_manifest, gaussian_parts, set_level
+from .runner import apply_sweep_levels, build_chain, load_run, resolve_device, samplers_of, set_checked_level
+from .sweep import gaussian_parts
 
 
 def class_labels(classes: list[str] | None, class_names: list[str], default_count: int) -> list[int]:
@@ -67,7 +67,7 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
     names = run_dir.class_names() or list(make_dataset(plugins, recipe, "train").class_names)
     device = resolve_device(recipe.device)
     chain = build_chain(plugins, recipe, target, len(names), device)
-    apply_manifest(chain, run_dir.path)
+    apply_sweep_levels(chain, run_dir.path, overrides)
     by_name = {st.spec.name: st for st in chain}
     for name, level in (levels or {}).items():
         if name not in by_name:
@@ -75,7 +75,7 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
                                 f"{target} ({', '.join(by_name)})")
         if not 0.0 <= level <= 1.0:
             raise CdmbenchError(f"--level {name}={level}: a level s must be in [0, 1]")
-        set_level(by_name[name], level)
+        set_checked_level(chain, name, level, f"--level {name}={level}")
     default_count = len(names) if spec.num_classes is None else min(spec.num_classes, len(names))
     chosen = class_labels(classes, names, default_count)
     labels = torch.tensor(chosen).repeat_interleave(per_class)

@@ -26,12 +26,15 @@ from .plugins import Plugins
 from .recipe import Recipe
 
 # Keys that may change between invocations of one run (training longer, sampling differently):
-# recipe-level keys, and per-stage keys (dotted within a stage).
+# recipe-level keys, and per-stage keys (dotted within a stage; in each of a list of augmentations).
 RESUMABLE_KEYS = ("sample", "device", "evaluate")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
                         "train.gradient_checkpointing", "train.cudnn_benchmark", "sampler",
-                        "guidance.scale")
+                        "guidance.scale", "augmentation.args.level")
+# Recipe-level keys that sampling and evaluating a trained run may change besides (data.args: the
+# real images that evaluation compares with, e.g. fewer of them).
+SAMPLING_KEYS = (*RESUMABLE_KEYS, "plugins", "data.args")
 
 
 def git_commit() -> str | None:
@@ -65,21 +68,39 @@ def environment(plugins: Plugins) -> dict[str, Any]:
     }
 
 
-def _comparable(recipe: dict[str, Any]) -> dict[str, Any]:
+def _drop(node: Any, parts: list[str]) -> None:
+    """Remove the key at path ``parts`` below ``node``; in each item of a list (augmentations)."""
+    if isinstance(node, list):
+        for item in node:
+            _drop(item, parts)
+    elif isinstance(node, dict) and len(parts) == 1:
+        node.pop(parts[0], None)
+    elif isinstance(node, dict):
+        _drop(node.get(parts[0]), parts[1:])
+
+
+def _comparable(recipe: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
     out = json.loads(json.dumps(recipe))
-    for key in RESUMABLE_KEYS:
-        out.pop(key, None)
+    for key in keys:
+        _drop(out, key.split("."))
     for stage in out["stages"]:
         for key in RESUMABLE_STAGE_KEYS:
-            *parents, last = key.split(".")
-            node = stage
-            for part in parents:
-                node = node.get(part, {})
-            node.pop(last, None)
+            _drop(stage, key.split("."))
     return out
 
 
+def _names(items: Any) -> list[str] | None:
+    """The names of a list of named mappings (stages), else None."""
+    if isinstance(items, list) and all(isinstance(x, dict) and "name" in x for x in items):
+        return [x["name"] for x in items]
+    return None
+
+
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
+    old, new = _names(a), _names(b)
+    if old is not None and new is not None and set(old) != set(new):  # names, not whole stages
+        return f"{path}: " + ", ".join([f"{n} removed" for n in old if n not in new]
+                                       + [f"{n} added" for n in new if n not in old])
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             if a.get(key) != b.get(key):
@@ -90,6 +111,14 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
                 name = x.get("name") if isinstance(x, dict) else i
                 return _first_difference(x, y, f"{path}.{name}")
     return f"{path}: {a!r} -> {b!r}"
+
+
+def recipe_difference(old: dict[str, Any], new: dict[str, Any],
+                      keys: tuple[str, ...] = RESUMABLE_KEYS) -> str | None:
+    """The first difference ('key: old -> new') of two resolved recipes outside recipe-level
+    ``keys`` and RESUMABLE_STAGE_KEYS, or None."""
+    a, b = _comparable(old, keys), _comparable(new, keys)
+    return None if a == b else _first_difference(a, b)
 
 
 class RunDir:
@@ -109,12 +138,10 @@ class RunDir:
         resolved = recipe.to_dict()
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
-            old = yaml.safe_load(run_yaml.read_text())["recipe"]
-            if _comparable(old) != _comparable(resolved):
-                raise CdmbenchError(
-                    f"{self.path} holds a run of a different recipe "
-                    f"({_first_difference(_comparable(old), _comparable(resolved))}); pass another "
-                    "--out, or delete the folder to start over")
+            difference = recipe_difference(yaml.safe_load(run_yaml.read_text())["recipe"], resolved)
+            if difference:
+                raise CdmbenchError(f"{self.path} holds a run of a different recipe ({difference}); "
+                                    "pass another --out, or delete the folder to start over")
         self.path.mkdir(parents=True, exist_ok=True)
         doc = {"recipe": resolved, "environment": environment(plugins), "classes": list(class_names)}
         atomic_write(run_yaml, yaml.safe_dump(doc, sort_keys=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from .bench import network_flops
 from .cache import default_cache_dir, digest
 from .cascade import StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
-from .errors import CdmbenchError
+from .errors import CdmbenchError, RecipeError
 from .files import atomic_write, locked
 from .findings import findings_section
 from .grids import save_grid
@@ -25,11 +26,11 @@ from .prepare import make_dataset, recipe_classes, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import (baseline_frame, comparison_table, flat_results, plot_sweeps, plot_training, read_results,
                      results_table, sweep_table, training_table)
-from .rundir import RunDir, result_row
+from .rundir import SAMPLING_KEYS, RunDir, recipe_difference, result_row
 from . import distributed
 from .evaluate import EvalContext, generate_samples, load_chain, read_samples
-from .sweep import apply_manifest
-from .train import read_log, train_stage, validation_bpd
+from .sweep import apply_manifest, set_level
+from .train import check_batch, read_log, train_stage, validation_bpd
 
 
 def resolve_device(name: str) -> torch.device:
@@ -102,6 +103,13 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
         return describe(recipe, plugins, echo)
     device = resolve_device(recipe.device)
     distributed.init(device)  # under torchrun; only rank 0 writes
+    for spec in recipe.stages:  # every stage to train fits the processes, before any trains
+        if stage in (None, spec.name):
+            try:
+                check_batch(spec.train.batch_size, spec.train.grad_accumulation)
+            except CdmbenchError as exc:
+                raise RecipeError(f"stages.{spec.name}.train.batch_size",
+                                  str(exc).removeprefix("train.batch_size ")) from None
     main = distributed.is_main()
     run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
     dataset = make_dataset(plugins, recipe, "train")
@@ -109,7 +117,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     if main:
         run_dir.prepare(recipe, plugins, dataset.class_names)
     distributed.barrier()
-    apply_manifest(stages, run_dir.path)  # sampling levels chosen by `cdmbench sweep`
+    apply_sweep_levels(stages, run_dir.path, overrides)
     echo(f"run directory: {run_dir.path}  (device: {device}, processes: {distributed.world_size()})")
 
     data = None
@@ -312,13 +320,15 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
 
     run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
-    for metric in built:
-        if hasattr(metric, "prepare"):
-            metric.prepare(context)
     st = recipe.stage(stage)
     if st.condition_on is None:
         raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
+    for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
+        set_checked_level(chain, stage, level, f"--levels {level}")
     steps = load_chain(chain, run_dir.path)
+    for metric in built:
+        if hasattr(metric, "prepare"):
+            metric.prepare(context)
     n = num_samples or recipe.evaluate.num_samples
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,
@@ -351,14 +361,48 @@ def samplers_of(chain: list[StageModel]) -> dict[str, str]:
 
 
 def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[RunDir, Recipe, Plugins]:
-    """A run directory and the recipe it was trained with (from run.yaml), with ``overrides``."""
+    """A run directory and the recipe it was trained with (from run.yaml), with ``overrides`` of
+    sampling settings only: those of the trained weights are refused."""
     run_dir = RunDir(Path(run_path))
     run_yaml = run_dir.path / "run.yaml"
     if not run_yaml.is_file():
         raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
                             "that cdmbench run wrote (runs/<recipe name>)")
-    recipe, plugins = parse_recipe(yaml.safe_load(run_yaml.read_text())["recipe"], overrides=overrides)
+    raw = yaml.safe_load(run_yaml.read_text())["recipe"]
+    trained, _ = parse_recipe(copy.deepcopy(raw))
+    recipe, plugins = parse_recipe(raw, overrides=overrides)
+    difference = recipe_difference(trained.to_dict(), recipe.to_dict(), SAMPLING_KEYS)
+    if difference:
+        raise CdmbenchError(f"{run_dir.path} was trained with a different recipe ({difference}); "
+                            "sampling and evaluation may only change sampling settings (sample, "
+                            "evaluate, device, plugins, data.args, and each stage's sampler, "
+                            "guidance.scale and augmentation level)")
     return run_dir, recipe, plugins
+
+
+def apply_sweep_levels(stages: list[StageModel], run_path: Path,
+                       overrides: tuple[str, ...] | list[str]) -> None:
+    """The levels a sweep chose (cascade.json), except on stages whose level ``overrides`` set:
+    the recipe's level, then cascade.json's, then --set's."""
+    keys = [o.partition("=")[0].split(".") for o in overrides]
+    explicit = {k[1] for k in keys if len(k) > 3 and k[0] == "stages" and k[2] == "augmentation"
+                and k[-1] == "level"}
+    apply_manifest([st for st in stages if st.spec.name not in explicit], run_path)
+
+
+def set_checked_level(stages: list[StageModel], name: str, level: float, what: str) -> None:
+    """Set stage ``name``'s sampling level; a truncated stage's must be one at which the previous
+    stage's sampler can stop (else a CdmbenchError that names ``what``)."""
+    by_name = {st.spec.name: st for st in stages}
+    stage = by_name[name]
+    set_level(stage, level)
+    if stage.truncation > 0:
+        cond = by_name[stage.spec.condition_on]
+        try:
+            cond.sampler.check(cond.process, learned_variance=cond.learned_variance, stop_at=stage.truncation)
+        except ValueError as exc:
+            raise CdmbenchError(f"{what}: stage {name} is truncated, and stage {cond.spec.name}'s "
+                                f"sampler cannot stop there: {exc}") from None
 
 
 def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
@@ -367,7 +411,7 @@ def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
     run_dir, recipe, plugins = load_run(run_path, overrides)
     dataset, context, built = _metrics_setup(recipe, plugins, stage, metrics, progress, echo)
     stages = build_chain(plugins, recipe, context.stage, dataset.num_classes, context.device)
-    apply_manifest(stages, run_dir.path)
+    apply_sweep_levels(stages, run_dir.path, overrides)
     return run_dir, recipe, plugins, dataset, stages, context, built
 
 

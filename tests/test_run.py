@@ -275,3 +275,33 @@ def test_dry_run_cli_touches_nothing(tiny_recipe, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "parameters" in result.output and "GFLOP/forward" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_recipe_with_fewer_stages_is_refused_naming_the_removed_one(tiny_recipe, tmp_path):
+    common = dict(out=tmp_path / "a", stage="base8", overrides=["stages.base8.train.steps=1"], progress=False,
+                  echo=lambda *_: None)
+    run(tiny_recipe, **common)
+    base_only = tmp_path / "base.yaml"
+    base_only.write_text(tiny_recipe.read_text().split("  - name: sr16")[0])
+    with pytest.raises(CdmbenchError, match=r"different recipe \(stages: sr16 removed\); pass another --out"):
+        run(base_only, **common)
+
+
+def test_the_sampling_level_may_change_on_resume(tiny_recipe, tmp_path):
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=1"], **common)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=1", "stages.sr16.augmentation.args.level=0.2"], **common)
+
+
+def test_every_stage_batch_is_checked_against_the_processes_before_any_trains(tiny_recipe, tmp_path, monkeypatch):
+    import cdmbench.distributed
+    from cdmbench.errors import RecipeError
+
+    monkeypatch.setattr(cdmbench.distributed, "world_size", lambda: 2)  # as under torchrun
+    monkeypatch.setattr(cdmbench.distributed, "init", lambda device: None)
+    monkeypatch.setattr(cdmbench.runner, "train_stage", lambda *a, **k: pytest.fail("a stage trained"))
+    with pytest.raises(RecipeError, match=r"^stages.sr16.train.batch_size: 7 is the global batch; it must "
+                                          r"divide evenly into 2 processes") as error:
+        run(tiny_recipe, out=tmp_path / "a", overrides=["stages.sr16.train.batch_size=7"], progress=False,
+            echo=lambda *_: None)
+    assert error.value.path == "stages.sr16.train.batch_size"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -126,3 +128,59 @@ def test_only_the_stages_up_to_the_sampled_one_are_built(trained, tmp_path, monk
     monkeypatch.setattr(cdmbench.runner, "build_stage", counted)
     sample_run(trained, stage="base8", classes=["0"], per_class=1, out=tmp_path / "b", progress=False, echo=quiet)
     assert built == ["base8"]  # not sr16: its weights are never allocated
+
+
+@pytest.mark.parametrize("override, difference", [
+    ("stages.base8.loss=v", "stages.base8.loss: 'simple' -> 'v'"),
+    ("stages.base8.schedule.name=linear", "stages.base8.schedule.name: 'cosine' -> 'linear'"),
+    ("stages.base8.backbone.args.channels=64", "stages.base8.backbone.args.channels: 32 -> 64"),
+])
+def test_sample_and_evaluate_refuse_overrides_of_the_trained_weights(trained, tmp_path, override, difference):
+    message = (f"trained with a different recipe ({difference}); sampling and evaluation may only change "
+               "sampling settings")
+    with pytest.raises(CdmbenchError, match=re.escape(message)):
+        sample_run(trained, overrides=[override], out=tmp_path / "x", progress=False, echo=quiet)
+    result = CliRunner().invoke(cli, ["evaluate", str(trained), "--metrics", "fid", "--set", override])
+    assert result.exit_code == 2 and message in result.output
+
+
+def test_an_overridden_level_wins_over_the_sweeps_choice(trained, tmp_path):
+    from cdmbench.runner import _evaluation_setup
+
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    (run_dir / "cascade.json").write_text(json.dumps({"sr16": {"level": 0.3}}))
+    override = ["stages.sr16.augmentation.args.level=0.2"]  # a sampling setting: allowed
+    common = dict(classes=["1"], per_class=1, progress=False, echo=quiet)
+    for overrides, out, level in [([], "chosen", 0.3), (override, "set", 0.2)]:
+        folder = sample_run(run_dir, overrides=overrides, out=tmp_path / out, **common)
+        assert json.loads((folder / "sample.json").read_text())["levels"] == {"sr16": level}
+    chain = _evaluation_setup(run_dir, "sr16", ["fid"], override, False, quiet)[4]
+    assert chain[-1].augmentation.level == 0.2
+
+
+def test_a_truncated_level_is_checked_against_the_previous_stages_sampler(tmp_path):
+    (tmp_path / "tiny.yaml").write_text(TINY_RECIPE)
+    run(tmp_path / "tiny.yaml", out=tmp_path / "run", progress=False, echo=quiet,
+        overrides=["stages.base8.train.steps=1", "stages.sr16.train.steps=1",
+                   "stages.sr16.augmentation.args.mode=truncated"])
+    with pytest.raises(CdmbenchError, match=r"--level sr16=0.99: stage sr16 is truncated, and stage base8's "
+                                            r"sampler cannot stop there: level 0.99 is not a step of this 50-step"):
+        sample_run(tmp_path / "run", levels={"sr16": 0.99}, out=tmp_path / "x", progress=False, echo=quiet)
+
+
+@pytest.mark.parametrize("stage, levels, message", [
+    ("base8", [0.1], r"stage base8 is a base stage"),
+    ("sr16", [0.1, 1.5], r"level 1.5 is outside \[0, 1\]"),
+    ("sr16", [0.1], r"no readable checkpoint in .*sr16"),
+])
+def test_a_sweep_checks_its_input_and_loads_the_checkpoints_before_preparing_the_metrics(
+        trained, tmp_path, monkeypatch, stage, levels, message):
+    from cdmbench.builtin.metrics import FID
+    from cdmbench.runner import sweep_levels
+
+    monkeypatch.setattr(FID, "prepare", lambda self, context: pytest.fail("the metric was prepared"))
+    run_dir = shutil.copytree(trained, tmp_path / "run")
+    shutil.rmtree(run_dir / "sr16" / "checkpoints")
+    with pytest.raises(CdmbenchError, match=message):
+        sweep_levels(run_dir, stage=stage, levels=levels, inputs=["generated"], metrics=["fid"],
+                     progress=False, echo=quiet)
