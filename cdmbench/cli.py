@@ -274,7 +274,8 @@ def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smo
 @cli.command(name="compare-samplers")
 @click.option("--steps", default="10,20,50,100,250,1000", show_default=True,
               help="Comma-separated step counts.")
-@click.option("--num-samples", default=4000, show_default=True, help="Samples per sampler and step count.")
+@click.option("--num-samples", type=click.IntRange(min=2), default=4000, show_default=True,
+              help="Samples per sampler and step count.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("reports/samplers"),
               show_default=True, help="Folder for samplers.csv, samplers.md and samplers.png.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -288,6 +289,9 @@ def compare_samplers(steps, num_samples, out, progress):
         counts = sorted({int(n) for n in steps.split(",")})
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {steps!r}", param_hint="--steps")
+    if not 1 <= counts[0] <= counts[-1] <= 1000:
+        raise click.BadParameter(f"step counts must be in 1..1000 (the process's T), got {steps!r}",
+                                 param_hint="--steps")
     table = compare(load_plugins(), steps=counts, num_samples=num_samples, progress=progress)
     command = f"cdmbench compare-samplers --steps {steps} --num-samples {num_samples}"
     for path in write_report(table, out, command=command, num_samples=num_samples, timesteps=1000):

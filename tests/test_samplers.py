@@ -143,9 +143,17 @@ def test_compare_samplers_writes_table_and_plot(tmp_path):
     table = pd.read_csv(tmp_path / "samplers.csv")
     assert {"ddpm", "ddim", "dpm-solver-2m", "exact samples"} <= set(table.sampler)
     assert set(table[table.sampler == "ddim"].steps) == {5, 20}
+    ran = table.dropna(subset=["evaluations"])
+    assert (ran[ran.sampler == "ddim"].evaluations == ran[ran.sampler == "ddim"].steps).all()
+    assert (ran.evaluations >= ran.steps).all()
+    heun = ran[ran.sampler == "diffusers-heun"]  # a second-order step evaluates twice (plugin installed)
+    assert (heun.evaluations > heun.steps).all()
     ddim = table[table.sampler == "ddim"].set_index("steps")
     assert ddim.loc[5, "cov_error"] > ddim.loc[20, "cov_error"]  # more steps, smaller error
     assert (tmp_path / "samplers.png").stat().st_size > 10_000
     assert "cdmbench compare-samplers --steps 5,20" in (tmp_path / "samplers.md").read_text()
     bad = CliRunner().invoke(cli, ["compare-samplers", "--steps", "5,x"])
     assert bad.exit_code == 2 and "comma-separated integers" in bad.output
+    for steps in ("0,2", "5,2000"):
+        bad = CliRunner().invoke(cli, ["compare-samplers", "--steps", steps])
+        assert bad.exit_code == 2 and "step counts must be in 1..1000" in bad.output

@@ -155,6 +155,20 @@ def test_aug_cond_and_class_change_output():
     assert not torch.allclose(y, y_cls, atol=1e-4)
 
 
+def test_the_low_res_image_enters_bilinearly_upsampled_beside_x_t():
+    """The SR input is [x_t, bilinear(low_res)] (CDM's conditioning: upsample, concatenate)."""
+    model = randomize(build(low_res_channels=3)).eval()
+    x = inputs(low=3)
+    seen = []
+    model.input_conv.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        y = model(**x)
+        y_other = model(**{**x, "low_res": -x["low_res"]})
+    upsampled = torch.nn.functional.interpolate(x["low_res"], size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(seen[0], torch.cat([x["x_t"], upsampled], dim=1))
+    assert not torch.allclose(y, y_other, atol=1e-4)
+
+
 def test_gradients_reach_every_parameter():
     model = randomize(build(low_res_channels=3, aug_dim=1))
     x = inputs(b=3, low=3, aug=1)  # labels 0, 1, 2: every class-embedding row is used
