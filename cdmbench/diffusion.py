@@ -26,8 +26,14 @@ LOG2 = math.log(2.0)
 
 
 def _b(a: Tensor | float, x: Tensor) -> Tensor:
-    """A per-example (B,) or scalar level, broadcastable against x (B, ...) in x's dtype."""
-    a = torch.as_tensor(a, dtype=x.dtype, device=x.device)
+    """A per-example (B,) or scalar level, broadcastable against x (B, ...) in x's dtype. A
+    number becomes a 0-dim CPU tensor, which broadcasts against x on any device as it is (a copy
+    to a GPU would wait for the GPU's queued work)."""
+    if not isinstance(a, Tensor):
+        return torch.tensor(a, dtype=x.dtype)
+    if a.ndim == 0 and a.device.type == "cpu":
+        return a.to(x.dtype)
+    a = a.to(x.device, x.dtype)
     return a.reshape(-1, *([1] * (x.ndim - 1))) if a.ndim else a
 
 
@@ -177,6 +183,15 @@ class DiscreteProcess:
         # the learned variance's interpolation.
         self.log_var_min = torch.cat([self.posterior_var[1:2], self.posterior_var[1:]]).log()
         self.log_var_max = betas.log()
+        self._copies: dict[tuple[str, torch.device], Tensor] = {}
+
+    def _on(self, name: str, device: torch.device | str) -> Tensor:
+        """The table ``name`` on ``device``, copied there once: a copy per training step would
+        wait for the GPU."""
+        key = (name, torch.device(device))
+        if key not in self._copies:
+            self._copies[key] = getattr(self, name).to(device)
+        return self._copies[key]
 
     def noise_cond(self, t: Tensor) -> Tensor:
         return t.float() * (NOISE_COND_SCALE / self.T)
@@ -184,7 +199,7 @@ class DiscreteProcess:
     def training_points(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
         """Uniform steps t for a training batch: (t, abar_t, noise_cond), from the global RNG."""
         t = torch.randint(0, self.T, (n,), device=device)
-        return t, self.abar.to(device)[t], self.noise_cond(t)
+        return t, self._on("abar", device)[t], self.noise_cond(t)
 
     def level_index(self, s: float) -> int:
         """The step t whose level is s = (t + 1) / T."""
@@ -210,16 +225,16 @@ class DiscreteProcess:
 
     def learned_logvar(self, var_frac: Tensor, t: Tensor) -> Tensor:
         """log Sigma_theta = v log beta_t + (1 - v) log beta~_t (IDDPM eq. 15)."""
-        lo = _b(self.log_var_min.to(t.device)[t], var_frac)
-        hi = _b(self.log_var_max.to(t.device)[t], var_frac)
+        lo = _b(self._on("log_var_min", t.device)[t], var_frac)
+        hi = _b(self._on("log_var_max", t.device)[t], var_frac)
         return var_frac * hi + (1 - var_frac) * lo
 
     def vlb_terms(self, x0: Tensor, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
         """L_{t-1} of the variational bound per example, in bits per dimension: the KL between
         the true and the model's posterior for t > 0 and the discretised Gaussian decoder NLL
         at t = 0 (DDPM eq. 5). ``pred`` must carry the learned variance."""
-        abar_t = self.abar.to(t.device)[t]
-        abar_s = self.abar_prev.to(t.device)[t]
+        abar_t = self._on("abar", t.device)[t]
+        abar_s = self._on("abar_prev", t.device)[t]
         true_mean, true_var = posterior(x0, x_t, abar_t, abar_s)
         model_mean, _ = posterior(pred.x0, x_t, abar_t, abar_s)
         model_logvar = self.learned_logvar(pred.var_frac, t)
@@ -258,7 +273,7 @@ class ContinuousProcess:
         self.schedule = schedule
 
     def abar_at(self, t: Tensor) -> Tensor:
-        return self.schedule.abar(t.double().cpu()).to(t.device)
+        return self.schedule.abar(t.double())  # on t's device: no copy to wait for
 
     def training_points(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
         t = torch.rand(n, device=device, dtype=torch.float64)

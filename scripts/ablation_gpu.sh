@@ -17,8 +17,8 @@
 # Arguments go to `cdmbench prepare` and `cdmbench run`, e.g. --set stages.base16.train.steps=2000.
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 CDMBENCH_CACHE="$OUT/cache"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+if ls .whl/*.whl >/dev/null 2>&1; then  # once per machine
+    [ -d /tmp/site/cleanfid ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PYTHONPATH
 fi
 RUN="$OUT/run"

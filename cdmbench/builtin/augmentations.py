@@ -49,7 +49,7 @@ class GaussianAugmentation:
         return self.level if self.mode == "truncated" else 0.0
 
     def _noise(self, z0: Tensor, s: Tensor, eps: Tensor) -> Tensor:
-        abar = self.schedule.abar(s.double().cpu()).to(z0.device, torch.float32).view(-1, 1, 1, 1)
+        abar = self.schedule.abar(s.double()).float().view(-1, 1, 1, 1)  # on z0's device: no copy to wait for
         return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
 
     def train(self, z0: Tensor, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
