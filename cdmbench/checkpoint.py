@@ -156,6 +156,13 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
     return _step(path)
 
 
+def ema_sha256(folder: Path, step: int) -> str | None:
+    """The SHA-256 of the EMA weights of checkpoint ``step`` in ``folder``, from its manifest
+    (None for a checkpoint written before manifests): what identifies the weights that sampled."""
+    manifest = folder / f"{PREFIX}{step:08d}" / MANIFEST
+    return json.loads(manifest.read_text())["ema.safetensors"]["sha256"] if manifest.exists() else None
+
+
 def load_ema(folder: Path, module: nn.Module) -> int:
     """Load the EMA weights of the newest readable checkpoint into ``module`` (for sampling);
     unreadable ones are skipped with a warning and left in place."""

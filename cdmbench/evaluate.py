@@ -3,7 +3,7 @@
 Samples: N class-balanced images (label i % K) from the cascade up to a stage, image i seeded by
 (sample seed, stage, i) only, stored as uint8 npz shards under
 ``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
-pixels: samplers, guidance, augmentation, checkpoint steps, seed). Shards already written are
+pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed). Shards already written are
 kept, so an interrupted evaluation resumes, and a shard covering at least the rows needed serves a
 smaller N (a shorter one, from a smaller N, is sampled again and replaced); under torchrun, rank
 r writes shards r, r + W, ...
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .cache import digest
 from .cascade import StageModel, make_component, sample_cascade
-from .checkpoint import load_ema
+from .checkpoint import ema_sha256, load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
 from .files import cached_tensor, locked, save_npz
@@ -74,6 +74,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     samples that base once."""
     signature = {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
+         "weights": ema_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
          "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],

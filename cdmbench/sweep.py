@@ -24,6 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .cascade import StageModel, sample_cascade, sample_stage
+from .checkpoint import ema_sha256
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .evaluate import EvalContext, chain_to, digest
@@ -96,8 +97,9 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     labels = torch.arange(num_samples) % context.num_classes
 
     def sampling(s: StageModel) -> list:
-        return [s.spec.name, checkpoint_steps[s.spec.name], s.spec.sampler.name, s.spec.sampler.args,
-                s.spec.guidance.scale, s.sample_precision]
+        step = checkpoint_steps[s.spec.name]
+        return [s.spec.name, step, ema_sha256(run_path / s.spec.name / "checkpoints", step), s.spec.sampler.name,
+                s.spec.sampler.args, s.spec.guidance.scale, s.sample_precision]
 
     folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
         "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],

@@ -297,6 +297,37 @@ def test_stages_conditioned_on_one_base_share_its_samples(trained_run, tmp_path,
     assert len(list((trained_run / "base8" / "eval_outputs").glob("*/outputs-*.npz"))) == 3
 
 
+def test_other_weights_at_the_same_step_are_sampled_afresh(trained_run, tmp_path, monkeypatch):
+    """A stage trained again to the same step (e.g. after its checkpoint was found corrupt) has
+    other weights: the cached samples are keyed by their SHA-256, not only by the step."""
+    import cdmbench.evaluate
+    from safetensors.torch import load_file, save_file
+
+    from cdmbench.checkpoint import MANIFEST, sha256_file
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    sampled, real = [], cdmbench.evaluate.sample_cascade
+
+    def counting(stages, **kwargs):
+        sampled.append([s.spec.name for s in stages])
+        return real(stages, **kwargs)
+
+    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL],
+            "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    folder = trained_run / "sr16" / "checkpoints" / "step-00000004"
+    weights = {k: v + 0.01 for k, v in load_file(folder / "ema.safetensors").items()}
+    save_file(weights, folder / "ema.safetensors")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["ema.safetensors"] = {"size": (folder / "ema.safetensors").stat().st_size,
+                                   "sha256": sha256_file(folder / "ema.safetensors")}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert sampled.count(["sr16"]) == 6 and sampled.count(["base8"]) == 3  # sr16 again, the base reused
+    assert len(list((trained_run / "sr16" / "eval_samples").glob("*/signature.json"))) == 2
+
+
 def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, tmp_path, monkeypatch):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     classifier = "{features: classifier, features_args: {epochs: 1}}"
