@@ -76,6 +76,26 @@ def test_a_backbone_that_ignores_class_labels_fails():
         check_backbone(deaf, {})
 
 
+def test_a_backbone_that_checks_the_documented_level_range_passes():
+    """noise_cond and aug_cond are on [0, 1000): the kit must not feed values beyond it."""
+    real = PLUGINS["backbones"].get("adm-unet").factory
+
+    def strict(**kw):
+        model = real(**{**kw, "channels": 32, "channel_mult": [1, 2], "attention_resolutions": []})
+        forward = model.forward
+
+        def checked(x_t, noise_cond, class_labels=None, low_res=None, aug_cond=None):
+            for name, levels in (("noise_cond", noise_cond), ("aug_cond", aug_cond)):
+                if levels is not None and not bool(((levels >= 0) & (levels < 1000)).all()):
+                    raise ValueError(f"{name} outside [0, 1000)")
+            return forward(x_t, noise_cond, class_labels, low_res, aug_cond)
+
+        model.forward = checked
+        return model
+
+    check_backbone(strict, {})
+
+
 def test_a_sampler_with_a_shifted_level_mapping_fails():
     real = PLUGINS["samplers"].get("ddim").factory
 
