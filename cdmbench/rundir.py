@@ -132,19 +132,23 @@ class RunDir:
     def results_path(self) -> Path:
         return self.path / "results.jsonl"
 
-    def prepare(self, recipe: Recipe, plugins: Plugins, class_names: list[str]) -> None:
-        """Write run.yaml first (with the class names, so that sampling needs no dataset); a run
-        directory of a different recipe is refused."""
-        resolved = recipe.to_dict()
+    def check(self, recipe: Recipe) -> None:
+        """Refuse a run directory that holds a run of a different recipe (cheap: before any data
+        or model is built)."""
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
-            difference = recipe_difference(yaml.safe_load(run_yaml.read_text())["recipe"], resolved)
+            difference = recipe_difference(yaml.safe_load(run_yaml.read_text())["recipe"], recipe.to_dict())
             if difference:
                 raise CdmbenchError(f"{self.path} holds a run of a different recipe ({difference}); "
                                     "pass another --out, or delete the folder to start over")
+
+    def prepare(self, recipe: Recipe, plugins: Plugins, class_names: list[str]) -> None:
+        """Write run.yaml first (with the class names, so that sampling needs no dataset); a run
+        directory of a different recipe is refused."""
+        self.check(recipe)
         self.path.mkdir(parents=True, exist_ok=True)
-        doc = {"recipe": resolved, "environment": environment(plugins), "classes": list(class_names)}
-        atomic_write(run_yaml, yaml.safe_dump(doc, sort_keys=False))
+        doc = {"recipe": recipe.to_dict(), "environment": environment(plugins), "classes": list(class_names)}
+        atomic_write(self.path / "run.yaml", yaml.safe_dump(doc, sort_keys=False))
 
     def class_names(self) -> list[str] | None:
         """The dataset's class names as training saw them (None for runs older than the key)."""

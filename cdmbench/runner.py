@@ -112,6 +112,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                                   str(exc).removeprefix("train.batch_size ")) from None
     main = distributed.is_main()
     run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
+    run_dir.check(recipe)  # before the dataset (a Hub dataset takes long) and the models
     dataset = make_dataset(plugins, recipe, "train")
     stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
     if main:

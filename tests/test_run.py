@@ -100,6 +100,18 @@ def test_a_different_recipe_in_the_same_run_directory_is_refused(tiny_recipe, tm
         run(tiny_recipe, overrides=["stages.base8.train.lr=0.01"], **common)
 
 
+def test_a_different_recipe_is_refused_before_the_data_is_built(tiny_recipe, tmp_path, monkeypatch):
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=1"], **common)
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the dataset was built before the recipe was checked")
+
+    monkeypatch.setattr(cdmbench.runner, "make_dataset", no_data)  # a Hub dataset takes minutes
+    with pytest.raises(CdmbenchError, match="different recipe"):
+        run(tiny_recipe, overrides=["stages.base8.train.lr=0.01"], **common)
+
+
 @pytest.mark.parametrize("log_every", [1, 4])  # 4: the loss of step 3 is read after step 4
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch, log_every):
     real = cdmbench.train.diffusion_loss
