@@ -83,5 +83,10 @@ def to_float(images: Tensor) -> Tensor:
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """float [-1, 1] -> uint8 [0, 255]."""
+    """float [-1, 1] -> uint8 [0, 255]. NaN or infinite values (a diverged model, an overflow in
+    low precision) are an error: they would pass as black or white pixels."""
+    bad = int((~torch.isfinite(images)).reshape(len(images), -1).any(1).sum())
+    if bad:
+        raise CdmbenchError(f"{bad} of {len(images)} sampled images hold NaN or infinite values; the "
+                            "weights may have diverged (see train_log.jsonl), or try sample.precision=fp32")
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

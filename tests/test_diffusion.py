@@ -217,3 +217,23 @@ def test_hybrid_loss_vlb_trains_only_the_variance():
     D.training_loss("simple", output=output[:, :3], **kwargs).sum().backward()
     assert torch.allclose(hybrid_grad[:, :3], output.grad[:, :3])  # the mean sees only L_simple
     assert hybrid_grad[:, 3:].abs().sum() > 0  # the variance is trained by L_vlb
+
+
+def test_linear_schedule_refuses_a_step_count_whose_last_beta_reaches_1():
+    """beta_end x 1000 / T >= 1 makes abar_T = 0 (x_0 = x_T / sqrt(abar) is then infinite)."""
+    from cdmbench.builtin.schedules import linear
+
+    with pytest.raises(ValueError, match="use timesteps >= 21 or the cosine schedule"):
+        linear(timesteps=20)
+    assert linear(timesteps=21).betas()[-1] < 1
+
+
+def test_non_finite_samples_are_an_error_not_black_pixels():
+    from cdmbench.data import to_uint8
+    from cdmbench.errors import CdmbenchError
+
+    images = torch.zeros(3, 3, 4, 4)
+    images[1, 0, 2, 2] = float("nan")
+    with pytest.raises(CdmbenchError, match="1 of 3 sampled images hold NaN or infinite values"):
+        to_uint8(images)
+    assert to_uint8(torch.tensor([-1.0, 0.0, 1.0])).tolist() == [0, 128, 255]

@@ -80,6 +80,10 @@ def cosine(*, timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.
 
 def linear(*, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> LinearSchedule:
     _check_timesteps(timesteps)
+    if not (0 < beta_start <= beta_end and beta_end * 1000 / timesteps < 1):
+        raise ValueError(f"need 0 < beta_start <= beta_end, and beta_end x 1000 / timesteps < 1 (the "
+                         f"betas are scaled to T steps): got {beta_start}, {beta_end} at T = {timesteps}; "
+                         f"use timesteps >= {int(beta_end * 1000) + 1} or the cosine schedule")
     return LinearSchedule(timesteps, beta_start, beta_end)
 
 
