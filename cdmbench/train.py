@@ -235,11 +235,10 @@ class Trainer:
             group["lr"] = _learning_rate(self.spec, step)
         self.optimizer.zero_grad(set_to_none=True)
         loss = train_step(self.stage, self.runner, data, idx, self.device)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         if self.spec.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.grad_clip)
         else:
-            norm = torch.nn.utils.get_total_norm(grads)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         update_ema(self.ema, self.model, self.spec.ema)
         return torch.stack([loss, norm.to(loss.dtype)])
