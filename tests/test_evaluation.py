@@ -275,17 +275,23 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
     assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
 
 
-def test_stages_conditioned_on_one_base_share_its_samples(trained_run, tmp_path, monkeypatch):
+@pytest.fixture
+def sampled(tmp_path, monkeypatch) -> list[list[str]]:
+    """The stages of each sample_cascade call evaluate makes (a private cache)."""
     import cdmbench.evaluate
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
-    sampled, real = [], cdmbench.evaluate.sample_cascade
+    calls, real = [], cdmbench.evaluate.sample_cascade
 
     def counting(stages, **kwargs):
-        sampled.append([s.spec.name for s in stages])
+        calls.append([s.spec.name for s in stages])
         return real(stages, **kwargs)
 
     monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    return calls
+
+
+def test_stages_conditioned_on_one_base_share_its_samples(trained_run, sampled):
     metric = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
     for steps in (4, 2):  # two SR samplers stand in for two SR stages on one base
         result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--no-progress", metric,
@@ -297,22 +303,13 @@ def test_stages_conditioned_on_one_base_share_its_samples(trained_run, tmp_path,
     assert len(list((trained_run / "base8" / "eval_outputs").glob("*/outputs-*.npz"))) == 3
 
 
-def test_other_weights_at_the_same_step_are_sampled_afresh(trained_run, tmp_path, monkeypatch):
+def test_other_weights_at_the_same_step_are_sampled_afresh(trained_run, sampled):
     """A stage trained again to the same step (e.g. after its checkpoint was found corrupt) has
     other weights: the cached samples are keyed by their SHA-256, not only by the step."""
-    import cdmbench.evaluate
     from safetensors.torch import load_file, save_file
 
     from cdmbench.checkpoint import MANIFEST, sha256_file
 
-    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
-    sampled, real = [], cdmbench.evaluate.sample_cascade
-
-    def counting(stages, **kwargs):
-        sampled.append([s.spec.name for s in stages])
-        return real(stages, **kwargs)
-
-    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
     args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL],
             "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"]
     assert CliRunner().invoke(cli, args).exit_code == 0
