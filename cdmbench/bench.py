@@ -19,7 +19,6 @@ from collections import Counter
 from typing import Any, Callable
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cascade import IMAGE_CHANNELS, StageModel
@@ -146,11 +145,13 @@ def time_breakdown(trainer: Trainer, data: ImageSet, steps: int, top: int = 8) -
             "profiled": "GPU kernel time" if device.type == "cuda" else "CPU self time"}
 
 
-def network_flops(stage: StageModel, model: nn.Module) -> tuple[int, int]:
-    """FLOPs of the network for one image: a forward pass, and a training pass (forward +
-    backward, with the recomputation when gradient checkpointing is on). ``model`` is on the
-    meta device: no memory, no time, and every attention backend counts as its matmuls (on a
-    CPU, FlopCounterMode would count SDPA's fused kernel as 0)."""
+def network_flops(stage: StageModel) -> tuple[int, int]:
+    """FLOPs of the stage's network for one image: a forward pass, and a training pass (forward
+    + backward, with the recomputation when gradient checkpointing is on). The stage is built on
+    the meta device (``build_stage(..., device="meta")``): no memory, no time, and every
+    attention backend counts as its matmuls (on a CPU, FlopCounterMode would count SDPA's fused
+    kernel as 0)."""
+    model = stage.backbone
     r = stage.spec.resolution
     x = torch.zeros(1, IMAGE_CHANNELS, r, r, device="meta")
     low = torch.zeros(1, IMAGE_CHANNELS, stage.low_res, stage.low_res, device="meta") if stage.low_res else None
@@ -169,8 +170,8 @@ def network_flops(stage: StageModel, model: nn.Module) -> tuple[int, int]:
 
 def training_speed(stage: StageModel, *, num_classes: int, device: torch.device, steps: int,
                    warmup: int, compile: bool, profile: bool = False) -> dict[str, Any]:
-    """images/s, FLOPs per image and peak memory of the stage's training step; with ``profile``
-    also its ``time_breakdown``."""
+    """images/s and peak memory of the stage's training step; with ``profile`` also its
+    ``time_breakdown``."""
     spec = stage.spec.train
     trainer = Trainer(stage, copy.deepcopy(stage.backbone).to(device), device)
     trainer.wrap(compile)
@@ -180,7 +181,6 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     def step() -> None:
         trainer.step(data, idx, spec.warmup_steps)  # the learning rate after warm-up
 
-    flops_per_image = network_flops(stage, copy.deepcopy(stage.backbone).to("meta"))[1]
     for _ in range(warmup):
         step()
     _sync(device)
@@ -191,7 +191,7 @@ def training_speed(stage: StageModel, *, num_classes: int, device: torch.device,
         step()
     _sync(device)
     seconds = time.perf_counter() - start
-    speed = {"images_per_s": spec.batch_size * steps / seconds, "flops_per_image": flops_per_image,
+    speed = {"images_per_s": spec.batch_size * steps / seconds,
              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
     if profile:
         speed["breakdown"] = time_breakdown(trainer, data, steps)

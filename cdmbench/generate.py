@@ -27,8 +27,8 @@ from .evaluate import load_chain
 from .files import atomic_write, save_npz
 from .grids import save_grid
 from .prepare import make_dataset
-from .runner import apply_sweep_levels, build_chain, load_run, resolve_device, samplers_of, set_checked_level
-from .sweep import gaussian_parts
+from .runner import apply_sweep_levels, build_chain, load_run, resolve_device, samplers_of
+from .sweep import gaussian_parts, set_checked_level
 
 
 def class_labels(classes: list[str] | None, class_names: list[str], default_count: int) -> list[int]:

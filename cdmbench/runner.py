@@ -29,7 +29,7 @@ from .report import (baseline_frame, comparison_table, flat_results, plot_sweeps
 from .rundir import SAMPLING_KEYS, RunDir, recipe_difference, result_row
 from . import distributed
 from .evaluate import EvalContext, generate_samples, load_chain, read_samples
-from .sweep import apply_manifest, set_level
+from .sweep import apply_manifest, set_checked_level
 from .train import check_batch, read_log, train_stage, validation_bpd
 
 
@@ -73,7 +73,7 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
     rows = []
     stages = _build_all(plugins, recipe, num_classes, "meta")
     for st in stages:
-        flops = network_flops(st, st.backbone)
+        flops = network_flops(st)
         spec = st.spec.train
         rows.append({"stage": st.spec.name, "resolution": st.spec.resolution, "condition_on": st.spec.condition_on or "-",
                      "backbone": st.spec.backbone.name,
@@ -391,21 +391,6 @@ def apply_sweep_levels(stages: list[StageModel], run_path: Path,
     apply_manifest([st for st in stages if st.spec.name not in explicit], run_path)
 
 
-def set_checked_level(stages: list[StageModel], name: str, level: float, what: str) -> None:
-    """Set stage ``name``'s sampling level; a truncated stage's must be one at which the previous
-    stage's sampler can stop (else a CdmbenchError that names ``what``)."""
-    by_name = {st.spec.name: st for st in stages}
-    stage = by_name[name]
-    set_level(stage, level)
-    if stage.truncation > 0:
-        cond = by_name[stage.spec.condition_on]
-        try:
-            cond.sampler.check(cond.process, learned_variance=cond.learned_variance, stop_at=stage.truncation)
-        except ValueError as exc:
-            raise CdmbenchError(f"{what}: stage {name} is truncated, and stage {cond.spec.name}'s "
-                                f"sampler cannot stop there: {exc}") from None
-
-
 def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
     """Recipe, the stages up to the evaluated one (with a sweep's chosen levels), an EvalContext
     and the metrics of a run."""
@@ -486,14 +471,14 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     stages = build_chain(plugins, recipe, stage, num_classes, device)
     target = stages[-1]
     variants = {}  # backbone name -> the stage built with it (validated before any timing)
+    flops = {}  # backbone name -> FLOPs of a training image (counted once, on the meta device)
     for name in backbones or [target.spec.backbone.name]:
-        if name == target.spec.backbone.name:
-            variants[name] = target
-            continue
         swapped, _ = load_recipe(recipe_path, overrides=[*overrides, f"stages.{stage}.backbone.name={name}"],
                                  plugins=plugins, smoke=smoke, echo=lambda *_: None)
-        variants[name] = build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,
-                                     device=device)
+        variants[name] = target if name == target.spec.backbone.name else build_stage(
+            plugins, swapped, swapped.stage(stage), num_classes=num_classes, device=device)
+        flops[name] = network_flops(build_stage(plugins, swapped, swapped.stage(stage), num_classes=num_classes,
+                                                device="meta"))[1]
     ceiling, ceiling_kind = matmul_ceiling(device)
     env = {**environment(device), "ceiling": f"{ceiling / 1e12:.2f} TFLOP/s ({ceiling_kind}, measured)",
            "precision": target.spec.train.precision, "channels_last": str(target.spec.train.channels_last),
@@ -526,12 +511,12 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
             echo(f"measuring train {stage} {what}")
             speed = training_speed(variant, num_classes=num_classes, device=device, steps=steps,
                                    warmup=warmup, compile=compiled, profile=profile)
-            achieved = speed["flops_per_image"] * speed["images_per_s"]
+            achieved = flops[name] * speed["images_per_s"]
             if profile:
                 breakdowns[what] = speed["breakdown"]
             rows.append({"what": f"train {stage} {what}",
                          "batch": variant.spec.train.batch_size, "images/s": speed["images_per_s"],
-                         "GFLOP/image": speed["flops_per_image"] / 1e9, "TFLOP/s": achieved / 1e12,
+                         "GFLOP/image": flops[name] / 1e9, "TFLOP/s": achieved / 1e12,
                          "MFU": achieved / ceiling, "peak GiB": speed["peak_memory_gib"],
                          "parameters (M)": sum(p.numel() for p in variant.backbone.parameters()) / 1e6})
             echo(f"  {speed['images_per_s']:.1f} img/s, MFU {achieved / ceiling:.1%} (written: {path})")

@@ -60,6 +60,21 @@ def set_level(stage: StageModel, level: float) -> None:
         part.level = level
 
 
+def set_checked_level(stages: list[StageModel], name: str, level: float, what: str) -> None:
+    """Set stage ``name``'s sampling level; a truncated stage's must be one at which the previous
+    stage's sampler can stop (else a CdmbenchError that names ``what``)."""
+    by_name = {st.spec.name: st for st in stages}
+    stage = by_name[name]
+    set_level(stage, level)
+    if stage.truncation > 0:
+        cond = by_name[stage.spec.condition_on]
+        try:
+            cond.sampler.check(cond.process, learned_variance=cond.learned_variance, stop_at=stage.truncation)
+        except ValueError as exc:
+            raise CdmbenchError(f"{what}: stage {name} is truncated, and stage {cond.spec.name}'s "
+                                f"sampler cannot stop there: {exc}") from None
+
+
 def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:
     """Set each stage's sampling level to the best one a sweep recorded, if any."""
     path = run_path / MANIFEST
@@ -77,23 +92,16 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
           checkpoint_steps: dict[str, int], record: Callable[[list[dict[str, Any]]], None],
           progress: bool = True) -> list[dict[str, Any]]:
     """Rows (without run/stage) of every metric at every level and input kind; ``record`` gets
-    each level's rows as soon as they exist. The previous stages' outputs are cached under a key
-    of everything they depend on: levels, n, seed, and each previous stage's checkpoint step and
-    sampler; the samples under a key of the swept stage's too."""
+    each level's rows as soon as they exist. ``levels`` must have passed ``set_checked_level``
+    (``runner.sweep_levels`` checks them before any work). The previous stages' outputs are
+    cached under a key of everything they depend on: n, seed, and each previous stage's
+    checkpoint step, weights and sampler; the samples under a key of the swept stage's too."""
     by_name = {s.spec.name: s for s in stages}
     stage = by_name[name]
     if stage.spec.condition_on is None:
         raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
     prev = chain_to(stages, stage.spec.condition_on)
     is_truncated = truncated(stage)
-    cond = by_name[stage.spec.condition_on]
-    for level in levels:  # every level is checked before any work
-        set_level(stage, level)
-        if is_truncated:  # the previous stage's sampler must be able to stop there
-            try:
-                cond.sampler.check(cond.process, learned_variance=cond.learned_variance, stop_at=level)
-            except ValueError as exc:
-                raise CdmbenchError(f"truncated sweep of {name}: {exc}") from None
     labels = torch.arange(num_samples) % context.num_classes
 
     def sampling(s: StageModel) -> list:
