@@ -115,12 +115,19 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
+def _manifest(path: Path) -> dict[str, Any] | None:
+    """Checkpoint folder ``path``'s manifest.json (None for one written before manifests)."""
+    file = path / MANIFEST
+    return json.loads(file.read_text()) if file.exists() else None
+
+
 def _verified(path: Path, name: str) -> Path:
     """File ``name`` of checkpoint ``path``, after checking its size and SHA-256 against the
     folder's manifest.json (unchecked when the folder has none)."""
     file = path / name
-    if (path / MANIFEST).exists():
-        entry = json.loads((path / MANIFEST).read_text()).get(name)
+    manifest = _manifest(path)
+    if manifest is not None:
+        entry = manifest.get(name)
         if entry is None:
             raise ValueError(f"{name} is missing from {MANIFEST}")
         if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
@@ -159,8 +166,8 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
 def ema_sha256(folder: Path, step: int) -> str | None:
     """The SHA-256 of the EMA weights of checkpoint ``step`` in ``folder``, from its manifest
     (None for a checkpoint written before manifests): what identifies the weights that sampled."""
-    manifest = folder / f"{PREFIX}{step:08d}" / MANIFEST
-    return json.loads(manifest.read_text())["ema.safetensors"]["sha256"] if manifest.exists() else None
+    manifest = _manifest(folder / f"{PREFIX}{step:08d}")
+    return None if manifest is None else manifest["ema.safetensors"]["sha256"]
 
 
 def load_ema(folder: Path, module: nn.Module) -> int:

@@ -49,7 +49,7 @@ def _number(value: Any) -> bool:
 def _shrink_stage(stage: dict[str, Any], timesteps: dict[str, int | None]) -> None:
     backbone = stage.get("backbone")
     args = _args(backbone)
-    adm = backbone.get("name") == "adm-unet" if isinstance(backbone, dict) else False
+    adm = isinstance(backbone, dict) and backbone.get("name") == "adm-unet"
     if args is not None and (adm or "channels" in args):  # adm-unet's arguments (diffusers-unet2d too)
         args["channels"] = 32
         mult = args.get("channel_mult", (1, 2, 2, 2) if adm else None)  # adm-unet's default
