@@ -97,6 +97,8 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
 
         def matched() -> tuple[Tensor, Tensor]:
             index = matched_real_subset(sample_labels, real_train_labels, num_classes=num_classes, seed=seed)
+            if len(index) == len(real_train_labels):  # the whole set (a replaced training set): not copied
+                return real_train_images, real_train_labels
             return (real_train_images[index.to(real_train_images.device)],
                     real_train_labels[index.to(real_train_labels.device)])
 

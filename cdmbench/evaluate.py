@@ -8,14 +8,20 @@ kept, so an interrupted evaluation resumes, and a shard covering at least the ro
 smaller N (a shorter one, from a smaller N, is sampled again and replaced); under torchrun, rank
 r writes shards r, r + W, ...
 
-Metrics read an ``EvalContext``: the samples, the real data of any split at the stage's
-resolution, feature networks (built from the ``features`` registry), and cached reference
-statistics.
+CAS as Ravuri & Vinyals trains on a generated copy of the training set instead: one image per
+training image, of its class (``generate_training_set``), in one memory-mapped array under
+``<run>/<stage>/training_sets/<signature>/``.
+
+Metrics read an ``EvalContext``: the samples (and that training set, when a metric asked for
+it), the real data of any split at the stage's resolution, feature networks (built from the
+``features`` registry), and cached reference statistics.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import json
 import math
 import warnings
@@ -33,7 +39,7 @@ from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import ema_sha256, load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
-from .files import cached_tensor, locked, save_npz
+from .files import allocate_arrays, atomic_write, cached_tensor, done_marker, locked, save_npz, write_rows
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
@@ -41,6 +47,7 @@ from .prepare import cache_folder, make_dataset, split_images
 from .recipe import Component, Recipe
 
 FEATURE_BATCH = 100
+LAYOUT = "layout.json"
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -63,6 +70,49 @@ def load_chain(chain: list[StageModel], run_path: Path) -> dict[str, int]:
     return steps
 
 
+def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
+                     seed: int, num_classes: int) -> dict[str, Any]:
+    """What determines the pixels of the last stage's sample i, given its label: each stage's
+    checkpoint (step and the SHA-256 of its weights), sampler, guidance, precision and
+    augmentation with its sampling level, and the sample seed."""
+    return {"seed": seed, "num_classes": num_classes, "stages": [
+        {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
+         "weights": ema_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
+         "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
+         "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
+         "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],
+         "levels": [p.level for p in getattr(st.augmentation, "parts", [st.augmentation])
+                    if hasattr(p, "level")]}
+        for st in chain]}
+
+
+def _sample_rows(chain: list[StageModel], labels: Tensor, *, first_id: int, seed: int, batch_size: int,
+                 device: torch.device | str, inputs: Path | None = None) -> Tensor:
+    """uint8 (n, 3, R, R): the last stage's images ``first_id``.. for ``labels``. The previous
+    stage's output it takes (z_0, or z_s when truncated) is read from, or saved to, the npz
+    ``inputs`` when given."""
+    *previous, last = chain
+    sample = functools.partial(sample_cascade, models={st.spec.name: st.backbone for st in chain},
+                               labels=labels, seed=seed, batch_size=batch_size, device=device,
+                               progress=False, first_id=first_id)
+    given = {}
+    if previous:
+        name = previous[-1].spec.name
+
+        def make() -> Tensor:
+            return sample(previous, stop_at={name: last.truncation})[0][name]
+
+        given[name] = make() if inputs is None else cached_tensor(inputs, make)
+    images, _ = sample([last], given=given)
+    return to_uint8(images[last.spec.name])
+
+
+def _my_shards(num_rows: int, shard_size: int, rank: int, world_size: int) -> list[tuple[int, int, int]]:
+    """(k, lo, hi) of the shards of ``num_rows`` rows that process ``rank`` of ``world_size`` makes."""
+    return [(k, k * shard_size, min((k + 1) * shard_size, num_rows))
+            for k in range(math.ceil(num_rows / shard_size)) if k % world_size == rank]
+
+
 def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
                      num_samples: int, num_classes: int, seed: int, batch_size: int,
                      shard_size: int, device: torch.device | str, progress: bool = True,
@@ -72,41 +122,24 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     The previous stages' output (float32, per shard) is cached too, in
     ``<previous stage>/eval_outputs/``, so every SR stage conditioned on one base (an ablation)
     samples that base once."""
-    signature = {"seed": seed, "num_classes": num_classes, "stages": [
-        {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
-         "weights": ema_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
-         "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
-         "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
-         "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],
-         "levels": [p.level for p in getattr(st.augmentation, "parts", [st.augmentation])
-                    if hasattr(p, "level")]}
-        for st in chain]}
+    signature = sample_signature(chain, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
+                                 num_classes=num_classes)
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
     *previous, last = chain
-    level = last.truncation  # the previous stage's output it takes: z_0 or z_s
     inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
-        {**signature, "stages": signature["stages"][:-1], "level": level}, 12)) if previous else None
-    models = {st.spec.name: st.backbone for st in chain}
-    shards = [k for k in range(math.ceil(num_samples / shard_size)) if k % world_size == rank]
-    for k in tqdm(shards, desc="eval samples (shards)", disable=not progress):
-        lo, hi = k * shard_size, min((k + 1) * shard_size, num_samples)
+        {**signature, "stages": signature["stages"][:-1], "level": last.truncation}, 12)) if previous else None
+    for k, lo, hi in tqdm(_my_shards(num_samples, shard_size, rank, world_size),
+                          desc="eval samples (shards)", disable=not progress):
         path = folder / f"shard-{k:05d}-{lo}-{hi}.npz"
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
         if any(_span(p)[1] >= hi for p in existing):
             continue
         labels = torch.arange(lo, hi) % num_classes
-        sample = functools.partial(sample_cascade, models=models, labels=labels, seed=seed,
-                                   batch_size=batch_size, device=device, progress=False, first_id=lo)
-        given = {}
-        if previous:
-            name = previous[-1].spec.name
-            given[name] = cached_tensor(inputs / f"outputs-{k:05d}-{lo}-{hi}.npz",
-                                        lambda: sample(previous, stop_at={name: level})[0][name])
-        images, _ = sample([last], given=given)
-        pixels = to_uint8(images[last.spec.name]).permute(0, 2, 3, 1)  # NHWC, as ADM's npz
-        save_npz(path, images=pixels.numpy(), labels=labels.numpy())
+        images = _sample_rows(chain, labels, first_id=lo, seed=seed, batch_size=batch_size, device=device,
+                              inputs=None if inputs is None else inputs / f"outputs-{k:05d}-{lo}-{hi}.npz")
+        save_npz(path, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())  # NHWC, as ADM's npz
         for shorter in existing:  # written for a smaller N; ``path`` covers its rows
             shorter.unlink(missing_ok=True)
     return folder, signature
@@ -142,6 +175,72 @@ def read_samples(folder: Path, num_samples: int) -> tuple[Tensor, Tensor]:
     return torch.cat(images)[:num_samples], torch.cat(labels)[:num_samples]
 
 
+@dataclass
+class SampleSet:
+    """Generated images, uint8 (N, 3, H, W), with their labels, and what describes them in a
+    result's protocol."""
+
+    images: Tensor
+    labels: Tensor
+    protocol: dict[str, Any]
+
+
+def generate_training_set(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
+                          labels: Tensor, num_classes: int, seed: int, batch_size: int, shard_size: int,
+                          device: torch.device | str, progress: bool = True, rank: int = 0,
+                          world_size: int = 1) -> Path:
+    """A generated replacement of the training set: image i of the last stage has class
+    ``labels[i]`` (the training split's labels, in order) and the per-image seed of evaluation
+    sample i. CAS's paper protocol trains on it: 1,281,167 images for ImageNet, which neither
+    fit in memory (252 GB at 256x256) nor suit the npz shards of ``generate_samples``.
+
+    Stored under ``<run>/<stage>/training_sets/<signature digest>/``: ``images.npy`` (one
+    memory-mappable array, allocated once after a free-space check), ``labels.npy``,
+    ``signature.json`` and ``done/<k>``, written after shard k's rows are on disk. Resumable;
+    under torchrun rank r makes shards r, r + W, ... The previous stages' outputs are not cached
+    (they would take as much disk again)."""
+    signature = {**sample_signature(chain, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
+                                    num_classes=num_classes),
+                 "labels": {"n": len(labels), "sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}}
+    folder = run_path / chain[-1].spec.name / "training_sets" / digest(signature, 12)
+    r = chain[-1].spec.resolution
+    with locked(folder / "images.npy"):  # the first process allocates; the others find it
+        if not (folder / LAYOUT).exists():
+            allocate_arrays(folder, {"images.npy": (np.uint8, (len(labels), 3, r, r))},
+                            f"free space there (the run directory {run_path}) or evaluate a copy of the "
+                            "run on a larger disk")
+            (folder / "done").mkdir(exist_ok=True)
+            buffer = io.BytesIO()
+            np.save(buffer, labels.numpy().astype(np.int64))
+            atomic_write(folder / "labels.npy", buffer.getvalue())
+            (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
+            atomic_write(folder / LAYOUT, json.dumps({"num_images": len(labels), "shard_size": shard_size}))
+    shard_size = json.loads((folder / LAYOUT).read_text())["shard_size"]  # the first run's: markers name its shards
+    todo = [(k, lo, hi) for k, lo, hi in _my_shards(len(labels), shard_size, rank, world_size)
+            if not done_marker(folder, k).exists()]
+    with tqdm(total=len(labels), initial=len(labels) - sum(hi - lo for _, lo, hi in todo), unit="img",
+              desc=f"training set of {chain[-1].spec.name}", disable=not progress) as bar:
+        for k, lo, hi in todo:
+            images = _sample_rows(chain, labels[lo:hi], first_id=lo, seed=seed, batch_size=batch_size,
+                                  device=device)
+            write_rows(folder / "images.npy", lo, images.numpy())
+            done_marker(folder, k).touch()
+            bar.update(hi - lo)
+    return folder
+
+
+def read_training_set(folder: Path) -> tuple[Tensor, Tensor]:
+    """The images (memory-mapped, uint8 (N, 3, H, W)) and labels of a complete training set."""
+    layout = json.loads((folder / LAYOUT).read_text())
+    shards = math.ceil(layout["num_images"] / layout["shard_size"])
+    missing = [k for k in range(shards) if not done_marker(folder, k).exists()]
+    if missing:
+        raise CdmbenchError(f"{folder} holds {shards - len(missing)} of {shards} shards of generated "
+                            "training images; run cdmbench evaluate again (on every rank) to finish them")
+    return (torch.from_numpy(np.load(folder / "images.npy", mmap_mode="c")),
+            torch.from_numpy(np.load(folder / "labels.npy")))
+
+
 # --- the context metrics read -----------------------------------------------------------------
 
 @dataclass
@@ -160,6 +259,7 @@ class EvalContext:
     protocol: dict[str, Any]
     progress: bool = True
     stage: str = ""  # the stage whose samples are evaluated
+    training_set: SampleSet | None = None  # generated replacement of the training set, if a metric asked
     echo: Callable[[str], None] = print
     _networks: dict[str, FeatureNetwork] = field(default_factory=dict)
     _features: dict[tuple[str, str], Tensor] = field(default_factory=dict)

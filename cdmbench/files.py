@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import io
+import math
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +39,49 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     atomic_write(path, buffer.getvalue())
+
+
+def allocate_arrays(folder: Path, arrays: dict[str, tuple[type, tuple[int, ...]]], fix: str) -> None:
+    """Create zero-filled ``.npy`` files (sparse: no disk used until written) in ``folder``,
+    ``arrays`` naming each file's (dtype, shape), after checking that the disk has room for all
+    of them: a full disk met later would be a SIGBUS in a process writing into a mapped array.
+    ``fix`` ends the error message: how to free or choose space."""
+    from .errors import CdmbenchError
+
+    folder.mkdir(parents=True, exist_ok=True)
+    needed = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in arrays.values())
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CdmbenchError(f"no disk space for the arrays in {folder}: they need {needed} bytes "
+                            f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; {fix}")
+    for name, (dtype, shape) in arrays.items():
+        np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def done_marker(folder: Path, shard: int) -> Path:
+    """``folder/done/<shard>``: an empty file made once shard ``shard``'s rows are on disk."""
+    return folder / "done" / f"{shard:06d}"
+
+
+def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
+    """Write ``rows`` into the ``.npy`` file ``path`` from row ``start`` on, in place and durably
+    (positioned writes, then fsync). Only those bytes are written, so processes, on one node or
+    several sharing a file system, may fill disjoint rows of one file at once."""
+    array = np.load(path, mmap_mode="r")
+    if rows.dtype != array.dtype or rows.shape[1:] != array.shape[1:] or not 0 <= start <= len(array) - len(rows):
+        raise ValueError(f"rows {rows.dtype} {rows.shape} from {start} do not fit {path} "
+                         f"({array.dtype} {array.shape})")
+    offset = array.offset + start * math.prod(array.shape[1:]) * array.itemsize
+    del array
+    data = memoryview(np.ascontiguousarray(rows)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        while data:  # pwrite may write less than asked
+            written = os.pwrite(fd, data, offset)
+            data, offset = data[written:], offset + written
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def cached_tensor(path: Path, make: Callable[[], torch.Tensor]) -> torch.Tensor:

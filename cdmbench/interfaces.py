@@ -135,7 +135,8 @@ class Metric(Protocol):
     labels, real data, feature networks) returns result rows (``rundir.result_row`` keyword
     dicts without run and stage); every value carries its protocol. An optional
     ``prepare(context)`` loads what the metric needs (feature networks) before any sampling, so
-    a missing file fails early."""
+    a missing file fails early. An optional ``replaces_training_set = True`` asks ``cdmbench
+    evaluate`` for ``context.training_set``: one generated image per training image."""
 
     name: str
 

@@ -25,7 +25,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -39,7 +38,7 @@ from .cache import default_cache_dir, digest
 from .cascade import make_component
 from .data import ImageSet, load_images, resize_items
 from .errors import CdmbenchError
-from .files import atomic_write
+from .files import allocate_arrays, atomic_write, done_marker
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
 from .recipe import Component, Recipe, _convert, check_component, load_recipe
@@ -114,10 +113,6 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=1))
 
 
-def _done(folder: Path, shard: int) -> Path:
-    return folder / "done" / f"{shard:06d}"
-
-
 class _Shards:
     """Writes shards of one prepare into its arrays (in the main process or a worker)."""
 
@@ -146,7 +141,7 @@ class _Shards:
             labels[a:b] = chunk_labels
         for array in [*arrays.values(), labels]:
             array.flush()
-        _done(self.folder, shard).touch()
+        done_marker(self.folder, shard).touch()
         return hi - lo
 
 
@@ -175,9 +170,7 @@ def _write_in_pool(shards: _Shards, todo: list[int], workers: int, bar: tqdm) ->
 
 
 def _allocate(folder: Path, layout: dict[str, Any]) -> None:
-    """Create the arrays for ``layout`` (sparse files) unless a prepare with it was started;
-    first check that the disk has room for them (a full disk met later would be a SIGBUS in a
-    worker writing into a mapped array)."""
+    """Create the arrays for ``layout`` (sparse files) unless a prepare with it was started."""
     path = folder / LAYOUT
     if path.exists():
         old = json.loads(path.read_text())
@@ -188,18 +181,10 @@ def _allocate(folder: Path, layout: dict[str, Any]) -> None:
                 f"{layout['shard_size']}: pass --shard-size {old['shard_size']} if only that "
                 "changed, else delete the folder and prepare again")
         return
-    folder.mkdir(parents=True, exist_ok=True)
     n = layout["num_images"]
     arrays = {f"images-{r}.npy": (np.uint8, (n, 3, r, r)) for r in layout["resolutions"]}
-    arrays["labels.npy"] = (np.int64, (n,))
-    needed = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in arrays.values())
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise CdmbenchError(f"no disk space for the prepared arrays in {folder}: they need {needed} bytes "
-                            f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; free space or set "
-                            "CDMBENCH_DATA_CACHE to a folder on a larger disk")
-    for name, (dtype, shape) in arrays.items():
-        np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape).flush()
+    allocate_arrays(folder, {**arrays, "labels.npy": (np.int64, (n,))},
+                    "free space or set CDMBENCH_DATA_CACHE to a folder on a larger disk")
     (folder / "done").mkdir(exist_ok=True)
     _write_json(path, layout)
 
@@ -226,7 +211,7 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
     _allocate(folder, layout)
     shards = _Shards(folder=folder, plugin_modules=recipe.plugins, data=recipe.data, split=split,
                      resolutions=layout["resolutions"], shard_size=shard_size, num_images=n)
-    todo = [k for k in range(math.ceil(n / shard_size)) if not _done(folder, k).exists()]
+    todo = [k for k in range(math.ceil(n / shard_size)) if not done_marker(folder, k).exists()]
     workers = min((os.cpu_count() or 1) if workers is None else workers, len(todo))
     left = sum(min(shard_size, n - k * shard_size) for k in todo)
     echo(f"prepare {recipe.data.name} ({split}, {n} images) at {layout['resolutions']} px into "

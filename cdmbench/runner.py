@@ -28,7 +28,8 @@ from .report import (baseline_frame, comparison_table, flat_results, plot_sweeps
                      results_table, sweep_table, training_table)
 from .rundir import SAMPLING_KEYS, RunDir, recipe_difference, result_row
 from . import distributed
-from .evaluate import EvalContext, generate_samples, load_chain, read_samples
+from .evaluate import (EvalContext, SampleSet, generate_samples, generate_training_set, load_chain, read_samples,
+                       read_training_set)
 from .sweep import apply_manifest, set_checked_level
 from .train import check_batch, read_log, train_stage, validation_bpd
 
@@ -277,16 +278,27 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
             metric.prepare(context)
-    folder, signature = generate_samples(
-        chain, run_path=run_dir.path, checkpoint_steps=steps, num_samples=n,
-        num_classes=dataset.num_classes, seed=recipe.sample.seed, batch_size=spec.batch_size,
-        shard_size=spec.shard_size, device=device, progress=progress, rank=rank, world_size=world)
+    sampling = dict(run_path=run_dir.path, checkpoint_steps=steps, num_classes=dataset.num_classes,
+                    seed=recipe.sample.seed, batch_size=spec.batch_size, shard_size=spec.shard_size,
+                    device=device, progress=progress, rank=rank, world_size=world)
+    folder, signature = generate_samples(chain, num_samples=n, **sampling)
+    training_set = None
+    if any(getattr(m, "replaces_training_set", False) for m in built):
+        labels = context.real("train")[1]
+        echo(f"cas replaces the training set: {len(labels):,} generated images of {target}, one per "
+             "training image")
+        training_set = generate_training_set(chain, labels=labels, **sampling)
     if world > 1:  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
         distributed.init(device)
         distributed.barrier()
         if rank != 0:
             return []
     context.samples, context.labels = read_samples(folder, n)
+    if training_set is not None:
+        images, labels = read_training_set(training_set)
+        context.training_set = SampleSet(images, labels, protocol={
+            "n": len(labels), "seeds": f"sample seed {recipe.sample.seed}, images 0..{len(labels) - 1}",
+            "samples": str(training_set.relative_to(run_dir.path)), "signature": training_set.name})
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12),
@@ -324,6 +336,14 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     st = recipe.stage(stage)
     if st.condition_on is None:
         raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
+    replacing = [m for m in built if getattr(m, "replaces_training_set", False)]
+    if replacing:  # a whole training set of samples per level
+        echo("sweep: not computing cas with replace_training_set (the paper's protocol) at each level; "
+             "run cdmbench evaluate at the level the sweep chooses")
+        built = [m for m in built if m not in replacing]
+        if not built:
+            raise CdmbenchError("no metric to sweep: pass --metrics with fid, is or a cas without "
+                                "replace_training_set")
     for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
         set_checked_level(chain, stage, level, f"--levels {level}")
     steps = load_chain(chain, run_dir.path)

@@ -97,3 +97,21 @@ def test_matched_subset_and_errors(real):
         classification_accuracy_score(samples=val_images, sample_labels=val_labels, real_train_images=None,
                                       real_train_labels=None, real_val_images=val_images,
                                       real_val_labels=val_labels, paper_protocol=True, **SETTINGS)
+
+
+def test_a_replaced_training_set_is_matched_by_the_whole_real_set_uncopied(real, monkeypatch):
+    """One sample per real training image: the reference trains on the real set as it is (at
+    ImageNet scale a memory-mapped array that an index would copy into memory)."""
+    import cdmbench.cas
+
+    (train_images, train_labels), (val_images, val_labels) = real
+    seen = []
+    monkeypatch.setattr(cdmbench.cas, "train_classifier",
+                        lambda images, labels, **k: seen.append((images, labels)) or train_classifier(
+                            images, labels, **k))
+    samples = train_images.flip(0)  # stands in for generated images, one per training image
+    classification_accuracy_score(samples=samples, sample_labels=train_labels.flip(0),
+                                  real_train_images=train_images, real_train_labels=train_labels,
+                                  real_val_images=val_images, real_val_labels=val_labels,
+                                  **{**SETTINGS, "epochs": 1})
+    assert seen[0][0] is train_images and seen[0][1] is train_labels and seen[1][0] is samples

@@ -355,6 +355,80 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
     assert report.exit_code == 0 and "fid_test (classifier, native)" in report.output
 
 
+REPLACING_CAS = "--set=evaluate.metrics=[{name: cas, args: {epochs: 1, replace_training_set: true}}]"
+
+
+def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_run, sampled):
+    """Ravuri & Vinyals' protocol: one sample per training image, of its class, memory-mapped."""
+    from cdmbench.evaluate import read_training_set
+
+    args = ["evaluate", str(trained_run), "--no-progress", REPLACING_CAS, *[f"--set={o}" for o in TINY_EVAL]]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "40 generated images of sr16, one per training image" in result.output
+    [folder] = (trained_run / "sr16" / "training_sets").iterdir()
+    images, labels = read_training_set(folder)
+    assert images.shape == (40, 3, 16, 16) and torch.equal(labels, torch.arange(40) % 10)  # shapes' labels
+    # image i has evaluation sample i's seed (and here its label): the same image
+    samples, _ = read_samples(next((trained_run / "sr16" / "eval_samples").iterdir()), 30)
+    assert torch.equal(images[:30], samples)
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    top1 = next(r for r in rows if r["metric"] == "cas_top1")
+    assert top1["n"] == 40 and top1["protocol"]["train_images"] == 40 and top1["protocol"]["n"] == 40
+    assert top1["protocol"]["samples"] == f"sr16/training_sets/{folder.name}"
+    assert top1["protocol"]["scaled_down"] is True
+
+    # an interrupted generation resumes at the shards not done, and the images come out the same
+    (folder / "done" / "000001").unlink()
+    with pytest.raises(CdmbenchError, match=r"holds 3 of 4 shards of generated training images; run "
+                                            r"cdmbench evaluate again \(on every rank\)"):
+        read_training_set(folder)
+    kept = images.clone()
+    np.load(folder / "images.npy", mmap_mode="r+")[12:24] = 0
+    sampled.clear()
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert sampled == [["base8"], ["sr16"]]  # shard 1 only (the evaluation samples are reused)
+    assert torch.equal(read_training_set(folder)[0], kept)
+
+
+def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_run):
+    from cdmbench.cascade import sample_cascade
+    from cdmbench.data import to_uint8
+    from cdmbench.evaluate import generate_training_set, load_chain, read_training_set
+    from cdmbench.runner import build_chain, load_run
+
+    _, recipe, plugins = load_run(trained_run)
+    chain = build_chain(plugins, recipe, "sr16", 10, "cpu")
+    steps = load_chain(chain, trained_run)
+    labels = torch.tensor([2, 2, 0, 1, 0])
+    folder = generate_training_set(chain, run_path=trained_run, checkpoint_steps=steps, labels=labels,
+                                   num_classes=10, seed=5, batch_size=4, shard_size=2, device="cpu",
+                                   progress=False)
+    images, got = read_training_set(folder)
+    assert torch.equal(got, labels) and sorted(p.name for p in (folder / "done").iterdir()) == [
+        "000000", "000001", "000002"]
+    expected, _ = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels, seed=5,
+                                 batch_size=5, device="cpu", progress=False)
+    assert torch.equal(images, to_uint8(expected["sr16"]))
+
+
+def test_a_sweep_leaves_out_cas_on_a_replaced_training_set(trained_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(cli, ["sweep", str(trained_run), "--stage", "sr16", "--levels", "0.1",
+                                      "--no-progress", REPLACING_CAS, *[f"--set={o}" for o in TINY_EVAL]])
+    assert result.exit_code == 2 and "not computing cas with replace_training_set" in result.output
+    assert "no metric to sweep" in result.output
+    assert not (trained_run / "sr16" / "training_sets").exists()
+
+
+def test_the_paper_protocol_cannot_keep_the_training_set():
+    from cdmbench.builtin.metrics import cas
+
+    assert cas(paper_protocol=True).replaces_training_set and not cas().replaces_training_set
+    with pytest.raises(ValueError, match="leave replace_training_set unset or true"):
+        cas(paper_protocol=True, replace_training_set=False)
+
+
 def test_comparison_table_pairs_rows_of_the_same_dataset_and_resolution():
     import pandas as pd
 

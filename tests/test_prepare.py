@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
+import cdmbench.files
 import cdmbench.prepare
 from cdmbench.builtin.datasets import imagefolder, square_resize
 from cdmbench.cli import cli
@@ -151,14 +152,28 @@ def test_a_dead_worker_stops_prepare_with_an_error_instead_of_a_hang(recipe, mon
 
 
 def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
-    real = cdmbench.prepare.shutil.disk_usage
-    monkeypatch.setattr(cdmbench.prepare.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(CdmbenchError, match=r"no disk space for the prepared arrays in (.*): they need (\d+) "
+    real = cdmbench.files.shutil.disk_usage
+    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CdmbenchError, match=r"no disk space for the arrays in (.*): they need (\d+) "
                                             r"bytes .* free space or set CDMBENCH_DATA_CACHE") as info:
         prepare(recipe, workers=0, progress=False, echo=quiet)
     folder, size = re.search(r"arrays in (.*): they need (\d+) bytes", str(info.value)).groups()
     assert int(size) == len(SIZES) * (3 * 8 * 8 + 3 * 16 * 16 + 8)
     assert not list(Path(folder).glob("*.npy"))  # nothing written; the next prepare allocates afresh
+
+
+def test_write_rows_writes_only_its_rows_durably(tmp_path):
+    from cdmbench.files import allocate_arrays, write_rows
+
+    allocate_arrays(tmp_path, {"a.npy": (np.uint8, (5, 2, 3))}, "free space")
+    rows = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    write_rows(tmp_path / "a.npy", 3, rows)
+    write_rows(tmp_path / "a.npy", 0, rows[:1] + 100)
+    array = np.load(tmp_path / "a.npy")
+    assert (array[3:] == rows).all() and (array[0] == rows[0] + 100).all() and not array[1:3].any()
+    for bad in (rows.astype(np.int64), rows[:, :1], rows):
+        with pytest.raises(ValueError, match="do not fit"):
+            write_rows(tmp_path / "a.npy", 4 if bad is rows else 0, bad)
 
 
 def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from cdmbench import hookimpl
+from cdmbench.errors import CdmbenchError
 from cdmbench.metrics import frechet_distance, inception_score, statistics
 from cdmbench.recipe import Component
 
@@ -80,23 +81,33 @@ class InceptionScore:
 
 class CAS:
     """Classification Accuracy Score: a classifier trained on the samples, tested on the real
-    ``test_split``; the same classifier trained on as many real images is the reference."""
+    ``test_split``; the same classifier trained on as many real images is the reference. With
+    ``replaces_training_set`` it trains on the context's ``training_set`` (one generated image
+    per training image, of its class) instead of the evaluation samples."""
 
     name = "cas"
 
     def __init__(self, arch: str, epochs: int, batch_size: int, test_split: str, seed: int,
-                 paper_protocol: bool):
+                 paper_protocol: bool, replaces_training_set: bool):
         self.arch, self.epochs, self.batch_size, self.test_split, self.seed = (
             arch, epochs, batch_size, test_split, seed)
-        self.paper_protocol = paper_protocol
+        self.paper_protocol, self.replaces_training_set = paper_protocol, replaces_training_set
 
     def evaluate(self, context) -> list[dict[str, Any]]:
         from cdmbench.cas import classification_accuracy_score
 
+        samples, labels, described = context.samples, context.labels, {}
+        if self.replaces_training_set:
+            if context.training_set is None:
+                raise CdmbenchError("cas with replace_training_set trains on one generated image per "
+                                    "training image, which cdmbench evaluate makes; this evaluation "
+                                    "has none (a sweep does not make them)")
+            samples, labels = context.training_set.images, context.training_set.labels
+            described = context.training_set.protocol
         train_images, train_labels = context.real("train")
         val_images, val_labels = context.real(self.test_split)
         rows = classification_accuracy_score(
-            samples=context.samples, sample_labels=context.labels, real_train_images=train_images,
+            samples=samples, sample_labels=labels, real_train_images=train_images,
             real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
             num_classes=context.num_classes, arch=self.arch, epochs=self.epochs,
             batch_size=self.batch_size, seed=self.seed, device=context.device,
@@ -107,8 +118,8 @@ class CAS:
             real = row["source"] != "generated"
             out.append({"metric": row["metric"].replace("cas_", "cas_real_") if real else row["metric"],
                         "value": 100 * row["value"], "n": row["n"], "unit": "%", "higher_is_better": True,
-                        "protocol": {**context.protocol, **row["protocol"], "train_on": row["source"],
-                                     "test_split": self.test_split}})
+                        "protocol": {**context.protocol, **described, **row["protocol"],
+                                     "train_on": row["source"], "test_split": self.test_split}})
         return out
 
 
@@ -128,12 +139,20 @@ def inception_score_metric(*, features: str = INCEPTION, features_args: dict[str
 
 
 def cas(*, arch: str = "resnet10t", epochs: int = 40, batch_size: int = 128, test_split: str = "test",
-        seed: int = 0, paper_protocol: bool = False) -> CAS:
-    """Top-1 / top-5 in percent. Scaled down by default (what matters is optimiser steps: ~300+
-    at 32x32, ~1000 at 16x16, so raise epochs for few samples); the paper's protocol is
-    resnet50, 90 epochs, full ImageNet: ``paper_protocol: true`` (with arch resnet50, epochs 90,
-    test_split validation) trains that way and marks the rows as not scaled down."""
-    return CAS(arch, epochs, batch_size, test_split, seed, paper_protocol)
+        seed: int = 0, paper_protocol: bool = False, replace_training_set: bool | None = None) -> CAS:
+    """Top-1 / top-5 in percent. Scaled down by default: trained on the evaluation samples
+    (what matters is optimiser steps: ~300+ at 32x32, ~1000 at 16x16, so raise epochs for few
+    samples). ``replace_training_set``: train on one generated image per training image, of its
+    class, as Ravuri & Vinyals do (``cdmbench evaluate`` samples them; default: as
+    ``paper_protocol``). The paper's protocol is resnet50, 90 epochs at batch 1024, full
+    ImageNet, its training set replaced: ``paper_protocol: true`` (with those settings and
+    test_split the validation set) trains that way and marks the rows as not scaled down."""
+    if replace_training_set is None:
+        replace_training_set = paper_protocol
+    if paper_protocol and not replace_training_set:
+        raise ValueError("paper_protocol trains on one generated image per training image: leave "
+                         "replace_training_set unset or true")
+    return CAS(arch, epochs, batch_size, test_split, seed, paper_protocol, replace_training_set)
 
 
 @hookimpl
