@@ -543,9 +543,10 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
             write()
     seconds_per_image = 0.0
     batch = recipe.sample.batch_size
-    for st in stages:
+    for st, after in zip(stages, [*stages[1:], None]):
         evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
-        per_image = st.process.grid(st.sampler.steps).steps * (1 if st.spec.guidance.scale == 1 else 2)
+        stop = after.truncation if after else 0.0  # a truncated next stage takes z_s: fewer steps
+        per_image = st.process.grid(st.sampler.steps, stop).steps * (1 if st.spec.guidance.scale == 1 else 2)
         seconds_per_image += per_image / evals
         rows.append({"what": f"sample {st.spec.name} ({per_image} evaluations/image, {st.sample_precision})",
                      "batch": batch, "images/s": evals / per_image})

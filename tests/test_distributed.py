@@ -182,6 +182,16 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert "Where a training step's time goes" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
 
 
+def test_bench_counts_the_steps_a_truncated_stage_leaves_out(tiny_recipe, tmp_path):
+    from cdmbench.runner import bench
+
+    path = bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=lambda *_: None,
+                 overrides=["stages.base8.sampler.args.steps=null", "stages.sr16.augmentation.args.mode=truncated"])
+    text = path.read_text()
+    # the base (T = 50) stops at s = 0.1 = (t + 1) / T for sr16: steps t = 49 .. 5
+    assert "sample base8 (45 evaluations/image" in text and "sample sr16 (4 evaluations/image" in text
+
+
 def test_a_bench_cut_short_keeps_what_it_measured(tiny_recipe, tmp_path, monkeypatch):
     import json
 
