@@ -13,8 +13,8 @@ for any recipe; the rules, per stage and section:
   val_bpd_images at most 2, precision fp32, compile false.
 - sample: images_per_class 1, batch_size 8, num_classes min(classes, 4).
 - evaluate: num_samples at most 16, batch_size 8, shard_size 8; ``cas`` and ``classifier``
-  feature-network epochs at most 1; ``cas`` without ``paper_protocol`` (so its training set is
-  replaced only where ``replace_training_set`` says so).
+  feature-network epochs at most 1; ``cas`` batch size at most 16 and without
+  ``paper_protocol`` (so its training set is replaced only where ``replace_training_set`` says so).
 - data: the procedural ``shapes`` dataset with the same number of classes (stand-in), at every
   stage's resolution; name: ``<name>-smoke`` (so the run directory is ``runs/<name>-smoke``).
 
@@ -101,6 +101,7 @@ def _shrink_metric(metric: Any) -> Any:
     if metric.get("name") == "cas":
         args["epochs"] = min(args.get("epochs", 1), 1) if _number(args.get("epochs")) else 1
         args["paper_protocol"] = False  # it needs ImageNet's 1.28M images
+        args["batch_size"] = min(args["batch_size"], 16) if _number(args.get("batch_size")) else 16
     if args.get("features") == "classifier":
         features_args = args.get("features_args") or {}
         if isinstance(features_args, dict):

@@ -58,7 +58,7 @@ def test_smoke_shrinks_the_256_recipe():
     evaluate = out["evaluate"]
     assert (evaluate["num_samples"], evaluate["batch_size"], evaluate["shard_size"]) == (16, 8, 8)
     cas = next(m for m in evaluate["metrics"] if isinstance(m, dict) and m["name"] == "cas")
-    assert cas["args"]["epochs"] == 1 and cas["args"]["paper_protocol"] is False
+    assert (cas["args"]["epochs"], cas["args"]["batch_size"], cas["args"]["paper_protocol"]) == (1, 16, False)
     assert raw["evaluate"]["metrics"][2]["args"]["paper_protocol"] is True  # the recipe: the paper's CAS
     recipe, _ = parse_recipe(out)  # a valid recipe
     assert recipe.sample.num_classes == 4
