@@ -25,12 +25,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .checkpoint import sha256_file
+from .data import to_device
 from .files import atomic_write, locked
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
 STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
 CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
+LOSS_EVERY = 50          # steps between reads of the training loss (each waits for the GPU)
 
 Data = tuple[Tensor, Tensor]
 
@@ -145,24 +147,27 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     num_batches = math.ceil(len(images) / batch_size)
     total = epochs * num_batches
     step = 0
+    losses = torch.zeros((), device=device)  # summed on the device, read every LOSS_EVERY steps
     with tqdm(total=total, desc=f"train {arch}", unit="batch", disable=not progress) as bar:
         for epoch in range(epochs):
             bar.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
-            running = 0.0
-            for i, index in enumerate(torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)):
+            for index in torch.randperm(len(images), generator=shuffle).tensor_split(num_batches):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total, schedule)
-                # Only the batch moves to the device: the images may be a memory-mapped dataset.
-                x = _augment(images[index.to(images.device)].to(device).float(), augment)
-                y = labels[index.to(labels.device)].to(device=device, dtype=torch.long)
+                # Only the batch moves to the device (the images may be a memory-mapped dataset),
+                # from pinned memory without waiting: the host gathers the next while the GPU computes.
+                x = _augment(to_device(images[index.to(images.device)], device).float(), augment)
+                y = to_device(labels[index.to(labels.device)], device).long()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                losses += loss.detach()
                 step += 1
-                running += (loss.item() - running) / (i + 1)
-                bar.set_postfix(loss=f"{running:.3f}")
+                if step % LOSS_EVERY == 0 or step == total:
+                    bar.set_postfix(loss=f"{losses.item() / ((step - 1) % LOSS_EVERY + 1):.3f}")  # their mean
+                    losses.zero_()
                 bar.update()
     return model.eval()
 

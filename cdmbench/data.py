@@ -77,6 +77,14 @@ def load_images(dataset: Dataset, resolutions: list[int], *, limit: int | None =
                     dataset.num_classes, list(dataset.class_names))
 
 
+def to_device(x: Tensor, device: torch.device | str) -> Tensor:
+    """``x`` on ``device``; to a GPU from pinned memory without waiting, so that the host
+    prepares the next batch while the GPU computes."""
+    if torch.device(device).type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 def to_float(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float [-1, 1]."""
     return images.float() / 127.5 - 1.0

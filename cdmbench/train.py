@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed
 from .cascade import StageModel, derive_seed, image_generators
 from .checkpoint import resume_latest, save_checkpoint
-from .data import ImageSet, to_float
+from .data import ImageSet, to_device, to_float
 from .diffusion import q_sample, training_loss as diffusion_loss
 from .errors import CdmbenchError
 from .files import atomic_write
@@ -76,14 +76,6 @@ class Batch:
 
     def part(self, sl: slice) -> Batch:
         return Batch(**{k: None if v is None else v[sl] for k, v in vars(self).items()})
-
-
-def to_device(x: Tensor, device: torch.device | str) -> Tensor:
-    """``x`` on ``device``; to a GPU from pinned memory without waiting, so that the host
-    prepares the next batch while the GPU computes."""
-    if torch.device(device).type != "cuda":
-        return x.to(device)
-    return x.pin_memory().to(device, non_blocking=True)
 
 
 def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.device | str) -> Batch:

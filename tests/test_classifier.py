@@ -148,3 +148,19 @@ def test_corrupt_cache_is_retrained(tmp_path, data):
     with pytest.warns(UserWarning, match="unreadable.*retraining"):
         _, digest2 = C.cached_classifier(**kwargs)
     assert digest2 == digest  # retrained to the same weights, written whole again
+
+
+def test_steps_between_loss_reads_read_nothing_on_the_host(data):
+    """On a GPU a host read waits for every queued kernel, so the next batch could not be gathered
+    (from a memory-mapped set) while the GPU trains: 4 and 7 steps read the same."""
+    from test_run import host_reads
+
+    (images, labels), _ = data
+
+    def reads(batches: int) -> list[str]:
+        with host_reads() as found:
+            C.train_classifier(images, labels, num_classes=8, seed=0, **{**TRAIN, "epochs": 1,
+                                                                          "batch_size": len(images) // batches})
+        return found
+
+    assert len(reads(3)) == len(reads(6))
