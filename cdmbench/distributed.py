@@ -4,6 +4,7 @@ is the single-process case (rank 0 of 1)."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,16 +22,18 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: torch.device) -> None:
+def init(device: torch.device, timeout: timedelta | None = None) -> None:
     """Join the process group torchrun describes (once). On GPUs, NCCL carries CUDA tensors
     (gradients, the loss) and gloo CPU ones: the stop-signal flag every process agrees on each
-    step is a CPU tensor, which NCCL alone refuses, and a CUDA one would wait for the GPU."""
+    step is a CPU tensor, which NCCL alone refuses, and a CUDA one would wait for the GPU.
+    ``timeout``: how long joining and each collective may wait for the slowest process
+    (torch's default: 30 minutes for gloo, 10 for NCCL)."""
     if world_size() > 1 and not dist.is_initialized():
         if device.type == "cuda":
-            dist.init_process_group("cpu:gloo,cuda:nccl",
+            dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout,
                                     device_id=device if device.index is not None else None)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
 
 
 def barrier() -> None:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,10 @@ from .evaluate import (EvalContext, SampleSet, generate_samples, generate_traini
                        read_training_set)
 from .sweep import apply_manifest, set_checked_level
 from .train import check_batch, read_log, train_stage, validation_bpd
+
+# How long the first rank of an evaluation under torchrun waits for the others' sample shards:
+# its share of a million-image training set for CAS can finish hours before the slowest's.
+SHARDS_WAIT = timedelta(days=7)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -289,7 +294,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
              "training image")
         training_set = generate_training_set(chain, labels=labels, **sampling)
     if world > 1:  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
-        distributed.init(device)
+        distributed.init(device, timeout=SHARDS_WAIT)  # joined once each rank's shards are done
         distributed.barrier()
         if rank != 0:
             return []

@@ -275,6 +275,28 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
     assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
 
 
+def test_ranks_of_an_evaluation_may_finish_their_shards_hours_apart(trained_run, monkeypatch, tmp_path):
+    """Each rank joins the process group once its shards are done; the group's timeout (torch's
+    default: 30 minutes) must outlast the slowest rank's sampling of a million images."""
+    import datetime
+
+    import cdmbench.distributed
+    from cdmbench.runner import evaluate
+
+    joined = []
+    monkeypatch.setattr(cdmbench.distributed.dist, "init_process_group",
+                        lambda backend, **kwargs: joined.append((backend, kwargs["timeout"])))
+    monkeypatch.setattr(cdmbench.distributed.dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(cdmbench.distributed.dist, "barrier", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    rows = evaluate(trained_run, metrics=["cas"], overrides=TINY_EVAL, progress=False, echo=lambda *_: None)
+    assert rows == [] and joined == [("gloo", datetime.timedelta(days=7))]
+    shards = sorted(p.name for p in (trained_run / "sr16" / "eval_samples").glob("*/shard-*.npz"))
+    assert shards == ["shard-00001-12-24.npz"]  # rank 1's share; rank 0 computes the metrics
+
+
 @pytest.fixture
 def sampled(tmp_path, monkeypatch) -> list[list[str]]:
     """The stages of each sample_cascade call evaluate makes (a private cache)."""
