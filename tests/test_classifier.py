@@ -150,17 +150,25 @@ def test_corrupt_cache_is_retrained(tmp_path, data):
     assert digest2 == digest  # retrained to the same weights, written whole again
 
 
-def test_steps_between_loss_reads_read_nothing_on_the_host(data):
+def events_of_4_and_7_steps(watch, device: str = "cpu") -> tuple[list[str], list[str]]:
+    """What ``watch()`` (a context manager yielding a list it fills) collects while the classifier
+    trains 4 and then 7 steps, fewer than LOSS_EVERY (after a first run: cuDNN's set-up)."""
+    images, labels = colour_images(8)
+
+    def events(batches: int) -> list[str]:
+        with watch() as found:
+            C.train_classifier(images, labels, num_classes=8, seed=0, device=device,
+                               **{**TRAIN, "epochs": 1, "batch_size": len(images) // batches})
+        return found
+
+    events(3)
+    return events(3), events(6)  # 64 images in batches of 21 and 10: 4 and 7 steps
+
+
+def test_steps_between_loss_reads_read_nothing_on_the_host():
     """On a GPU a host read waits for every queued kernel, so the next batch could not be gathered
     (from a memory-mapped set) while the GPU trains: 4 and 7 steps read the same."""
     from test_run import host_reads
 
-    (images, labels), _ = data
-
-    def reads(batches: int) -> list[str]:
-        with host_reads() as found:
-            C.train_classifier(images, labels, num_classes=8, seed=0, **{**TRAIN, "epochs": 1,
-                                                                          "batch_size": len(images) // batches})
-        return found
-
-    assert len(reads(3)) == len(reads(6))
+    short, long = events_of_4_and_7_steps(host_reads)
+    assert len(short) == len(long), (short, long)

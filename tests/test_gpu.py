@@ -14,6 +14,7 @@ from cdmbench.cascade import build_stage, sample_stage
 from cdmbench.recipe import parse_recipe
 from cdmbench.runner import run
 from conftest import TINY_RECIPE
+from test_classifier import events_of_4_and_7_steps
 from test_run import steps_between_log_rows_make_no_more_events
 
 pytestmark = [pytest.mark.gpu,
@@ -98,3 +99,10 @@ def test_sampling_steps_do_not_wait_for_the_gpu(sampler):
 
     syncs(2)  # first calls: cuDNN and allocator set-up
     assert len(syncs(2)) == len(syncs(4))
+
+
+def test_classifier_steps_between_loss_reads_do_not_wait_for_the_gpu():
+    """CAS's classifier: batches copied from pinned memory without blocking, the loss read every
+    LOSS_EVERY steps; 4 and 7 steps synchronise alike."""
+    short, long = events_of_4_and_7_steps(gpu_synchronisations, device="cuda")
+    assert len(short) == len(long), (short, long)
