@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -17,13 +18,21 @@ SMOKE_HELP = ("Shrink the recipe (widths, depths, steps, sample counts) and swap
 
 
 class Group(click.Group):
-    """Prints CdmbenchError messages without a traceback."""
+    """Prints CdmbenchError messages, and a full disk, without a traceback."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except CdmbenchError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
+            ctx.exit(2)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            click.secho(f"error: {exc.strerror}{where}. Free space there and run the same command again: "
+                        "what was finished (checkpoints, prepared shards, samples, results) is kept and "
+                        "reused", fg="red", err=True)
             ctx.exit(2)
 
 

@@ -17,6 +17,17 @@ import numpy as np
 import torch
 
 
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """An OSError without a file name (a write to a full disk) raised inside gets ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temporary file of this process beside ``path``, fsync, rename: a reader
     sees the old file or the new one, never a part, and concurrent writers do not collide."""
@@ -24,7 +35,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with _named(path), os.fdopen(fd, "wb") as fh:
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
@@ -76,10 +87,11 @@ def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
     data = memoryview(np.ascontiguousarray(rows)).cast("B")
     fd = os.open(path, os.O_WRONLY)
     try:
-        while data:  # pwrite may write less than asked
-            written = os.pwrite(fd, data, offset)
-            data, offset = data[written:], offset + written
-        os.fsync(fd)
+        with _named(path):
+            while data:  # pwrite may write less than asked
+                written = os.pwrite(fd, data, offset)
+                data, offset = data[written:], offset + written
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -94,9 +106,17 @@ def cached_tensor(path: Path, make: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 def append_text(path: Path, text: str) -> None:
     """Append ``text`` (whole lines) in one write under the file's lock, so lines of
-    concurrent writers never interleave."""
-    with locked(path), open(path, "ab") as fh:
-        fh.write(text.encode())
+    concurrent writers never interleave; all or nothing: a write cut short (a full disk) is
+    cut off again, so no torn line is left for the next append to follow."""
+    data = text.encode()
+    with locked(path), _named(path), open(path, "ab", buffering=0) as fh:
+        size = fh.seek(0, os.SEEK_END)
+        try:
+            while data:  # an unbuffered write may write less than asked, then fail
+                data = data[fh.write(data):]
+        except BaseException:
+            fh.truncate(size)
+            raise
 
 
 @contextmanager

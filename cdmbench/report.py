@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -20,7 +21,14 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
         path = Path(folder) / "results.jsonl"
         if not path.exists():
             raise CdmbenchError(f"no results in {folder} (missing {path.name}); is it a run directory?")
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # written by a process killed mid-write
+                warnings.warn(f"{path} line {number} is not a whole JSON row (a write cut short?); "
+                              "skipped")
     return pd.DataFrame(rows)
 
 

@@ -162,20 +162,6 @@ def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
     assert not list(Path(folder).glob("*.npy"))  # nothing written; the next prepare allocates afresh
 
 
-def test_write_rows_writes_only_its_rows_durably(tmp_path):
-    from cdmbench.files import allocate_arrays, write_rows
-
-    allocate_arrays(tmp_path, {"a.npy": (np.uint8, (5, 2, 3))}, "free space")
-    rows = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
-    write_rows(tmp_path / "a.npy", 3, rows)
-    write_rows(tmp_path / "a.npy", 0, rows[:1] + 100)
-    array = np.load(tmp_path / "a.npy")
-    assert (array[3:] == rows).all() and (array[0] == rows[0] + 100).all() and not array[1:3].any()
-    for bad in (rows.astype(np.int64), rows[:, :1], rows):
-        with pytest.raises(ValueError, match="do not fit"):
-            write_rows(tmp_path / "a.npy", 4 if bad is rows else 0, bad)
-
-
 def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):
     common = dict(stage="base8", progress=False, overrides=["stages.base8.train.steps=2"])
     said = []

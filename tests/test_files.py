@@ -1,0 +1,80 @@
+"""Files written by concurrent jobs: rows of shared arrays, all-or-nothing appends, and what a
+full disk says."""
+
+import errno
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import cdmbench.files
+from cdmbench.cli import cli
+from cdmbench.files import allocate_arrays, append_text, atomic_write, write_rows
+from cdmbench.report import read_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_write_rows_writes_only_its_rows(tmp_path):
+    allocate_arrays(tmp_path, {"a.npy": (np.uint8, (5, 2, 3))}, "free space")
+    rows = np.arange(12, dtype=np.uint8).reshape(2, 2, 3)
+    write_rows(tmp_path / "a.npy", 3, rows)
+    write_rows(tmp_path / "a.npy", 0, rows[:1] + 100)
+    array = np.load(tmp_path / "a.npy")
+    assert (array[3:] == rows).all() and (array[0] == rows[0] + 100).all() and not array[1:3].any()
+    for bad in (rows.astype(np.int64), rows[:, :1], rows):
+        with pytest.raises(ValueError, match="do not fit"):
+            write_rows(tmp_path / "a.npy", 4 if bad is rows else 0, bad)
+
+
+def test_an_append_cut_short_by_a_full_disk_leaves_the_file_as_it_was(tmp_path):
+    """A real file-size limit (RLIMIT_FSIZE) in a child process: the first part of the append is
+    written, the rest fails; the part is cut off again, so the next append starts a whole line."""
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"row": 1}\n')
+    child = f"""
+import resource, signal
+from cdmbench.files import append_text
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+try:
+    append_text({str(path)!r}, '{{"row": 2, "pad": "' + 'x' * 8000 + '"}}\\n')
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.stdout.split() == [str(errno.EFBIG), str(path)], done.stderr
+    assert path.read_text() == '{"row": 1}\n'
+    append_text(path, '{"row": 3}\n')
+    assert [r["row"] for r in read_results([tmp_path]).to_dict("records")] == [1, 3]
+
+
+def test_a_torn_results_line_is_skipped_with_a_warning(tmp_path):
+    (tmp_path / "results.jsonl").write_text('{"row": 1}\n{"row": 2, "val\n{"row": 3}\n')
+    with pytest.warns(UserWarning, match="results.jsonl line 2 is not a whole JSON row"):
+        assert read_results([tmp_path])["row"].tolist() == [1, 3]
+
+
+def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cdmbench.files.os, "fsync", full)
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "report.md", "x")
+    assert info.value.filename == str(tmp_path / "report.md") and not list(tmp_path.iterdir())  # no temporary left
+
+    @cli.command("write-a-report")
+    def write_a_report():
+        atomic_write(tmp_path / "report.md", "x")
+
+    try:
+        result = CliRunner().invoke(cli, ["write-a-report"])
+    finally:
+        cli.commands.pop("write-a-report")
+    assert result.exit_code == 2, result.output
+    assert f"error: No space left on device writing {tmp_path / 'report.md'}. Free space there and run the same " \
+           "command again" in result.output
