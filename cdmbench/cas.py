@@ -39,6 +39,17 @@ def matched_real_subset(sample_labels: Tensor, real_labels: Tensor, *, num_class
     return torch.cat(chosen).sort().values
 
 
+def check_paper_protocol(*, arch: str, epochs: int, num_classes: int, batch_size: int, train_images: int) -> None:
+    """ValueError naming every setting that differs from Ravuri & Vinyals' protocol."""
+    given = {"classifier": arch, "epochs": epochs, "num_classes": num_classes, "batch_size": batch_size}
+    wrong = {k: v for k, v in given.items() if v != PAPER[k]}
+    if train_images < PAPER["train_images"]:
+        wrong["train_images"] = train_images
+    if wrong:
+        raise ValueError(f"paper_protocol needs {({k: PAPER[k] for k in wrong})} (train_images: at "
+                         f"least), got {wrong}")
+
+
 def _note(*, arch: str, epochs: int, n: int) -> str:
     return (f"scaled down: {arch} for {epochs} epochs on {n:,} images at the samples' resolution "
             f"(paper: ResNet-50, 90 epochs, {PAPER['train_images']:,} ImageNet images); "
@@ -72,13 +83,8 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     train = {"num_classes": num_classes, "arch": arch, "epochs": epochs, "batch_size": batch_size,
              "seed": seed, "device": device, "progress": progress}
     if paper_protocol:
-        given = {"classifier": arch, "epochs": epochs, "num_classes": num_classes, "batch_size": batch_size}
-        wrong = {k: v for k, v in given.items() if v != PAPER[k]}
-        if len(samples) < PAPER["train_images"]:
-            wrong["train_images"] = len(samples)
-        if wrong:
-            raise ValueError(f"paper_protocol needs {({k: PAPER[k] for k in wrong})} (train_images: at "
-                             f"least), got {wrong}")
+        check_paper_protocol(arch=arch, epochs=epochs, num_classes=num_classes, batch_size=batch_size,
+                             train_images=len(samples))
         train.update(lr=0.1 * batch_size / 256, weight_decay=1e-4, schedule="step", nesterov=False)
 
     counts = torch.bincount(sample_labels.cpu(), minlength=num_classes)

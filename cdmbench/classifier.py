@@ -207,7 +207,7 @@ def accuracy(logits: Tensor, labels: Tensor, k: Sequence[int] = (1, 5)) -> dict[
 def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                       train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
                       arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
-                      weight_decay: float = 5e-4, schedule: str = "cosine", seed: int = 0,
+                      weight_decay: float = 5e-4, schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
                       device: str | torch.device = "cpu", progress: bool = True) -> tuple[Classifier, str]:
     """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``.
 
@@ -222,7 +222,7 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                          "returning (images, labels) with train_labels=None")
     settings = {"key": key, "arch": arch, "epochs": epochs, "seed": seed, "num_classes": num_classes,
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
-                "version": CACHE_VERSION}
+                "nesterov": nesterov, "version": CACHE_VERSION}
     key_json = json.dumps(settings, sort_keys=True)
     name = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
@@ -241,7 +241,7 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
         images, labels = train_images() if callable(train_images) else (train_images, train_labels)
         model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                                 seed=seed, device=device, progress=progress)
+                                 nesterov=nesterov, seed=seed, device=device, progress=progress)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(path, save(state, metadata={"key": key_json}))  # complete or absent
         return model, sha256_file(path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,15 @@ def init(device: torch.device, timeout: timedelta | None = None) -> None:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable object) on every process; itself without torchrun."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, device=torch.device("cpu"))  # over gloo
+    return box[0]
 
 
 def mean(value: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import ema_sha256, load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
-from .files import allocate_arrays, atomic_write, cached_tensor, done_marker, locked, save_npz, write_rows
+from .files import (allocate_arrays, atomic_write, cached_tensor, check_free_space, done_marker, locked, mapped_tensor, save_npz,
+                    write_rows)
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
@@ -111,6 +112,11 @@ def _my_shards(num_rows: int, shard_size: int, rank: int, world_size: int) -> li
     """(k, lo, hi) of the shards of ``num_rows`` rows that process ``rank`` of ``world_size`` makes."""
     return [(k, k * shard_size, min((k + 1) * shard_size, num_rows))
             for k in range(math.ceil(num_rows / shard_size)) if k % world_size == rank]
+
+
+def _rows(shards) -> int:
+    """How many rows the (k, lo, hi) ``shards`` hold."""
+    return sum(hi - lo for _, lo, hi in shards)
 
 
 def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
@@ -204,11 +210,10 @@ def generate_training_set(chain: list[StageModel], *, run_path: Path, checkpoint
                  "labels": {"n": len(labels), "sha256": hashlib.sha256(labels.numpy().tobytes()).hexdigest()}}
     folder = run_path / chain[-1].spec.name / "training_sets" / digest(signature, 12)
     r = chain[-1].spec.resolution
+    fix = f"free space there (the run directory {run_path}) or evaluate a copy of the run on a larger disk"
     with locked(folder / "images.npy"):  # the first process allocates; the others find it
         if not (folder / LAYOUT).exists():
-            allocate_arrays(folder, {"images.npy": (np.uint8, (len(labels), 3, r, r))},
-                            f"free space there (the run directory {run_path}) or evaluate a copy of the "
-                            "run on a larger disk")
+            allocate_arrays(folder, {"images.npy": (np.uint8, (len(labels), 3, r, r))}, fix)
             (folder / "done").mkdir(exist_ok=True)
             buffer = io.BytesIO()
             np.save(buffer, labels.numpy().astype(np.int64))
@@ -216,9 +221,11 @@ def generate_training_set(chain: list[StageModel], *, run_path: Path, checkpoint
             (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
             atomic_write(folder / LAYOUT, json.dumps({"num_images": len(labels), "shard_size": shard_size}))
     shard_size = json.loads((folder / LAYOUT).read_text())["shard_size"]  # the first run's: markers name its shards
-    todo = [(k, lo, hi) for k, lo, hi in _my_shards(len(labels), shard_size, rank, world_size)
-            if not done_marker(folder, k).exists()]
-    with tqdm(total=len(labels), initial=len(labels) - sum(hi - lo for _, lo, hi in todo), unit="img",
+    left = {shard for shard in _my_shards(len(labels), shard_size, 0, 1) if not done_marker(folder, shard[0]).exists()}
+    check_free_space(folder, _rows(left) * 3 * r * r, fix)  # every rank's rows still to write (sparse)
+    mine = _my_shards(len(labels), shard_size, rank, world_size)
+    todo = [shard for shard in mine if shard in left]
+    with tqdm(total=_rows(mine), initial=_rows(mine) - _rows(todo), unit="img",
               desc=f"training set of {chain[-1].spec.name}", disable=not progress) as bar:
         for k, lo, hi in todo:
             images = _sample_rows(chain, labels[lo:hi], first_id=lo, seed=seed, batch_size=batch_size,
@@ -237,8 +244,7 @@ def read_training_set(folder: Path) -> tuple[Tensor, Tensor]:
     if missing:
         raise CdmbenchError(f"{folder} holds {shards - len(missing)} of {shards} shards of generated "
                             "training images; run cdmbench evaluate again (on every rank) to finish them")
-    return (torch.from_numpy(np.load(folder / "images.npy", mmap_mode="c")),
-            torch.from_numpy(np.load(folder / "labels.npy")))
+    return mapped_tensor(folder / "images.npy"), torch.from_numpy(np.load(folder / "labels.npy"))
 
 
 # --- the context metrics read -----------------------------------------------------------------

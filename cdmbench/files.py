@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -52,19 +53,25 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def check_free_space(folder: Path, needed: int, fix: str) -> None:
+    """CdmbenchError unless the disk of ``folder`` has ``needed`` bytes free. Sparse arrays take
+    their space only as rows are written: check what is still to write on every start."""
+    from .errors import CdmbenchError
+
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise CdmbenchError(f"no disk space for the arrays in {folder}: they need {needed} more bytes "
+                            f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; {fix}")
+
+
 def allocate_arrays(folder: Path, arrays: dict[str, tuple[type, tuple[int, ...]]], fix: str) -> None:
     """Create zero-filled ``.npy`` files (sparse: no disk used until written) in ``folder``,
     ``arrays`` naming each file's (dtype, shape), after checking that the disk has room for all
     of them: a full disk met later would be a SIGBUS in a process writing into a mapped array.
     ``fix`` ends the error message: how to free or choose space."""
-    from .errors import CdmbenchError
-
     folder.mkdir(parents=True, exist_ok=True)
-    needed = sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in arrays.values())
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise CdmbenchError(f"no disk space for the arrays in {folder}: they need {needed} bytes "
-                            f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; {fix}")
+    check_free_space(folder, sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in arrays.values()),
+                     fix)
     for name, (dtype, shape) in arrays.items():
         np.lib.format.open_memmap(folder / name, mode="w+", dtype=dtype, shape=shape).flush()
 
@@ -94,6 +101,16 @@ def write_rows(path: Path, start: int, rows: np.ndarray) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def mapped_tensor(path: Path) -> torch.Tensor:
+    """The ``.npy`` array at ``path`` as a tensor mapping the file read-only: only the rows that
+    are indexed are read. Index it, never write into it (that would crash the process). Not a
+    private copy-on-write mapping: Linux counts those against memory in full, and refuses one
+    larger than memory + swap (ImageNet's training set at 256 px is 252 GB)."""
+    with warnings.catch_warnings():  # torch warns that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.load(path, mmap_mode="r"))
 
 
 def cached_tensor(path: Path, make: Callable[[], torch.Tensor]) -> torch.Tensor:

@@ -13,7 +13,7 @@ Every image is centre-cropped and area-downsampled to each resolution of the cas
 The data cache is ``$CDMBENCH_DATA_CACHE``, else ``<cdmbench cache>/datasets``. Worker processes
 fill the shards (each builds its own dataset from the recipe); a shard is marked done only
 after its rows are flushed to disk, so an interrupted prepare resumes at the shards not done.
-Training and evaluation (``split_images``) map the arrays (``np.load(mmap_mode="c")``) and read
+Training and evaluation (``split_images``) map the arrays read-only (``files.mapped_tensor``) and read
 only the rows of each batch, so a dataset larger than memory is used from disk through the page
 cache.
 """
@@ -38,7 +38,7 @@ from .cache import default_cache_dir, digest
 from .cascade import make_component
 from .data import ImageSet, load_images, resize_items
 from .errors import CdmbenchError
-from .files import allocate_arrays, atomic_write, done_marker
+from .files import allocate_arrays, atomic_write, check_free_space, done_marker, mapped_tensor
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
 from .recipe import Component, Recipe, _convert, check_component, load_recipe
@@ -47,6 +47,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
 CHUNK = 64  # images resized at once inside a shard (bounds a worker's memory)
+FREE_SPACE = "free space or set CDMBENCH_DATA_CACHE to a folder on a larger disk"
 
 
 def make_dataset(plugins: Plugins, recipe: Recipe, split: str) -> Dataset:
@@ -183,8 +184,7 @@ def _allocate(folder: Path, layout: dict[str, Any]) -> None:
         return
     n = layout["num_images"]
     arrays = {f"images-{r}.npy": (np.uint8, (n, 3, r, r)) for r in layout["resolutions"]}
-    allocate_arrays(folder, {**arrays, "labels.npy": (np.int64, (n,))},
-                    "free space or set CDMBENCH_DATA_CACHE to a folder on a larger disk")
+    allocate_arrays(folder, {**arrays, "labels.npy": (np.int64, (n,))}, FREE_SPACE)
     (folder / "done").mkdir(exist_ok=True)
     _write_json(path, layout)
 
@@ -214,6 +214,7 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
     todo = [k for k in range(math.ceil(n / shard_size)) if not done_marker(folder, k).exists()]
     workers = min((os.cpu_count() or 1) if workers is None else workers, len(todo))
     left = sum(min(shard_size, n - k * shard_size) for k in todo)
+    check_free_space(folder, left * sum(3 * r * r for r in layout["resolutions"]), FREE_SPACE)  # on a resume too
     echo(f"prepare {recipe.data.name} ({split}, {n} images) at {layout['resolutions']} px into "
          f"{folder}: {len(todo)} shards to write, {workers or 'no'} worker processes")
     bar = tqdm(total=n, initial=n - left, unit="img", desc="prepare", disable=not progress)
@@ -244,10 +245,9 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
 
 def load_prepared(folder: Path) -> ImageSet:
     """The prepared images of ``folder`` as an ImageSet whose image tensors map the files: only
-    the rows a batch indexes are read (copy-on-write, so the files never change)."""
+    the rows a batch indexes are read."""
     manifest = json.loads((folder / MANIFEST).read_text())
-    images = {r: torch.from_numpy(np.load(folder / f"images-{r}.npy", mmap_mode="c"))
-              for r in manifest["resolutions"]}
+    images = {r: mapped_tensor(folder / f"images-{r}.npy") for r in manifest["resolutions"]}
     labels = torch.from_numpy(np.load(folder / "labels.npy"))
     return ImageSet(images, labels, manifest["num_classes"], manifest["class_names"])
 

@@ -34,8 +34,8 @@ from .evaluate import (EvalContext, SampleSet, generate_samples, generate_traini
 from .sweep import apply_manifest, set_checked_level
 from .train import check_batch, read_log, train_stage, validation_bpd
 
-# How long the first rank of an evaluation under torchrun waits for the others' sample shards:
-# its share of a million-image training set for CAS can finish hours before the slowest's.
+# How long a rank of an evaluation under torchrun waits for the others at a collective: ranks
+# finish their shares of a million-image training set for CAS hours apart.
 SHARDS_WAIT = timedelta(days=7)
 
 
@@ -280,6 +280,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
     device = context.device
     rank, world = distributed.rank(), distributed.world_size()
+    distributed.init(device, timeout=SHARDS_WAIT)  # under torchrun; ranks meet again after sampling
     for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
             metric.prepare(context)
@@ -289,15 +290,14 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     folder, signature = generate_samples(chain, num_samples=n, **sampling)
     training_set = None
     if any(getattr(m, "replaces_training_set", False) for m in built):
-        labels = context.real("train")[1]
+        # the training split's labels: read by the first rank only (the split may not be prepared)
+        labels = distributed.broadcast(context.real("train")[1] if rank == 0 else None)
         echo(f"cas replaces the training set: {len(labels):,} generated images of {target}, one per "
              "training image")
         training_set = generate_training_set(chain, labels=labels, **sampling)
-    if world > 1:  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
-        distributed.init(device, timeout=SHARDS_WAIT)  # joined once each rank's shards are done
-        distributed.barrier()
-        if rank != 0:
-            return []
+    distributed.barrier()  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
+    if rank != 0:
+        return []
     context.samples, context.labels = read_samples(folder, n)
     if training_set is not None:
         images, labels = read_training_set(training_set)
@@ -320,11 +320,14 @@ def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
     for metric in built:
         try:
             rows += metric.evaluate(context)
-        except (CdmbenchError, ValueError, RuntimeError) as exc:
-            echo(f"metric {metric.name} failed: {exc}")
-            rows.append({"metric": metric.name, "value": None, "n": len(context.samples), "unit": "",
-                         "higher_is_better": None, "status": "failed",
-                         "protocol": {**context.protocol, "error": str(exc)}})
+        except Exception as exc:  # the other metrics' rows are kept
+            error = str(exc) if isinstance(exc, (CdmbenchError, ValueError)) else f"{type(exc).__name__}: {exc}"
+            echo(f"metric {metric.name} failed: {error}")
+            protocol = context.protocol
+            if getattr(metric, "replaces_training_set", False) and context.training_set is not None:
+                protocol = {**protocol, **context.training_set.protocol}
+            rows.append({"metric": metric.name, "value": None, "n": protocol["n"], "unit": "",
+                         "higher_is_better": None, "status": "failed", "protocol": {**protocol, "error": error}})
     return rows
 
 
@@ -347,8 +350,8 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
              "run cdmbench evaluate at the level the sweep chooses")
         built = [m for m in built if m not in replacing]
         if not built:
-            raise CdmbenchError("no metric to sweep: pass --metrics with fid, is or a cas without "
-                                "replace_training_set")
+            raise CdmbenchError("no metric to sweep: pass --metrics fid,is, or --set evaluate.metrics=[...] "
+                                "with a cas without paper_protocol and replace_training_set")
     for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
         set_checked_level(chain, stage, level, f"--levels {level}")
     steps = load_chain(chain, run_dir.path)

@@ -308,8 +308,8 @@ def test_gpu_process_groups_carry_cpu_tensors_on_gloo(monkeypatch):
     distributed.init(torch.device("cpu"))
     (gpu, gpu_kw), (cpu, cpu_kw) = calls
     assert BackendConfig(Backend(gpu)).get_device_backend_map() == {"cpu": "gloo", "cuda": "nccl"}
-    assert gpu_kw == {"device_id": torch.device("cuda:1")}  # bound: barriers use this process's GPU
-    assert (cpu, cpu_kw) == ("gloo", {})
+    assert gpu_kw == {"device_id": torch.device("cuda:1"), "timeout": None}  # bound: barriers use this GPU
+    assert (cpu, cpu_kw) == ("gloo", {"timeout": None})  # None: torch's default
 
 
 @pytest.mark.parametrize("rank", [0, 1])

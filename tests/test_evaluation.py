@@ -413,7 +413,8 @@ def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_ru
     assert torch.equal(read_training_set(folder)[0], kept)
 
 
-def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_run):
+def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_run, monkeypatch):
+    import cdmbench.files
     from cdmbench.cascade import sample_cascade
     from cdmbench.data import to_uint8
     from cdmbench.evaluate import generate_training_set, load_chain, read_training_set
@@ -432,6 +433,83 @@ def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_
     expected, _ = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels, seed=5,
                                  batch_size=5, device="cpu", progress=False)
     assert torch.equal(images, to_uint8(expected["sr16"]))
+
+    # the file is sparse: a resume checks the rows still to write against the space left then
+    (folder / "done" / "000001").unlink()
+    real = cdmbench.files.shutil.disk_usage
+    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CdmbenchError, match=f"they need {2 * 3 * 16 * 16} more bytes .* free space there"):
+        generate_training_set(chain, run_path=trained_run, checkpoint_steps=steps, labels=labels,
+                              num_classes=10, seed=5, batch_size=4, shard_size=2, device="cpu", progress=False)
+
+
+def test_the_paper_protocol_end_to_end_at_a_tiny_scale(trained_run, monkeypatch, tmp_path):
+    """Ravuri & Vinyals' settings shrunk to the tiny run (ResNet-50, 90 epochs, 1000 classes and
+    1,281,167 images are checked as these): the paper's optimiser and no 'scaled down' mark."""
+    import cdmbench.cas
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(cdmbench.cas.PAPER, "classifier", "test_resnet")
+    monkeypatch.setitem(cdmbench.cas.PAPER, "epochs", 1)
+    monkeypatch.setitem(cdmbench.cas.PAPER, "num_classes", 10)
+    monkeypatch.setitem(cdmbench.cas.PAPER, "batch_size", 16)
+    monkeypatch.setitem(cdmbench.cas.PAPER, "train_images", 40)
+    args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL]]
+    metric = "--set=evaluate.metrics=[{name: cas, args: {arch: test_resnet, epochs: %d, batch_size: 16, paper_protocol: true}}]"
+
+    wrong = CliRunner().invoke(cli, [*args, metric % 2])
+    assert wrong.exit_code == 2 and "cas: paper_protocol needs {'epochs': 1}" in wrong.output
+    assert not (trained_run / "sr16" / "eval_samples").exists()  # refused before any sampling
+
+    result = CliRunner().invoke(cli, [*args, metric % 1])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    cas = {r["metric"]: r for r in rows if r["metric"].startswith("cas")}
+    assert set(cas) == {"cas_top1", "cas_top5", "cas_real_top1", "cas_real_top5"}
+    assert all(r["status"] == "ok" and r["n"] == 40 for r in cas.values())
+    protocol = cas["cas_top1"]["protocol"]
+    assert protocol["scaled_down"] is False and protocol["note"] == "paper protocol"
+    assert protocol["samples"].startswith("sr16/training_sets/") and protocol["train_images"] == 40
+
+
+def test_evaluate_under_torchrun_shares_the_generated_training_set(trained_run, standin_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CDMBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench",
+           "evaluate", str(trained_run), "--no-progress", REPLACING_CAS, *[f"--set={o}" for o in TINY_EVAL]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [folder] = (trained_run / "sr16" / "training_sets").iterdir()
+    assert sorted(p.name for p in (folder / "done").iterdir()) == ["000000", "000001", "000002", "000003"]
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    assert [r["metric"] for r in rows].count("cas_top1") == 1 and rows[-1]["n"] == 40
+
+
+def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
+    from types import SimpleNamespace
+
+    from cdmbench.runner import _metric_rows
+
+    class Broken:
+        name = "broken"
+
+        def evaluate(self, context):
+            raise TypeError("a bug in a plugin")
+
+    class Works:
+        name = "works"
+
+        def evaluate(self, context):
+            return [{"metric": "works", "value": 1.0}]
+
+    context = SimpleNamespace(protocol={"n": 30}, training_set=None)
+    said = []
+    rows = _metric_rows([Broken(), Works()], context, said.append)
+    assert rows[0]["status"] == "failed" and rows[0]["protocol"] == {"n": 30, "error": "TypeError: a bug in a plugin"}
+    assert rows[1] == {"metric": "works", "value": 1.0} and said == ["metric broken failed: TypeError: a bug in a plugin"]
 
 
 def test_a_sweep_leaves_out_cas_on_a_replaced_training_set(trained_run, monkeypatch, tmp_path):

@@ -78,3 +78,16 @@ def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert f"error: No space left on device writing {tmp_path / 'report.md'}. Free space there and run the same " \
            "command again" in result.output
+
+
+def test_an_array_larger_than_memory_and_swap_maps(tmp_path):
+    """Prepared data and CAS's generated training set (252 GB at 256 px) are mapped read-only: a
+    private (copy-on-write) mapping of a file that size is refused where memory + swap is smaller."""
+    from cdmbench.files import mapped_tensor
+
+    meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    memory = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))
+    rows = memory // (3 * 256 * 256) + 1000
+    np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.uint8, shape=(rows, 3, 256, 256))  # sparse
+    images = mapped_tensor(tmp_path / "big.npy")
+    assert images.shape == (rows, 3, 256, 256) and int(images[[0, rows - 1]].sum()) == 0

@@ -154,12 +154,22 @@ def test_a_dead_worker_stops_prepare_with_an_error_instead_of_a_hang(recipe, mon
 def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
     real = cdmbench.files.shutil.disk_usage
     monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
-    with pytest.raises(CdmbenchError, match=r"no disk space for the arrays in (.*): they need (\d+) "
+    with pytest.raises(CdmbenchError, match=r"no disk space for the arrays in (.*): they need (\d+) more "
                                             r"bytes .* free space or set CDMBENCH_DATA_CACHE") as info:
         prepare(recipe, workers=0, progress=False, echo=quiet)
-    folder, size = re.search(r"arrays in (.*): they need (\d+) bytes", str(info.value)).groups()
+    folder, size = re.search(r"arrays in (.*): they need (\d+) more bytes", str(info.value)).groups()
     assert int(size) == len(SIZES) * (3 * 8 * 8 + 3 * 16 * 16 + 8)
     assert not list(Path(folder).glob("*.npy"))  # nothing written; the next prepare allocates afresh
+
+    # The arrays are sparse: a resume checks what is still to write against the space left then.
+    monkeypatch.undo()
+    folder = prepare(recipe, workers=0, shard_size=2, progress=False, echo=quiet)
+    for k in (0, 1):
+        (folder / "done" / f"{k:06d}").unlink()
+    (folder / "manifest.json").unlink()
+    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    with pytest.raises(CdmbenchError, match=f"they need {4 * (3 * 8 * 8 + 3 * 16 * 16)} more bytes"):
+        prepare(recipe, workers=0, shard_size=2, progress=False, echo=quiet)
 
 
 def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):

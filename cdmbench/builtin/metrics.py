@@ -93,6 +93,17 @@ class CAS:
             arch, epochs, batch_size, test_split, seed)
         self.paper_protocol, self.replaces_training_set = paper_protocol, replaces_training_set
 
+    def prepare(self, context) -> None:
+        """The paper protocol's settings and the training set's size, before any sampling."""
+        from cdmbench.cas import check_paper_protocol
+
+        if self.paper_protocol:
+            try:
+                check_paper_protocol(arch=self.arch, epochs=self.epochs, num_classes=context.num_classes,
+                                     batch_size=self.batch_size, train_images=len(context.real("train")[1]))
+            except ValueError as exc:
+                raise CdmbenchError(f"cas: {exc}; or set paper_protocol: false for a scaled-down CAS") from None
+
     def evaluate(self, context) -> list[dict[str, Any]]:
         from cdmbench.cas import classification_accuracy_score
 
