@@ -20,23 +20,28 @@ from .classifier import Classifier, _check_labels, accuracy, cached_classifier, 
 PAPER = {"classifier": "resnet50", "epochs": 90, "num_classes": 1000, "batch_size": 1024, "train_images": 1_281_167}
 
 
+def class_matched(sample_labels: Tensor, real_labels: Tensor, *, num_classes: int, seed: int = 0) -> Tensor:
+    """Indices into the real set: entry i is an image of class ``sample_labels[i]``, each class's
+    images drawn at random without replacement (``seed``); raises ValueError if a class has too
+    few real images."""
+    sample_labels, real_labels = sample_labels.cpu(), real_labels.cpu()
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.empty(len(sample_labels), dtype=torch.long)
+    for c in range(num_classes):
+        wanted = (sample_labels == c).nonzero().flatten()
+        pool = (real_labels == c).nonzero().flatten()
+        if len(pool) < len(wanted):
+            raise ValueError(f"class {c} has {len(wanted)} samples but only {len(pool)} real "
+                             f"images; the real reference needs at least as many")
+        index[wanted] = pool[torch.randperm(len(pool), generator=generator)[:len(wanted)]]
+    return index
+
+
 def matched_real_subset(sample_labels: Tensor, real_labels: Tensor, *, num_classes: int,
                         seed: int = 0) -> Tensor:
-    """Indices into the real set with as many images of each class as ``sample_labels`` has.
-
-    Drawn at random per class (``seed``); raises ValueError if a class has too few real images.
-    """
-    sample_counts = torch.bincount(sample_labels.cpu(), minlength=num_classes)
-    real_labels = real_labels.cpu()
-    generator = torch.Generator().manual_seed(seed)
-    chosen = []
-    for c in range(num_classes):
-        pool = (real_labels == c).nonzero().flatten()
-        if len(pool) < sample_counts[c]:
-            raise ValueError(f"class {c} has {int(sample_counts[c])} samples but only {len(pool)} real "
-                             f"training images; the real reference needs at least as many")
-        chosen.append(pool[torch.randperm(len(pool), generator=generator)[:sample_counts[c]]])
-    return torch.cat(chosen).sort().values
+    """Indices into the real set with as many images of each class as ``sample_labels`` has,
+    in order (a memory-mapped set is read front to back)."""
+    return class_matched(sample_labels, real_labels, num_classes=num_classes, seed=seed).sort().values
 
 
 def check_paper_protocol(*, arch: str, epochs: int, num_classes: int, batch_size: int, train_images: int) -> None:

@@ -7,8 +7,9 @@ The expensive part, the previous stages, runs once: non-truncated sweeps sample 
 stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
 sampler at each s once. Those inputs (float32, so that a sweep at the level `cdmbench evaluate`
 uses gives its numbers exactly) and each level's samples (uint8) are cached as
-npz in the sweep folder, so a rerun, an added metric or a sweep killed midway samples nothing
-twice. Every level's metric rows go into results.jsonl as soon as they are computed
+npz in the sweep folder, so a rerun, an added metric or a sweep killed midway samples no
+finished input set or level again (the one in progress starts over; a sweep runs in one process).
+Every level's metric rows go into results.jsonl as soon as they are computed
 (protocol: level, inputs); the best level per metric goes into ``<run>/cascade.json``, which
 later sampling (``cdmbench run``, ``cdmbench evaluate``) uses for that stage.
 """
@@ -27,7 +28,8 @@ from .cascade import StageModel, sample_cascade, sample_stage
 from .checkpoint import ema_sha256
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
-from .evaluate import EvalContext, chain_to, digest
+from .cas import class_matched
+from .evaluate import EvalContext, chain_to, digest, sample_signature
 from .files import cached_tensor
 
 MANIFEST = "cascade.json"
@@ -95,7 +97,9 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     each level's rows as soon as they exist. ``levels`` must have passed ``set_checked_level``
     (``runner.sweep_levels`` checks them before any work). The previous stages' outputs are
     cached under a key of everything they depend on: n, seed, and each previous stage's
-    checkpoint step, weights and sampler; the samples under a key of the swept stage's too."""
+    checkpoint step, weights, sampler and sampling level; the samples under a key of the swept
+    stage's too. Ground-truth input i is a training image of class i % K, as generated input i
+    is (drawn per class with the sample seed)."""
     by_name = {s.spec.name: s for s in stages}
     stage = by_name[name]
     if stage.spec.condition_on is None:
@@ -111,7 +115,8 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
 
     folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
         "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
-        "previous": [sampling(s) for s in prev]}, 12)
+        "previous": sample_signature(prev, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
+                                     num_classes=context.num_classes)["stages"]}, 12)
     samples_folder = folder / digest([sampling(stage), [{"name": a.name, "args": a.args}
                                                         for a in stage.spec.augmentations()]], 12)
     models = {s.spec.name: s.backbone for s in prev + [stage]}
@@ -123,19 +128,22 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
 
     def upsample(low: Tensor, level: float, batch_labels: Tensor, ground_truth: bool) -> Tensor:
         set_level(stage, level)
-        out = [sample_stage(stage, models[name], batch_labels[i:i + batch_size].to(device), seed=seed,
-                            image_ids=list(range(i, min(i + batch_size, len(low)))),
-                            low_res=low[i:i + batch_size].to(device), device=device,
-                            ground_truth=ground_truth, progress=False).cpu()
-               for i in range(0, len(low), batch_size)]
-        return to_uint8(torch.cat(out))
+        out = torch.empty((len(low), 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
+        for i in range(0, len(low), batch_size):  # each batch made uint8 at once: float32 is 4x the size
+            out[i:i + batch_size] = to_uint8(sample_stage(
+                stage, models[name], batch_labels[i:i + batch_size].to(device), seed=seed,
+                image_ids=list(range(i, min(i + batch_size, len(low)))), low_res=low[i:i + batch_size].to(device),
+                device=device, ground_truth=ground_truth, progress=False)).cpu()
+        return out
 
     rows = []
     for kind in inputs:
         extra = {}
         if kind == "ground-truth":  # training images: the metrics' references are test images
             real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
-            low_all, kind_labels = to_float(real[:num_samples]), real_labels[:num_samples]
+            # image i of class i % K, as the generated inputs: a split may be ordered by class
+            index = class_matched(labels, real_labels, num_classes=context.num_classes, seed=seed)
+            low_all, kind_labels = to_float(real[index]), labels
             extra = {"inputs_split": GROUND_TRUTH_SPLIT}
         elif not is_truncated:  # the previous stage runs once; each level only re-noises
             low_all = cached_tensor(folder / "inputs-z0.npz", lambda: previous(0.0))

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import cdmbench.cas as cdmbench_cas
 from cdmbench.cas import classification_accuracy_score, matched_real_subset
 from cdmbench.classifier import train_classifier
 from test_classifier import ARCH, colour_images
@@ -86,7 +87,7 @@ def test_matched_subset_and_errors(real):
     sample_labels = torch.tensor([0, 0, 0, 3, 7])
     index = matched_real_subset(sample_labels, train_labels, num_classes=8)
     assert torch.equal(train_labels[index].bincount(minlength=8), sample_labels.bincount(minlength=8))
-    with pytest.raises(ValueError, match="class 0 has 13 samples but only 12"):
+    with pytest.raises(ValueError, match="class 0 has 13 samples but only 12 real images"):
         matched_real_subset(torch.zeros(13, dtype=torch.long), train_labels, num_classes=8)
     small = torch.zeros(5, 3, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="same \\(3, H, W\\)"):
@@ -115,3 +116,14 @@ def test_a_replaced_training_set_is_matched_by_the_whole_real_set_uncopied(real,
                                   real_val_images=val_images, real_val_labels=val_labels,
                                   **{**SETTINGS, "epochs": 1})
     assert seen[0][0] is train_images and seen[0][1] is train_labels and seen[1][0] is samples
+
+
+def test_class_matched_draws_an_image_of_each_samples_class():
+    real_labels = torch.arange(3).repeat_interleave(5)  # a split ordered by class, as imagefolder lists it
+    wanted = torch.arange(9) % 3
+    index = cdmbench_cas.class_matched(wanted, real_labels, num_classes=3, seed=0)
+    assert torch.equal(real_labels[index], wanted) and len(set(index.tolist())) == 9  # without replacement
+    assert not torch.equal(index, cdmbench_cas.class_matched(wanted, real_labels, num_classes=3, seed=1))
+    assert torch.equal(index, cdmbench_cas.class_matched(wanted, real_labels, num_classes=3, seed=0))
+    with pytest.raises(ValueError, match="class 0 has 6 samples but only 5 real images"):
+        cdmbench_cas.class_matched(torch.zeros(6, dtype=torch.long), real_labels, num_classes=3)

@@ -141,3 +141,23 @@ def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp
     assert row["protocol"]["inputs_split"] == "train" and row["protocol"]["truncated"] is True
     base = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "base8", "--levels", "0.1", IS, *SMALL])
     assert base.exit_code == 2 and "base stage" in base.output
+
+
+def test_a_sweep_samples_its_inputs_again_when_an_earlier_stages_level_changes(tiny_recipe, tmp_path, monkeypatch,
+                                                                              counted):
+    """sr16's level decides the inputs of sr32: cached inputs of another sr16 level are not reused."""
+    import yaml
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    raw = yaml.safe_load(tiny_recipe.read_text())
+    third = {**raw["stages"][1], "name": "sr32", "resolution": 32, "condition_on": "sr16"}
+    third["backbone"] = {"name": "adm-unet", "args": {**third["backbone"]["args"], "attention_resolutions": [16]}}
+    raw["stages"].append(third)
+    recipe = tmp_path / "three.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = run(recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
+    args = ["sweep", str(out), "--stage", "sr32", "--levels", "0.1", "--inputs", "generated", IS, *SMALL]
+    for sr16_level in (0.1, 0.1, 0.2):
+        result = CliRunner().invoke(cli, [*args, f"--set=stages.sr16.augmentation.args.level={sr16_level}"])
+        assert result.exit_code == 0, result.output
+    assert counted == [{"sr16": 0.0}, {"sr16": 0.0}]  # the second sweep reused the first's inputs
