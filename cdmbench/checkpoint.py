@@ -170,13 +170,30 @@ def ema_sha256(folder: Path, step: int) -> str | None:
     return None if manifest is None else manifest["ema.safetensors"]["sha256"]
 
 
-def load_ema(folder: Path, module: nn.Module) -> int:
+def _ema_state(path: Path, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint ``path``'s EMA weights, checked against its manifest and ``module``."""
+    state = load_file(_verified(path, "ema.safetensors"))
+    _check_fits(module, state, "ema.safetensors")
+    return state
+
+
+def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
     """Load the EMA weights of the newest readable checkpoint into ``module`` (for sampling);
-    unreadable ones are skipped with a warning and left in place."""
+    unreadable ones are skipped with a warning and left in place. With ``step``, that
+    checkpoint's (the one another process chose), or CheckpointError."""
+    if step is not None:
+        path = folder / f"{PREFIX}{step:08d}"
+        try:
+            state = _ema_state(path, module)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path}, which the first process chose, is unreadable here "
+                                  f"({type(exc).__name__}: {exc}); the run directory must be one file system "
+                                  "that every node shares") from exc
+        module.load_state_dict(state)
+        return step
     for path in reversed(list_checkpoints(folder)):
         try:
-            state = load_file(_verified(path, "ema.safetensors"))
-            _check_fits(module, state, "ema.safetensors")
+            state = _ema_state(path, module)
         except Exception as exc:
             warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
                           "falling back to the previous one")

@@ -4,9 +4,9 @@ Samples: N class-balanced images (label i % K) from the cascade up to a stage, i
 (sample seed, stage, i) only, stored as uint8 npz shards under
 ``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
 pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed). Shards already written are
-kept, so an interrupted evaluation resumes, and a shard covering at least the rows needed serves a
-smaller N (a shorter one, from a smaller N, is sampled again and replaced); under torchrun, rank
-r writes shards r, r + W, ...
+kept, so an interrupted evaluation resumes, and rows already held by any shard (of a larger or
+smaller N, or another shard size) are not sampled again; a shard of the same start but fewer
+rows is replaced. Under torchrun, rank r writes shards r, r + W, ...
 
 CAS as Ravuri & Vinyals trains on a generated copy of the training set instead: one image per
 training image, of its class (``generate_training_set``), in one memory-mapped array under
@@ -62,13 +62,15 @@ def chain_to(stages: list[StageModel], name: str) -> list[StageModel]:
     return chain
 
 
-def load_chain(chain: list[StageModel], run_path: Path) -> dict[str, int]:
-    """Load the EMA weights of every stage of ``chain``; returns each stage's checkpoint step."""
-    steps = {}
+def load_chain(chain: list[StageModel], run_path: Path, steps: dict[str, int] | None = None) -> dict[str, int]:
+    """Load the EMA weights of every stage of ``chain``: of the newest readable checkpoint, or of
+    checkpoint ``steps[stage]``; returns each stage's checkpoint step."""
+    loaded = {}
     for st in chain:
-        steps[st.spec.name] = load_ema(run_path / st.spec.name / "checkpoints", st.backbone)
+        loaded[st.spec.name] = load_ema(run_path / st.spec.name / "checkpoints", st.backbone,
+                                        step=None if steps is None else steps[st.spec.name])
         st.backbone.eval()
-    return steps
+    return loaded
 
 
 def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
@@ -139,9 +141,9 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     for k, lo, hi in tqdm(_my_shards(num_samples, shard_size, rank, world_size),
                           desc="eval samples (shards)", disable=not progress):
         path = folder / f"shard-{k:05d}-{lo}-{hi}.npz"
-        existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
-        if any(_span(p)[1] >= hi for p in existing):
+        if _covering(folder, lo, hi)[1] == hi:  # by this shard or others (another N or shard size)
             continue
+        existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
         labels = torch.arange(lo, hi) % num_classes
         images = _sample_rows(chain, labels, first_id=lo, seed=seed, batch_size=batch_size, device=device,
                               inputs=None if inputs is None else inputs / f"outputs-{k:05d}-{lo}-{hi}.npz")
@@ -157,28 +159,45 @@ def _span(path: Path) -> tuple[int, int]:
     return int(lo), int(hi)
 
 
-def read_samples(folder: Path, num_samples: int) -> tuple[Tensor, Tensor]:
-    """The first ``num_samples`` samples of a folder of shards, as uint8 (N, 3, H, W) and labels;
-    of shards starting at one row, the longest is read."""
-    longest = {}
-    for path in sorted(folder.glob("shard-*.npz"), key=_span):
-        longest[_span(path)[0]] = path
-    images, labels, have = [], [], 0
-    for lo, path in sorted(longest.items()):
-        if lo != have or have >= num_samples:
+def _covering(folder: Path, lo: int, hi: int) -> tuple[list[tuple[Path, int, int]], int]:
+    """The shard files of ``folder`` that hold rows ``lo``.. in order, each with the rows [a, b) to
+    take from it (at each row the file that reaches furthest), and the row where they stop: ``hi``,
+    or the first row no file holds."""
+    spans = [(_span(p), p) for p in folder.glob("shard-*.npz")]
+    pieces, row = [], lo
+    while row < hi:
+        reaching = [(b, a, p) for (a, b), p in spans if a <= row < b]
+        if not reaching:
             break
-        try:
-            with np.load(path) as data:
-                images.append(torch.from_numpy(data["images"]).permute(0, 3, 1, 2))
-                labels.append(torch.from_numpy(data["labels"]))
-        except Exception as exc:
-            raise CdmbenchError(f"sample shard {path} is unreadable ({exc}); delete it and run "
-                                "cdmbench evaluate again to regenerate it") from None
-        have += len(labels[-1])
+        b, a, path = max(reaching)
+        pieces.append((path, row - a, min(b, hi) - a))
+        row = min(b, hi)
+    return pieces, row
+
+
+def read_samples(folder: Path, num_samples: int) -> tuple[Tensor, Tensor]:
+    """The first ``num_samples`` samples of a folder of shards, as uint8 (N, 3, H, W) and labels,
+    from whichever shards hold them (written for other N or shard sizes too)."""
+    pieces, have = _covering(folder, 0, num_samples)
     if have < num_samples:
         raise CdmbenchError(f"{folder} holds {have} of {num_samples} samples; run cdmbench evaluate "
                             "again (on every rank) to finish them")
-    return torch.cat(images)[:num_samples], torch.cat(labels)[:num_samples]
+    images = labels = None
+    row = 0
+    for path, a, b in pieces:
+        try:
+            with np.load(path) as data:
+                part = torch.from_numpy(data["images"][a:b]).permute(0, 3, 1, 2)
+                part_labels = torch.from_numpy(data["labels"][a:b])
+        except Exception as exc:
+            raise CdmbenchError(f"sample shard {path} is unreadable ({exc}); delete it and run "
+                                "cdmbench evaluate again to regenerate it") from None
+        if images is None:  # filled in place: no second copy of the whole set
+            images = torch.empty((num_samples, *part.shape[1:]), dtype=torch.uint8)
+            labels = torch.empty(num_samples, dtype=part_labels.dtype)
+        images[row:row + len(part)], labels[row:row + len(part)] = part, part_labels
+        row += len(part)
+    return images, labels
 
 
 @dataclass

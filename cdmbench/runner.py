@@ -276,11 +276,14 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
     spec = recipe.evaluate
-    steps = load_chain(chain, run_dir.path)
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
     device = context.device
     rank, world = distributed.rank(), distributed.world_size()
     distributed.init(device, timeout=SHARDS_WAIT)  # under torchrun; ranks meet again after sampling
+    # every rank samples with the checkpoints rank 0 chose (a newer one may land meanwhile)
+    steps = distributed.broadcast(load_chain(chain, run_dir.path) if rank == 0 else None)
+    if rank != 0:
+        load_chain(chain, run_dir.path, steps)
     for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
         if hasattr(metric, "prepare"):
             metric.prepare(context)
@@ -308,8 +311,11 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12),
                         "samplers": samplers_of(chain)}
-    rows = [result_row(run=recipe.name, stage=target, **row) for row in _metric_rows(built, context, echo)]
-    run_dir.add_results(rows)
+    rows = []
+    for metric in built:  # each metric's rows are kept as soon as they exist
+        rows += (done := [result_row(run=recipe.name, stage=target, **row)
+                          for row in _metric_rows([metric], context, echo)])
+        run_dir.add_results(done)
     echo(write_report(run_dir, recipe, plugins))
     return rows
 

@@ -244,6 +244,35 @@ def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeyp
     assert evaluate(18) == ["0-12.npz", "12-24.npz", "24-30.npz"] and sampled == []
 
 
+def test_samples_of_another_shard_size_are_read_and_not_sampled_again(trained_run, monkeypatch, tmp_path):
+    import cdmbench.evaluate
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    sampled, real = [], cdmbench.evaluate.sample_cascade
+
+    def counting(stages, **kwargs):
+        if stages[-1].spec.name == "sr16":
+            sampled.append((kwargs["first_id"], len(kwargs["labels"])))
+        return real(stages, **kwargs)
+
+    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+
+    def evaluate(n: int, shard_size: int) -> torch.Tensor:
+        sampled.clear()
+        result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--metrics", "cas", "--no-progress",
+                                          f"--num-samples={n}", "--set=evaluate.batch_size=16",
+                                          f"--set=evaluate.shard_size={shard_size}",
+                                          "--set=evaluate.metrics=[{name: cas, args: {epochs: 1}}]"])
+        assert result.exit_code == 0, result.output
+        images, labels = read_samples(next((trained_run / "sr16" / "eval_samples").iterdir()), n)
+        assert torch.equal(labels, torch.arange(n) % 10)
+        return images
+
+    first = evaluate(20, 10)
+    assert torch.equal(evaluate(20, 4), first) and sampled == []  # shards of 10 hold every row
+    assert torch.equal(evaluate(24, 4)[:20], first) and sampled == [(20, 4)]  # only the rows missing
+
+
 def test_data_key_names_what_determines_the_real_images(tiny_recipe, tmp_path, monkeypatch):
     def key(recipe: Path, *overrides: str) -> dict:
         parsed, plugins = load_recipe(recipe, overrides=overrides)
@@ -288,13 +317,34 @@ def test_ranks_of_an_evaluation_may_finish_their_shards_hours_apart(trained_run,
                         lambda backend, **kwargs: joined.append((backend, kwargs["timeout"])))
     monkeypatch.setattr(cdmbench.distributed.dist, "is_initialized", lambda: bool(joined))
     monkeypatch.setattr(cdmbench.distributed.dist, "barrier", lambda: None)
+    chosen = {"base8": 2, "sr16": 2}  # rank 0's checkpoints, older than the newest (4): rank 1 uses them
+    monkeypatch.setattr(cdmbench.distributed.dist, "broadcast_object_list",
+                        lambda box, src, device: box.__setitem__(0, chosen))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     rows = evaluate(trained_run, metrics=["cas"], overrides=TINY_EVAL, progress=False, echo=lambda *_: None)
     assert rows == [] and joined == [("gloo", datetime.timedelta(days=7))]
-    shards = sorted(p.name for p in (trained_run / "sr16" / "eval_samples").glob("*/shard-*.npz"))
-    assert shards == ["shard-00001-12-24.npz"]  # rank 1's share; rank 0 computes the metrics
+    [folder] = (trained_run / "sr16" / "eval_samples").iterdir()
+    assert sorted(p.name for p in folder.glob("shard-*.npz")) == ["shard-00001-12-24.npz"]  # rank 1's share
+    assert [s["checkpoint_step"] for s in json.loads((folder / "signature.json").read_text())["stages"]] == [2, 2]
+
+
+def test_each_metrics_rows_are_kept_as_soon_as_they_exist(trained_run, monkeypatch, tmp_path):
+    """A job killed during a long metric (CAS's classifier trains for hours) keeps the others'."""
+    from cdmbench.builtin.metrics import CAS
+    from cdmbench.runner import evaluate
+
+    def killed(self, context):
+        raise KeyboardInterrupt
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(CAS, "evaluate", killed)
+    metrics = "evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}, cas]"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(trained_run, overrides=[*TINY_EVAL, metrics], progress=False, echo=lambda *_: None)
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    assert [r["metric"] for r in rows if r["metric"].startswith(("is", "cas"))] == ["is_classifier"]
 
 
 @pytest.fixture
