@@ -65,7 +65,8 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for partial in folder.glob(f".tmp-{PREFIX}*"):  # left by writes killed midway (SIGKILL): ~10 GB each
+        shutil.rmtree(partial, ignore_errors=True)
     meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
     try:
         tmp.mkdir()

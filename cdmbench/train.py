@@ -30,6 +30,8 @@ from .diffusion import q_sample, training_loss as diffusion_loss
 from .errors import CdmbenchError
 from .files import atomic_write
 
+SLOW_CHECKPOINT_S = 20  # a checkpoint slower than this to write is reported (a stop signal's grace time)
+
 
 @functools.lru_cache(maxsize=2)  # a batch spans at most two epochs
 def epoch_permutation(n: int, seed: int, stage_index: int, epoch: int) -> Tensor:
@@ -285,6 +287,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     pending: list[Tensor] = []  # (loss, gradient norm) per step on the device, not yet read
     window: list[list[float]] = []  # those read since the last log row
     images, seconds = 0, 0.0
+    said_slow = False  # whether a slow checkpoint was reported
     trainer.model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
                desc=f"train {stage.spec.name}", disable=not (progress and main))
@@ -330,9 +333,17 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 window.clear()
             if save_now:
                 if main:
+                    began = time.perf_counter()
                     save_checkpoint(ckpt_dir, done, model=trainer.model, ema=trainer.ema,
                                     optimizer=trainer.optimizer, metadata=metadata,
                                     keep=spec.keep_checkpoints, milestone_every=spec.milestone_every)
+                    took = time.perf_counter() - began
+                    if took > SLOW_CHECKPOINT_S and not said_slow:
+                        said_slow = True
+                        echo(f"a checkpoint of {stage.spec.name} takes {took:.0f} s to write: a preempted job "
+                             f"must get that long between SIGTERM and SIGKILL (torchrun's agent waits 30 s; a "
+                             f"scheduler's grace time) to save its last steps, else up to checkpoint_every="
+                             f"{spec.checkpoint_every} steps are trained again")
                 distributed.barrier()
             if stopping:
                 raise _stopped(stage, stop, done, ckpt_dir)

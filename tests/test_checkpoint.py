@@ -170,3 +170,13 @@ def test_files_and_the_folder_are_fsynced_before_the_rename_and_the_parent_after
     synced = {path for kind, path in events[:renamed] if kind == "fsync"}
     assert synced >= {tmp} | {f"{tmp}/{p.name}" for p in final.iterdir()}
     assert ("fsync", str(tmp_path)) in events[renamed:]
+
+
+def test_folders_of_writes_killed_midway_are_removed_by_the_next_checkpoint(tmp_path):
+    """A SIGKILL during a write leaves its temporary folder (the size of a checkpoint) behind."""
+    save(tmp_path, 100)
+    for step in (105, 205):
+        (tmp_path / f".tmp-step-{step:08d}").mkdir()
+        (tmp_path / f".tmp-step-{step:08d}" / "model.safetensors").write_bytes(b"x" * 1000)
+    save(tmp_path, 200)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000100", "step-00000200"]

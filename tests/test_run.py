@@ -317,3 +317,11 @@ def test_every_stage_batch_is_checked_against_the_processes_before_any_trains(ti
         run(tiny_recipe, out=tmp_path / "a", overrides=["stages.sr16.train.batch_size=7"], progress=False,
             echo=lambda *_: None)
     assert error.value.path == "stages.sr16.train.batch_size"
+
+
+def test_a_slow_checkpoint_says_how_long_a_stop_signal_must_leave(tiny_recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(cdmbench.train, "SLOW_CHECKPOINT_S", 0.0)  # every checkpoint counts as slow here
+    said = []
+    run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=said.append)
+    slow = [s for s in said if "to write: a preempted job must get that long between SIGTERM and SIGKILL" in s]
+    assert len(slow) == 1 and "checkpoint_every=2 steps are trained again" in slow[0]  # said once of 2 checkpoints
