@@ -214,14 +214,24 @@ def _move_aside(path: Path) -> Path:
 
 def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
                   optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore the newest readable checkpoint; 0 when none exists. The main process moves each
-    unreadable one aside (with a warning saying where), so that pruning never keeps it in place
-    of the readable ones."""
+    """Restore the newest readable checkpoint; 0 when none exists. The main process chooses it,
+    moving each unreadable one aside (with a warning saying where), so that pruning never keeps
+    it in place of the readable ones; under torchrun every other process then restores that same
+    checkpoint, or stops (ranks resumed at different steps would train apart)."""
+    if distributed.joined() and not distributed.is_main():
+        step = distributed.broadcast(None)
+        if step:
+            try:
+                load_checkpoint(folder / f"{PREFIX}{step:08d}", model=model, ema=ema, optimizer=optimizer)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}: the first process resumed from it; the run directory must be "
+                                      "one file system that every node shares") from exc
+        return step
+    step = 0
     for path in reversed(list_checkpoints(folder)):
         try:
-            return load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
+            step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
+            break
         except CheckpointError as exc:
-            where = (f"moved to {_move_aside(path)}" if distributed.is_main()
-                     else "the main process moves it aside")
-            warnings.warn(f"{exc}; {where}; falling back to the previous checkpoint")
-    return 0
+            warnings.warn(f"{exc}; moved to {_move_aside(path)}; falling back to the previous checkpoint")
+    return distributed.broadcast(step)

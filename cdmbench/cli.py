@@ -68,7 +68,7 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="The dataset split to prepare.")
-@click.option("--workers", type=click.IntRange(min=0), help="Processes (default: one per CPU; 0: none).")
+@click.option("--workers", type=click.IntRange(min=0), help="Processes (default: one per CPU the job may use; 0: none).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images per shard, the unit of work and of resuming.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")

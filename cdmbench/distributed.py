@@ -19,6 +19,11 @@ def rank() -> int:
     return int(os.environ.get("RANK", 0))
 
 
+def joined() -> bool:
+    """Whether this process is in a process group (``init`` under torchrun)."""
+    return dist.is_initialized()
+
+
 def is_main() -> bool:
     return rank() == 0
 

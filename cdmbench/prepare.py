@@ -48,6 +48,7 @@ MANIFEST = "manifest.json"
 LAYOUT = "layout.json"
 CHUNK = 64  # images resized at once inside a shard (bounds a worker's memory)
 FREE_SPACE = "free space or set CDMBENCH_DATA_CACHE to a folder on a larger disk"
+MEMORY_SHARE = 0.5  # data not prepared is read into memory only if it takes at most this share
 
 
 def make_dataset(plugins: Plugins, recipe: Recipe, split: str) -> Dataset:
@@ -193,8 +194,8 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
             split: str = "train", workers: int | None = None, shard_size: int = 1000,
             progress: bool = True, smoke: bool = False, echo=print) -> Path:
     """Preprocess ``split`` of the recipe's data to every resolution of its cascade into the data
-    cache, with ``workers`` processes (default: one per CPU; 0: in this process). Resumes an
-    interrupted prepare; returns the cache folder."""
+    cache, with ``workers`` processes (default: one per CPU this process may use; 0: in this
+    process). Resumes an interrupted prepare; returns the cache folder."""
     if shard_size < 1 or (workers is not None and workers < 0):
         raise CdmbenchError(f"shard size must be >= 1 and workers >= 0, got {shard_size} and {workers}")
     recipe, plugins = load_recipe(recipe_path, overrides=overrides, smoke=smoke, echo=echo)
@@ -212,7 +213,7 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
     shards = _Shards(folder=folder, plugin_modules=recipe.plugins, data=recipe.data, split=split,
                      resolutions=layout["resolutions"], shard_size=shard_size, num_images=n)
     todo = [k for k in range(math.ceil(n / shard_size)) if not done_marker(folder, k).exists()]
-    workers = min((os.cpu_count() or 1) if workers is None else workers, len(todo))
+    workers = min(len(os.sched_getaffinity(0)) if workers is None else workers, len(todo))  # the CPUs a job may use
     left = sum(min(shard_size, n - k * shard_size) for k in todo)
     check_free_space(folder, left * sum(3 * r * r for r in layout["resolutions"]), FREE_SPACE)  # on a resume too
     echo(f"prepare {recipe.data.name} ({split}, {n} images) at {layout['resolutions']} px into "
@@ -282,9 +283,26 @@ def split_images(recipe: Recipe, dataset: Dataset, split: str, needed: list[int]
                             data.num_classes, data.class_names)
         say(f"{split} data at {missing} px: not a resolution of the cascade, so not prepared; "
             "reading every image into memory")
-    else:
-        command = "cdmbench prepare RECIPE" + ("" if split == "train" else f" --split {split}")
+    command = "cdmbench prepare RECIPE" + ("" if split == "train" else f" --split {split}")
+    if not (folder / MANIFEST).exists():
         unfinished = f" (an unfinished one is in {folder})" if folder.exists() else ""
         say(f"{split} data: reading every image into memory; for a large dataset run `{command}` "
             f"once{unfinished} to preprocess it to disk")
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    size, processes, available = n * sum(3 * r * r for r in needed), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), \
+        _available_memory()
+    if available is not None and size * processes > available * MEMORY_SHARE:
+        raise CdmbenchError(f"{split} data: {n} images at {needed} px take {size / 2**30:.1f} GiB in memory in "
+                            f"each of {processes} process(es) on this node, more than the "
+                            f"{available / 2**30:.1f} GiB available; run `{command}` once (at the "
+                            "cascade's resolutions) so that they are read from disk")
     return load_images(dataset, needed, limit=limit, progress=progress)
+
+
+def _available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None

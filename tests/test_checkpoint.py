@@ -180,3 +180,40 @@ def test_folders_of_writes_killed_midway_are_removed_by_the_next_checkpoint(tmp_
         (tmp_path / f".tmp-step-{step:08d}" / "model.safetensors").write_bytes(b"x" * 1000)
     save(tmp_path, 200)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000100", "step-00000200"]
+
+
+def _resume_as_rank(rank: int, folders: list[str], port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    model, ema, opt = modules(0)
+    try:
+        result = str(resume_latest(Path(folders[rank]), model=model, ema=ema, optimizer=opt))
+    except CheckpointError as exc:
+        result = str(exc)
+    Path(out, str(rank)).write_text(result)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_every_rank_resumes_from_the_checkpoint_the_first_chose(tmp_path, shared):
+    """On node-local disks (one folder per rank here) rank 1 would resume from another step."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    first, other = tmp_path / "node0", tmp_path / "node1"
+    save(first, 2), save(first, 4), save(other, 2)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folders = [str(first), str(first if shared else other)]
+    mp.start_processes(_resume_as_rank, args=(folders, port, str(tmp_path)), nprocs=2, start_method="spawn")
+    results = [(tmp_path / str(rank)).read_text() for rank in (0, 1)]
+    if shared:
+        assert results == ["4", "4"]
+    else:
+        assert results[0] == "4" and results[1].startswith(f"checkpoint {other / 'step-00000004'} is unreadable")
+        assert results[1].endswith("the first process resumed from it; the run directory must be one file "
+                                   "system that every node shares")

@@ -319,3 +319,27 @@ def test_a_relative_data_path_shares_the_cache_of_its_absolute_path(tmp_path, mo
     in_a = cdmbench.prepare.cache_folder(relative, "train")
     monkeypatch.chdir(tmp_path / "b")  # the same words name other images here
     assert cdmbench.prepare.cache_folder(relative, "train") != in_a
+
+
+def test_prepare_starts_one_worker_per_cpu_the_job_may_use(recipe):
+    """A scheduler's allocation (CPU affinity), not the node's CPU count: 16 cores of a 256-core
+    node must not start 256 workers."""
+    allowed = os.sched_getaffinity(0)
+    said = []
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        prepare(recipe, shard_size=2, progress=False, echo=said.append)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert any("shards to write, 1 worker processes" in s for s in said), said
+
+
+def test_data_too_large_for_memory_asks_for_prepare_before_reading_it(recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(cdmbench.prepare, "_available_memory", lambda: 2 * 3 * (8 * 8 + 16 * 16) * len(SIZES))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes on this node read it each
+    with pytest.raises(CdmbenchError, match=r"train data: \d+ images at \[8, 16\] px take 0.0 GiB in memory in each "
+                                            r"of 2 process\(es\) on this node, .* run `cdmbench prepare RECIPE` once"):
+        run(recipe, out=tmp_path / "r", stage="base8", progress=False, echo=quiet)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # half the memory
+    run(recipe, out=tmp_path / "r", stage="base8", progress=False, echo=quiet,
+        overrides=["stages.base8.train.steps=1"])
