@@ -21,6 +21,7 @@ cache.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import multiprocessing
@@ -28,7 +29,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -52,9 +53,36 @@ MEMORY_SHARE = 0.5  # data not prepared is read into memory only if it takes at 
 
 
 def make_dataset(plugins: Plugins, recipe: Recipe, split: str) -> Dataset:
-    """The recipe's dataset for ``split``, its images at the cascade's largest resolution."""
-    return make_component(plugins, "datasets", recipe.data, "data", split=split,
-                          resolution=max(resolutions(recipe)))
+    """The recipe's dataset for ``split``, its images at the cascade's largest resolution. When
+    the split is prepared, its manifest stands in (``PreparedDataset``): the dataset itself (a
+    Hub dataset asks the Hub, on every rank) is built only if an image is read from it."""
+
+    def build() -> Dataset:
+        return make_component(plugins, "datasets", recipe.data, "data", split=split,
+                              resolution=max(resolutions(recipe)))
+
+    manifest = cache_folder(recipe, split) / MANIFEST
+    return PreparedDataset(json.loads(manifest.read_text()), build) if manifest.exists() else build()
+
+
+class PreparedDataset:
+    """A prepared split's length, classes and benchmark name, from its manifest; items come from
+    the dataset itself, built on first use."""
+
+    def __init__(self, manifest: dict[str, Any], build: Callable[[], Dataset]):
+        self.num_classes, self.class_names = manifest["num_classes"], manifest["class_names"]
+        self.benchmark = manifest.get("benchmark", manifest["data"]["name"])
+        self._length, self._build = manifest["num_images"], build
+
+    @functools.cached_property
+    def _dataset(self) -> Dataset:
+        return self._build()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        return self._dataset[index]
 
 
 def resolutions(recipe: Recipe) -> list[int]:

@@ -343,3 +343,24 @@ def test_data_too_large_for_memory_asks_for_prepare_before_reading_it(recipe, tm
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # half the memory
     run(recipe, out=tmp_path / "r", stage="base8", progress=False, echo=quiet,
         overrides=["stages.base8.train.steps=1"])
+
+
+def test_training_from_prepared_data_never_builds_the_dataset(recipe, tmp_path, monkeypatch):
+    """A Hub dataset's builder asks the Hub on every rank at every start: offline nodes failed."""
+    prepare(recipe, workers=0, progress=False, echo=quiet)
+    real = cdmbench.prepare.make_component
+
+    def offline(plugins, kind, *args, **kwargs):
+        if kind == "datasets":
+            raise CdmbenchError("the Hub is unreachable")
+        return real(plugins, kind, *args, **kwargs)
+
+    monkeypatch.setattr(cdmbench.prepare, "make_component", offline)
+    out = run(recipe, out=tmp_path / "r", stage="base8", progress=False, echo=quiet,
+              overrides=["stages.base8.train.steps=1"])
+    assert (out / "base8" / "checkpoints" / "step-00000001").is_dir()
+    parsed, plugins = load_recipe(recipe)
+    dataset = make_dataset(plugins, parsed, "train")
+    assert len(dataset) == len(SIZES) and dataset.num_classes == len(dataset.class_names)
+    with pytest.raises(CdmbenchError, match="the Hub is unreachable"):  # only an image read builds it
+        dataset[0]
