@@ -120,19 +120,25 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     run_dir = RunDir(Path(out) if out else Path("runs") / recipe.name)
     run_dir.check(recipe)  # before the dataset (a Hub dataset takes long) and the models
     dataset = make_dataset(plugins, recipe, "train")
-    stages = _build_all(plugins, recipe, dataset.num_classes, device)  # fail before the data
+    stages = _build_all(plugins, recipe, dataset.num_classes, "meta")  # every stage checked before the data
     if main:
         run_dir.prepare(recipe, plugins, dataset.class_names)
     distributed.barrier()
-    apply_sweep_levels(stages, run_dir.path, overrides)
     echo(f"run directory: {run_dir.path}  (device: {device}, processes: {distributed.world_size()})")
+
+    def materialise(i: int) -> StageModel:
+        """Stage i on the device (only the stages this job trains or samples take its memory)."""
+        stages[i] = build_stage(plugins, recipe, stages[i].spec, num_classes=dataset.num_classes, device=device)
+        apply_sweep_levels(stages[i:i + 1], run_dir.path, overrides)
+        return stages[i]
 
     data = None
     models: dict[str, torch.nn.Module] = {}
     metadata = {"recipe": recipe.to_dict()}
-    for st in stages:
+    for i, st in enumerate(stages):
         folder = run_dir.stage(st.spec.name)
         if stage in (None, st.spec.name):
+            st = materialise(i)
             if data is None:
                 data = split_images(recipe, dataset, "train", progress=progress, echo=echo)
             models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
@@ -149,12 +155,15 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                                higher_is_better=True, protocol={"device": str(device)})])
             if st.spec.train.val_bpd_images and main:
                 _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress, echo)
-        elif _final_step_done(folder, st.spec.train.steps):
-            load_ema(folder / "checkpoints", st.backbone)
-            models[st.spec.name] = st.backbone.eval()
 
     if not main:  # the other processes only train
         return run_dir.path
+    for i, st in enumerate(stages):  # stages trained by earlier jobs, loaded now for sampling
+        folder = run_dir.stage(st.spec.name)
+        if st.spec.name not in models and _final_step_done(folder, st.spec.train.steps):
+            st = materialise(i)
+            load_ema(folder / "checkpoints", st.backbone)
+            models[st.spec.name] = st.backbone.eval()
     chain = []
     for st in stages:
         if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in

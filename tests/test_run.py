@@ -325,3 +325,17 @@ def test_a_slow_checkpoint_says_how_long_a_stop_signal_must_leave(tiny_recipe, t
     run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=said.append)
     slow = [s for s in said if "to write: a preempted job must get that long between SIGTERM and SIGKILL" in s]
     assert len(slow) == 1 and "checkpoint_every=2 steps are trained again" in slow[0]  # said once of 2 checkpoints
+
+
+def test_a_job_of_one_stage_builds_no_other_stage_on_the_device_while_it_trains(tiny_recipe, tmp_path, monkeypatch):
+    """--stage sr256 held base32 and sr64 (6.3 GB of weights) on every GPU; now only the main
+    process builds them, after training, to sample the cascade."""
+    run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=lambda *_: None)
+    events, build, train = [], cdmbench.runner.build_stage, cdmbench.runner.train_stage
+    monkeypatch.setattr(cdmbench.runner, "build_stage", lambda plugins, recipe, spec, **kw: events.append(
+        (spec.name, str(kw["device"]))) or build(plugins, recipe, spec, **kw))
+    monkeypatch.setattr(cdmbench.runner, "train_stage", lambda st, *a, **kw: events.append(
+        ("train", st.spec.name)) or train(st, *a, **kw))
+    run(tiny_recipe, out=tmp_path / "r", stage="sr16", progress=False, echo=lambda *_: None)
+    assert events == [("base8", "meta"), ("sr16", "meta"), ("sr16", "cpu"), ("train", "sr16"), ("base8", "cpu")]
+    assert (tmp_path / "r" / "sr16" / "samples" / "grid.png").exists()  # the cascade was sampled
