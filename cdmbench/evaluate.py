@@ -133,8 +133,7 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     signature = sample_signature(chain, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
                                  num_classes=num_classes)
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
+    atomic_write(folder / "signature.json", json.dumps(signature, indent=1, default=str))  # by every rank
     *previous, last = chain
     inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
         {**signature, "stages": signature["stages"][:-1], "level": last.truncation}, 12)) if previous else None

@@ -369,8 +369,12 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
                                 "with a cas without paper_protocol and replace_training_set")
     for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
         set_checked_level(chain, stage, level, f"--levels {level}")
-    steps = load_chain(chain, run_dir.path)
-    for metric in built:
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.init(context.device, timeout=SHARDS_WAIT)  # under torchrun: ranks share each level's shards
+    steps = distributed.broadcast(load_chain(chain, run_dir.path) if rank == 0 else None)
+    if rank != 0:
+        load_chain(chain, run_dir.path, steps)
+    for metric in built if rank == 0 else []:
         if hasattr(metric, "prepare"):
             metric.prepare(context)
     n = num_samples or recipe.evaluate.num_samples
@@ -381,9 +385,12 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
     rows = sweep(chain, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
-                 device=context.device, checkpoint_steps=steps, progress=progress,
+                 shard_size=recipe.evaluate.shard_size, device=context.device, checkpoint_steps=steps,
+                 progress=progress, rank=rank, world_size=world,
                  record=lambda level_rows: run_dir.add_results(
                      [result_row(run=recipe.name, stage=stage, **row) for row in level_rows]))
+    if rank != 0:
+        return {}
     best = best_levels(rows)
     primary = next((r["metric"] for r in rows if r["metric"] in best), None)
     if primary is not None:

@@ -3,15 +3,16 @@ section 4.3), on generated low-res inputs (the cascade) and on ground-truth ones
 training images (the metrics' references are test images, which an SR stage given their own
 low-res copies would reproduce), taken to z_s first for a truncated stage.
 
-The expensive part, the previous stages, runs once: non-truncated sweeps sample the previous
-stage to z_0 once and only re-noise it per level; truncated sweeps stop the previous stage's
-sampler at each s once. Those inputs (float32, so that a sweep at the level `cdmbench evaluate`
-uses gives its numbers exactly) and each level's samples (uint8) are cached as
-npz in the sweep folder, so a rerun, an added metric or a sweep killed midway samples no
-finished input set or level again (the one in progress starts over; a sweep runs in one process).
-Every level's metric rows go into results.jsonl as soon as they are computed
-(protocol: level, inputs); the best level per metric goes into ``<run>/cascade.json``, which
-later sampling (``cdmbench run``, ``cdmbench evaluate``) uses for that stage.
+On generated inputs a level's samples are exactly those `cdmbench evaluate` makes at that level
+(``evaluate.generate_samples``: npz shards, shared out over the ranks under torchrun, kept when
+a sweep is cut short), so evaluating at the chosen level samples nothing again. The expensive
+part, the previous stages, runs once: their output is cached per shard (float32), once for all
+levels of a non-truncated sweep (each level only re-noises z_0) and once per level of a
+truncated one (the previous stage's sampler stops at s). Samples from ground-truth inputs are
+made by rank 0 and cached per level. A rerun, an added metric or a sweep killed midway samples
+no finished shard or level again. Every level's metric rows go into results.jsonl as soon as
+they are computed (protocol: level, inputs); the best level per metric goes into
+``<run>/cascade.json``, which later sampling (``cdmbench run``, ``cdmbench evaluate``) uses.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .cascade import StageModel, sample_cascade, sample_stage
+from . import distributed
+from .cascade import StageModel, sample_stage
 from .checkpoint import ema_sha256
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .cas import class_matched
-from .evaluate import EvalContext, chain_to, digest, sample_signature
+from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples
 from .files import cached_tensor
 
 MANIFEST = "cascade.json"
@@ -90,75 +92,73 @@ def apply_manifest(stages: list[StageModel], run_path: Path) -> dict[str, Any]:
 
 def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: list[str],
           context: EvalContext, metric_rows: Callable[[EvalContext], list[dict[str, Any]]],
-          run_path: Path, num_samples: int, seed: int, batch_size: int, device,
+          run_path: Path, num_samples: int, seed: int, batch_size: int, shard_size: int, device,
           checkpoint_steps: dict[str, int], record: Callable[[list[dict[str, Any]]], None],
-          progress: bool = True) -> list[dict[str, Any]]:
-    """Rows (without run/stage) of every metric at every level and input kind; ``record`` gets
-    each level's rows as soon as they exist. ``levels`` must have passed ``set_checked_level``
-    (``runner.sweep_levels`` checks them before any work). The previous stages' outputs are
-    cached under a key of everything they depend on: n, seed, and each previous stage's
-    checkpoint step, weights, sampler and sampling level; the samples under a key of the swept
-    stage's too. Ground-truth input i is a training image of class i % K, as generated input i
-    is (drawn per class with the sample seed)."""
-    by_name = {s.spec.name: s for s in stages}
-    stage = by_name[name]
-    if stage.spec.condition_on is None:
+          progress: bool = True, rank: int = 0, world_size: int = 1) -> list[dict[str, Any]]:
+    """Rows (without run/stage) of every metric at every level and input kind, computed by rank 0;
+    ``record`` gets each level's rows as soon as they exist. ``levels`` must have passed
+    ``set_checked_level`` (``runner.sweep_levels`` checks them before any work).
+
+    On generated inputs a level's samples are ``evaluate.generate_samples``' at that level: in
+    npz shards shared out over the ranks, with the previous stage's outputs cached per shard in
+    ``eval_outputs`` under a key of everything they depend on (and the truncation level), so a
+    non-truncated sweep samples the previous stage once and a truncated one once per level.
+    Ground-truth input i is a training image of class i % K, as generated input i is (drawn per
+    class with the sample seed); rank 0 samples them, cached per level under ``<stage>/sweep/``."""
+    chain = chain_to(stages, name)
+    *prev, stage = chain
+    if not prev:
         raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
-    prev = chain_to(stages, stage.spec.condition_on)
     is_truncated = truncated(stage)
     labels = torch.arange(num_samples) % context.num_classes
+    step = checkpoint_steps[name]
+    ground_truth_folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
+        "n": num_samples, "seed": seed, "weights": ema_sha256(run_path / name / "checkpoints", step),
+        "step": step, "sampler": [stage.spec.sampler.name, stage.spec.sampler.args, stage.spec.guidance.scale,
+                                  stage.sample_precision],
+        "augmentation": [{"name": a.name, "args": a.args} for a in stage.spec.augmentations()],
+        "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
 
-    def sampling(s: StageModel) -> list:
-        step = checkpoint_steps[s.spec.name]
-        return [s.spec.name, step, ema_sha256(run_path / s.spec.name / "checkpoints", step), s.spec.sampler.name,
-                s.spec.sampler.args, s.spec.guidance.scale, s.sample_precision]
-
-    folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
-        "n": num_samples, "seed": seed, "stages": [s.spec.name for s in prev + [stage]],
-        "previous": sample_signature(prev, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
-                                     num_classes=context.num_classes)["stages"]}, 12)
-    samples_folder = folder / digest([sampling(stage), [{"name": a.name, "args": a.args}
-                                                        for a in stage.spec.augmentations()]], 12)
-    models = {s.spec.name: s.backbone for s in prev + [stage]}
-
-    def previous(stop: float) -> Tensor:
-        images, _ = sample_cascade(prev, models, labels, seed=seed, batch_size=batch_size, device=device,
-                                   progress=progress, stop_at={prev[-1].spec.name: stop})
-        return images[prev[-1].spec.name]
-
-    def upsample(low: Tensor, level: float, batch_labels: Tensor, ground_truth: bool) -> Tensor:
-        set_level(stage, level)
+    def upsample(low: Tensor, level: float) -> Tensor:
+        """Stage ``name``'s samples at ``level`` from ground-truth low-res images."""
         out = torch.empty((len(low), 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
         for i in range(0, len(low), batch_size):  # each batch made uint8 at once: float32 is 4x the size
             out[i:i + batch_size] = to_uint8(sample_stage(
-                stage, models[name], batch_labels[i:i + batch_size].to(device), seed=seed,
+                stage, stage.backbone, labels[i:i + batch_size].to(device), seed=seed,
                 image_ids=list(range(i, min(i + batch_size, len(low)))), low_res=low[i:i + batch_size].to(device),
-                device=device, ground_truth=ground_truth, progress=False)).cpu()
+                device=device, ground_truth=True, progress=False)).cpu()
         return out
 
     rows = []
     for kind in inputs:
-        extra = {}
-        if kind == "ground-truth":  # training images: the metrics' references are test images
-            real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
-            # image i of class i % K, as the generated inputs: a split may be ordered by class
-            index = class_matched(labels, real_labels, num_classes=context.num_classes, seed=seed)
-            low_all, kind_labels = to_float(real[index]), labels
-            extra = {"inputs_split": GROUND_TRUTH_SPLIT}
-        elif not is_truncated:  # the previous stage runs once; each level only re-noises
-            low_all = cached_tensor(folder / "inputs-z0.npz", lambda: previous(0.0))
-            kind_labels = labels
-        for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress):
-            if kind == "generated" and is_truncated:  # z_s of the previous stage, once per level
-                low_all = cached_tensor(folder / f"inputs-z_s-{level}.npz", lambda: previous(level))
-                kind_labels = labels
-            samples = cached_tensor(samples_folder / f"samples-{kind}-{level}.npz",
-                                    lambda: upsample(low_all, level, kind_labels, kind == "ground-truth"))
-            context.set_samples(samples, kind_labels.cpu(),
-                                {"level": level, "inputs": kind, "truncated": is_truncated, **extra})
+        extra = {"inputs_split": GROUND_TRUTH_SPLIT} if kind == "ground-truth" else {}
+        low = None
+        for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress or rank != 0):
+            set_level(stage, level)
+            if kind == "generated":
+                folder, _ = generate_samples(chain, run_path=run_path, checkpoint_steps=checkpoint_steps,
+                                             num_samples=num_samples, num_classes=context.num_classes, seed=seed,
+                                             batch_size=batch_size, shard_size=shard_size, device=device,
+                                             progress=False, rank=rank, world_size=world_size)
+                distributed.barrier()  # every rank's shards of this level are written
+                if rank != 0:
+                    continue
+                samples, _ = read_samples(folder, num_samples)
+            elif rank != 0:
+                continue
+            else:  # training images: the metrics' references are test images
+                if low is None:
+                    real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
+                    low = to_float(real[class_matched(labels, real_labels, num_classes=context.num_classes,
+                                                      seed=seed)])
+                samples = cached_tensor(ground_truth_folder / f"samples-ground-truth-{level}.npz",
+                                        lambda: upsample(low, level))
+            context.set_samples(samples, labels, {"level": level, "inputs": kind, "truncated": is_truncated,
+                                                  **extra})
             level_rows = metric_rows(context)
             record(level_rows)
             rows += level_rows
+    distributed.barrier()  # the other ranks wait for rank 0's ground-truth levels
     return rows
 
 

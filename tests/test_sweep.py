@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
+import cdmbench.cascade
+import cdmbench.evaluate
 import cdmbench.sweep
 from cdmbench.cli import cli
-from cdmbench.evaluate import read_samples
 from cdmbench.runner import run
 
 IS = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
@@ -21,15 +20,16 @@ SMALL = ["--set=evaluate.num_samples=20", "--set=evaluate.batch_size=10", "--no-
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Count the sweeps' calls of the previous stages."""
+    """Count the sweeps' calls of the previous stages (each with the level it stops at)."""
     calls = []
-    real = cdmbench.sweep.sample_cascade
+    real = cdmbench.evaluate.sample_cascade
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("stop_at"))
+        if "stop_at" in kwargs:  # the previous stages; the swept one is given their output
+            calls.append(kwargs["stop_at"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.sweep, "sample_cascade", counting)
+    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
     return calls
 
 
@@ -54,13 +54,16 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert CliRunner().invoke(cli, args).exit_code == 0
     assert len(counted) == 1  # the second sweep reads the cached z_0
 
-    # Later sampling uses the chosen level: the evaluation signature records it.
+    # Later sampling uses the chosen level, and its samples are the sweep's: nothing is sampled again.
+    swept = {p.parent: json.loads(p.read_text()) for p in (out / "sr16" / "eval_samples").glob("*/signature.json")}
+    assert sorted(sig["stages"][1]["levels"][0] for sig in swept.values()) == [0.0, 0.1, 0.3]
+    before = {p: p.stat().st_mtime_ns for p in (out / "sr16" / "eval_samples").glob("*/shard-*.npz")}
     assert CliRunner().invoke(cli, ["evaluate", str(out), IS, *SMALL]).exit_code == 0
-    signature = json.loads(next((out / "sr16" / "eval_samples").glob("*/signature.json")).read_text())
-    assert signature["stages"][1]["levels"] == [manifest["sr16"]["level"]]
-    evaluated, _ = read_samples(signature_folder := next((out / "sr16" / "eval_samples").glob("*/")), 20)
-    [swept] = (out / "sr16" / "sweep").glob(f"*/*/samples-generated-{manifest['sr16']['level']}.npz")
-    assert torch.equal(evaluated, torch.from_numpy(np.load(swept)["x"])), signature_folder  # the same samples
+    assert {p: p.stat().st_mtime_ns for p in (out / "sr16" / "eval_samples").glob("*/shard-*.npz")} == before
+    rows = [r for r in results(out) if r["metric"] == "is_classifier"]
+    chosen = next(r for r in rows if r["protocol"].get("level") == manifest["sr16"]["level"]
+                  and r["protocol"]["inputs"] == "generated")
+    assert rows[-1]["value"] == chosen["value"]  # the evaluation: the same samples, the same number
 
     # The report keeps sweep rows out of the results table and shows them as a table and plot.
     from cdmbench.report import read_results, results_table, sweep_table
@@ -87,15 +90,16 @@ def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tm
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
     (out / "report.md").unlink()
     calls = []
-    real = cdmbench.sweep.sample_stage
+    real = cdmbench.cascade.sample_stage
 
-    def interrupted(*args, **kwargs):  # two batches a level: stop in the third level
-        calls.append(kwargs["low_res"].shape[0])
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
+    def interrupted(stage, *args, **kwargs):  # two batches of sr16 a level: stop in the third level
+        if stage.spec.name == "sr16":
+            calls.append(len(kwargs["image_ids"]))
+            if len(calls) == 5:
+                raise KeyboardInterrupt
+        return real(stage, *args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.sweep, "sample_stage", interrupted)
+    monkeypatch.setattr(cdmbench.cascade, "sample_stage", interrupted)
     args = ["sweep", str(out), "--stage", "sr16", "--levels", "0,0.1,0.3", "--inputs", "generated", IS, *SMALL]
     assert CliRunner().invoke(cli, args).exit_code != 0
     levels = [r["protocol"]["level"] for r in results(out) if r["metric"] == "is_classifier"]
@@ -161,3 +165,22 @@ def test_a_sweep_samples_its_inputs_again_when_an_earlier_stages_level_changes(t
         result = CliRunner().invoke(cli, [*args, f"--set=stages.sr16.augmentation.args.level={sr16_level}"])
         assert result.exit_code == 0, result.output
     assert counted == [{"sr16": 0.0}, {"sr16": 0.0}]  # the second sweep reused the first's inputs
+
+
+def test_a_sweep_under_torchrun_shares_each_levels_shards(tiny_recipe, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
+    env = {**os.environ, "CDMBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench", "sweep",
+           str(out), "--stage", "sr16", "--levels", "0.1,0.3", IS, *SMALL, "--set=evaluate.shard_size=10"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for folder in (out / "sr16" / "eval_samples").iterdir():  # rank 0 wrote shard 0, rank 1 shard 1
+        assert sorted(p.name for p in folder.glob("shard-*.npz")) == ["shard-00000-0-10.npz", "shard-00001-10-20.npz"]
+    rows = [r for r in results(out) if r["metric"] == "is_classifier"]
+    assert sorted((r["protocol"]["inputs"], r["protocol"]["level"]) for r in rows) == [
+        ("generated", 0.1), ("generated", 0.3), ("ground-truth", 0.1), ("ground-truth", 0.3)]  # rank 0's only
+    assert json.loads((out / "cascade.json").read_text())["sr16"]["level"] in (0.1, 0.3)
