@@ -209,12 +209,11 @@ def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, mon
     assert "fid_train" in (trained_run / "report.md").read_text()
 
 
-def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeypatch, tmp_path):
+@pytest.fixture
+def sr16_rows(monkeypatch) -> list[tuple[int, int]]:
+    """(first row, rows) of each sampling of sr16 that evaluate makes."""
     import cdmbench.evaluate
 
-    monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
-    monkeypatch.setenv("CDMBENCH_INCEPTION", str(save_standin(tmp_path / "small-inception.pt", dims=64)))
-    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     sampled, real = [], cdmbench.evaluate.sample_cascade
 
     def counting(stages, **kwargs):
@@ -223,6 +222,14 @@ def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeyp
         return real(stages, **kwargs)
 
     monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    return sampled
+
+
+def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeypatch, tmp_path, sr16_rows):
+    sampled = sr16_rows
+    monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
+    monkeypatch.setenv("CDMBENCH_INCEPTION", str(save_standin(tmp_path / "small-inception.pt", dims=64)))
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
 
     def evaluate(n: int) -> list[str]:
         """Evaluate n samples, check them; the shards' row ranges."""
@@ -244,18 +251,10 @@ def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeyp
     assert evaluate(18) == ["0-12.npz", "12-24.npz", "24-30.npz"] and sampled == []
 
 
-def test_samples_of_another_shard_size_are_read_and_not_sampled_again(trained_run, monkeypatch, tmp_path):
-    import cdmbench.evaluate
-
+def test_samples_of_another_shard_size_are_read_and_not_sampled_again(trained_run, monkeypatch, tmp_path,
+                                                                       sr16_rows):
+    sampled = sr16_rows
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
-    sampled, real = [], cdmbench.evaluate.sample_cascade
-
-    def counting(stages, **kwargs):
-        if stages[-1].spec.name == "sr16":
-            sampled.append((kwargs["first_id"], len(kwargs["labels"])))
-        return real(stages, **kwargs)
-
-    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
 
     def evaluate(n: int, shard_size: int) -> torch.Tensor:
         sampled.clear()
