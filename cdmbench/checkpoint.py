@@ -145,16 +145,20 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], name: str) ->
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None) -> int:
-    """Restore a checkpoint in place; returns its step. Every file is read and checked first, so
-    on CheckpointError (unreadable or corrupt) the modules are unchanged."""
+                    optimizer: torch.optim.Optimizer | None = None, verify: bool = True) -> int:
+    """Restore a checkpoint in place; returns its step. Every file is read and checked first
+    (against the manifest's SHA-256 too unless ``verify`` is false: another process did), so on
+    CheckpointError (unreadable or corrupt) the modules are unchanged."""
+
+    def file(name: str) -> Path:
+        return _verified(path, name) if verify else path / name
+
     try:
-        weights = load_file(_verified(path, "model.safetensors"))
-        ema_weights = load_file(_verified(path, "ema.safetensors"))
+        weights = load_file(file("model.safetensors"))
+        ema_weights = load_file(file("ema.safetensors"))
         _check_fits(model, weights, "model.safetensors")
         _check_fits(ema, ema_weights, "ema.safetensors")
-        opt_state = (None if optimizer is None
-                     else torch.load(_verified(path, "optimizer.pt"), weights_only=True))
+        opt_state = None if optimizer is None else torch.load(file("optimizer.pt"), weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
     model.load_state_dict(weights)
@@ -222,7 +226,8 @@ def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
         step = distributed.broadcast(None)
         if step:
             try:
-                load_checkpoint(folder / f"{PREFIX}{step:08d}", model=model, ema=ema, optimizer=optimizer)
+                load_checkpoint(folder / f"{PREFIX}{step:08d}", model=model, ema=ema, optimizer=optimizer,
+                                verify=False)  # the first process checked its SHA-256 (~10 GB at sr256)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}: the first process resumed from it; the run directory must be "
                                       "one file system that every node shares") from exc

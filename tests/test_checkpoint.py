@@ -217,3 +217,12 @@ def test_every_rank_resumes_from_the_checkpoint_the_first_chose(tmp_path, shared
         assert results[0] == "4" and results[1].startswith(f"checkpoint {other / 'step-00000004'} is unreadable")
         assert results[1].endswith("the first process resumed from it; the run directory must be one file "
                                    "system that every node shares")
+
+
+def test_a_process_told_the_checkpoint_was_verified_does_not_hash_it_again(tmp_path):
+    path = save(tmp_path, 3)
+    flip_middle_byte(path / "ema.safetensors")  # a tensor's byte: still loads, but not the file written
+    model, ema, opt = modules(0)
+    with pytest.raises(CheckpointError, match="does not match its size and SHA-256"):
+        load_checkpoint(path, model=model, ema=ema, optimizer=opt)
+    assert load_checkpoint(path, model=model, ema=ema, optimizer=opt, verify=False) == 3

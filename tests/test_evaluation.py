@@ -129,6 +129,8 @@ def test_inception_code_path_with_a_torchscript_stand_in(standin_path, tmp_path)
         f = net.features(images, mode=mode)
         assert f.shape == (5, 2048) and f.dtype == torch.float64
     assert not torch.allclose(net.features(images, mode="clean"), net.features(images, mode="legacy_tensorflow"))
+    clean = net.features(images, mode="clean")  # images resized on threads, each kept in its place
+    assert torch.allclose(torch.cat([net.features(images[i:i + 1], mode="clean") for i in range(5)]), clean)
     p = net.probabilities(images)
     assert p.shape == (5, 1008) and torch.allclose(p.sum(1), torch.ones(5, dtype=torch.float64))
 

@@ -5,6 +5,7 @@ dataset's training split and caches, for data where Inception is meaningless or 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,7 +65,8 @@ class InceptionFeatures:
             from cleanfid.resize import build_resizer
 
             resize = build_resizer("clean")
-            resized = np.stack([resize(im) for im in images.permute(0, 2, 3, 1).cpu().numpy()])
+            with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:  # PIL resizes without the GIL
+                resized = np.stack(list(pool.map(resize, images.permute(0, 2, 3, 1).cpu().numpy())))
             x = torch.from_numpy(resized).permute(0, 3, 1, 2).to(self.device)
             return self.model.layers((x - 128) / 128).reshape(len(x), -1).double().cpu()
         raise ValueError(f"inception-2015-12-05: unknown mode {mode!r}; use one of {self.modes}")
