@@ -39,8 +39,8 @@ from .cascade import StageModel, make_component, sample_cascade
 from .checkpoint import ema_sha256, load_ema
 from .data import to_uint8
 from .errors import CdmbenchError
-from .files import (allocate_arrays, atomic_write, cached_tensor, check_free_space, done_marker, locked, mapped_tensor, save_npz,
-                    write_rows)
+from .files import (allocate_arrays, atomic_write, cached_tensor, check_free_space, done_marker, locked,
+                    mapped_tensor, save_npz, write_rows)
 from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
@@ -236,7 +236,7 @@ def generate_training_set(chain: list[StageModel], *, run_path: Path, checkpoint
             buffer = io.BytesIO()
             np.save(buffer, labels.numpy().astype(np.int64))
             atomic_write(folder / "labels.npy", buffer.getvalue())
-            (folder / "signature.json").write_text(json.dumps(signature, indent=1, default=str))
+            atomic_write(folder / "signature.json", json.dumps(signature, indent=1, default=str))
             atomic_write(folder / LAYOUT, json.dumps({"num_images": len(labels), "shard_size": shard_size}))
     shard_size = json.loads((folder / LAYOUT).read_text())["shard_size"]  # the first run's: markers name its shards
     left = {shard for shard in _my_shards(len(labels), shard_size, 0, 1) if not done_marker(folder, shard[0]).exists()}

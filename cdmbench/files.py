@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .errors import CdmbenchError
+
 
 @contextmanager
 def _named(path: Path) -> Iterator[None]:
@@ -56,8 +58,6 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 def check_free_space(folder: Path, needed: int, fix: str) -> None:
     """CdmbenchError unless the disk of ``folder`` has ``needed`` bytes free. Sparse arrays take
     their space only as rows are written: check what is still to write on every start."""
-    from .errors import CdmbenchError
-
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise CdmbenchError(f"no disk space for the arrays in {folder}: they need {needed} more bytes "

@@ -287,15 +287,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     spec = recipe.evaluate
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
     device = context.device
-    rank, world = distributed.rank(), distributed.world_size()
-    distributed.init(device, timeout=SHARDS_WAIT)  # under torchrun; ranks meet again after sampling
-    # every rank samples with the checkpoints rank 0 chose (a newer one may land meanwhile)
-    steps = distributed.broadcast(load_chain(chain, run_dir.path) if rank == 0 else None)
-    if rank != 0:
-        load_chain(chain, run_dir.path, steps)
-    for metric in built if rank == 0 else []:  # load feature networks now: fail before sampling
-        if hasattr(metric, "prepare"):
-            metric.prepare(context)
+    rank, world, steps = _join_and_load(chain, run_dir.path, context, built)
     sampling = dict(run_path=run_dir.path, checkpoint_steps=steps, num_classes=dataset.num_classes,
                     seed=recipe.sample.seed, batch_size=spec.batch_size, shard_size=spec.shard_size,
                     device=device, progress=progress, rank=rank, world_size=world)
@@ -327,6 +319,22 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
         run_dir.add_results(done)
     echo(write_report(run_dir, recipe, plugins))
     return rows
+
+
+def _join_and_load(chain: list[StageModel], run_path: Path, context: EvalContext,
+                   built: list) -> tuple[int, int, dict[str, int]]:
+    """(rank, world size, checkpoint steps) of a sampling job: it joins the torchrun process
+    group, every rank loads the checkpoints rank 0 chose (a newer one may land meanwhile), and
+    rank 0 prepares the metrics (feature networks: a missing file fails before sampling)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    distributed.init(context.device, timeout=SHARDS_WAIT)  # ranks meet again after sampling
+    steps = distributed.broadcast(load_chain(chain, run_path) if rank == 0 else None)
+    if rank != 0:
+        load_chain(chain, run_path, steps)
+    for metric in built if rank == 0 else []:
+        if hasattr(metric, "prepare"):
+            metric.prepare(context)
+    return rank, world, steps
 
 
 def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
@@ -369,14 +377,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
                                 "with a cas without paper_protocol and replace_training_set")
     for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
         set_checked_level(chain, stage, level, f"--levels {level}")
-    rank, world = distributed.rank(), distributed.world_size()
-    distributed.init(context.device, timeout=SHARDS_WAIT)  # under torchrun: ranks share each level's shards
-    steps = distributed.broadcast(load_chain(chain, run_dir.path) if rank == 0 else None)
-    if rank != 0:
-        load_chain(chain, run_dir.path, steps)
-    for metric in built if rank == 0 else []:
-        if hasattr(metric, "prepare"):
-            metric.prepare(context)
+    rank, world, steps = _join_and_load(chain, run_dir.path, context, built)
     n = num_samples or recipe.evaluate.num_samples
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,

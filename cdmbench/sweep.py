@@ -27,11 +27,10 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .cascade import StageModel, sample_stage
-from .checkpoint import ema_sha256
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .cas import class_matched
-from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples
+from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature
 from .files import cached_tensor
 
 MANIFEST = "cascade.json"
@@ -111,13 +110,11 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
         raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
     is_truncated = truncated(stage)
     labels = torch.arange(num_samples) % context.num_classes
-    step = checkpoint_steps[name]
-    ground_truth_folder = run_path / name / "sweep" / digest({  # each file in it is named by its level
-        "n": num_samples, "seed": seed, "weights": ema_sha256(run_path / name / "checkpoints", step),
-        "step": step, "sampler": [stage.spec.sampler.name, stage.spec.sampler.args, stage.spec.guidance.scale,
-                                  stage.sample_precision],
-        "augmentation": [{"name": a.name, "args": a.args} for a in stage.spec.augmentations()],
-        "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
+    [swept] = sample_signature([stage], run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
+                               num_classes=context.num_classes)["stages"]
+    del swept["levels"]  # each file in the folder is named by its level
+    ground_truth_folder = run_path / name / "sweep" / digest(
+        {"n": num_samples, "seed": seed, "stage": swept, "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
 
     def upsample(low: Tensor, level: float) -> Tensor:
         """Stage ``name``'s samples at ``level`` from ground-truth low-res images."""
