@@ -68,7 +68,8 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
                                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
                                   paper_protocol: bool = False,
                                   reference: Classifier | None = None,
-                                  reference_cache: tuple[Path, dict] | None = None) -> list[dict[str, Any]]:
+                                  cache: tuple[Path, dict] | None = None,
+                                  samples_key: dict | None = None) -> list[dict[str, Any]]:
     """CAS top-1/top-5 (fractions) of ``samples`` and of the matched real-data reference.
 
     All images are (N, 3, H, W) uint8 at one resolution. ``paper_protocol`` trains as the paper
@@ -76,8 +77,10 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     weight decay 1e-4; 1000 classes required) and marks the rows not scaled down.
     ``reference``: a classifier already trained on ``matched_real_subset(...)`` with the same
     settings (e.g. from ``cached_classifier``); then no real-data classifier is trained and the
-    real training set may be None. ``reference_cache``: (cache dir, key naming the real training
-    data): the reference is trained once per class counts and settings (``cached_classifier``).
+    real training set may be None. ``cache``: (cache dir, key naming the real training data):
+    the reference is trained once per class counts and settings (``cached_classifier``), and so
+    is the classifier of the samples when ``samples_key`` names them (e.g. their signature); a
+    cached classifier's interrupted training resumes (the paper protocol's takes hours).
     Returns one row per (metric, source).
     """
     _check_labels(sample_labels, n=len(samples), num_classes=num_classes, name="sample_labels")
@@ -113,13 +116,17 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
             return (real_train_images[index.to(real_train_images.device)],
                     real_train_labels[index.to(real_train_labels.device)])
 
-        if reference_cache is None:
+        if cache is None:
             reference = train_classifier(*matched(), **train)
         else:  # one per class counts: every level of a sweep shares it
-            cache_dir, key = reference_cache
-            reference, _ = cached_classifier(key={**key, "cas_reference_counts": counts.tolist()},
-                                             train_images=matched, cache_dir=cache_dir, **train)
-    classifiers = {"generated": train_classifier(samples, sample_labels, **train), "real data": reference}
+            reference, _ = cached_classifier(key={**cache[1], "cas_reference_counts": counts.tolist()},
+                                             train_images=matched, cache_dir=cache[0], **train)
+    if cache is None or samples_key is None:
+        generated = train_classifier(samples, sample_labels, **train)
+    else:
+        generated, _ = cached_classifier(key={"cas_samples": samples_key, "n": len(samples)}, train_images=samples,
+                                         train_labels=sample_labels, cache_dir=cache[0], **train)
+    classifiers = {"generated": generated, "real data": reference}
 
     rows = []
     for source, model in classifiers.items():

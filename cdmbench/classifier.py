@@ -4,14 +4,18 @@ Callers always hand over images as (N, 3, H, W) tensors, uint8 or float in [0, 2
 ``Classifier`` wrapper scales them to [-1, 1] itself. Training is SGD with Nesterov momentum, a
 linear warm-up then a cosine (or the paper's step) schedule, and random flips and +-2 px
 translations applied on the device. Given a seed, the weights are identical run to run on a CPU
-(GPU kernels may add tiny non-determinism).
+(GPU kernels may add tiny non-determinism), and so are those of a training interrupted (SIGTERM,
+SIGINT, SIGKILL) and resumed from its state file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -26,13 +30,16 @@ from tqdm.auto import tqdm
 
 from .checkpoint import sha256_file
 from .data import to_device
+from .errors import Stopped
 from .files import atomic_write, locked
+from .signals import StopSignal
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
 STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
 CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
 LOSS_EVERY = 50          # steps between reads of the training loss (each waits for the GPU)
+SAVE_EVERY_S = 600       # seconds between saves of the training state (when given a state file)
 
 Data = tuple[Tensor, Tensor]
 
@@ -117,13 +124,19 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
                      epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
                      schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True) -> Classifier:
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     state: Path | None = None) -> Classifier:
     """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
 
     The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
     16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
-    30/60/80 of 90 epochs). SGD with momentum 0.9, Nesterov's unless ``nesterov`` is false. Each batch is indexed where ``images`` lie and moved to ``device``
-    alone, so a memory-mapped set is never read whole. Returns the model in eval mode on ``device``.
+    30/60/80 of 90 epochs). SGD with momentum 0.9, Nesterov's unless ``nesterov`` is false. Each
+    batch is indexed where ``images`` lie and moved to ``device`` alone, so a memory-mapped set
+    is never read whole. Returns the model in eval mode on ``device``.
+
+    ``state``: a file (the caller's, for these images) where the training state is saved every
+    SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped``; a call
+    with the same file resumes from it. The caller deletes it once it has kept the weights.
     """
     _check_images(images)
     _check_labels(labels, n=len(images), num_classes=num_classes)
@@ -146,12 +159,20 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     # Near-equal batches (never a lone image, which batch norm cannot train on).
     num_batches = math.ceil(len(images) / batch_size)
     total = epochs * num_batches
-    step = 0
+    settings = json.dumps({"arch": arch, "num_classes": num_classes, "n": len(images), "epochs": epochs,
+                           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                           "schedule": schedule, "nesterov": nesterov, "seed": seed,
+                           "labels_sha256": hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()})
+    step = 0 if state is None else _resume(state, settings, model, optimizer, shuffle, augment)
+    saved_at = time.monotonic()
     losses = torch.zeros((), device=device)  # summed on the device, read every LOSS_EVERY steps
-    with tqdm(total=total, desc=f"train {arch}", unit="batch", disable=not progress) as bar:
-        for epoch in range(epochs):
+    with tqdm(total=total, initial=step, desc=f"train {arch}", unit="batch", disable=not progress) as bar, \
+            (StopSignal() if state is not None else contextlib.nullcontext()) as stop:
+        for epoch in range(step // num_batches, epochs):
             bar.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
-            for index in torch.randperm(len(images), generator=shuffle).tensor_split(num_batches):
+            epoch_start = shuffle.get_state()  # saved with the state: it redraws this epoch's order
+            order = torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)
+            for index in order[step - epoch * num_batches:]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total, schedule)
                 # Only the batch moves to the device (the images may be a memory-mapped dataset),
@@ -169,7 +190,48 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                     bar.set_postfix(loss=f"{losses.item() / ((step - 1) % LOSS_EVERY + 1):.3f}")  # their mean
                     losses.zero_()
                 bar.update()
+                if stop is not None and (stop.received or time.monotonic() - saved_at >= SAVE_EVERY_S):
+                    # the shuffle state that draws the order of epoch step // num_batches
+                    ahead = epoch_start if step % num_batches else shuffle.get_state()
+                    _save(state, settings, step, model, optimizer, ahead, augment)
+                    saved_at = time.monotonic()
+                    if stop.received:
+                        raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
+                                      f"its state is in {state}: run the same command again to resume")
     return model.eval()
+
+
+def _save(path: Path, settings: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+          epoch_start: Tensor, augment: torch.Generator) -> None:
+    """Write the training state after ``step`` atomically (tensors, numbers and strings only);
+    ``epoch_start``: the shuffle generator's state before the current epoch's order was drawn."""
+    buffer = io.BytesIO()
+    torch.save({"settings": settings, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "shuffle": epoch_start,
+                "augment": augment.get_state()}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def _resume(path: Path, settings: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+            shuffle: torch.Generator, augment: torch.Generator) -> int:
+    """Load the state saved in ``path`` for ``settings`` and return its step; 0 (from scratch,
+    with a warning) when it is unreadable or was saved for other settings."""
+    if not Path(path).exists():
+        return 0
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch's message suggests weights_only=False: not for a damaged file
+        reason = f"unreadable ({type(exc).__name__})"
+    else:
+        reason = None if saved.get("settings") == settings else f"saved for other settings ({saved.get('settings')})"
+    if reason is not None:
+        warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
+        return 0
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    shuffle.set_state(saved["shuffle"])
+    augment.set_state(saved["augment"])
+    return saved["step"]
 
 
 @torch.no_grad()
@@ -214,8 +276,9 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     ``key`` (JSON-serialisable) names the training data, e.g. dataset, split, resolution and
     count; the file name hashes it with every training setting. ``train_images`` may be a
     callable returning ``(images, labels)`` (then leave ``train_labels`` None), so a cache hit
-    never loads data. A file that does not load is retrained with a warning. Returns the model
-    (eval mode, on ``device``) and the SHA-256 of its weights file.
+    never loads data. A file that does not load is retrained with a warning. An interrupted
+    training resumes from ``<hash>.state.pt`` beside it (``train_classifier``'s ``state``).
+    Returns the model (eval mode, on ``device``) and the SHA-256 of its weights file.
     """
     if callable(train_images) != (train_labels is None):
         raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
@@ -241,7 +304,9 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
         images, labels = train_images() if callable(train_images) else (train_images, train_labels)
         model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                                 nesterov=nesterov, seed=seed, device=device, progress=progress)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        atomic_write(path, save(state, metadata={"key": key_json}))  # complete or absent
+                                 nesterov=nesterov, seed=seed, device=device, progress=progress,
+                                 state=path.with_suffix(".state.pt"))
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, save(weights, metadata={"key": key_json}))  # complete or absent
+        path.with_suffix(".state.pt").unlink(missing_ok=True)
         return model, sha256_file(path)

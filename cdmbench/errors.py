@@ -23,3 +23,7 @@ class PluginError(CdmbenchError):
 
 class CheckpointError(CdmbenchError):
     """A checkpoint that cannot be read."""
+
+
+class Stopped(CdmbenchError):
+    """Work stopped by SIGTERM / SIGINT after saving its state; the same command resumes it."""

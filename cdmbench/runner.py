@@ -18,7 +18,7 @@ from .bench import network_flops
 from .cache import default_cache_dir, digest
 from .cascade import StageModel, build_stage, make_component, sample_cascade
 from .checkpoint import list_checkpoints, load_ema
-from .errors import CdmbenchError, RecipeError
+from .errors import CdmbenchError, RecipeError, Stopped
 from .files import atomic_write, locked
 from .findings import findings_section
 from .grids import save_grid
@@ -338,11 +338,14 @@ def _join_and_load(chain: list[StageModel], run_path: Path, context: EvalContext
 
 
 def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
-    """Every metric's rows; a metric that fails gives a row with status 'failed' and the error."""
+    """Every metric's rows; a metric that fails gives a row with status 'failed' and the error
+    (one stopped by SIGTERM / SIGINT stops the job)."""
     rows = []
     for metric in built:
         try:
             rows += metric.evaluate(context)
+        except Stopped:  # a signal: the job ends; the metric resumes in the next one
+            raise
         except Exception as exc:  # the other metrics' rows are kept
             error = str(exc) if isinstance(exc, (CdmbenchError, ValueError)) else f"{type(exc).__name__}: {exc}"
             echo(f"metric {metric.name} failed: {error}")

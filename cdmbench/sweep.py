@@ -141,6 +141,7 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                 if rank != 0:
                     continue
                 samples, _ = read_samples(folder, num_samples)
+                named = folder.name
             elif rank != 0:
                 continue
             else:  # training images: the metrics' references are test images
@@ -150,8 +151,9 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                                                       seed=seed)])
                 samples = cached_tensor(ground_truth_folder / f"samples-ground-truth-{level}.npz",
                                         lambda: upsample(low, level))
+                named = f"{ground_truth_folder.name}-{level}"
             context.set_samples(samples, labels, {"level": level, "inputs": kind, "truncated": is_truncated,
-                                                  **extra})
+                                                  "signature": named, **extra})
             level_rows = metric_rows(context)
             record(level_rows)
             rows += level_rows

@@ -12,7 +12,6 @@ import copy
 import functools
 import json
 import math
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,8 +26,9 @@ from .cascade import StageModel, derive_seed, image_generators
 from .checkpoint import resume_latest, save_checkpoint
 from .data import ImageSet, to_device, to_float
 from .diffusion import q_sample, training_loss as diffusion_loss
-from .errors import CdmbenchError
+from .errors import CdmbenchError, Stopped
 from .files import atomic_write
+from .signals import StopSignal
 
 SLOW_CHECKPOINT_S = 20  # a checkpoint slower than this to write is reported (a stop signal's grace time)
 
@@ -160,35 +160,6 @@ def backward(stage: StageModel, model: nn.Module, batch: Batch) -> Tensor:
     return distributed.mean(total)
 
 
-class StopSignal:
-    """Catches SIGTERM / SIGINT during training so that the step in progress finishes and a
-    checkpoint is written before the process stops (preemption, Ctrl-C)."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopSignal:
-        try:
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        except ValueError:  # not the main thread: signals stay with the caller
-            self._previous = {}
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def requested(self) -> bool:
-        """Whether any process received a signal (all processes agree, so all stop)."""
-        return distributed.any_process(self.received is not None)
-
-
 def _learning_rate(spec, step: int) -> float:
     """Linear warm-up over train.warmup_steps, then constant."""
     return spec.lr * min(1.0, (step + 1) / spec.warmup_steps) if spec.warmup_steps else spec.lr
@@ -245,10 +216,9 @@ def _first_non_finite(steps: list[Tensor]) -> tuple[list[list[float]], int | Non
     return values, next((i for i, v in enumerate(values) if not all(map(math.isfinite, v))), None)
 
 
-def _stopped(stage: StageModel, stop: StopSignal, step: int, ckpt_dir: Path) -> CdmbenchError:
-    name = signal.Signals(stop.received).name if stop.received else "a signal"
-    return CdmbenchError(f"stage {stage.spec.name}: stopped by {name} after step {step}; its checkpoint "
-                         f"is in {ckpt_dir}: run the same command again to resume")
+def _stopped(stage: StageModel, stop: StopSignal, step: int, ckpt_dir: Path) -> Stopped:
+    return Stopped(f"stage {stage.spec.name}: stopped by {stop.name} after step {step}; its checkpoint "
+                   f"is in {ckpt_dir}: run the same command again to resume")
 
 
 def _non_finite(loss: float, grad_norm: float) -> str:

@@ -52,7 +52,7 @@ def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, m
     def score(labels, images=samples):
         return rows_by(classification_accuracy_score(
             samples=images, sample_labels=labels, real_train_images=train_images, real_train_labels=train_labels,
-            real_val_images=val_images, real_val_labels=val_labels, reference_cache=(tmp_path, {"data": "colours"}),
+            real_val_images=val_images, real_val_labels=val_labels, cache=(tmp_path, {"data": "colours"}),
             **SETTINGS))
 
     first, again = score(sample_labels), score(sample_labels.flip(0))  # same class counts: a sweep's levels
@@ -61,6 +61,29 @@ def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, m
     score(sample_labels[:32], samples[:32])  # other class counts: another reference
     assert len(trained) == 2
 
+
+
+def test_the_classifier_of_samples_a_key_names_is_trained_once(real, tmp_path, monkeypatch):
+    """The paper protocol's classifier trains for hours: cached, its training resumes when stopped."""
+    import cdmbench.classifier
+
+    (train_images, train_labels), (val_images, val_labels) = real
+    samples, sample_labels = colour_images(8, seed=12)
+    trained, real_train = [], cdmbench.classifier.train_classifier
+    monkeypatch.setattr(cdmbench.classifier, "train_classifier",
+                        lambda *a, **k: trained.append(k["state"].name) or real_train(*a, **k))
+
+    def score(key):
+        return rows_by(classification_accuracy_score(
+            samples=samples, sample_labels=sample_labels, real_train_images=train_images,
+            real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
+            cache=(tmp_path, {"data": "colours"}), samples_key=key, **SETTINGS))
+
+    first = score({"signature": "abc"})
+    assert len(trained) == 2 and all(name.endswith(".state.pt") for name in trained)  # reference and samples'
+    assert score({"signature": "abc"}) == first and len(trained) == 2  # both loaded
+    score({"signature": "other"})
+    assert len(trained) == 3  # other samples: their own classifier
 
 def test_cas_shuffled_labels_near_chance(real):
     """Labels independent of the images carry no class information, so E[top-1] = 1/8.

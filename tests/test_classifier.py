@@ -172,3 +172,82 @@ def test_steps_between_loss_reads_read_nothing_on_the_host():
 
     short, long = events_of_4_and_7_steps(host_reads)
     assert len(short) == len(long), (short, long)
+
+
+def _stop_at(monkeypatch, call: int) -> None:
+    """SIGTERM this process in the ``call``-th batch's augmentation (step ``call`` - 1)."""
+    import os
+    import signal
+
+    calls, real = [], C._augment
+
+    def augment(x, generator):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(x, generator)
+
+    monkeypatch.setattr(C, "_augment", augment)
+
+
+@pytest.mark.parametrize("stop_after", [6, 8])  # mid-epoch, and at the end of epoch 2 (4 batches each)
+def test_a_stopped_training_saves_its_state_and_resumes_to_the_same_weights(tmp_path, monkeypatch, model, data,
+                                                                             stop_after):
+    (images, labels), _ = data
+    kwargs = dict(key={"data": "colours"}, train_images=images, train_labels=labels, num_classes=8,
+                  cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
+    with monkeypatch.context() as patch:
+        _stop_at(patch, stop_after)
+        with pytest.raises(C.Stopped, match=f"stopped by SIGTERM after step {stop_after} of 16.*state.pt: run "
+                                            "the same command again to resume"):
+            C.cached_classifier(**kwargs)
+    [state] = (tmp_path / "classifiers").glob("*.state.pt")
+    assert torch.load(state, weights_only=True)["step"] == stop_after
+    assert not list((tmp_path / "classifiers").glob("*.safetensors"))  # no weights of a half-trained model
+    resumed, _ = C.cached_classifier(**kwargs)
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name  # as the uninterrupted fixture, BN statistics included
+    assert not state.exists()  # removed once the weights are kept
+
+
+def test_a_state_saved_for_other_settings_is_not_used(tmp_path, monkeypatch, model, data):
+    (images, labels), _ = data
+    state = tmp_path / "train.state.pt"
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 3)
+        with pytest.raises(C.Stopped):
+            C.train_classifier(images, labels, num_classes=8, seed=1, state=state, **TRAIN)  # another seed
+    with pytest.warns(UserWarning, match="saved for other settings.*training from scratch"):
+        again = C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    state.write_bytes(b"not a state")
+    with pytest.warns(UserWarning, match=r"not used: unreadable \(UnpicklingError\); training from scratch"):
+        C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **{**TRAIN, "epochs": 1})
+
+
+def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted_one(tmp_path):
+    """The state is saved after every step (SAVE_EVERY_S = 0); the kill lands anywhere, mid-write too."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    settings = {**TRAIN, "epochs": 16, "batch_size": 4}  # 256 steps
+    state = tmp_path / "train.state.pt"
+    child = (f"import torch; from cdmbench import classifier as C; from tests.test_classifier import colour_images\n"
+             f"C.SAVE_EVERY_S = 0\n"
+             f"C.train_classifier(*colour_images(8), num_classes=8, seed=0, state={str(state)!r}, **{settings!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while not state.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    proc.kill()
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == -signal.SIGKILL, out.decode()[-2000:]
+    step = torch.load(state, weights_only=True)["step"]
+    assert 0 < step < 256
+    resumed = C.train_classifier(*colour_images(8), num_classes=8, seed=0, state=state, **settings)
+    straight = C.train_classifier(*colour_images(8), num_classes=8, seed=0, **settings)
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

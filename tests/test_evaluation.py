@@ -422,8 +422,8 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
     assert fid["features"] == "classifier" and fid["mode"] == "native" and len(fid["features_sha256"]) == 64
     assert found["cas_top1"]["protocol"]["scaled_down"] is True
     assert found["cas_top1"]["unit"] == "%" and 0 <= found["cas_top1"]["value"] <= 100
-    # the feature classifier, trained once, and CAS's real-data reference
-    assert len(list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))) == 2
+    # the feature classifier, trained once, CAS's real-data reference and the samples' classifier
+    assert len(list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))) == 3
     report = CliRunner().invoke(cli, ["report", str(trained_run)])
     assert report.exit_code == 0 and "fid_test (classifier, native)" in report.output
 
@@ -561,6 +561,29 @@ def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
     rows = _metric_rows([Broken(), Works()], context, said.append)
     assert rows[0]["status"] == "failed" and rows[0]["protocol"] == {"n": 30, "error": "TypeError: a bug in a plugin"}
     assert rows[1] == {"metric": "works", "value": 1.0} and said == ["metric broken failed: TypeError: a bug in a plugin"]
+
+
+def test_a_metric_stopped_by_a_signal_stops_the_evaluation_instead_of_failing():
+    """A failed row would be recorded while the job is being preempted, and the next metric begun."""
+    from types import SimpleNamespace
+
+    from cdmbench.errors import Stopped
+    from cdmbench.runner import _metric_rows
+
+    class Preempted:
+        name = "cas"
+
+        def evaluate(self, context):
+            raise Stopped("training resnet50 stopped by SIGTERM after step 7 of 90")
+
+    class Next:
+        name = "next"
+
+        def evaluate(self, context):
+            raise AssertionError("begun after the stop")
+
+    with pytest.raises(Stopped, match="SIGTERM"):
+        _metric_rows([Preempted(), Next()], SimpleNamespace(protocol={"n": 30}, training_set=None), print)
 
 
 def test_a_sweep_leaves_out_cas_on_a_replaced_training_set(trained_run, monkeypatch, tmp_path):

@@ -115,6 +115,7 @@ class CAS:
                                     "has none (a sweep does not make them)")
             samples, labels = context.training_set.images, context.training_set.labels
             described = context.training_set.protocol
+        signature = described.get("signature", context.protocol.get("signature"))  # names the samples' pixels
         train_images, train_labels = context.real("train")
         val_images, val_labels = context.real(self.test_split)
         rows = classification_accuracy_score(
@@ -123,7 +124,8 @@ class CAS:
             num_classes=context.num_classes, arch=self.arch, epochs=self.epochs,
             batch_size=self.batch_size, seed=self.seed, device=context.device,
             progress=context.progress, paper_protocol=self.paper_protocol,
-            reference_cache=(context.cache_dir, context.data_key("train")))
+            cache=(context.cache_dir, context.data_key("train")),
+            samples_key=None if signature is None else {"signature": signature})
         out = []
         for row in rows:
             real = row["source"] != "generated"
