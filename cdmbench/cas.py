@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .classifier import Classifier, _check_labels, accuracy, cached_classifier, predict_logits, train_classifier
+from .classifier import (Classifier, _check_labels, accuracy, cached_classifier, predict_logits, train_classifier,
+                         training_ranks)
 
 # Ravuri & Vinyals' ResNet-50 training: SGD momentum at batch 1024, lr warm-up to 0.4 (0.1 per
 # 256 images) over 5 epochs, x0.1 at 30/60/80 of 90 epochs.
@@ -63,13 +64,13 @@ def _note(*, arch: str, epochs: int, n: int) -> str:
 
 def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
                                   real_train_images: Tensor | None, real_train_labels: Tensor | None,
-                                  real_val_images: Tensor, real_val_labels: Tensor, num_classes: int,
+                                  real_val_images: Tensor | None, real_val_labels: Tensor | None, num_classes: int,
                                   arch: str = "resnet10t", epochs: int, batch_size: int = 128,
                                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
                                   paper_protocol: bool = False,
                                   reference: Classifier | None = None,
                                   cache: tuple[Path, dict] | None = None,
-                                  samples_key: dict | None = None) -> list[dict[str, Any]]:
+                                  samples_key: dict | None = None, ranks: bool = False) -> list[dict[str, Any]]:
     """CAS top-1/top-5 (fractions) of ``samples`` and of the matched real-data reference.
 
     All images are (N, 3, H, W) uint8 at one resolution. ``paper_protocol`` trains as the paper
@@ -81,13 +82,18 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     the reference is trained once per class counts and settings (``cached_classifier``), and so
     is the classifier of the samples when ``samples_key`` names them (e.g. their signature); a
     cached classifier's interrupted training resumes (the paper protocol's takes hours).
+    ``ranks``: every process of the torchrun process group calls this with the same arguments
+    and the classifiers train on all of them (``train_classifier``'s ``ranks``); the first
+    process tests them and returns the rows, the others return [] and may pass no validation set.
     Returns one row per (metric, source).
     """
+    _, rank = training_ranks(ranks)
     _check_labels(sample_labels, n=len(samples), num_classes=num_classes, name="sample_labels")
-    _check_labels(real_val_labels, n=len(real_val_images), num_classes=num_classes, name="real_val_labels")
-    if samples.shape[1:] != real_val_images.shape[1:]:
-        raise ValueError(f"samples {tuple(samples.shape[1:])} and real_val_images "
-                         f"{tuple(real_val_images.shape[1:])} must have the same (3, H, W)")
+    if rank == 0:
+        _check_labels(real_val_labels, n=len(real_val_images), num_classes=num_classes, name="real_val_labels")
+        if samples.shape[1:] != real_val_images.shape[1:]:
+            raise ValueError(f"samples {tuple(samples.shape[1:])} and real_val_images "
+                             f"{tuple(real_val_images.shape[1:])} must have the same (3, H, W)")
     train = {"num_classes": num_classes, "arch": arch, "epochs": epochs, "batch_size": batch_size,
              "seed": seed, "device": device, "progress": progress}
     if paper_protocol:
@@ -117,15 +123,17 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
                     real_train_labels[index.to(real_train_labels.device)])
 
         if cache is None:
-            reference = train_classifier(*matched(), **train)
+            reference = train_classifier(*matched(), **train, ranks=ranks)
         else:  # one per class counts: every level of a sweep shares it
             reference, _ = cached_classifier(key={**cache[1], "cas_reference_counts": counts.tolist()},
-                                             train_images=matched, cache_dir=cache[0], **train)
+                                             train_images=matched, cache_dir=cache[0], **train, ranks=ranks)
     if cache is None or samples_key is None:
-        generated = train_classifier(samples, sample_labels, **train)
+        generated = train_classifier(samples, sample_labels, **train, ranks=ranks)
     else:
         generated, _ = cached_classifier(key={"cas_samples": samples_key, "n": len(samples)}, train_images=samples,
-                                         train_labels=sample_labels, cache_dir=cache[0], **train)
+                                         train_labels=sample_labels, cache_dir=cache[0], **train, ranks=ranks)
+    if rank != 0:
+        return []
     classifiers = {"generated": generated, "real data": reference}
 
     rows = []

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .checkpoint import sha256_file
 from .data import to_device
 from .errors import Stopped
@@ -108,12 +109,14 @@ def _lr_factor(step: int, total: int, schedule: str) -> float:
     return 0.1 ** sum(step >= m * total for m in STEP_MILESTONES)
 
 
-def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random horizontal flip and +-PAD px translation of float images (B, C, H, W)."""
+def _augment(x: Tensor, generator: torch.Generator, part: slice = slice(None), of: int | None = None) -> Tensor:
+    """Random horizontal flip and +-PAD px translation of float images (B, C, H, W). The random
+    draws are made for a whole batch of ``of`` images (default B) of which ``x`` is ``part``, so
+    every process sharing a batch draws alike and applies its part's draws."""
     b, c, h, w = x.shape
-    flip = torch.rand(b, generator=generator, device=x.device) < 0.5
+    flip = (torch.rand(of or b, generator=generator, device=x.device) < 0.5)[part]
     x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    offsets = torch.randint(0, 2 * PAD + 1, (2, b), generator=generator, device=x.device)
+    offsets = torch.randint(0, 2 * PAD + 1, (2, of or b), generator=generator, device=x.device)[:, part]
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
     padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
@@ -121,11 +124,17 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return padded[batch, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
 
 
+def training_ranks(ranks: bool) -> tuple[int, int]:
+    """(world size, rank) of the processes that train together: the torchrun process group's
+    when ``ranks`` and one is joined, else (1, 0)."""
+    return (distributed.world_size(), distributed.rank()) if ranks and distributed.joined() else (1, 0)
+
+
 def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
                      epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
                      schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
                      device: str | torch.device = "cpu", progress: bool = True,
-                     state: Path | None = None) -> Classifier:
+                     state: Path | None = None, ranks: bool = False) -> Classifier:
     """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
 
     The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
@@ -137,6 +146,13 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     ``state``: a file (the caller's, for these images) where the training state is saved every
     SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped``; a call
     with the same file resumes from it. The caller deletes it once it has kept the weights.
+
+    ``ranks``: every process of the torchrun process group trains it together, each called with
+    the same arguments (its own ``device``): each takes an equal contiguous share of every
+    batch, DDP averages the gradients as those of the whole batch, and batch norm normalises
+    each share by its own statistics (as multi-GPU ImageNet training does; the running
+    statistics are the first process's). The first process writes and reads the state; a
+    training resumed on another number of processes goes on (only the shares' statistics change).
     """
     _check_images(images)
     _check_labels(labels, n=len(images), num_classes=num_classes)
@@ -146,27 +162,37 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
     if schedule not in ("cosine", "step"):
         raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    world, rank = training_ranks(ranks)
+    num_batches = math.ceil(len(images) / batch_size)  # near-equal batches: never a lone image
+    if len(images) // num_batches < world:
+        raise ValueError(f"batches of {len(images) // num_batches} images cannot be shared by {world} processes")
     device = torch.device(device)
     model = build_classifier(arch=arch, num_classes=num_classes, seed=seed).to(device).train()
+    runner = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
 
     decay = [p for p in model.parameters() if p.dim() > 1]  # no weight decay on norms and biases
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": rest, "weight_decay": 0.0}],
                                 lr=lr, momentum=0.9, nesterov=nesterov)
-    shuffle = torch.Generator().manual_seed(seed)
+    shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
     augment = torch.Generator(device=device).manual_seed(seed + 1)
-    # Near-equal batches (never a lone image, which batch norm cannot train on).
-    num_batches = math.ceil(len(images) / batch_size)
     total = epochs * num_batches
     settings = json.dumps({"arch": arch, "num_classes": num_classes, "n": len(images), "epochs": epochs,
                            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                            "schedule": schedule, "nesterov": nesterov, "seed": seed,
                            "labels_sha256": hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()})
-    step = 0 if state is None else _resume(state, settings, model, optimizer, shuffle, augment)
+    saved = None if state is None else _resume(state, settings, together=world > 1)
+    step = 0 if saved is None else saved["step"]
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle.set_state(saved["shuffle"])
+        augment.set_state(saved["augment"])
     saved_at = time.monotonic()
     losses = torch.zeros((), device=device)  # summed on the device, read every LOSS_EVERY steps
-    with tqdm(total=total, initial=step, desc=f"train {arch}", unit="batch", disable=not progress) as bar, \
+    with tqdm(total=total, initial=step, desc=f"train {arch}", unit="batch", disable=not progress or rank) as bar, \
             (StopSignal() if state is not None else contextlib.nullcontext()) as stop:
         for epoch in range(step // num_batches, epochs):
             bar.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
@@ -175,12 +201,15 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
             for index in order[step - epoch * num_batches:]:
                 for group in optimizer.param_groups:
                     group["lr"] = lr * _lr_factor(step, total, schedule)
-                # Only the batch moves to the device (the images may be a memory-mapped dataset),
+                mine = slice(len(index) * rank // world, len(index) * (rank + 1) // world)
+                # Only the share moves to the device (the images may be a memory-mapped dataset),
                 # from pinned memory without waiting: the host gathers the next while the GPU computes.
-                x = _augment(to_device(images[index.to(images.device)], device).float(), augment)
-                y = to_device(labels[index.to(labels.device)], device).long()
+                x = _augment(to_device(images[index[mine].to(images.device)], device).float(), augment,
+                             mine, len(index))
+                y = to_device(labels[index[mine].to(labels.device)], device).long()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = F.cross_entropy(model(x), y)
+                    # the share's mean, weighted so that DDP's average is the whole batch's mean
+                    loss = F.cross_entropy(runner(x), y) * (len(y) * world / len(index))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -190,14 +219,17 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                     bar.set_postfix(loss=f"{losses.item() / ((step - 1) % LOSS_EVERY + 1):.3f}")  # their mean
                     losses.zero_()
                 bar.update()
-                if stop is not None and (stop.received or time.monotonic() - saved_at >= SAVE_EVERY_S):
+                if stop is None:
+                    continue
+                stopping = stop.requested() if world > 1 else stop.received is not None  # all agree
+                if rank == 0 and (stopping or time.monotonic() - saved_at >= SAVE_EVERY_S):
                     # the shuffle state that draws the order of epoch step // num_batches
                     ahead = epoch_start if step % num_batches else shuffle.get_state()
                     _save(state, settings, step, model, optimizer, ahead, augment)
                     saved_at = time.monotonic()
-                    if stop.received:
-                        raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
-                                      f"its state is in {state}: run the same command again to resume")
+                if stopping:
+                    raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
+                                  f"its state is in {state}: run the same command again to resume")
     return model.eval()
 
 
@@ -212,26 +244,23 @@ def _save(path: Path, settings: str, step: int, model: nn.Module, optimizer: tor
     atomic_write(path, buffer.getvalue())
 
 
-def _resume(path: Path, settings: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-            shuffle: torch.Generator, augment: torch.Generator) -> int:
-    """Load the state saved in ``path`` for ``settings`` and return its step; 0 (from scratch,
-    with a warning) when it is unreadable or was saved for other settings."""
-    if not Path(path).exists():
-        return 0
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch's message suggests weights_only=False: not for a damaged file
-        reason = f"unreadable ({type(exc).__name__})"
-    else:
-        reason = None if saved.get("settings") == settings else f"saved for other settings ({saved.get('settings')})"
-    if reason is not None:
-        warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
-        return 0
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    shuffle.set_state(saved["shuffle"])
-    augment.set_state(saved["augment"])
-    return saved["step"]
+def _resume(path: Path, settings: str, together: bool) -> dict | None:
+    """The state saved in ``path`` for ``settings``, read by the first process (and sent to the
+    others when they train ``together``); None (from scratch, with a warning) when it is
+    unreadable or was saved for other settings."""
+    saved = reason = None
+    if distributed.rank() == 0 or not together:
+        if Path(path).exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch's message suggests weights_only=False: not for a damaged file
+                reason = f"unreadable ({type(exc).__name__})"
+            else:
+                if saved.get("settings") != settings:
+                    saved, reason = None, f"saved for other settings ({saved.get('settings')})"
+        if reason is not None:
+            warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
+    return distributed.broadcast(saved) if together else saved
 
 
 @torch.no_grad()
@@ -270,7 +299,8 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                       train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
                       arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
                       weight_decay: float = 5e-4, schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
-                      device: str | torch.device = "cpu", progress: bool = True) -> tuple[Classifier, str]:
+                      device: str | torch.device = "cpu", progress: bool = True,
+                      ranks: bool = False) -> tuple[Classifier | None, str]:
     """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``.
 
     ``key`` (JSON-serialisable) names the training data, e.g. dataset, split, resolution and
@@ -279,6 +309,10 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     never loads data. A file that does not load is retrained with a warning. An interrupted
     training resumes from ``<hash>.state.pt`` beside it (``train_classifier``'s ``state``).
     Returns the model (eval mode, on ``device``) and the SHA-256 of its weights file.
+
+    ``ranks``: every process of the torchrun process group calls it and trains on a cache miss
+    (``train_classifier``'s ``ranks``); the first process reads and writes the cache, and the
+    others get (None, "") on a hit and (their identical model, "") after training.
     """
     if callable(train_images) != (train_labels is None):
         raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
@@ -289,24 +323,39 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     key_json = json.dumps(settings, sort_keys=True)
     name = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
-    with locked(path):  # concurrent evaluations train it once; the others wait and load it
-        if path.exists():
-            try:
-                with safe_open(path, framework="pt") as fh:
-                    if (fh.metadata() or {}).get("key") != key_json:
-                        raise ValueError("its metadata key does not match")
-                model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
-                model.load_state_dict(load_file(path))
-                return model.to(device).eval(), sha256_file(path)
-            except Exception as exc:
-                warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
-
+    world, rank = training_ranks(ranks)
+    # concurrent evaluations train it once; the others wait and load it
+    with locked(path) if rank == 0 else contextlib.nullcontext():
+        cached = _load_cached(path, key_json, arch=arch, num_classes=num_classes, seed=seed, device=device) \
+            if rank == 0 else None
+        if (distributed.broadcast(cached is not None) if world > 1 else cached is not None):
+            return cached or (None, "")
         images, labels = train_images() if callable(train_images) else (train_images, train_labels)
         model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                  nesterov=nesterov, seed=seed, device=device, progress=progress,
-                                 state=path.with_suffix(".state.pt"))
+                                 state=path.with_suffix(".state.pt"), ranks=ranks)
+        if rank != 0:
+            return model, ""
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(path, save(weights, metadata={"key": key_json}))  # complete or absent
         path.with_suffix(".state.pt").unlink(missing_ok=True)
         return model, sha256_file(path)
+
+
+def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed: int,
+                 device: str | torch.device) -> tuple[Classifier, str] | None:
+    """The classifier cached in ``path`` under ``key_json`` and its SHA-256, or None when there
+    is none (or it is unreadable: then with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as fh:
+            if (fh.metadata() or {}).get("key") != key_json:
+                raise ValueError("its metadata key does not match")
+        model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
+        model.load_state_dict(load_file(path))
+        return model.to(device).eval(), sha256_file(path)
+    except Exception as exc:
+        warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
+        return None

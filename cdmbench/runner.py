@@ -300,14 +300,16 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
              "training image")
         training_set = generate_training_set(chain, labels=labels, **sampling)
     distributed.barrier()  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
-    if rank != 0:
-        return []
-    context.samples, context.labels = read_samples(folder, n)
-    if training_set is not None:
+    if training_set is not None:  # memory-mapped: every rank may train on it
         images, labels = read_training_set(training_set)
         context.training_set = SampleSet(images, labels, protocol={
             "n": len(labels), "seeds": f"sample seed {recipe.sample.seed}, images 0..{len(labels) - 1}",
             "samples": str(training_set.relative_to(run_dir.path)), "signature": training_set.name})
+    if rank != 0:  # the metrics that train on every rank (their rows are rank 0's)
+        for metric in [m for m in built if getattr(m, "all_ranks", False)] if world > 1 else []:
+            metric.evaluate(context)
+        return []
+    context.samples, context.labels = read_samples(folder, n)
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
                         "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12),
@@ -339,7 +341,8 @@ def _join_and_load(chain: list[StageModel], run_path: Path, context: EvalContext
 
 def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
     """Every metric's rows; a metric that fails gives a row with status 'failed' and the error
-    (one stopped by SIGTERM / SIGINT stops the job)."""
+    (one stopped by SIGTERM / SIGINT, or one that runs on every rank of a torchrun job, stops the
+    job)."""
     rows = []
     for metric in built:
         try:
@@ -347,6 +350,8 @@ def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
         except Stopped:  # a signal: the job ends; the metric resumes in the next one
             raise
         except Exception as exc:  # the other metrics' rows are kept
+            if getattr(metric, "all_ranks", False) and distributed.joined():
+                raise  # the other ranks wait for this one: the job must end (torchrun stops them)
             error = str(exc) if isinstance(exc, (CdmbenchError, ValueError)) else f"{type(exc).__name__}: {exc}"
             echo(f"metric {metric.name} failed: {error}")
             protocol = context.protocol

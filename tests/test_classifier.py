@@ -181,11 +181,11 @@ def _stop_at(monkeypatch, call: int) -> None:
 
     calls, real = [], C._augment
 
-    def augment(x, generator):
+    def augment(*args):
         calls.append(1)
         if len(calls) == call:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(x, generator)
+        return real(*args)
 
     monkeypatch.setattr(C, "_augment", augment)
 
@@ -251,3 +251,46 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
     straight = C.train_classifier(*colour_images(8), num_classes=8, seed=0, **settings)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+TWO_PROCESSES = """
+import sys
+import torch
+from cdmbench import classifier as C, distributed
+from tests.test_classifier import colour_images
+
+distributed.init(torch.device("cpu"))
+out, settings = sys.argv[1], eval(sys.argv[2])
+images, labels = colour_images(8)
+model = C.train_classifier(images, labels, num_classes=8, seed=0, ranks=True, **settings)
+cache = dict(key={"data": "colours"}, train_images=images, train_labels=labels, num_classes=8, cache_dir=out,
+             seed=0, ranks=True, **settings)
+trained, hit = C.cached_classifier(**cache), C.cached_classifier(**cache)
+torch.save({"model": model.state_dict(), "trained": (trained[0] is not None, trained[1]),
+            "hit": (hit[0] is not None, hit[1])}, f"{out}/rank{distributed.rank()}.pt")
+"""
+
+
+def test_two_processes_train_a_classifier_to_the_weights_of_one(tmp_path):
+    """Each process takes its share of every batch (uneven: batches of 13 and 12 images) and
+    draws the whole batch's augmentation; the network has no batch norm, whose statistics are
+    each share's."""
+    import os
+    import subprocess
+    import sys
+
+    settings = {"arch": "test_efficientnet_gn", "epochs": 2, "batch_size": 13, "progress": False}
+    script = tmp_path / "two.py"
+    script.write_text(TWO_PROCESSES)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                           str(tmp_path), repr(settings)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stdout + done.stderr
+    one = C.train_classifier(*colour_images(8), num_classes=8, seed=0, **settings).state_dict()
+    first, second = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    diffs = torch.cat([(first["model"][k] - one[k]).abs().flatten() for k in one])
+    assert diffs.median() < 1e-6 and diffs.max() < 1e-4, diffs.max()  # float summation order
+    assert all(torch.equal(first["model"][k], second["model"][k]) for k in one)  # DDP keeps them equal
+    [cached] = (tmp_path / "classifiers").glob("*.safetensors")
+    assert first["trained"] == (True, C.sha256_file(cached)) and first["hit"] == first["trained"]
+    assert second["trained"] == (True, "") and second["hit"] == (False, "")  # the first process owns the cache

@@ -83,7 +83,8 @@ class CAS:
     """Classification Accuracy Score: a classifier trained on the samples, tested on the real
     ``test_split``; the same classifier trained on as many real images is the reference. With
     ``replaces_training_set`` it trains on the context's ``training_set`` (one generated image
-    per training image, of its class) instead of the evaluation samples."""
+    per training image, of its class) instead of the evaluation samples, on every process of a
+    torchrun evaluation (``all_ranks``: each process calls ``evaluate``; the first's rows count)."""
 
     name = "cas"
 
@@ -92,6 +93,7 @@ class CAS:
         self.arch, self.epochs, self.batch_size, self.test_split, self.seed = (
             arch, epochs, batch_size, test_split, seed)
         self.paper_protocol, self.replaces_training_set = paper_protocol, replaces_training_set
+        self.all_ranks = replaces_training_set  # hours of training: shared out; other CAS is short
 
     def prepare(self, context) -> None:
         """The paper protocol's settings and the training set's size, before any sampling."""
@@ -106,6 +108,7 @@ class CAS:
 
     def evaluate(self, context) -> list[dict[str, Any]]:
         from cdmbench.cas import classification_accuracy_score
+        from cdmbench.classifier import training_ranks
 
         samples, labels, described = context.samples, context.labels, {}
         if self.replaces_training_set:
@@ -117,7 +120,8 @@ class CAS:
             described = context.training_set.protocol
         signature = described.get("signature", context.protocol.get("signature"))  # names the samples' pixels
         train_images, train_labels = context.real("train")
-        val_images, val_labels = context.real(self.test_split)
+        first = training_ranks(self.all_ranks)[1] == 0  # the process that tests the classifiers
+        val_images, val_labels = context.real(self.test_split) if first else (None, None)
         rows = classification_accuracy_score(
             samples=samples, sample_labels=labels, real_train_images=train_images,
             real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
@@ -125,7 +129,7 @@ class CAS:
             batch_size=self.batch_size, seed=self.seed, device=context.device,
             progress=context.progress, paper_protocol=self.paper_protocol,
             cache=(context.cache_dir, context.data_key("train")),
-            samples_key=None if signature is None else {"signature": signature})
+            samples_key=None if signature is None else {"signature": signature}, ranks=self.all_ranks)
         out = []
         for row in rows:
             real = row["source"] != "generated"
