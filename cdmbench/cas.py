@@ -87,7 +87,7 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     process tests them and returns the rows, the others return [] and may pass no validation set.
     Returns one row per (metric, source).
     """
-    _, rank = training_ranks(ranks)
+    world, rank = training_ranks(ranks)
     _check_labels(sample_labels, n=len(samples), num_classes=num_classes, name="sample_labels")
     if rank == 0:
         _check_labels(real_val_labels, n=len(real_val_images), num_classes=num_classes, name="real_val_labels")
@@ -102,12 +102,6 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
         train.update(lr=0.1 * batch_size / 256, weight_decay=1e-4, schedule="step", nesterov=False)
 
     counts = torch.bincount(sample_labels.cpu(), minlength=num_classes)
-    per_class = int(counts[0]) if bool((counts == counts[0]).all()) else counts.tolist()
-    protocol = {"classifier": arch, "epochs": epochs, "batch_size": batch_size, "train_images": len(samples),
-                "train_images_per_class": per_class, "val_images": len(real_val_images),
-                "resolution": samples.shape[-1], "seed": seed, "scaled_down": not paper_protocol,
-                "note": "paper protocol" if paper_protocol else _note(arch=arch, epochs=epochs, n=len(samples))}
-
     if reference is None:
         if real_train_images is None or real_train_labels is None:
             raise ValueError("pass real_train_images and real_train_labels, or a trained reference classifier")
@@ -135,6 +129,12 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
     if rank != 0:
         return []
     classifiers = {"generated": generated, "real data": reference}
+    per_class = int(counts[0]) if bool((counts == counts[0]).all()) else counts.tolist()
+    protocol = {"classifier": arch, "epochs": epochs, "batch_size": batch_size, "train_images": len(samples),
+                "train_images_per_class": per_class, "val_images": len(real_val_images),
+                "resolution": samples.shape[-1], "seed": seed, "scaled_down": not paper_protocol,
+                "processes": world,  # batch norm normalises each process's share of a batch
+                "note": "paper protocol" if paper_protocol else _note(arch=arch, epochs=epochs, n=len(samples))}
 
     rows = []
     for source, model in classifiers.items():

@@ -305,6 +305,27 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
     assert [r["metric"] for r in rows].count("is") == 1 and rows[-1]["n"] == 30
 
 
+
+def test_cas_on_a_replaced_training_set_trains_on_every_rank(trained_run, tmp_path):
+    """The paper protocol's two ResNet-50s train for hours: under torchrun every rank trains
+    them (rank 0 alone would wait forever at DDP's first gradient reduction)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CDMBENCH_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench",
+           "evaluate", str(trained_run), "--no-progress", REPLACING_CAS, *[f"--set={o}" for o in TINY_EVAL]]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
+    cas = {r["metric"]: r for r in rows if r["metric"].startswith("cas")}  # rank 0's, once each
+    assert sorted(r["metric"] for r in rows if r["metric"].startswith("cas")) == sorted(cas)
+    assert set(cas) == {"cas_top1", "cas_top5", "cas_real_top1", "cas_real_top5"}
+    assert all(r["status"] == "ok" and r["n"] == 40 and r["protocol"]["processes"] == 2 for r in cas.values())
+    cached = sorted(p.suffix for p in (tmp_path / "cache" / "classifiers").iterdir())
+    assert cached == [".lock", ".lock", ".safetensors", ".safetensors"]  # samples' and reference; no state left
+
 def test_ranks_of_an_evaluation_may_finish_their_shards_hours_apart(trained_run, monkeypatch, tmp_path):
     """Each rank joins the process group once its shards are done; the group's timeout (torch's
     default: 30 minutes) must outlast the slowest rank's sampling of a million images."""
