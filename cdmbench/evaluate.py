@@ -137,19 +137,29 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
     *previous, last = chain
     inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
         {**signature, "stages": signature["stages"][:-1], "level": last.truncation}, 12)) if previous else None
+    write_shards(folder, num_samples=num_samples, num_classes=num_classes, shard_size=shard_size, rank=rank,
+                 world_size=world_size, progress=progress, make=lambda k, lo, hi: _sample_rows(
+                     chain, torch.arange(lo, hi) % num_classes, first_id=lo, seed=seed, batch_size=batch_size,
+                     device=device, inputs=None if inputs is None else inputs / f"outputs-{k:05d}-{lo}-{hi}.npz"))
+    return folder, signature
+
+
+def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size: int,
+                 make: Callable[[int, int, int], Tensor], rank: int = 0, world_size: int = 1,
+                 progress: bool = True, desc: str = "eval samples (shards)") -> None:
+    """Write this rank's missing shards of ``num_samples`` class-balanced samples (label i % K)
+    into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8 (n, 3, R, R). Rows
+    that shards of another N or shard size hold are not made again."""
     for k, lo, hi in tqdm(_my_shards(num_samples, shard_size, rank, world_size),
-                          desc="eval samples (shards)", disable=not progress):
-        path = folder / f"shard-{k:05d}-{lo}-{hi}.npz"
-        if _covering(folder, lo, hi)[1] == hi:  # by this shard or others (another N or shard size)
+                          desc=desc, disable=not progress):
+        if _covering(folder, lo, hi)[1] == hi:
             continue
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
-        labels = torch.arange(lo, hi) % num_classes
-        images = _sample_rows(chain, labels, first_id=lo, seed=seed, batch_size=batch_size, device=device,
-                              inputs=None if inputs is None else inputs / f"outputs-{k:05d}-{lo}-{hi}.npz")
-        save_npz(path, images=images.permute(0, 2, 3, 1).numpy(), labels=labels.numpy())  # NHWC, as ADM's npz
-        for shorter in existing:  # written for a smaller N; ``path`` covers its rows
+        images = make(k, lo, hi)
+        save_npz(folder / f"shard-{k:05d}-{lo}-{hi}.npz", images=images.permute(0, 2, 3, 1).numpy(),
+                 labels=(torch.arange(lo, hi) % num_classes).numpy())  # NHWC, as ADM's npz
+        for shorter in existing:  # written for a smaller N; this shard covers its rows
             shorter.unlink(missing_ok=True)
-    return folder, signature
 
 
 def _span(path: Path) -> tuple[int, int]:

@@ -9,8 +9,8 @@ a sweep is cut short), so evaluating at the chosen level samples nothing again. 
 part, the previous stages, runs once: their output is cached per shard (float32), once for all
 levels of a non-truncated sweep (each level only re-noises z_0) and once per level of a
 truncated one (the previous stage's sampler stops at s). Samples from ground-truth inputs are
-made by rank 0 and cached per level. A rerun, an added metric or a sweep killed midway samples
-no finished shard or level again. Every level's metric rows go into results.jsonl as soon as
+npz shards too, shared out over the ranks, per level under ``<stage>/sweep/<key>/level-<s>/``.
+A rerun, an added metric or a sweep killed midway samples no finished shard again. Every level's metric rows go into results.jsonl as soon as
 they are computed (protocol: level, inputs); the best level per metric goes into
 ``<run>/cascade.json``, which later sampling (``cdmbench run``, ``cdmbench evaluate``) uses.
 """
@@ -30,8 +30,7 @@ from .cascade import StageModel, sample_stage
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .cas import class_matched
-from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature
-from .files import cached_tensor
+from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature, write_shards
 
 MANIFEST = "cascade.json"
 INPUTS = ("generated", "ground-truth")
@@ -103,7 +102,8 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     ``eval_outputs`` under a key of everything they depend on (and the truncation level), so a
     non-truncated sweep samples the previous stage once and a truncated one once per level.
     Ground-truth input i is a training image of class i % K, as generated input i is (drawn per
-    class with the sample seed); rank 0 samples them, cached per level under ``<stage>/sweep/``."""
+    class with the sample seed); their samples are npz shards per level under ``<stage>/sweep/``,
+    shared out over the ranks as well."""
     chain = chain_to(stages, name)
     *prev, stage = chain
     if not prev:
@@ -113,23 +113,29 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     [swept] = sample_signature([stage], run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
                                num_classes=context.num_classes)["stages"]
     del swept["levels"]  # each file in the folder is named by its level
-    ground_truth_folder = run_path / name / "sweep" / digest(
-        {"n": num_samples, "seed": seed, "stage": swept, "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
+    ground_truth_folder = run_path / name / "sweep" / digest(  # row i's input does not depend on N
+        {"seed": seed, "stage": swept, "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
 
-    def upsample(low: Tensor, level: float) -> Tensor:
-        """Stage ``name``'s samples at ``level`` from ground-truth low-res images."""
-        out = torch.empty((len(low), 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
-        for i in range(0, len(low), batch_size):  # each batch made uint8 at once: float32 is 4x the size
-            out[i:i + batch_size] = to_uint8(sample_stage(
-                stage, stage.backbone, labels[i:i + batch_size].to(device), seed=seed,
-                image_ids=list(range(i, min(i + batch_size, len(low)))), low_res=low[i:i + batch_size].to(device),
-                device=device, ground_truth=True, progress=False)).cpu()
+    index = None  # ground-truth input i: a training image of class i % K, as generated input i is
+
+    def upsample(level: float, lo: int, hi: int) -> Tensor:
+        """Stage ``name``'s samples lo..hi at ``level`` from ground-truth low-res images."""
+        nonlocal index
+        real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
+        if index is None:
+            index = class_matched(labels, real_labels, num_classes=context.num_classes, seed=seed)
+        out = torch.empty((hi - lo, 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
+        for i in range(lo, hi, batch_size):  # each batch made uint8 at once: float32 is 4x the size
+            j = min(i + batch_size, hi)
+            out[i - lo:j - lo] = to_uint8(sample_stage(
+                stage, stage.backbone, labels[i:j].to(device), seed=seed, image_ids=list(range(i, j)),
+                low_res=to_float(real[index[i:j].to(real.device)]).to(device), device=device,
+                ground_truth=True, progress=False)).cpu()
         return out
 
     rows = []
     for kind in inputs:
         extra = {"inputs_split": GROUND_TRUTH_SPLIT} if kind == "ground-truth" else {}
-        low = None
         for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress or rank != 0):
             set_level(stage, level)
             if kind == "generated":
@@ -137,27 +143,21 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                                              num_samples=num_samples, num_classes=context.num_classes, seed=seed,
                                              batch_size=batch_size, shard_size=shard_size, device=device,
                                              progress=False, rank=rank, world_size=world_size)
-                distributed.barrier()  # every rank's shards of this level are written
-                if rank != 0:
-                    continue
-                samples, _ = read_samples(folder, num_samples)
                 named = folder.name
-            elif rank != 0:
-                continue
             else:  # training images: the metrics' references are test images
-                if low is None:
-                    real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
-                    low = to_float(real[class_matched(labels, real_labels, num_classes=context.num_classes,
-                                                      seed=seed)])
-                samples = cached_tensor(ground_truth_folder / f"samples-ground-truth-{level}.npz",
-                                        lambda: upsample(low, level))
-                named = f"{ground_truth_folder.name}-{level}"
+                folder, named = ground_truth_folder / f"level-{level}", f"{ground_truth_folder.name}-{level}"
+                write_shards(folder, num_samples=num_samples, num_classes=context.num_classes,
+                             shard_size=shard_size, rank=rank, world_size=world_size, progress=False,
+                             make=lambda k, lo, hi: upsample(level, lo, hi))
+            distributed.barrier()  # every rank's shards of this level are written
+            if rank != 0:
+                continue
+            samples, _ = read_samples(folder, num_samples)
             context.set_samples(samples, labels, {"level": level, "inputs": kind, "truncated": is_truncated,
                                                   "signature": named, **extra})
             level_rows = metric_rows(context)
             record(level_rows)
             rows += level_rows
-    distributed.barrier()  # the other ranks wait for rank 0's ground-truth levels
     return rows
 
 

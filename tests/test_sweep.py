@@ -178,9 +178,54 @@ def test_a_sweep_under_torchrun_shares_each_levels_shards(tiny_recipe, tmp_path)
            str(out), "--stage", "sr16", "--levels", "0.1,0.3", IS, *SMALL, "--set=evaluate.shard_size=10"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    for folder in (out / "sr16" / "eval_samples").iterdir():  # rank 0 wrote shard 0, rank 1 shard 1
+    [ground_truth] = (out / "sr16" / "sweep").iterdir()
+    folders = [*(out / "sr16" / "eval_samples").iterdir(), *ground_truth.iterdir()]
+    assert sorted(f.name for f in ground_truth.iterdir()) == ["level-0.1", "level-0.3"] and len(folders) == 4
+    for folder in folders:  # rank 0 wrote shard 0, rank 1 shard 1, on generated and ground-truth inputs
         assert sorted(p.name for p in folder.glob("shard-*.npz")) == ["shard-00000-0-10.npz", "shard-00001-10-20.npz"]
     rows = [r for r in results(out) if r["metric"] == "is_classifier"]
     assert sorted((r["protocol"]["inputs"], r["protocol"]["level"]) for r in rows) == [
         ("generated", 0.1), ("generated", 0.3), ("ground-truth", 0.1), ("ground-truth", 0.3)]  # rank 0's only
     assert json.loads((out / "cascade.json").read_text())["sr16"]["level"] in (0.1, 0.3)
+
+
+def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k(tiny_recipe, tmp_path,
+                                                                                  monkeypatch):
+    """Whatever N, shard size or batch size: a larger N samples only the rows it adds."""
+    import torch
+
+    from cdmbench.cas import class_matched
+    from cdmbench.cascade import sample_stage
+    from cdmbench.data import to_float, to_uint8
+    from cdmbench.evaluate import load_chain, read_samples
+    from cdmbench.prepare import make_dataset, split_images
+    from cdmbench.runner import build_chain, load_run
+
+    monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
+    out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
+    sweep = ["sweep", str(out), "--stage", "sr16", "--levels", "0.1", "--inputs", "ground-truth", IS, "--no-progress"]
+    first = CliRunner().invoke(cli, [*sweep, "--set=evaluate.num_samples=12", "--set=evaluate.shard_size=5",
+                                     "--set=evaluate.batch_size=4"])
+    assert first.exit_code == 0, first.output
+    sampled = []
+    real_stage = cdmbench.sweep.sample_stage
+    monkeypatch.setattr(cdmbench.sweep, "sample_stage",
+                        lambda *a, **k: sampled.append(k["image_ids"]) or real_stage(*a, **k))
+    second = CliRunner().invoke(cli, [*sweep, "--set=evaluate.num_samples=20", "--set=evaluate.shard_size=10",
+                                      "--set=evaluate.batch_size=10"])
+    assert second.exit_code == 0, second.output
+    assert sampled == [list(range(10, 20))]  # shard 0 (rows 0..9) is held by the first sweep's shards
+
+    [folder] = (out / "sr16" / "sweep").iterdir()
+    samples, labels = read_samples(folder / "level-0.1", 20)
+    _, recipe, plugins = load_run(out)
+    [_, st] = chain = build_chain(plugins, recipe, "sr16", 10, "cpu")
+    load_chain(chain, out)
+    train = split_images(recipe, make_dataset(plugins, recipe, "train"), "train", [8], progress=False,
+                         echo=lambda *_: None)
+    index = class_matched(labels, train.labels, num_classes=10, seed=recipe.sample.seed)
+    assert torch.equal(train.labels[index], torch.arange(20) % 10)
+    expected = sample_stage(st, st.backbone, labels, seed=recipe.sample.seed, image_ids=list(range(20)),
+                            low_res=to_float(train.images[8][index]), device="cpu", ground_truth=True,
+                            progress=False)
+    assert torch.equal(samples, to_uint8(expected))
