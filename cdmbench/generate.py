@@ -5,7 +5,9 @@ Writes, under the output folder: the sampled stage's images as PNG files
 layout), a grid per stage of the chain (rows = classes) and ``sample.json``, the settings that
 made them (checkpoint steps, samplers, sampling levels, guidance scales, seed, seconds). Image i
 has the per-image seed (seed, i): the same seed, classes and counts give the same images, in
-any batch size. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
+any batch size. Images go through the whole cascade CHUNK at a time, written as they come, so
+memory holds a chunk's float images and the sampled stage's uint8 pixels (for the npz); a grid
+shows a class's first GRID_COLUMNS images. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
 then ``overrides`` and ``levels``. Sampling again into a folder replaces the sample there. The class names come from run.yaml:
 sampling needs the checkpoints, not the dataset.
 """
@@ -17,8 +19,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
+from torch import Tensor
+from tqdm.auto import tqdm
 
 from .cascade import sample_cascade
 from .data import to_uint8
@@ -29,6 +34,9 @@ from .grids import save_grid
 from .prepare import make_dataset
 from .runner import apply_sweep_levels, build_chain, load_run, resolve_device, samplers_of
 from .sweep import gaussian_parts, set_checked_level
+
+CHUNK = 1000      # images sampled through the whole cascade at once
+GRID_COLUMNS = 16  # images of each class in a stage's grid, at most
 
 
 def class_labels(classes: list[str] | None, class_names: list[str], default_count: int) -> list[int]:
@@ -88,16 +96,26 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
         for old in [*out.glob("images/*-class*.png"), *out.glob("*_grid.png")]:
             old.unlink()
     echo(f"sampling {len(labels)} images of {target} ({len(chosen)} classes x {per_class}) into {out}")
-    images, seconds = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels,
-                                     seed=seed, batch_size=batch_size or spec.batch_size, device=device,
-                                     progress=progress)
-    for st in chain:
-        save_grid(images[st.spec.name], labels, names, out / f"{st.spec.name}_grid.png")
-    pixels = to_uint8(images[target]).permute(0, 2, 3, 1).numpy()  # NHWC
-    for i, (image, label) in enumerate(zip(pixels, labels.tolist())):
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="PNG")
-        atomic_write(out / "images" / f"{i:05d}-class{label}.png", buffer.getvalue())
+    pixels = np.empty((len(labels), *(chain[-1].spec.resolution,) * 2, 3), dtype=np.uint8)  # NHWC
+    in_grid = torch.cat([torch.arange(per_class) < GRID_COLUMNS] * len(chosen))
+    shown: dict[str, list[Tensor]] = {st.spec.name: [] for st in chain}  # the grids' images
+    seconds = dict.fromkeys(shown, 0.0)
+    chunks = range(0, len(labels), CHUNK)
+    for lo in tqdm(chunks, desc=f"sample {target} ({CHUNK} images a chunk)", disable=not progress or len(chunks) == 1):
+        hi = min(lo + CHUNK, len(labels))
+        images, took = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels[lo:hi],
+                                      seed=seed, batch_size=batch_size or spec.batch_size, device=device,
+                                      progress=progress and len(chunks) == 1, first_id=lo)
+        for name, part in images.items():
+            shown[name].append(part[in_grid[lo:hi]])
+            seconds[name] += took[name]
+        pixels[lo:hi] = to_uint8(images[target]).permute(0, 2, 3, 1).numpy()
+        for i in range(lo, hi):
+            buffer = io.BytesIO()
+            Image.fromarray(pixels[i]).save(buffer, format="PNG")
+            atomic_write(out / "images" / f"{i:05d}-class{int(labels[i])}.png", buffer.getvalue())
+    for name, parts in shown.items():
+        save_grid(torch.cat(parts), labels[in_grid], names, out / f"{name}_grid.png")
     save_npz(out / "samples.npz", images=pixels, labels=labels.numpy())
     settings: dict[str, Any] = {
         "run": str(run_dir.path), "stage": target, "classes": chosen, "per_class": per_class,

@@ -62,6 +62,29 @@ def test_an_image_depends_on_its_seed_and_id_not_on_the_other_classes(trained, t
     assert not (images[one] == images[other_seed]).all()
 
 
+
+def test_images_go_through_the_cascade_a_chunk_at_a_time_to_the_same_pixels(trained, tmp_path, monkeypatch):
+    """Memory holds a chunk (CHUNK images) of every stage, not all of them; grids show a class's
+    first GRID_COLUMNS images."""
+    import cdmbench.generate
+
+    whole = sample_run(trained, classes=["1", "4"], per_class=5, out=tmp_path / "whole", progress=False, echo=quiet)
+    monkeypatch.setattr(cdmbench.generate, "CHUNK", 3)
+    monkeypatch.setattr(cdmbench.generate, "GRID_COLUMNS", 2)
+    calls = []
+    real = cdmbench.generate.sample_cascade
+    monkeypatch.setattr(cdmbench.generate, "sample_cascade",
+                        lambda *a, **k: calls.append((len(a[2]), k["first_id"])) or real(*a, **k))
+    chunked = sample_run(trained, classes=["1", "4"], per_class=5, out=tmp_path / "chunked", progress=False,
+                         echo=quiet)
+    assert calls == [(3, 0), (3, 3), (3, 6), (1, 9)]
+    for name in ("images", "labels"):
+        assert (np.load(whole / "samples.npz")[name] == np.load(chunked / "samples.npz")[name]).all()
+    for stage in ("base8", "sr16"):  # 2 rows (classes), 2 columns of 64 px tiles (2 px apart) after the labels
+        assert Image.open(chunked / f"{stage}_grid.png").size == (96 + 2 * 66, 2 * 66)
+        left = Image.open(whole / f"{stage}_grid.png").crop((0, 0, 96 + 2 * 66, 2 * 66))
+        assert (np.asarray(left) == np.asarray(Image.open(chunked / f"{stage}_grid.png"))).all()  # the first two
+
 def test_a_level_changes_the_sr_stage_and_not_the_base(trained, tmp_path):
     common = dict(classes=["1"], per_class=2, progress=False, echo=quiet)
     low = sample_run(trained, levels={"sr16": 0.0}, out=tmp_path / "low", **common)
