@@ -41,6 +41,7 @@ STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these 
 CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
 LOSS_EVERY = 50          # steps between reads of the training loss (each waits for the GPU)
 SAVE_EVERY_S = 600       # seconds between saves of the training state (when given a state file)
+STATE_KEYS = {"settings", "step", "model", "optimizer", "shuffle", "augment"}  # what a state file holds
 
 Data = tuple[Tensor, Tensor]
 
@@ -152,7 +153,7 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     batch, DDP averages the gradients as those of the whole batch, and batch norm normalises
     each share by its own statistics (as multi-GPU ImageNet training does; the running
     statistics are the first process's). The first process writes and reads the state; a
-    training resumed on another number of processes goes on (only the shares' statistics change).
+    state saved on another number of processes or another kind of device is not used.
     """
     _check_images(images)
     _check_labels(labels, n=len(images), num_classes=num_classes)
@@ -181,7 +182,8 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     total = epochs * num_batches
     settings = json.dumps({"arch": arch, "num_classes": num_classes, "n": len(images), "epochs": epochs,
                            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                           "schedule": schedule, "nesterov": nesterov, "seed": seed,
+                           "schedule": schedule, "nesterov": nesterov, "seed": seed, "device": device.type,
+                           "processes": world,  # each process's batch norm sees its share of a batch
                            "labels_sha256": hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()})
     saved = None if state is None else _resume(state, settings, together=world > 1)
     step = 0 if saved is None else saved["step"]
@@ -191,7 +193,7 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
         shuffle.set_state(saved["shuffle"])
         augment.set_state(saved["augment"])
     saved_at = time.monotonic()
-    losses = torch.zeros((), device=device)  # summed on the device, read every LOSS_EVERY steps
+    losses, summed = torch.zeros((), device=device), 0  # summed on the device, read every LOSS_EVERY steps
     with tqdm(total=total, initial=step, desc=f"train {arch}", unit="batch", disable=not progress or rank) as bar, \
             (StopSignal() if state is not None else contextlib.nullcontext()) as stop:
         for epoch in range(step // num_batches, epochs):
@@ -214,10 +216,11 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                 loss.backward()
                 optimizer.step()
                 losses += loss.detach()
-                step += 1
+                step, summed = step + 1, summed + 1
                 if step % LOSS_EVERY == 0 or step == total:
-                    bar.set_postfix(loss=f"{losses.item() / ((step - 1) % LOSS_EVERY + 1):.3f}")  # their mean
+                    bar.set_postfix(loss=f"{losses.item() / summed:.3f}")  # their mean
                     losses.zero_()
+                    summed = 0
                 bar.update()
                 if stop is None:
                     continue
@@ -228,6 +231,8 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                     _save(state, settings, step, model, optimizer, ahead, augment)
                     saved_at = time.monotonic()
                 if stopping:
+                    if world > 1:  # torchrun stops every process once one exits: wait for the first's save
+                        distributed.barrier()
                     raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
                                   f"its state is in {state}: run the same command again to resume")
     return model.eval()
@@ -245,9 +250,10 @@ def _save(path: Path, settings: str, step: int, model: nn.Module, optimizer: tor
 
 
 def _resume(path: Path, settings: str, together: bool) -> dict | None:
-    """The state saved in ``path`` for ``settings``, read by the first process (and sent to the
-    others when they train ``together``); None (from scratch, with a warning) when it is
-    unreadable or was saved for other settings."""
+    """The state saved in ``path`` for ``settings`` (with the device type and the number of
+    processes), read by the first process (and sent to the others when they train
+    ``together``); None (from scratch, with a warning) when it is unreadable, not a state, or was
+    saved for other settings."""
     saved = reason = None
     if distributed.rank() == 0 or not together:
         if Path(path).exists():
@@ -256,8 +262,10 @@ def _resume(path: Path, settings: str, together: bool) -> dict | None:
             except Exception as exc:  # torch's message suggests weights_only=False: not for a damaged file
                 reason = f"unreadable ({type(exc).__name__})"
             else:
-                if saved.get("settings") != settings:
-                    saved, reason = None, f"saved for other settings ({saved.get('settings')})"
+                if not isinstance(saved, dict) or not STATE_KEYS <= saved.keys():
+                    saved, reason = None, "not a training state"
+                elif saved["settings"] != settings:
+                    saved, reason = None, f"saved for other settings ({saved['settings']})"
         if reason is not None:
             warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
     return distributed.broadcast(saved) if together else saved
@@ -311,8 +319,9 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     Returns the model (eval mode, on ``device``) and the SHA-256 of its weights file.
 
     ``ranks``: every process of the torchrun process group calls it and trains on a cache miss
-    (``train_classifier``'s ``ranks``); the first process reads and writes the cache, and the
-    others get (None, "") on a hit and (their identical model, "") after training.
+    (``train_classifier``'s ``ranks``; the number of processes is part of the key, as batch
+    norm sees each one's share of a batch); the first process reads and writes the cache, and
+    the others get (None, "") on a hit and (their copy, "") after training.
     """
     if callable(train_images) != (train_labels is None):
         raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
@@ -320,10 +329,12 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     settings = {"key": key, "arch": arch, "epochs": epochs, "seed": seed, "num_classes": num_classes,
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
                 "nesterov": nesterov, "version": CACHE_VERSION}
+    world, rank = training_ranks(ranks)
+    if world > 1:  # one process's classifiers keep their key
+        settings["processes"] = world
     key_json = json.dumps(settings, sort_keys=True)
     name = hashlib.sha256(key_json.encode()).hexdigest()[:16]
     path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
-    world, rank = training_ranks(ranks)
     # concurrent evaluations train it once; the others wait and load it
     with locked(path) if rank == 0 else contextlib.nullcontext():
         cached = _load_cached(path, key_json, arch=arch, num_classes=num_classes, seed=seed, device=device) \

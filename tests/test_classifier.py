@@ -1,5 +1,7 @@
 """Classifier training, prediction, features and the weights cache, on tiny separable data."""
 
+import json
+
 import pytest
 import torch
 
@@ -220,9 +222,24 @@ def test_a_state_saved_for_other_settings_is_not_used(tmp_path, monkeypatch, mod
     with pytest.warns(UserWarning, match="saved for other settings.*training from scratch"):
         again = C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-    state.write_bytes(b"not a state")
-    with pytest.warns(UserWarning, match=r"not used: unreadable \(UnpicklingError\); training from scratch"):
-        C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **{**TRAIN, "epochs": 1})
+    # a state saved on a GPU (its generator state is 16 bytes, a CPU one's 5056) is not restored on a CPU
+    state.unlink()
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 3)
+        with pytest.raises(C.Stopped):
+            C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
+    saved = torch.load(state, weights_only=True)
+    settings = json.loads(saved["settings"])
+    assert settings["device"] == "cpu" and settings["processes"] == 1
+    torch.save({**saved, "settings": json.dumps({**settings, "device": "cuda"}),
+                "augment": torch.zeros(16, dtype=torch.uint8)}, state)
+    with pytest.warns(UserWarning, match="saved for other settings.*cuda.*training from scratch"):
+        again = C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    for junk, reason in ((b"not a state", r"unreadable \(UnpicklingError\)"), ([1, 2], "not a training state")):
+        state.write_bytes(junk) if isinstance(junk, bytes) else torch.save(junk, state)
+        with pytest.warns(UserWarning, match=f"not used: {reason}; training from scratch"):
+            C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **{**TRAIN, "epochs": 1})
 
 
 def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted_one(tmp_path):
@@ -254,6 +271,8 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
 
 
 TWO_PROCESSES = """
+import os
+import signal
 import sys
 import torch
 from cdmbench import classifier as C, distributed
@@ -266,8 +285,26 @@ model = C.train_classifier(images, labels, num_classes=8, seed=0, ranks=True, **
 cache = dict(key={"data": "colours"}, train_images=images, train_labels=labels, num_classes=8, cache_dir=out,
              seed=0, ranks=True, **settings)
 trained, hit = C.cached_classifier(**cache), C.cached_classifier(**cache)
+
+# SIGTERM reaches the second process only, in its third batch: both stop after step 3, and resume
+calls, augment = [], C._augment
+def stopping(*args):
+    calls.append(1)
+    if len(calls) == 3 and distributed.rank() == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return augment(*args)
+C._augment = stopping
+try:
+    C.train_classifier(images, labels, num_classes=8, seed=0, ranks=True, state=f"{out}/state.pt", **settings)
+except C.Stopped as stop:
+    stopped = str(stop)
+C._augment = augment
+resumed = C.train_classifier(images, labels, num_classes=8, seed=0, ranks=True, state=f"{out}/state.pt", **settings)
 torch.save({"model": model.state_dict(), "trained": (trained[0] is not None, trained[1]),
-            "hit": (hit[0] is not None, hit[1])}, f"{out}/rank{distributed.rank()}.pt")
+            "hit": (hit[0] is not None, hit[1]), "stopped": stopped,
+            "resumed": all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                             resumed.state_dict().values()))},
+           f"{out}/rank{distributed.rank()}.pt")
 """
 
 
@@ -278,6 +315,8 @@ def test_two_processes_train_a_classifier_to_the_weights_of_one(tmp_path):
     import os
     import subprocess
     import sys
+
+    from safetensors import safe_open
 
     settings = {"arch": "test_efficientnet_gn", "epochs": 2, "batch_size": 13, "progress": False}
     script = tmp_path / "two.py"
@@ -294,3 +333,7 @@ def test_two_processes_train_a_classifier_to_the_weights_of_one(tmp_path):
     [cached] = (tmp_path / "classifiers").glob("*.safetensors")
     assert first["trained"] == (True, C.sha256_file(cached)) and first["hit"] == first["trained"]
     assert second["trained"] == (True, "") and second["hit"] == (False, "")  # the first process owns the cache
+    with safe_open(cached, framework="pt") as fh:
+        assert json.loads(fh.metadata()["key"])["processes"] == 2  # batch norm saw shares of 2
+    assert "after step 3 of 10" in first["stopped"] and "SIGTERM after step 3 of 10" in second["stopped"]
+    assert first["resumed"] and second["resumed"]  # to the uninterrupted 2-process weights
