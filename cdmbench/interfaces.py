@@ -136,7 +136,9 @@ class Metric(Protocol):
     dicts without run and stage); every value carries its protocol. An optional
     ``prepare(context)`` loads what the metric needs (feature networks) before any sampling, so
     a missing file fails early. An optional ``replaces_training_set = True`` asks ``cdmbench
-    evaluate`` for ``context.training_set``: one generated image per training image."""
+    evaluate`` for ``context.training_set``: one generated image per training image; with
+    ``all_ranks = True`` too, every torchrun rank calls ``evaluate`` (rank 0's rows are kept;
+    the others have no ``context.samples``), for training on all GPUs together."""
 
     name: str
 
