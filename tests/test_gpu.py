@@ -14,7 +14,7 @@ from cdmbench.cascade import build_stage, sample_stage
 from cdmbench.recipe import parse_recipe
 from cdmbench.runner import run
 from conftest import TINY_RECIPE
-from test_classifier import events_of_4_and_7_steps
+from test_classifier import _stop_at, colour_images, events_of_4_and_7_steps
 from test_run import steps_between_log_rows_make_no_more_events
 
 pytestmark = [pytest.mark.gpu,
@@ -106,3 +106,25 @@ def test_classifier_steps_between_loss_reads_do_not_wait_for_the_gpu():
     LOSS_EVERY steps; 4 and 7 steps synchronise alike."""
     short, long = events_of_4_and_7_steps(gpu_synchronisations, device="cuda")
     assert len(short) == len(long), (short, long)
+
+
+def test_a_classifier_stopped_on_cuda_resumes_with_its_cuda_generator(tmp_path, monkeypatch):
+    """The augmentation generator lives on the GPU (a 16-byte state); deterministic cuDNN, so a
+    resumed training reaches the uninterrupted weights (up to atomics: a wrong state is ~1e-1 off)."""
+    from cdmbench import classifier as C
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    images, labels = colour_images(8)
+    settings = dict(num_classes=8, arch="test_resnet", epochs=2, batch_size=16, seed=0, device="cuda",
+                    progress=False)
+    straight = C.train_classifier(images, labels, **settings).state_dict()
+    state = tmp_path / "state.pt"
+    with monkeypatch.context() as patch:
+        _stop_at(patch, 3)
+        with pytest.raises(C.Stopped, match="after step 3 of 8"):
+            C.train_classifier(images, labels, state=state, **settings)
+    assert len(torch.load(state, weights_only=True)["augment"]) == 16  # a CUDA generator's state
+    resumed = C.train_classifier(images, labels, state=state, **settings).state_dict()
+    diffs = torch.cat([(resumed[k].float() - straight[k].float()).abs().flatten() for k in straight])
+    assert diffs.max() < 1e-4, diffs.max()
