@@ -146,12 +146,12 @@ def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_step
 
 def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size: int,
                  make: Callable[[int, int, int], Tensor], rank: int = 0, world_size: int = 1,
-                 progress: bool = True, desc: str = "eval samples (shards)") -> None:
+                 progress: bool = True) -> None:
     """Write this rank's missing shards of ``num_samples`` class-balanced samples (label i % K)
     into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8 (n, 3, R, R). Rows
     that shards of another N or shard size hold are not made again."""
     for k, lo, hi in tqdm(_my_shards(num_samples, shard_size, rank, world_size),
-                          desc=desc, disable=not progress):
+                          desc="eval samples (shards)", disable=not progress):
         if _covering(folder, lo, hi)[1] == hi:
             continue
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))

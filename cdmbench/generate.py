@@ -7,9 +7,10 @@ made them (checkpoint steps, samplers, sampling levels, guidance scales, seed, s
 has the per-image seed (seed, i): the same seed, classes and counts give the same images, in
 any batch size. Images go through the whole cascade CHUNK at a time, written as they come, so
 memory holds a chunk's float images and the sampled stage's uint8 pixels (for the npz); a grid
-shows a class's first GRID_COLUMNS images. Sampling levels come from the recipe, then ``cascade.json`` (a sweep's best),
-then ``overrides`` and ``levels``. Sampling again into a folder replaces the sample there. The class names come from run.yaml:
-sampling needs the checkpoints, not the dataset.
+shows a class's first GRID_COLUMNS images. Sampling levels come from the recipe, then
+``cascade.json`` (a sweep's best), then ``overrides`` and ``levels``. Sampling again into a
+folder replaces the sample there. The class names come from run.yaml: sampling needs the
+checkpoints, not the dataset.
 """
 
 from __future__ import annotations

@@ -317,8 +317,8 @@ def split_images(recipe: Recipe, dataset: Dataset, split: str, needed: list[int]
         say(f"{split} data: reading every image into memory; for a large dataset run `{command}` "
             f"once{unfinished} to preprocess it to disk")
     n = len(dataset) if limit is None else min(limit, len(dataset))
-    size, processes, available = n * sum(3 * r * r for r in needed), int(os.environ.get("LOCAL_WORLD_SIZE", 1)), \
-        _available_memory()
+    size = n * sum(3 * r * r for r in needed)
+    processes, available = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), _available_memory()
     if available is not None and size * processes > available * MEMORY_SHARE:
         raise CdmbenchError(f"{split} data: {n} images at {needed} px take {size / 2**30:.1f} GiB in memory in "
                             f"each of {processes} process(es) on this node, more than the "

@@ -306,7 +306,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
             "n": len(labels), "seeds": f"sample seed {recipe.sample.seed}, images 0..{len(labels) - 1}",
             "samples": str(training_set.relative_to(run_dir.path)), "signature": training_set.name})
     if rank != 0:  # the metrics that train on every rank (their rows are rank 0's)
-        for metric in [m for m in built if getattr(m, "all_ranks", False)] if world > 1 else []:
+        for metric in [m for m in built if getattr(m, "all_ranks", False)]:
             metric.evaluate(context)
         return []
     context.samples, context.labels = read_samples(folder, n)

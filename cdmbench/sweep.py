@@ -10,9 +10,10 @@ part, the previous stages, runs once: their output is cached per shard (float32)
 levels of a non-truncated sweep (each level only re-noises z_0) and once per level of a
 truncated one (the previous stage's sampler stops at s). Samples from ground-truth inputs are
 npz shards too, shared out over the ranks, per level under ``<stage>/sweep/<key>/level-<s>/``.
-A rerun, an added metric or a sweep killed midway samples no finished shard again. Every level's metric rows go into results.jsonl as soon as
-they are computed (protocol: level, inputs); the best level per metric goes into
-``<run>/cascade.json``, which later sampling (``cdmbench run``, ``cdmbench evaluate``) uses.
+A rerun, an added metric or a sweep killed midway samples no finished shard again. Every
+level's metric rows go into results.jsonl as soon as they are computed (protocol: level,
+inputs); the best level per metric goes into ``<run>/cascade.json``, which later sampling
+(``cdmbench run``, ``cdmbench evaluate``) uses.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import distributed
+from .cas import class_matched
 from .cascade import StageModel, sample_stage
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
-from .cas import class_matched
 from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature, write_shards
 
 MANIFEST = "cascade.json"
