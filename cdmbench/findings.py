@@ -8,9 +8,14 @@
    inputs it only worsens (its minimum is at the smallest s).
 
 Each line states the numbers compared and whether the finding holds; nothing is judged by hand.
+Where rows carry standard errors (FID's bootstrap), one value counts as lower than another only
+when the difference exceeds ``NOISE`` standard errors of the difference; a pattern that the
+point values show but the errors do not support is "undecided".
 """
 
 from __future__ import annotations
+
+import math
 
 import pandas as pd
 
@@ -27,6 +32,28 @@ def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
                  & (frame["protocol"].map(is_sweep) == sweeps)].copy()
     rows["label"] = rows["metric"] + rows["protocol"].map(features_label)
     return rows
+
+
+NOISE = 2.0  # standard errors a difference must exceed to count
+UNDECIDED = f"undecided (the differences are within {NOISE:g} standard errors)"
+
+
+def _error(row) -> float | None:
+    stderr = getattr(row, "stderr", None)
+    return None if stderr is None or math.isnan(stderr) else float(stderr)
+
+
+def _below(a: float, a_err: float | None, b: float, b_err: float | None) -> bool:
+    """a < b by more than NOISE standard errors of a - b, sqrt(a_err^2 + b_err^2) (the two rows'
+    samples taken as independent; for a sweep's levels, which share seeds, that is cautious);
+    without both errors, plainly a < b."""
+    if a_err is None or b_err is None:
+        return a < b
+    return b - a > NOISE * math.hypot(a_err, b_err)
+
+
+def _value(value: float, error: float | None) -> str:
+    return f"{value:.4g}" + ("" if error is None else f" ± {error:.2g}")
 
 
 def _augmentation(stage: Stage) -> str:
@@ -54,8 +81,11 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
                 if differs:
                     lines.append(head + f"not comparable ({differs})")
                     continue
-                verdict = "lower: holds" if ours.value < theirs.value else "not lower: does not hold"
-                lines.append(head + f"{ours.value:.4g} vs {theirs.value:.4g}, {verdict}")
+                mine, other = (ours.value, _error(ours)), (theirs.value, _error(theirs))
+                verdict = ("lower: holds" if _below(*mine, *other) else
+                           "not lower: does not hold" if ours.value >= theirs.value else
+                           "lower, " + UNDECIDED)
+                lines.append(head + f"{_value(*mine)} vs {_value(*other)}, {verdict}")
     return lines
 
 
@@ -80,18 +110,36 @@ def fid_against_level(frame: pd.DataFrame) -> list[str]:
         if len(curve) < 3:
             continue
         s, value = curve["s"].tolist(), curve["value"].tolist()
+        points = list(zip(value, [_error(r) for r in curve.itertuples()]))
         best = value.index(min(value))
         if inputs == "generated":
-            holds = 0 < best < len(value) - 1
             claim = "first improves, then worsens"
+            verdict = _improves_then_worsens(points, best)
         else:
-            holds = best == 0
             claim = "only worsens"
-        points = ", ".join(f"{a:g}: {v:.4g}" for a, v in zip(s, value))
+            verdict = _only_worsens(points)
+        shown = ", ".join(f"{a:g}: {_value(*point)}" for a, point in zip(s, points))
         lines.append(f"- `{stage}`{f' ({samplers})' if samplers else ''}, {inputs} inputs, {label} at s = "
-                     f"{points}; best at s = {s[best]:g}. {claim.capitalize()}: "
-                     f"{'holds' if holds else 'does not hold'}")
+                     f"{shown}; best at s = {s[best]:g}. {claim.capitalize()}: {verdict}")
     return lines
+
+
+def _improves_then_worsens(points: list[tuple[float, float | None]], best: int) -> str:
+    """Holds when a level inside the range is lower than both ends; undecided when only the
+    point values say so."""
+    first, last = points[0], points[-1]
+    if any(_below(*p, *first) and _below(*p, *last) for p in points[1:-1]):
+        return "holds"
+    return UNDECIDED if 0 < best < len(points) - 1 else "does not hold"
+
+
+def _only_worsens(points: list[tuple[float, float | None]]) -> str:
+    """Does not hold when a larger level is lower than the smallest; holds when none is and the
+    largest is higher; undecided otherwise (a flat curve)."""
+    first = points[0]
+    if any(_below(*p, *first) for p in points[1:]):
+        return "does not hold"
+    return "holds" if _below(*first, *points[-1]) else UNDECIDED
 
 
 def findings_section(frame: pd.DataFrame, recipe: Recipe) -> str:

@@ -99,10 +99,23 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
     ok["metric"] = (ok["metric"] + ok["protocol"].map(features_label)
                     + ok["unit"].map(lambda u: f" [{u}]" if u else ""))
     order = list(dict.fromkeys(ok["stage"]))
-    table = ok.pivot_table(index=["run", "stage"], columns="metric", values="value", aggfunc="last",
-                           sort=False)
-    table.columns.name = None
+    table = _pivot(ok, ["run", "stage"], sort=False)
     return table.reindex(sorted(table.index, key=lambda k: (k[0], order.index(k[1]))))
+
+
+def _pivot(rows: pd.DataFrame, index: list[str], sort: bool) -> pd.DataFrame:
+    """One column per metric with the rows' values, each followed by ``<metric> ±``, its
+    standard error, when any of its rows has one (FID's bootstrap, IS's spread over splits)."""
+    values = rows.pivot_table(index=index, columns="metric", values="value", aggfunc="last", sort=sort)
+    errors = (rows.assign(stderr=pd.to_numeric(rows["stderr"])).pivot_table(
+        index=index, columns="metric", values="stderr", aggfunc="last", sort=sort)
+        if "stderr" in rows else pd.DataFrame(index=values.index))
+    columns = {}
+    for metric in values.columns:
+        columns[metric] = values[metric]
+        if metric in errors.columns:
+            columns[f"{metric} ±"] = errors[metric]
+    return pd.DataFrame(columns, index=values.index)
 
 
 # --- measured rows beside published baselines ---------------------------------------------------
@@ -193,18 +206,16 @@ def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
     if rows.empty:
         return rows
     rows["metric"] = rows["metric"] + rows["unit"].map(lambda u: f" [{u}]" if u else "")
-    table = rows.pivot_table(index=["run", "stage", "samplers", "inputs", "s"], columns="metric",
-                             values="value", aggfunc="last")
-    table.columns.name = None
-    return table.sort_index()
+    return _pivot(rows, ["run", "stage", "samplers", "inputs", "s"], sort=True).sort_index()
 
 
 def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
-    """One panel per (stage, metric): the metric against s, one line per input kind and samplers
-    (CDM's figure: with generated inputs FID should first improve with s, then worsen)."""
+    """One panel per (stage, metric): the metric against s, one line per input kind and samplers,
+    with error bars of one standard error where the table has them (CDM's figure: with generated
+    inputs FID should first improve with s, then worsen)."""
     plt = _pyplot()
     stages = list(dict.fromkeys(table.index.get_level_values("stage")))
-    metrics = list(table.columns)
+    metrics = [c for c in table.columns if not c.endswith(" ±")]
     fig, axes = plt.subplots(len(stages), len(metrics), figsize=(4.5 * len(metrics), 3.4 * len(stages)),
                              squeeze=False)
     for i, stage in enumerate(stages):
@@ -213,8 +224,10 @@ def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
             ax = axes[i][j]
             for (run, samplers, inputs), line in part[metric].dropna().groupby(level=["run", "samplers", "inputs"]):
                 s = line.index.get_level_values("s")
-                ax.plot(s, line.values, marker="o", linestyle="-" if inputs == "generated" else "--",
-                        label=f"{inputs}, {samplers}" if samplers else inputs)
+                errors = part[f"{metric} ±"].reindex(line.index) if f"{metric} ±" in part else None
+                ax.errorbar(s, line.values, yerr=errors, marker="o", capsize=3,
+                            linestyle="-" if inputs == "generated" else "--",
+                            label=f"{inputs}, {samplers}" if samplers else inputs)
             ax.set(title=f"{stage}: {metric}", xlabel="sampling level s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

@@ -19,7 +19,8 @@ from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
 from cdmbench.evaluate import EvalContext, read_samples
-from cdmbench.metrics import RunningStatistics, frechet_distance, inception_score, statistics
+from cdmbench.metrics import (RunningStatistics, bootstrap_fid_stderr, frechet_distance, inception_score,
+                              statistics)
 from cdmbench.plugins import load_plugins
 from cdmbench.recipe import load_recipe
 from cdmbench.report import baseline_frame, comparability
@@ -47,6 +48,36 @@ def test_fid_matches_an_independent_implementation():
     f2 = rng.normal(size=(300, 12)) @ rng.normal(size=(12, 12)) * 0.5 + 0.3
     got = frechet_distance(*statistics(f1), *statistics(f2))
     assert got == pytest.approx(reference_fid(f1, f2), rel=1e-6)
+
+
+def test_bootstrap_stderr_is_the_spread_of_fid_over_resampled_copies():
+    """Against clean-fid's FID of each resample written out (np.repeat of the drawn counts), so
+    the frequency weights and the symmetric trace term are checked together."""
+    rng = np.random.default_rng(3)
+    f = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
+    references = [statistics(rng.normal(size=(500, 6)) + 0.5), statistics(rng.normal(size=(400, 6)) * 2)]
+    got = bootstrap_fid_stderr(f, references, resamples=5, seed=7)
+    draws = np.random.default_rng(7)
+    fids = []
+    for _ in range(5):
+        copy = np.repeat(f, draws.multinomial(len(f), np.full(len(f), 1 / len(f))), axis=0)
+        fids.append([frechet_distance(*statistics(copy), *ref) for ref in references])
+    assert got == pytest.approx(np.std(fids, axis=0, ddof=1).tolist(), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 resamples"):
+        bootstrap_fid_stderr(f, references, resamples=1)
+
+
+def test_bootstrap_stderr_estimates_the_spread_of_fid_over_independent_sample_sets():
+    """200 independent sets of 400 samples of N(1, I) against N(0, I)'s exact statistics: the
+    standard deviation of their FIDs is the true standard error; one set's bootstrap estimate,
+    averaged over 10 sets, is within 25% of it."""
+    rng = np.random.default_rng(4)
+    d, n = 4, 400
+    reference = (np.zeros(d), np.eye(d))
+    fids = [frechet_distance(*statistics(rng.normal(1.0, 1.0, size=(n, d))), *reference) for _ in range(200)]
+    estimates = [bootstrap_fid_stderr(rng.normal(1.0, 1.0, size=(n, d)), [reference], resamples=50, seed=k)[0]
+                 for k in range(10)]
+    assert np.mean(estimates) == pytest.approx(np.std(fids, ddof=1), rel=0.25)
 
 
 def test_running_statistics_over_batches_equal_the_statistics_of_all_features():
@@ -207,8 +238,44 @@ def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, mon
     assert fid["n"] == 30 and fid["protocol"]["features"] == "inception-2015-12-05"
     assert fid["protocol"]["features_sha256"] == hashlib.sha256(standin_path.read_bytes()).hexdigest()
     assert fid["protocol"]["mode"] == "legacy_tensorflow" and fid["protocol"]["reference_n"] == 24
+    assert fid["stderr"] > 0 and fid["protocol"]["stderr"] == "std over 10 bootstrap resamples of the samples"
     assert {"fid_test", "is"} <= {r["metric"] for r in rows}
     assert "fid_train" in (trained_run / "report.md").read_text()
+
+
+class FeatureContext:
+    """What the FID metric asks of an evaluation: fixed sample features and reference features."""
+
+    def __init__(self, features, references):
+        self.features, self.references = features, references
+        self.samples, self.protocol = features, {}
+
+    def feature_network(self, spec):
+        return type("Network", (), {"name": "fixed", "sha256": "-", "modes": ("native",)})()
+
+    def sample_features(self, network, mode):
+        return self.features
+
+    def reference_statistics(self, network, mode, split):
+        return (*statistics(self.references[split]), len(self.references[split]))
+
+
+def test_fid_rows_carry_the_bootstrap_stderr_unless_it_is_off():
+    from cdmbench.builtin.metrics import fid
+
+    rng = np.random.default_rng(5)
+    references = {"train": rng.normal(size=(200, 5)), "test": rng.normal(size=(150, 5)) + 1}
+    context = FeatureContext(rng.normal(size=(120, 5)) * 1.5, references)
+    rows = fid(reference=["train", "test"], bootstrap=4).evaluate(context)
+    expected = bootstrap_fid_stderr(context.features, [statistics(references[k]) for k in ("train", "test")],
+                                    resamples=4)
+    assert [r["stderr"] for r in rows] == pytest.approx(expected, rel=1e-9)
+    assert rows[1]["value"] == pytest.approx(reference_fid(context.features, references["test"]), rel=1e-6)
+    assert rows[0]["protocol"]["stderr"] == "std over 4 bootstrap resamples of the samples"
+    plain = fid(reference=["test"], bootstrap=0).evaluate(context)
+    assert plain[0]["stderr"] is None and "stderr" not in plain[0]["protocol"]
+    with pytest.raises(ValueError, match="0 \\(no stderr\\) or at least 2 resamples"):
+        fid(bootstrap=1)
 
 
 @pytest.fixture

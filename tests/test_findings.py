@@ -16,14 +16,14 @@ def ablation():
     return recipe
 
 
-def row(stage, value, metric="fid_test", n=1000, **protocol):
+def row(stage, value, metric="fid_test", n=1000, stderr=None, **protocol):
     return {"run": "r", "stage": stage, "metric": metric, "value": value, "unit": "", "status": "ok", "n": n,
-            "protocol": {**FEATURES, **protocol}}
+            "stderr": stderr, "protocol": {**FEATURES, **protocol}}
 
 
-def sweep(stage, inputs, values, metric="fid_test", samplers=None):
+def sweep(stage, inputs, values, metric="fid_test", samplers=None, stderr=None):
     samplers = samplers or {stage: "ddpm 25"}
-    return [row(stage, v, metric, level=s, inputs=inputs, samplers=samplers) for s, v in values]
+    return [row(stage, v, metric, level=s, inputs=inputs, samplers=samplers, stderr=stderr) for s, v in values]
 
 
 def test_augmented_stages_are_compared_with_the_unaugmented_one(ablation):
@@ -35,6 +35,33 @@ def test_augmented_stages_are_compared_with_the_unaugmented_one(ablation):
         "21.5 vs 30, lower: holds",
         "- `sr_trunc` (gaussian truncated) against `sr_none` (none), fid_test (classifier, native): "
         "33 vs 30, not lower: does not hold"]  # sr_blur has no fid_test: nothing to compare
+
+
+def test_a_lower_fid_within_two_standard_errors_is_undecided(ablation):
+    """sqrt(1 + 1) = 1.41 standard errors of the difference: 2 below is within 2.83, 5 below is not."""
+    frame = pd.DataFrame([row("sr_none", 30.0, stderr=1.0), row("sr_gauss", 28.0, stderr=1.0),
+                          row("sr_trunc", 25.0, stderr=1.0), row("sr_blur", 30.5, stderr=1.0)])
+    head = "- `{}` ({}) against `sr_none` (none), fid_test (classifier, native): "
+    assert augmentation_lowers_fid(frame, ablation) == [
+        head.format("sr_gauss", "gaussian nontruncated") + "28 ± 1 vs 30 ± 1, lower, undecided (the "
+        "differences are within 2 standard errors)",
+        head.format("sr_trunc", "gaussian truncated") + "25 ± 1 vs 30 ± 1, lower: holds",
+        head.format("sr_blur", "blur") + "30.5 ± 1 vs 30 ± 1, not lower: does not hold"]
+
+
+def test_level_curves_are_judged_beyond_their_standard_errors():
+    undecided = "undecided (the differences are within 2 standard errors)"
+    cases = [("generated", [30.0, 28.0, 31.0], 1.0, undecided),         # a dip of 2 < 2.83
+             ("generated", [30.0, 25.0, 31.0], 1.0, "holds"),
+             ("generated", [25.0, 26.0, 31.0], 1.0, "does not hold"),
+             ("ground-truth", [10.0, 9.5, 15.0], 1.0, "holds"),          # 9.5 is 10 within noise
+             ("ground-truth", [10.0, 10.5, 11.0], 1.0, undecided),       # flat within noise
+             ("ground-truth", [10.0, 9.0, 12.0], 0.1, "does not hold")]
+    for inputs, values, stderr, verdict in cases:
+        frame = pd.DataFrame(sweep("sr_gauss", inputs, list(zip([0.0, 0.1, 0.3], values)), stderr=stderr))
+        [line] = fid_against_level(frame)
+        assert line.endswith(f": {verdict}"), (inputs, values, line)
+        assert f"0: {values[0]:g} ± {stderr:g}" in line
 
 
 def test_stages_evaluated_on_other_samples_are_not_compared(ablation):

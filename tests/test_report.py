@@ -1,6 +1,7 @@
 """Sweep rows in the report: each sweep is its own table rows and curve."""
 
 import json
+import math
 
 import pandas as pd
 from click.testing import CliRunner
@@ -10,9 +11,9 @@ from cdmbench.cli import cli
 from cdmbench.report import comparison_table, read_results, results_table, sweep_table
 
 
-def sweep(samplers, values, inputs="generated"):
+def sweep(samplers, values, inputs="generated", stderr=None):
     return [{"run": "r", "stage": "sr16", "metric": "fid_test", "value": v, "unit": "", "status": "ok",
-             "protocol": {"level": s, "inputs": inputs, "truncated": False, "samplers": samplers}}
+             "stderr": stderr, "protocol": {"level": s, "inputs": inputs, "truncated": False, "samplers": samplers}}
             for s, v in values]
 
 
@@ -36,10 +37,30 @@ def test_sweeps_that_differ_only_in_the_base_sampler_stay_apart(tmp_path, monkey
     monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
     report.plot_sweeps(table, tmp_path / "sweeps.png")
     [ax] = figures[0].axes
-    curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines()}
+    curves = {curve.get_label(): list(curve.lines[0].get_ydata()) for curve in ax.containers}
     assert curves == {f"generated, {coarse_label}": [30.0, 20.0, 25.0],
                       f"generated, {fine_label}": [10.0, 40.0, 45.0],
                       f"ground-truth, {fine_label}": [5.0, 6.0, 7.0]}
+
+
+def test_standard_errors_become_columns_and_error_bars(tmp_path, monkeypatch):
+    chain = {"sr16": "ddpm {'steps': 25}"}
+    rows = sweep(chain, [(0.0, 30.0), (0.2, 20.0)], stderr=1.5) + sweep(chain, [(0.0, 5.0)], "ground-truth")
+    rows.append({"run": "r", "stage": "sr16", "metric": "cas_top1", "value": 70.0, "unit": "%", "status": "ok",
+                 "protocol": {"level": 0.0, "inputs": "ground-truth", "samplers": chain}})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = sweep_table(read_results([tmp_path]))
+    assert list(table.columns) == ["cas_top1 [%]", "fid_test", "fid_test ±"]  # CAS rows have no stderr
+    assert table["fid_test ±"].tolist()[:2] == [1.5, 1.5] and math.isnan(table["fid_test ±"].iloc[2])
+
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    report.plot_sweeps(table, tmp_path / "sweeps.png")
+    panels = {ax.get_title(): ax for ax in figures[0].axes}
+    assert set(panels) == {"sr16: cas_top1 [%]", "sr16: fid_test"}  # no panel of the errors
+    generated = next(c for c in panels["sr16: fid_test"].containers if c.get_label().startswith("generated"))
+    [bars] = generated.lines[2]
+    assert [segment[:, 1].tolist() for segment in bars.get_segments()] == [[28.5, 31.5], [18.5, 21.5]]
 
 
 PROTOCOL = {"dataset": "imagenet", "resolution": 256, "features": "inception-2015-12-05",

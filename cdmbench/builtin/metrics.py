@@ -7,7 +7,7 @@ from typing import Any
 
 from cdmbench import hookimpl
 from cdmbench.errors import CdmbenchError
-from cdmbench.metrics import frechet_distance, inception_score, statistics
+from cdmbench.metrics import bootstrap_fid_stderr, frechet_distance, inception_score, statistics
 from cdmbench.recipe import Component
 
 INCEPTION = "inception-2015-12-05"
@@ -26,12 +26,13 @@ def _mode(network, mode: str | None) -> str:
 
 
 class FID:
-    """FID of the samples against each reference split: metric ``fid_<split>``."""
+    """FID of the samples against each reference split: metric ``fid_<split>``, its stderr the
+    bootstrap estimate over ``bootstrap`` resamples of the samples (none when 0)."""
 
     name = "fid"
 
-    def __init__(self, features: Component, mode: str | None, reference: list[str]):
-        self.spec, self.mode, self.reference = features, mode, reference
+    def __init__(self, features: Component, mode: str | None, reference: list[str], bootstrap: int):
+        self.spec, self.mode, self.reference, self.bootstrap = features, mode, reference, bootstrap
 
     def prepare(self, context) -> None:
         network = context.feature_network(self.spec)
@@ -42,15 +43,19 @@ class FID:
     def evaluate(self, context) -> list[dict[str, Any]]:
         network = context.feature_network(self.spec)
         mode = _mode(network, self.mode)
-        mu, sigma = statistics(context.sample_features(network, mode))
+        features = context.sample_features(network, mode)
+        mu, sigma = statistics(features)
+        references = {split: context.reference_statistics(network, mode, split) for split in self.reference}
+        errors = (bootstrap_fid_stderr(features, [r[:2] for r in references.values()], resamples=self.bootstrap)
+                  if self.bootstrap else [None] * len(references))
+        spread = {"stderr": f"std over {self.bootstrap} bootstrap resamples of the samples"} if self.bootstrap else {}
         rows = []
-        for split in self.reference:
-            ref_mu, ref_sigma, ref_n = context.reference_statistics(network, mode, split)
+        for (split, (ref_mu, ref_sigma, ref_n)), stderr in zip(references.items(), errors):
             rows.append({"metric": f"fid_{split}", "value": frechet_distance(mu, sigma, ref_mu, ref_sigma),
-                         "n": len(context.samples), "unit": "", "higher_is_better": False,
+                         "stderr": stderr, "n": len(context.samples), "unit": "", "higher_is_better": False,
                          "protocol": {**context.protocol, "features": network.name,
                                       "features_sha256": network.sha256, "mode": mode,
-                                      "reference_split": split, "reference_n": ref_n}})
+                                      "reference_split": split, "reference_n": ref_n, **spread}})
         return rows
 
 
@@ -141,11 +146,15 @@ class CAS:
 
 
 def fid(*, features: str = INCEPTION, features_args: dict[str, Any] | None = None,
-        mode: str | None = None, reference: list[str] = ("train", "test")) -> FID:
-    """``mode``: legacy_tensorflow (default for Inception; comparable with papers) or clean."""
+        mode: str | None = None, reference: list[str] = ("train", "test"), bootstrap: int = 10) -> FID:
+    """``mode``: legacy_tensorflow (default for Inception; comparable with papers) or clean.
+    ``bootstrap``: resamples of the samples whose FIDs' standard deviation is the row's stderr
+    (what differences between rows exceed noise; 0: none)."""
     if not reference:
         raise ValueError("reference: give at least one split, e.g. [train, test]")
-    return FID(_network(features, features_args), mode, list(reference))
+    if bootstrap < 0 or bootstrap == 1:
+        raise ValueError(f"bootstrap={bootstrap}; give 0 (no stderr) or at least 2 resamples, e.g. 10")
+    return FID(_network(features, features_args), mode, list(reference), bootstrap)
 
 
 def inception_score_metric(*, features: str = INCEPTION, features_args: dict[str, Any] | None = None,
