@@ -232,7 +232,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 progress: bool = True, echo=print) -> nn.Module:
     """Train (or resume) ``stage`` up to its recipe's step count; returns the EMA model.
 
-    Every ``log_every`` steps a row (step, mean loss since the previous row, images/s, training
+    Every ``log_every`` steps a row (step, mean loss and images/s since the previous row, training
     seconds so far across resumes, peak GPU memory) goes to train_log.jsonl, and without a
     progress bar (batch jobs) to ``echo`` as a line with the time left. The host reads the
     losses only then and before a checkpoint: a NaN or infinite loss stops the run there, naming
@@ -256,7 +256,8 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     board = _tensorboard(folder, start) if main else None
     pending: list[Tensor] = []  # (loss, gradient norm) per step on the device, not yet read
     window: list[list[float]] = []  # those read since the last log row
-    images, seconds = 0, 0.0
+    images, seconds = 0, 0.0  # trained in that window
+    total = 0.0  # seconds trained since this start
     said_slow = False  # whether a slow checkpoint was reported
     trainer.model.train()
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps,
@@ -280,11 +281,12 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                                         f"set train.grad_clip. The last good checkpoint in {ckpt_dir} is kept.")
                 window += values
                 pending.clear()
-            seconds += time.perf_counter() - tick  # reading the losses waited for the GPU's steps
+            step_time = time.perf_counter() - tick  # reading the losses waited for the GPU's steps
+            seconds, total = seconds + step_time, total + step_time
             if main and (log_now or save_now):  # a row at each checkpoint too: a resume loses no steps
                 row = {"step": done, "loss": sum(v[0] for v in window) / len(window),
                        "grad_norm": sum(v[1] for v in window) / len(window), "images_per_s": images / seconds,
-                       "seconds": elapsed + seconds}
+                       "seconds": elapsed + total}
                 if torch.device(device).type == "cuda":
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 with open(log_path, "a") as fh:
@@ -296,11 +298,12 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
                 if bar.disable:
                     memory = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
-                    left = round((spec.steps - done) * seconds / (done - start))
+                    left = round((spec.steps - done) * total / (done - start))
                     echo(f"train {stage.spec.name} step {done}/{spec.steps}: loss {row['loss']:.4f}, "
                          f"{row['images_per_s']:.0f} img/s{memory}, {left // 60}m{left % 60:02d}s left")
             if log_now or save_now:
                 window.clear()
+                images, seconds = 0, 0.0
             if save_now:
                 if main:
                     began = time.perf_counter()

@@ -151,6 +151,27 @@ def test_non_finite_gradients_of_a_finite_loss_stop_before_their_checkpoint(tiny
     assert [r["step"] for r in log] == [1] and log[0]["grad_norm"] > 0
 
 
+def test_logged_throughput_is_that_of_the_steps_since_the_previous_row(tiny_recipe, tmp_path, monkeypatch):
+    """A clock that each training step moves on by 1 s (steps 1-2), then 3 s (steps 3-4): the
+    second row's images/s is a third of the first's (a mean since the start would be half), and
+    its seconds are the training time so far."""
+    from types import SimpleNamespace
+
+    clock, real = [0.0], cdmbench.train.Trainer.step
+
+    def timed(self, data, idx, step):
+        clock[0] += 1.0 if step < 2 else 3.0
+        return real(self, data, idx, step)
+
+    monkeypatch.setattr(cdmbench.train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cdmbench.train.Trainer, "step", timed)
+    run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
+        overrides=["stages.base8.train.log_every=2"])
+    log = [json.loads(x) for x in (tmp_path / "a" / "base8" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [2, 4] and [r["seconds"] for r in log] == [2.0, 8.0]
+    assert log[0]["images_per_s"] == pytest.approx(3 * log[1]["images_per_s"])
+
+
 def test_log_rows_at_checkpoints_and_a_torn_last_row_is_dropped_on_resume(tiny_recipe, tmp_path):
     """A row is written at every checkpoint (so a resume loses no steps' losses), and a row cut
     short by a crash does not block the resume."""
