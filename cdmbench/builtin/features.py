@@ -21,7 +21,7 @@ INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"
                  + INCEPTION_FILE)
 INCEPTION_ENV = "CDMBENCH_INCEPTION"
-INCEPTION_DIMS, INCEPTION_CLASSES = 2048, 1008
+INCEPTION_DIMS = 2048
 
 
 def inception_candidates(path: str | None, cache_dir: Path) -> list[Path]:
