@@ -119,8 +119,8 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
 
     index = None  # ground-truth input i: a training image of class i % K, as generated input i is
 
-    def upsample(level: float, lo: int, hi: int) -> Tensor:
-        """Stage ``name``'s samples lo..hi at ``level`` from ground-truth low-res images."""
+    def upsample(lo: int, hi: int) -> Tensor:
+        """Stage ``name``'s samples lo..hi, at the level set on it, from ground-truth low-res images."""
         nonlocal index
         real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
         if index is None:
@@ -149,7 +149,7 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                 folder, named = ground_truth_folder / f"level-{level}", f"{ground_truth_folder.name}-{level}"
                 write_shards(folder, num_samples=num_samples, num_classes=context.num_classes,
                              shard_size=shard_size, rank=rank, world_size=world_size, progress=False,
-                             make=lambda k, lo, hi: upsample(level, lo, hi))
+                             make=lambda k, lo, hi: upsample(lo, hi))
             distributed.barrier()  # every rank's shards of this level are written
             if rank != 0:
                 continue

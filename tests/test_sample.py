@@ -62,7 +62,6 @@ def test_an_image_depends_on_its_seed_and_id_not_on_the_other_classes(trained, t
     assert not (images[one] == images[other_seed]).all()
 
 
-
 def test_images_go_through_the_cascade_a_chunk_at_a_time_to_the_same_pixels(trained, tmp_path, monkeypatch):
     """Memory holds a chunk (CHUNK images) of every stage, not all of them; grids show a class's
     first GRID_COLUMNS images."""
@@ -84,6 +83,7 @@ def test_images_go_through_the_cascade_a_chunk_at_a_time_to_the_same_pixels(trai
         assert Image.open(chunked / f"{stage}_grid.png").size == (96 + 2 * 66, 2 * 66)
         left = Image.open(whole / f"{stage}_grid.png").crop((0, 0, 96 + 2 * 66, 2 * 66))
         assert (np.asarray(left) == np.asarray(Image.open(chunked / f"{stage}_grid.png"))).all()  # the first two
+
 
 def test_a_level_changes_the_sr_stage_and_not_the_base(trained, tmp_path):
     common = dict(classes=["1"], per_class=2, progress=False, echo=quiet)
