@@ -7,6 +7,7 @@ accept all fail here, before any data or model is touched, with the dotted path 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import re
@@ -81,6 +82,8 @@ class Stage:
     condition_on: str | None = None
     # one augmentation, or a list applied in order (their conditioning vectors concatenate)
     augmentation: Component | list[Component] = field(default_factory=lambda: Component("none"))
+    # set on the copies that a stage's `replicates: k` appends (`<name>_r2` .. `<name>_rk`)
+    replicate_of: str | None = None
 
     def augmentations(self) -> list[Component]:
         return self.augmentation if isinstance(self.augmentation, list) else [self.augmentation]
@@ -216,13 +219,30 @@ def _build(cls: type, data: Any, path: str) -> Any:
 
 
 def _build_stages(data: Any, path: str) -> list[Stage]:
+    """The stages, with the copies that ``replicates: k`` asks for appended after all of them."""
     if not isinstance(data, list) or not data:
         raise RecipeError(path, "expected a non-empty list of stages")
-    stages = []
+    stages, copies = [], []
     for i, item in enumerate(data):
         name = item.get("name") if isinstance(item, dict) else None
-        stages.append(_build(Stage, item, f"{path}.{name}" if isinstance(name, str) else f"{path}[{i}]"))
-    return stages
+        where = f"{path}.{name}" if isinstance(name, str) else f"{path}[{i}]"
+        count = 1
+        if isinstance(item, dict) and "replicates" in item:
+            item = dict(item)
+            count = _convert(item.pop("replicates"), int, f"{where}.replicates")
+        if count < 1:
+            raise RecipeError(f"{where}.replicates", f"must be >= 1 (trainings of this stage), got {count}")
+        stage = _build(Stage, item, where)
+        stages.append(stage)
+        copies += [dataclasses.replace(copy.deepcopy(stage), name=f"{stage.name}_r{k}", replicate_of=stage.name)
+                   for k in range(2, count + 1)]
+    return stages + copies
+
+
+def complete(raw: dict[str, Any]) -> dict[str, Any]:
+    """A resolved recipe (a run.yaml's) as this cdmbench writes it: keys added since at their
+    defaults, so that comparing it with a new recipe sees real differences only."""
+    return _build(Recipe, copy.deepcopy(raw), "").to_dict()
 
 
 def _join(path: str, key: str) -> str:
@@ -307,6 +327,10 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"{path}.name", "stage names are lower-case letters, digits, - and _")
         if stage.name in seen:
             raise RecipeError(f"{path}.name", "two stages have this name")
+        original = seen.get(stage.replicate_of) if stage.replicate_of else None
+        if stage.replicate_of and (original is None or original.replicate_of is not None):
+            raise RecipeError(f"{path}.replicate_of", f"'{stage.replicate_of}' is not an earlier stage "
+                              "that is not itself a replicate; use `replicates: k` on the stage")
         if stage.resolution < 4:
             raise RecipeError(f"{path}.resolution", f"must be >= 4, got {stage.resolution}")
         if stage.loss not in LOSSES:

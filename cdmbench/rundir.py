@@ -1,7 +1,7 @@
 """The run directory: the resolved recipe with its environment, stage folders, results.
 
     <out>/run.yaml          resolved recipe + versions of cdmbench, plugins, torch, git commit,
-                            machine; the dataset's class names
+                            machine (and those of earlier invocations); the dataset's class names
     <out>/results.jsonl     tidy result rows (see ``result_row``)
     <out>/report.md         the results table
     <out>/<stage>/          checkpoints/, train_log.jsonl, samples/
@@ -23,7 +23,7 @@ import yaml
 from .errors import CdmbenchError
 from .files import append_text, atomic_write
 from .plugins import Plugins
-from .recipe import Recipe
+from .recipe import Recipe, complete
 
 # Keys that may change between invocations of one run (training longer, sampling differently):
 # recipe-level keys, and per-stage keys (dotted within a stage; in each of a list of augmentations).
@@ -133,21 +133,31 @@ class RunDir:
         return self.path / "results.jsonl"
 
     def check(self, recipe: Recipe) -> None:
-        """Refuse a run directory that holds a run of a different recipe (cheap: before any data
-        or model is built)."""
+        """Refuse a run directory that holds a run of a different recipe, other than one with
+        stages appended (cheap: before any data or model is built)."""
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
-            difference = recipe_difference(yaml.safe_load(run_yaml.read_text())["recipe"], recipe.to_dict())
+            old, new = complete(yaml.safe_load(run_yaml.read_text())["recipe"]), recipe.to_dict()
+            # stages appended (another arm of an ablation, replicates) leave the run's own as they
+            # were: a stage's seeds derive from its position
+            new["stages"] = new["stages"][:len(old["stages"])]
+            difference = recipe_difference(old, new)
             if difference:
                 raise CdmbenchError(f"{self.path} holds a run of a different recipe ({difference}); "
                                     "pass another --out, or delete the folder to start over")
 
     def prepare(self, recipe: Recipe, plugins: Plugins, class_names: list[str]) -> None:
         """Write run.yaml first (with the class names, so that sampling needs no dataset); a run
-        directory of a different recipe is refused."""
+        directory of a different recipe is refused. The environments of earlier invocations
+        (the code that trained the stages before) stay in ``earlier_environments``."""
         self.check(recipe)
         self.path.mkdir(parents=True, exist_ok=True)
-        doc = {"recipe": recipe.to_dict(), "environment": environment(plugins), "classes": list(class_names)}
+        run_yaml, earlier = self.path / "run.yaml", []
+        if run_yaml.exists():
+            old = yaml.safe_load(run_yaml.read_text())
+            earlier = old.get("earlier_environments", []) + [old["environment"]]
+        doc = {"recipe": recipe.to_dict(), "environment": environment(plugins),
+               "earlier_environments": earlier, "classes": list(class_names)}
         atomic_write(self.path / "run.yaml", yaml.safe_dump(doc, sort_keys=False))
 
     def class_names(self) -> list[str] | None:

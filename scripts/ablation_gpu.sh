@@ -14,6 +14,9 @@
 #            the device machine has its other needs, scipy, matplotlib, timm)
 #   check:   SCALE=smoke OUT=/tmp/abl bash scripts/ablation_gpu.sh   (same procedure, tiny, CPU)
 #   CPU:     SCALE=cpu OUT=/tmp/abl bash scripts/ablation_gpu.sh     (the ablation shrunk to a 2-core CPU)
+# REPLICATES=k trains each SR stage k times (copies sr_none_r2 .. sr_none_rk; their seeds differ
+# by position), so that the findings weigh the spread over training runs, not the sampling error
+# alone; it extends a finished run (its base and first SR stages are kept).
 # Arguments go to `cdmbench prepare` and `cdmbench run`, e.g. --set stages.base16.train.steps=2000.
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 CDMBENCH_CACHE="$OUT/cache"
@@ -23,6 +26,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # once per machine
 fi
 RUN="$OUT/run"
 DATA=(--set "data.args.path=${FMNIST:-data/fashion-mnist}")
+SR=(sr_none sr_gauss sr_trunc sr_blur)
 case "${SCALE:-full}" in
 full)  FLAGS=("${DATA[@]}"); SWEEP=(--num-samples 2000 --metrics fid); GAUSS=0,0.02,0.05,0.1,0.2,0.3,0.5; TRUNC=0.05,0.1,0.2,0.3,0.5;;
 smoke) # shrunk stages, generated shapes data, a few samples
@@ -36,7 +40,7 @@ cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quic
         --set "stages.base16.sampler.args.steps=50"
         --set "evaluate.num_samples=1000" --set evaluate.batch_size=250 --set evaluate.shard_size=250
         --set "evaluate.metrics=[{name: fid, args: {features: classifier, features_args: {epochs: 4}, reference: [test]}}, {name: cas, args: {epochs: 30}}]")
-    for s in sr_none sr_gauss sr_trunc sr_blur; do
+    for s in "${SR[@]}"; do
         FLAGS+=(--set "stages.$s.backbone.args={channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: []}"
             --set "stages.$s.train={steps: 1000, batch_size: 32, lr: 2.0e-3, ema: 0.995, checkpoint_every: 500, log_every: 100}"
             --set "stages.$s.loss=x0" --set "stages.$s.sampler.args.steps=25")
@@ -44,14 +48,22 @@ cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quic
     SWEEP=(--num-samples 1000 --metrics fid); GAUSS=0,0.1,0.2,0.3,0.5; TRUNC=0.1,0.2,0.3,0.5;;
 *) echo "SCALE must be full, smoke or cpu, got '$SCALE'" >&2; exit 2;;
 esac
+TRAIN=train STAGES=("${SR[@]}")
+if ((${REPLICATES:-1} > 1)); then
+    TRAIN=train-x$REPLICATES  # a new phase: a finished run gets the copies
+    for k in $(seq 2 "$REPLICATES"); do
+        for s in "${SR[@]}"; do STAGES+=("${s}_r$k"); done
+    done
+    for s in "${SR[@]}"; do FLAGS+=(--set "stages.$s.replicates=$REPLICATES"); done
+fi
 source scripts/phase.sh  # phase NAME COMMAND...: skipped when a rerun finds it done
 RECIPE=recipes/ablation_augmentation.yaml
 phase prepare-train python -m cdmbench prepare $RECIPE --no-progress "${FLAGS[@]}" "$@"
 phase prepare-test python -m cdmbench prepare $RECIPE --split test --no-progress "${FLAGS[@]}" "$@"
 # training resumes from checkpoints; at the end the grids of every stage are sampled
-phase train python -m cdmbench run $RECIPE --out "$RUN" --no-progress "${FLAGS[@]}" "$@"
+phase $TRAIN python -m cdmbench run $RECIPE --out "$RUN" --no-progress "${FLAGS[@]}" "$@"
 phase feature-classifier python -m cdmbench prepare $RECIPE --split test --metrics sr_none --no-progress "${FLAGS[@]}" "$@"
-for stage in sr_none sr_gauss sr_trunc sr_blur; do
+for stage in "${STAGES[@]}"; do
     phase "evaluate-$stage" python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
 done
 phase sweep-sr_gauss python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
