@@ -10,12 +10,14 @@
 Each line states the numbers compared and whether the finding holds; nothing is judged by hand.
 Where rows carry standard errors (FID's bootstrap), one value counts as lower than another only
 when the difference exceeds ``NOISE`` standard errors of the difference; a pattern that the
-point values show but the errors do not support is "undecided".
+point values show but the errors do not support is "undecided". A stage trained several times
+(``replicates: k``) enters finding 1 as the mean of its runs, with their spread as its error.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 
 import pandas as pd
 
@@ -61,41 +63,75 @@ def _augmentation(stage: Stage) -> str:
     return " + ".join(parts)
 
 
+def _replicates(recipe: Recipe) -> dict[str, list[str]]:
+    """Each stage that is not a replicate: its name and its replicates' (``replicates: k``)."""
+    groups = {st.name: [st.name] for st in recipe.stages if st.replicate_of is None}
+    for st in recipe.stages:
+        if st.replicate_of is not None:
+            groups[st.replicate_of].append(st.name)
+    return groups
+
+
+def _estimate(rows: list) -> tuple[float, float | None]:
+    """A stage's FID and its standard error. Over k > 1 training runs: their mean, and the
+    standard deviation of the runs over sqrt(k), but not below their mean sampling error over
+    sqrt(k) (the spread of two or three runs can be small by chance). One run: its value and
+    bootstrap error, which leaves the spread between training runs out."""
+    values = [r.value for r in rows]
+    errors = [_error(r) for r in rows]
+    if len(rows) == 1:
+        return values[0], errors[0]
+    k = len(rows)
+    runs = statistics.stdev(values) / math.sqrt(k)
+    sampling = 0.0 if None in errors else math.sqrt(sum(e * e for e in errors) / k) / math.sqrt(k)
+    return statistics.fmean(values), max(runs, sampling)
+
+
+def _named(names: list[str], rows: list, augmentation: str) -> str:
+    runs = "" if len(rows) == 1 else f", {len(rows)} training runs: " + ", ".join(f"{r.value:.4g}" for r in rows)
+    return f"`{names[0]}` ({augmentation}{runs})"
+
+
 def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
-    """Finding 1, one line per (augmented stage, FID metric) with an unaugmented sibling."""
+    """Finding 1, one line per (augmented stage, FID metric) with an unaugmented sibling; a stage
+    with replicates counts as the mean of its training runs."""
     rows = _fid_rows(frame, sweeps=False)
     if rows.empty:
         return []
     fid = {(r.stage, r.label): r for r in rows.itertuples()}
+    groups = _replicates(recipe)
+    roots = [st for st in recipe.stages if st.replicate_of is None]
     lines = []
-    for plain in recipe.stages:
+    for plain in roots:
         if plain.condition_on is None or _augmentation(plain) != "none":
             continue
-        for other in recipe.stages:
+        for other in roots:
             if (other.condition_on, other.resolution) != (plain.condition_on, plain.resolution) or other is plain:
                 continue
             for label in sorted({lab for st, lab in fid if st == other.name and (plain.name, lab) in fid}):
-                ours, theirs = fid[other.name, label], fid[plain.name, label]
-                head = f"- `{other.name}` ({_augmentation(other)}) against `{plain.name}` (none), {label}: "
-                differs = _unlike(ours, theirs, plain.condition_on)
+                ours, theirs = ([fid[n, label] for n in groups[st.name] if (n, label) in fid] for st in (other, plain))
+                head = (f"- {_named(groups[other.name], ours, _augmentation(other))} against "
+                        f"{_named(groups[plain.name], theirs, 'none')}, {label}: ")
+                differs = _unlike(ours + theirs, plain.condition_on)
                 if differs:
                     lines.append(head + f"not comparable ({differs})")
                     continue
-                mine, other = (ours.value, _error(ours)), (theirs.value, _error(theirs))
-                verdict = ("lower: holds" if _below(*mine, *other) else
-                           "not lower: does not hold" if ours.value >= theirs.value else
+                mine, base = _estimate(ours), _estimate(theirs)
+                verdict = ("lower: holds" if _below(*mine, *base) else
+                           "not lower: does not hold" if mine[0] >= base[0] else
                            "lower, " + UNDECIDED)
-                lines.append(head + f"{_value(*mine)} vs {_value(*other)}, {verdict}")
+                lines.append(head + f"{_value(*mine)} vs {_value(*base)}, {verdict}")
     return lines
 
 
-def _unlike(a, b, previous: str) -> str:
-    """What makes two stages' FID rows incomparable: sample counts, or the samples of the stage
-    both are conditioned on; empty when nothing does."""
-    if a.n != b.n:
-        return f"n {a.n} vs {b.n}"
-    first, second = (r.protocol.get("samplers", {}).get(previous) for r in (a, b))
-    return "" if first == second else f"{previous} sampled by {first} vs {second}"
+def _unlike(rows: list, previous: str) -> str:
+    """What makes stages' FID rows incomparable: sample counts, or the samples of the stage all
+    are conditioned on; empty when nothing does."""
+    counts = sorted({r.n for r in rows})
+    if len(counts) > 1:
+        return "n " + " vs ".join(map(str, counts))
+    samplers = list(dict.fromkeys(str(r.protocol.get("samplers", {}).get(previous)) for r in rows))
+    return "" if len(samplers) == 1 else f"{previous} sampled by " + " vs ".join(samplers)
 
 
 def fid_against_level(frame: pd.DataFrame) -> list[str]:
@@ -150,7 +186,10 @@ def findings_section(frame: pd.DataFrame, recipe: Recipe) -> str:
     text = "\n## CDM's findings, checked on this run\n\n"
     if first:
         text += ("Conditioning augmentation lowers the cascade's FID (each SR stage as `cdmbench "
-                 "evaluate` measured it, on generated inputs):\n\n" + "\n".join(first) + "\n\n")
+                 "evaluate` measured it, on generated inputs). ± is one standard error: over the "
+                 "training runs of a stage with replicates (`replicates: k`), else over the samples "
+                 "only (the bootstrap), which leaves the spread between training runs out:\n\n"
+                 + "\n".join(first) + "\n\n")
     if second:
         text += ("FID against the sampling level s: with generated inputs it first improves, then "
                  "worsens (best s inside the swept range); with ground-truth inputs it only worsens "

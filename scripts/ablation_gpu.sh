@@ -48,9 +48,9 @@ cpu)   # the same ablation on Fashion-MNIST shrunk to ~2 h of a 2-core CPU: quic
     SWEEP=(--num-samples 1000 --metrics fid); GAUSS=0,0.1,0.2,0.3,0.5; TRUNC=0.1,0.2,0.3,0.5;;
 *) echo "SCALE must be full, smoke or cpu, got '$SCALE'" >&2; exit 2;;
 esac
-TRAIN=train STAGES=("${SR[@]}")
+TRAIN=train REPORT=report STAGES=("${SR[@]}")
 if ((${REPLICATES:-1} > 1)); then
-    TRAIN=train-x$REPLICATES  # a new phase: a finished run gets the copies
+    TRAIN=train-x$REPLICATES REPORT=report-x$REPLICATES  # new phases: a finished run gets the copies
     for k in $(seq 2 "$REPLICATES"); do
         for s in "${SR[@]}"; do STAGES+=("${s}_r$k"); done
     done
@@ -69,5 +69,5 @@ done
 phase sweep-sr_gauss python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
 phase sweep-sr_trunc python -m cdmbench sweep "$RUN" --stage sr_trunc --levels "$TRUNC" --inputs generated \
     --no-progress "${SWEEP[@]}"
-phase report python -m cdmbench report "$RUN" --out "$OUT/report"
+phase $REPORT python -m cdmbench report "$RUN" --out "$OUT/report"
 echo "== $(date +%T) done"

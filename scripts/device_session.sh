@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device session for both open GPU checks: issue 4's H100 bench (scripts/gpu_bench.sh: the
 # ADM-64 bench with its profile, then the gpu tests, ...) for at most BENCH seconds, then issue
-# 6's ablation (scripts/ablation_gpu.sh) for the rest of LIMIT; then what is worth keeping goes
+# 6's ablation (scripts/ablation_gpu.sh) for the rest of LIMIT (with time to spare, again with
+# REPLICATES=2: a second training run of each SR stage); then what is worth keeping goes
 # into $OUT/results.tgz (the device returns a few files only). The work stays in runs/device/
 # while the machine is warm, and every part is made of phases: the same command again finishes
 # what the first left, redoing nothing finished (a failed phase is not repeated either).
@@ -26,6 +27,12 @@ if ((BENCH > 0 && $(left) > 60)); then
 fi
 if (($(left) > 60)); then
     OUT=$WORK/ablation timeout -k 15 "$(left)" bash scripts/ablation_gpu.sh 2>&1 | tee -a "$RESULTS/ablation.log"
+fi
+# time to spare: a second training run of every SR stage, so that the findings weigh the spread
+# between training runs (the first report stays unless this one finishes)
+if (($(left) > 120)); then
+    OUT=$WORK/ablation REPLICATES=2 timeout -k 15 "$(left)" bash scripts/ablation_gpu.sh 2>&1 \
+        | tee -a "$RESULTS/ablation.log"
 fi
 tar czf "$RESULTS/results.tgz" --exclude='*.npz' --exclude=checkpoints --exclude=cache --exclude='*.lock' \
     -C "$WORK" . && ls -la "$RESULTS"

@@ -111,3 +111,25 @@ def test_no_section_without_rows_to_check(ablation):
     assert findings_section(pd.DataFrame([row("base16", 5.0)]), ablation) == ""
     section = findings_section(pd.DataFrame([row("sr_none", 30.0), row("sr_blur", 28.0)]), ablation)
     assert section.startswith("\n## CDM's findings, checked on this run") and "`sr_blur` (blur)" in section
+
+
+def test_replicated_stages_are_judged_by_the_spread_of_their_training_runs():
+    """Alone, the first runs differ by 6 = 4.2 bootstrap errors (holds); their replicates spread
+    by 10 (sr_none: 35 ± 5 over 2 runs), so the means' 10 are within 2 x sqrt(25 + 1) = 10.2."""
+    recipe, _ = load_recipe("recipes/ablation_augmentation.yaml", overrides=[
+        "data={name: shapes}", "stages.sr_none.replicates=2", "stages.sr_gauss.replicates=2"])
+    head = "- `sr_gauss` (gaussian nontruncated{}) against `sr_none` (none{}), fid_test (classifier, native): "
+    frame = pd.DataFrame([row("sr_none", 30.0, stderr=1.0), row("sr_gauss", 24.0, stderr=1.0)])
+    assert augmentation_lowers_fid(frame, recipe) == [head.format("", "") + "24 ± 1 vs 30 ± 1, lower: holds"]
+    frame = pd.DataFrame([row("sr_none", 30.0, stderr=1.0), row("sr_none_r2", 40.0, stderr=1.0),
+                          row("sr_gauss", 24.0, stderr=1.0), row("sr_gauss_r2", 26.0, stderr=1.0),
+                          row("sr_none_r2", 10.0, metric="fid_train")])  # another metric: its own line
+    assert augmentation_lowers_fid(frame, recipe) == [
+        head.format(", 2 training runs: 24, 26", ", 2 training runs: 30, 40")
+        + "25 ± 1 vs 35 ± 5, lower, undecided (the differences are within 2 standard errors)"]
+    # runs that agree by chance: the error is not below the sampling error of their mean, 1 / sqrt(2)
+    frame = pd.DataFrame([row("sr_none", 30.0, stderr=1.0), row("sr_none_r2", 30.0, stderr=1.0),
+                          row("sr_gauss", 28.0, stderr=1.0)])
+    assert augmentation_lowers_fid(frame, recipe) == [
+        head.format("", ", 2 training runs: 30, 30") + "28 ± 1 vs 30 ± 0.71, lower, undecided (the differences "
+        "are within 2 standard errors)"]

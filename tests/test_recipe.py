@@ -61,12 +61,28 @@ def test_valid_recipe_resolves_defaults(tiny_recipe):
     (lambda r: r["data"].update(name="shapez"), "data.name", "did you mean 'shapes'?"),
     (lambda r: r["data"]["args"].update(split="test"), "data.args.split", "is set by cdmbench"),
     (lambda r: r.update(device="tpu"), "device", "expected auto, cpu, cuda or cuda:N"),
+    (lambda r: r["stages"][1].update(replicates=0), "stages.sr16.replicates", "must be >= 1"),
+    (lambda r: r["stages"][1].update(replicates="two"), "stages.sr16.replicates", "expected an integer"),
+    (lambda r: r["stages"][1].update(replicate_of="sr9"), "stages.sr16.replicate_of",
+     "'sr9' is not an earlier stage that is not itself a replicate"),
 ])
 def test_strict_errors_name_the_path(raw, edit, path, message):
     edit(raw)
     exc = error(raw)
     assert exc.path == path
     assert message in str(exc)
+
+
+def test_replicates_append_copies_after_every_stage(raw):
+    """The copies come last, so the stages before keep their positions (their seeds)."""
+    raw["stages"][0]["replicates"] = 3
+    recipe, _ = parse_recipe(raw, overrides=["stages.sr16.replicates=2"])
+    assert recipe.stage_names() == ["base8", "sr16", "base8_r2", "base8_r3", "sr16_r2"]
+    copy_ = recipe.stage("sr16_r2")
+    assert copy_.replicate_of == "sr16" and recipe.stage("sr16").replicate_of is None
+    assert {**vars(copy_), "name": "sr16", "replicate_of": None} == vars(recipe.stage("sr16"))
+    again, _ = parse_recipe(recipe.to_dict())  # run.yaml's resolved form does not replicate again
+    assert again.to_dict() == recipe.to_dict()
 
 
 def test_overrides_go_through_validation(raw):
