@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import yaml
 
-from .errors import CdmbenchError
+from .errors import CdmbenchError, RecipeError
 from .files import append_text, atomic_write
 from .plugins import Plugins
 from .recipe import Recipe, complete
@@ -137,7 +137,12 @@ class RunDir:
         stages appended (cheap: before any data or model is built)."""
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
-            old, new = complete(yaml.safe_load(run_yaml.read_text())["recipe"]), recipe.to_dict()
+            try:
+                old = complete(yaml.safe_load(run_yaml.read_text())["recipe"])
+            except RecipeError as exc:
+                raise CdmbenchError(f"{run_yaml} holds a recipe this cdmbench cannot read ({exc}); "
+                                    "use the cdmbench version that wrote it, or another --out") from None
+            new = recipe.to_dict()
             # stages appended (another arm of an ablation, replicates) leave the run's own as they
             # were: a stage's seeds derive from its position
             new["stages"] = new["stages"][:len(old["stages"])]
@@ -148,16 +153,19 @@ class RunDir:
 
     def prepare(self, recipe: Recipe, plugins: Plugins, class_names: list[str]) -> None:
         """Write run.yaml first (with the class names, so that sampling needs no dataset); a run
-        directory of a different recipe is refused. The environments of earlier invocations
-        (the code that trained the stages before) stay in ``earlier_environments``."""
+        directory of a different recipe is refused. Earlier invocations' environments that
+        differ from this one (other code or machines trained the stages before) stay in
+        ``earlier_environments``."""
         self.check(recipe)
         self.path.mkdir(parents=True, exist_ok=True)
-        run_yaml, earlier = self.path / "run.yaml", []
+        run_yaml, earlier, now = self.path / "run.yaml", [], environment(plugins)
         if run_yaml.exists():
             old = yaml.safe_load(run_yaml.read_text())
-            earlier = old.get("earlier_environments", []) + [old["environment"]]
-        doc = {"recipe": recipe.to_dict(), "environment": environment(plugins),
-               "earlier_environments": earlier, "classes": list(class_names)}
+            earlier = old.get("earlier_environments", [])
+            if {**old["environment"], "created": None} != {**now, "created": None}:
+                earlier = [*earlier, old["environment"]]
+        doc = {"recipe": recipe.to_dict(), "environment": now, "earlier_environments": earlier,
+               "classes": list(class_names)}
         atomic_write(self.path / "run.yaml", yaml.safe_dump(doc, sort_keys=False))
 
     def class_names(self) -> list[str] | None:

@@ -323,14 +323,17 @@ def test_a_recipe_with_fewer_stages_is_refused_naming_the_removed_one(tiny_recip
 
 def test_stages_appended_to_a_run_train_and_leave_the_run_and_its_history_as_they_were(tiny_recipe, tmp_path):
     """A replicate is appended: the run is accepted, its stage keeps its weights, the copy (another
-    position, other seeds) trains other ones; run.yaml keeps the first invocation's environment.
-    A run.yaml written before a key existed (replicate_of) compares as that key's default."""
+    position, other seeds) trains other ones; run.yaml keeps the first invocation's environment
+    (other code), and a resume with the same environment adds none. A run.yaml written before a
+    key existed (replicate_of) compares as that key's default; one with a key since removed is
+    named."""
     common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
     run(tiny_recipe, overrides=["stages.base8.train.steps=1"], **common)
     run_yaml = tmp_path / "a" / "run.yaml"
     first = yaml.safe_load(run_yaml.read_text())
     for stage in first["recipe"]["stages"]:
         del stage["replicate_of"]
+    first["environment"]["git_commit"] = "an older commit"
     run_yaml.write_text(yaml.safe_dump(first))
     def ema(stage):
         [path] = (tmp_path / "a" / stage / "checkpoints").glob("step-*/ema.safetensors")
@@ -342,9 +345,17 @@ def test_stages_appended_to_a_run_train_and_leave_the_run_and_its_history_as_the
     saved = yaml.safe_load(run_yaml.read_text())
     assert [s["name"] for s in saved["recipe"]["stages"]] == ["base8", "sr16", "base8_r2"]
     assert saved["earlier_environments"] == [first["environment"]]
+    run(tiny_recipe, overrides=["stages.base8.train.steps=1", "stages.base8.replicates=2"],
+        **{**common, "stage": "base8_r2"})
+    assert yaml.safe_load(run_yaml.read_text())["earlier_environments"] == [first["environment"]]
     after, replicate = ema("base8"), ema("base8_r2")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(before[k], replicate[k]) for k in before)
+    first["recipe"]["stages"][0]["colour"] = "red"
+    run_yaml.write_text(yaml.safe_dump(first))
+    with pytest.raises(CdmbenchError, match=r"run.yaml holds a recipe this cdmbench cannot read "
+                                            r"\(stages.base8.colour: unknown key"):
+        run(tiny_recipe, **common)
 
 
 def test_the_sampling_level_may_change_on_resume(tiny_recipe, tmp_path):
