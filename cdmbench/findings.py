@@ -63,15 +63,6 @@ def _augmentation(stage: Stage) -> str:
     return " + ".join(parts)
 
 
-def _replicates(recipe: Recipe) -> dict[str, list[str]]:
-    """Each stage that is not a replicate: its name and its replicates' (``replicates: k``)."""
-    groups = {st.name: [st.name] for st in recipe.stages if st.replicate_of is None}
-    for st in recipe.stages:
-        if st.replicate_of is not None:
-            groups[st.replicate_of].append(st.name)
-    return groups
-
-
 def _estimate(rows: list) -> tuple[float, float | None]:
     """A stage's FID and its standard error. Over k > 1 training runs: their mean, and the
     standard deviation of the runs over sqrt(k), but not below their mean sampling error over
@@ -99,7 +90,7 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     if rows.empty:
         return []
     fid = {(r.stage, r.label): r for r in rows.itertuples()}
-    groups = _replicates(recipe)
+    groups = recipe.replicates()
     roots = [st for st in recipe.stages if st.replicate_of is None]
     lines = []
     for plain in roots:

@@ -130,6 +130,14 @@ class Recipe:
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
 
+    def replicates(self) -> dict[str, list[str]]:
+        """Each stage that is not a copy: its name, then its copies' (``replicates: k``)."""
+        groups = {s.name: [s.name] for s in self.stages if s.replicate_of is None}
+        for s in self.stages:
+            if s.replicate_of is not None:
+                groups[s.replicate_of].append(s.name)
+        return groups
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

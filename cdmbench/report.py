@@ -103,6 +103,25 @@ def results_table(frame: pd.DataFrame) -> pd.DataFrame:
     return table.reindex(sorted(table.index, key=lambda k: (k[0], order.index(k[1]))))
 
 
+def replicates_table(table: pd.DataFrame, groups: dict[str, list[str]]) -> pd.DataFrame:
+    """For each stage trained several times (``groups``: a stage -> its runs' stage names, as
+    ``Recipe.replicates``), from ``results_table``'s rows of its runs: their number and each
+    metric's mean, followed by ``<metric> ±``, the standard error over the runs (their standard
+    deviation over sqrt(runs))."""
+    run_of = {name: stage for stage, names in groups.items() if len(names) > 1 for name in names}
+    if table.empty or not run_of:
+        return pd.DataFrame()
+    values = table[[c for c in table.columns if not c.endswith(" ±")]]
+    values = values[values.index.get_level_values("stage").isin(run_of)]
+    grouped = values.groupby([values.index.get_level_values("run"),
+                              values.index.get_level_values("stage").map(run_of).rename("stage")], sort=False)
+    mean, error = grouped.mean(), grouped.std() / grouped.count() ** 0.5
+    columns = {"runs": grouped.size()}
+    for metric in values.columns:
+        columns[metric], columns[f"{metric} ±"] = mean[metric], error[metric]
+    return pd.DataFrame(columns)
+
+
 def _pivot(rows: pd.DataFrame, index: list[str], sort: bool) -> pd.DataFrame:
     """One column per metric with the rows' values, each followed by ``<metric> ±``, its
     standard error, when any of its rows has one (FID's bootstrap, IS's spread over splits)."""

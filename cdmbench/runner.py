@@ -26,7 +26,7 @@ from .plugins import Plugins
 from .prepare import make_dataset, recipe_classes, split_images
 from .recipe import Component, Recipe, check_component, load_recipe, parse_recipe
 from .report import (baseline_frame, comparison_table, flat_results, plot_sweeps, plot_training, read_results,
-                     results_table, sweep_table, training_table)
+                     replicates_table, results_table, sweep_table, training_table)
 from .rundir import SAMPLING_KEYS, RunDir, recipe_difference, result_row
 from . import distributed
 from .evaluate import (EvalContext, SampleSet, generate_samples, generate_training_set, load_chain, read_samples,
@@ -189,6 +189,12 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     results = read_results([run_dir.path])
     table = _fmt(results_table(results))
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
+    runs = replicates_table(results_table(results), recipe.replicates())
+    if not runs.empty:
+        text += ("\n## Stages trained several times\n\nEach metric's mean over a stage's training "
+                 "runs (`replicates: k`) and, as ±, its standard error over them (their standard "
+                 "deviation over sqrt(runs); CDM's findings below take no less than the FID "
+                 f"bootstrap's share).\n\n```text\n{_fmt(runs)}\n```\n")
     compared = comparison_table(results, baseline_frame(plugins))
     if not compared.empty:
         other_data = compared["comparable"].str.startswith("no: published rows are on")

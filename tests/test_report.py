@@ -4,6 +4,7 @@ import json
 import math
 
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from cdmbench import report
@@ -102,3 +103,21 @@ def test_evaluations_with_other_n_or_precision_are_rows_of_their_own_and_the_new
     compared = comparison_table(frame, published)
     assert compared[["stage", "measured", "comparable"]].values.tolist() == [
         [bf16, 6.0, "no: n 1000 vs 50000"], [fp32, 4.0, "comparable"]]
+
+
+def test_stages_trained_several_times_get_the_mean_and_standard_error_of_their_runs():
+    """sr16 and its copy sr16_r2: runs 2, means, std / sqrt(2) (|a - b| / 2 for two runs);
+    base8, trained once, has no row; a metric only one run has gets that run's value, no error."""
+    rows = [{"run": "r", "stage": stage, "metric": metric, "value": value, "unit": "", "status": "ok",
+             "stderr": 1.0, "n": 100, "protocol": {"n": 100}}
+            for stage, metric, value in [("base8", "fid_test", 9.0), ("sr16", "fid_test", 30.0),
+                                         ("sr16_r2", "fid_test", 40.0), ("sr16", "cas_top1", 70.0),
+                                         ("sr16_r2", "cas_top1", 76.0), ("sr16", "is", 3.0)]]
+    table = report.replicates_table(results_table(pd.DataFrame(rows)),
+                                    {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
+    [values] = table.to_dict("records")
+    assert table.index.tolist() == [("r", "sr16")]
+    assert values["runs"] == 2 and values["fid_test"] == 35.0 and values["fid_test ±"] == pytest.approx(5.0)
+    assert values["cas_top1"] == 73.0 and values["cas_top1 ±"] == pytest.approx(3.0)
+    assert values["is"] == 3.0 and math.isnan(values["is ±"])
+    assert report.replicates_table(results_table(pd.DataFrame(rows)), {"sr16": ["sr16"]}).empty

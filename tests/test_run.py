@@ -348,6 +348,8 @@ def test_stages_appended_to_a_run_train_and_leave_the_run_and_its_history_as_the
     run(tiny_recipe, overrides=["stages.base8.train.steps=1", "stages.base8.replicates=2"],
         **{**common, "stage": "base8_r2"})
     assert yaml.safe_load(run_yaml.read_text())["earlier_environments"] == [first["environment"]]
+    runs = (tmp_path / "a" / "report.md").read_text().split("## Stages trained several times")[1]
+    assert re.search(r"\n\S+\s+base8\s+2\s", runs)  # base8's two runs, by their train_loss rows
     after, replicate = ema("base8"), ema("base8_r2")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(before[k], replicate[k]) for k in before)
