@@ -11,7 +11,7 @@ Each line states the numbers compared and whether the finding holds; nothing is 
 Where rows carry standard errors (FID's bootstrap), one value counts as lower than another only
 when the difference exceeds ``NOISE`` standard errors of the difference; a pattern that the
 point values show but the errors do not support is "undecided". A stage trained several times
-(``replicates: k``) enters finding 1 as the mean of its runs, with their spread as its error.
+(``replicates: k``) enters both findings as the mean of its runs, with their spread as its error.
 """
 
 from __future__ import annotations
@@ -125,19 +125,23 @@ def _unlike(rows: list, previous: str) -> str:
     return "" if len(samplers) == 1 else f"{previous} sampled by " + " vs ".join(samplers)
 
 
-def fid_against_level(frame: pd.DataFrame) -> list[str]:
+def fid_against_level(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     """Finding 2, one line per swept (stage, samplers, inputs, FID metric) with at least 3 levels:
-    sweeps that differ in any stage's sampler are separate curves."""
+    sweeps that differ in any stage's sampler are separate curves. A stage with swept replicates
+    is one curve: at each level all its swept runs share, their mean and spread (``_estimate``)."""
     rows = _fid_rows(sweep_rows(frame), sweeps=True)
     if rows.empty:
         return []
+    run_of = {name: stage for stage, names in recipe.replicates().items() for name in names}
+    rows["group"] = rows["stage"].map(lambda name: run_of.get(name, name))
     lines = []
-    for (stage, samplers, inputs, label), group in rows.groupby(["stage", "samplers", "inputs", "label"], sort=True):
-        curve = group.sort_values("s")
-        if len(curve) < 3:
+    for (stage, samplers, inputs, label), group in rows.groupby(["group", "samplers", "inputs", "label"], sort=True):
+        runs = list(dict.fromkeys(group["stage"]))
+        shared = sorted(set.intersection(*(set(group.loc[group["stage"] == run, "s"]) for run in runs)))
+        if len(shared) < 3:
             continue
-        s, value = curve["s"].tolist(), curve["value"].tolist()
-        points = list(zip(value, [_error(r) for r in curve.itertuples()]))
+        points = [_estimate(list(group[group["s"] == level].itertuples())) for level in shared]
+        value = [v for v, _ in points]
         best = value.index(min(value))
         if inputs == "generated":
             claim = "first improves, then worsens"
@@ -145,9 +149,11 @@ def fid_against_level(frame: pd.DataFrame) -> list[str]:
         else:
             claim = "only worsens"
             verdict = _only_worsens(points)
-        shown = ", ".join(f"{a:g}: {_value(*point)}" for a, point in zip(s, points))
-        lines.append(f"- `{stage}`{f' ({samplers})' if samplers else ''}, {inputs} inputs, {label} at s = "
-                     f"{shown}; best at s = {s[best]:g}. {claim.capitalize()}: {verdict}")
+        shown = ", ".join(f"{a:g}: {_value(*point)}" for a, point in zip(shared, points))
+        about = "; ".join(([samplers] if samplers else [])
+                          + ([f"{len(runs)} training runs"] if len(runs) > 1 else []))
+        lines.append(f"- `{stage}`{f' ({about})' if about else ''}, {inputs} inputs, {label} at s = "
+                     f"{shown}; best at s = {shared[best]:g}. {claim.capitalize()}: {verdict}")
     return lines
 
 
@@ -171,7 +177,7 @@ def _only_worsens(points: list[tuple[float, float | None]]) -> str:
 
 def findings_section(frame: pd.DataFrame, recipe: Recipe) -> str:
     """Markdown for report.md: both findings as far as the run has the rows, or ''."""
-    first, second = augmentation_lowers_fid(frame, recipe), fid_against_level(frame)
+    first, second = augmentation_lowers_fid(frame, recipe), fid_against_level(frame, recipe)
     if not first and not second:
         return ""
     text = "\n## CDM's findings, checked on this run\n\n"
@@ -184,5 +190,6 @@ def findings_section(frame: pd.DataFrame, recipe: Recipe) -> str:
     if second:
         text += ("FID against the sampling level s: with generated inputs it first improves, then "
                  "worsens (best s inside the swept range); with ground-truth inputs it only worsens "
-                 "(best at the smallest s):\n\n" + "\n".join(second) + "\n")
+                 "(best at the smallest s). A stage whose replicates were swept too is one curve: "
+                 "at each level all its runs have, their mean, ± as above:\n\n" + "\n".join(second) + "\n")
     return text

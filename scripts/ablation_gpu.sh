@@ -16,7 +16,8 @@
 #   CPU:     SCALE=cpu OUT=/tmp/abl bash scripts/ablation_gpu.sh     (the ablation shrunk to a 2-core CPU)
 # REPLICATES=k trains each SR stage k times (copies sr_none_r2 .. sr_none_rk; their seeds differ
 # by position), so that the findings weigh the spread over training runs, not the sampling error
-# alone; it extends a finished run (its base and first SR stages are kept).
+# alone; it extends a finished run (its base and first SR stages are kept). The copies' sweeps
+# come after a report with their evaluations, and a second report follows them.
 # Arguments go to `cdmbench prepare` and `cdmbench run`, e.g. --set stages.base16.train.steps=2000.
 set -euo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 CDMBENCH_CACHE="$OUT/cache"
@@ -66,8 +67,17 @@ phase feature-classifier python -m cdmbench prepare $RECIPE --split test --metri
 for stage in "${STAGES[@]}"; do
     phase "evaluate-$stage" python -m cdmbench evaluate "$RUN" --stage "$stage" --no-progress
 done
-phase sweep-sr_gauss python -m cdmbench sweep "$RUN" --stage sr_gauss --levels "$GAUSS" --no-progress "${SWEEP[@]}"
-phase sweep-sr_trunc python -m cdmbench sweep "$RUN" --stage sr_trunc --levels "$TRUNC" --inputs generated \
-    --no-progress "${SWEEP[@]}"
+sweeps() {  # the two Gaussian stages, or with an argument _rK their copies
+    phase "sweep-sr_gauss${1:-}" python -m cdmbench sweep "$RUN" --stage "sr_gauss${1:-}" --levels "$GAUSS" \
+        --no-progress "${SWEEP[@]}"
+    phase "sweep-sr_trunc${1:-}" python -m cdmbench sweep "$RUN" --stage "sr_trunc${1:-}" --levels "$TRUNC" \
+        --inputs generated --no-progress "${SWEEP[@]}"
+}
+sweeps
 phase $REPORT python -m cdmbench report "$RUN" --out "$OUT/report"
+# the copies' sweeps last: the report above has their evaluations whatever time is left
+for k in $(seq 2 "${REPLICATES:-1}"); do sweeps "_r$k"; done
+if ((${REPLICATES:-1} > 1)); then
+    phase "$REPORT-sweeps" python -m cdmbench report "$RUN" --out "$OUT/report"
+fi
 echo "== $(date +%T) done"

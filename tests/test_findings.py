@@ -49,7 +49,7 @@ def test_a_lower_fid_within_two_standard_errors_is_undecided(ablation):
         head.format("sr_blur", "blur") + "30.5 ± 1 vs 30 ± 1, not lower: does not hold"]
 
 
-def test_level_curves_are_judged_beyond_their_standard_errors():
+def test_level_curves_are_judged_beyond_their_standard_errors(ablation):
     undecided = "undecided (the differences are within 2 standard errors)"
     cases = [("generated", [30.0, 28.0, 31.0], 1.0, undecided),         # a dip of 2 < 2.83
              ("generated", [30.0, 25.0, 31.0], 1.0, "holds"),
@@ -59,7 +59,7 @@ def test_level_curves_are_judged_beyond_their_standard_errors():
              ("ground-truth", [10.0, 9.0, 12.0], 0.1, "does not hold")]
     for inputs, values, stderr, verdict in cases:
         frame = pd.DataFrame(sweep("sr_gauss", inputs, list(zip([0.0, 0.1, 0.3], values)), stderr=stderr))
-        [line] = fid_against_level(frame)
+        [line] = fid_against_level(frame, ablation)
         assert line.endswith(f": {verdict}"), (inputs, values, line)
         assert f"0: {values[0]:g} ± {stderr:g}" in line
 
@@ -75,7 +75,7 @@ def test_stages_evaluated_on_other_samples_are_not_compared(ablation):
         "not comparable (base16 sampled by ddpm 50 vs ddpm 100)"]
 
 
-def test_the_level_curves_are_judged_by_where_their_minimum_lies():
+def test_the_level_curves_are_judged_by_where_their_minimum_lies(ablation):
     frame = pd.DataFrame(
         sweep("sr_gauss", "generated", [(0.0, 30.0), (0.1, 24.0), (0.3, 27.0)])          # U: holds
         + sweep("sr_gauss", "ground-truth", [(0.0, 10.0), (0.1, 12.0), (0.3, 20.0)])     # rises: holds
@@ -83,7 +83,7 @@ def test_the_level_curves_are_judged_by_where_their_minimum_lies():
         + sweep("sr_trunc", "ground-truth", [(0.1, 12.0), (0.2, 11.0), (0.3, 15.0)])     # dips: does not
         + sweep("sr_blur", "generated", [(0.1, 20.0), (0.2, 19.0)])                      # too few levels
         + [row("sr_gauss", 25.0)])                                                       # not a sweep row
-    lines = fid_against_level(frame)
+    lines = fid_against_level(frame, ablation)
     assert len(lines) == 4
     gauss_generated, gauss_truth, trunc_generated, trunc_truth = lines
     assert gauss_generated == ("- `sr_gauss` (ddpm 25), generated inputs, fid_test (classifier, native) at "
@@ -98,7 +98,7 @@ def test_sweeps_that_differ_only_in_the_base_sampler_are_judged_apart(ablation):
     coarse, fine = ({"base16": f"ddpm {{'steps': {n}}}", "sr_gauss": "ddpm 25"} for n in (10, 50))
     frame = pd.DataFrame(sweep("sr_gauss", "generated", [(0.0, 30.0), (0.1, 20.0), (0.3, 25.0)], samplers=coarse)
                          + sweep("sr_gauss", "generated", [(0.0, 10.0), (0.1, 40.0), (0.3, 45.0)], samplers=fine))
-    assert fid_against_level(frame) == [
+    assert fid_against_level(frame, ablation) == [
         ("- `sr_gauss` (ddpm 25; base16: ddpm {'steps': 10}), generated inputs, fid_test (classifier, native) "
          "at s = 0: 30, 0.1: 20, 0.3: 25; best at s = 0.1. First improves, then worsens: holds"),
         ("- `sr_gauss` (ddpm 25; base16: ddpm {'steps': 50}), generated inputs, fid_test (classifier, native) "
@@ -133,3 +133,18 @@ def test_replicated_stages_are_judged_by_the_spread_of_their_training_runs():
     assert augmentation_lowers_fid(frame, recipe) == [
         head.format("", ", 2 training runs: 30, 30") + "28 ± 1 vs 30 ± 0.71, lower, undecided (the differences "
         "are within 2 standard errors)"]
+
+
+def test_swept_replicates_make_one_curve_of_their_means_at_the_levels_all_share():
+    """sr_gauss alone rises beyond its errors (holds); with sr_gauss_r2 (14, 12, 12 at the shared
+    levels; 0.5 is dropped) the means 12 ± 2, 12 ± 0.71, 16 ± 4 no longer do."""
+    recipe, _ = load_recipe("recipes/ablation_augmentation.yaml", overrides=[
+        "data={name: shapes}", "stages.sr_gauss.replicates=2"])
+    first = sweep("sr_gauss", "ground-truth", [(0.0, 10.0), (0.1, 12.0), (0.3, 20.0)], stderr=1.0)
+    [alone] = fid_against_level(pd.DataFrame(first), recipe)
+    assert alone.endswith("Only worsens: holds")
+    second = sweep("sr_gauss_r2", "ground-truth", [(0.0, 14.0), (0.1, 12.0), (0.3, 12.0), (0.5, 30.0)], stderr=1.0)
+    assert fid_against_level(pd.DataFrame(first + second), recipe) == [
+        "- `sr_gauss` (ddpm 25; 2 training runs), ground-truth inputs, fid_test (classifier, native) at s = "
+        "0: 12 ± 2, 0.1: 12 ± 0.71, 0.3: 16 ± 4; best at s = 0. Only worsens: undecided (the differences are "
+        "within 2 standard errors)"]
