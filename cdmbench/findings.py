@@ -78,9 +78,9 @@ def _estimate(rows: list) -> tuple[float, float | None]:
     return statistics.fmean(values), max(runs, sampling)
 
 
-def _named(names: list[str], rows: list, augmentation: str) -> str:
+def _named(name: str, rows: list, augmentation: str) -> str:
     runs = "" if len(rows) == 1 else f", {len(rows)} training runs: " + ", ".join(f"{r.value:.4g}" for r in rows)
-    return f"`{names[0]}` ({augmentation}{runs})"
+    return f"`{name}` ({augmentation}{runs})"
 
 
 def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
@@ -101,8 +101,8 @@ def augmentation_lowers_fid(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
                 continue
             for label in sorted({lab for st, lab in fid if st == other.name and (plain.name, lab) in fid}):
                 ours, theirs = ([fid[n, label] for n in groups[st.name] if (n, label) in fid] for st in (other, plain))
-                head = (f"- {_named(groups[other.name], ours, _augmentation(other))} against "
-                        f"{_named(groups[plain.name], theirs, 'none')}, {label}: ")
+                head = (f"- {_named(other.name, ours, _augmentation(other))} against "
+                        f"{_named(plain.name, theirs, 'none')}, {label}: ")
                 differs = _unlike(ours + theirs, plain.condition_on)
                 if differs:
                     lines.append(head + f"not comparable ({differs})")
@@ -132,7 +132,7 @@ def fid_against_level(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     rows = _fid_rows(sweep_rows(frame), sweeps=True)
     if rows.empty:
         return []
-    run_of = {name: stage for stage, names in recipe.replicates().items() for name in names}
+    run_of = {st.name: st.replicate_of or st.name for st in recipe.stages}
     rows["group"] = rows["stage"].map(lambda name: run_of.get(name, name))
     lines = []
     for (stage, samplers, inputs, label), group in rows.groupby(["group", "samplers", "inputs", "label"], sort=True):

@@ -187,9 +187,10 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     the sample-time level sweeps (table and sweeps.png), CDM's augmentation findings checked on
     the rows (``findings``), training (table and training.png) and each stage's sample grid. Returns the results table as text."""
     results = read_results([run_dir.path])
-    table = _fmt(results_table(results))
+    measured = results_table(results)
+    table = _fmt(measured)
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
-    runs = replicates_table(results_table(results), recipe.replicates())
+    runs = replicates_table(measured, recipe.replicates())
     if not runs.empty:
         text += ("\n## Stages trained several times\n\nEach metric's mean over a stage's training "
                  "runs (`replicates: k`) and, as ±, its standard error over them (their standard "

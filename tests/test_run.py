@@ -335,6 +335,7 @@ def test_stages_appended_to_a_run_train_and_leave_the_run_and_its_history_as_the
         del stage["replicate_of"]
     first["environment"]["git_commit"] = "an older commit"
     run_yaml.write_text(yaml.safe_dump(first))
+
     def ema(stage):
         [path] = (tmp_path / "a" / stage / "checkpoints").glob("step-*/ema.safetensors")
         return load_file(path)
