@@ -17,12 +17,11 @@ point values show but the errors do not support is "undecided". A stage trained 
 from __future__ import annotations
 
 import math
-import statistics
 
 import pandas as pd
 
 from .recipe import Recipe, Stage
-from .report import features_label, is_sweep, sweep_rows
+from .report import features_label, is_sweep, pooled, pooled_curve, sweep_rows
 
 
 def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
@@ -64,18 +63,8 @@ def _augmentation(stage: Stage) -> str:
 
 
 def _estimate(rows: list) -> tuple[float, float | None]:
-    """A stage's FID and its standard error. Over k > 1 training runs: their mean, and the
-    standard deviation of the runs over sqrt(k), but not below their mean sampling error over
-    sqrt(k) (the spread of two or three runs can be small by chance). One run: its value and
-    bootstrap error, which leaves the spread between training runs out."""
-    values = [r.value for r in rows]
-    errors = [_error(r) for r in rows]
-    if len(rows) == 1:
-        return values[0], errors[0]
-    k = len(rows)
-    runs = statistics.stdev(values) / math.sqrt(k)
-    sampling = 0.0 if None in errors else math.sqrt(sum(e * e for e in errors) / k) / math.sqrt(k)
-    return statistics.fmean(values), max(runs, sampling)
+    """A stage's FID and its standard error from the rows of its training runs (``pooled``)."""
+    return pooled([r.value for r in rows], [_error(r) for r in rows])
 
 
 def _named(name: str, rows: list, augmentation: str) -> str:
@@ -128,7 +117,7 @@ def _unlike(rows: list, previous: str) -> str:
 def fid_against_level(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     """Finding 2, one line per swept (stage, samplers, inputs, FID metric) with at least 3 levels:
     sweeps that differ in any stage's sampler are separate curves. A stage with swept replicates
-    is one curve: at each level all its swept runs share, their mean and spread (``_estimate``)."""
+    is one curve: at each level all its swept runs share, their mean and spread (``pooled_curve``)."""
     rows = _fid_rows(sweep_rows(frame), sweeps=True)
     if rows.empty:
         return []
@@ -137,10 +126,10 @@ def fid_against_level(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
     lines = []
     for (stage, samplers, inputs, label), group in rows.groupby(["group", "samplers", "inputs", "label"], sort=True):
         runs = list(dict.fromkeys(group["stage"]))
-        shared = sorted(set.intersection(*(set(group.loc[group["stage"] == run, "s"]) for run in runs)))
-        if len(shared) < 3:
+        curve = pooled_curve(group)
+        if len(curve) < 3:
             continue
-        points = [_estimate(list(group[group["s"] == level].itertuples())) for level in shared]
+        shared, points = [s for s, _, _ in curve], [(v, e) for _, v, e in curve]
         value = [v for v, _ in points]
         best = value.index(min(value))
         if inputs == "generated":

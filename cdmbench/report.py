@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -122,6 +125,33 @@ def replicates_table(table: pd.DataFrame, groups: dict[str, list[str]]) -> pd.Da
     return pd.DataFrame(columns)
 
 
+def pooled(values: list[float], errors: list[float | None]) -> tuple[float, float | None]:
+    """A stage's value and standard error from its training runs' values and sampling errors
+    (None where a row has none). Over k > 1 runs: their mean, and their standard deviation over
+    sqrt(k), but not below their mean sampling error over sqrt(k) (the spread of two or three
+    runs can be small by chance). One run: its value and sampling error, which leaves the spread
+    between training runs out."""
+    if len(values) == 1:
+        return values[0], errors[0]
+    k = len(values)
+    runs = statistics.stdev(values) / math.sqrt(k)
+    sampling = 0.0 if None in errors else math.sqrt(sum(e * e for e in errors) / k) / math.sqrt(k)
+    return statistics.fmean(values), max(runs, sampling)
+
+
+def pooled_curve(rows: pd.DataFrame) -> list[tuple[float, float, float | None]]:
+    """(s, value, standard error) along a sweep measured on one or more training runs (rows with
+    the columns stage, s, value and, where measured, stderr): at each level that every run has,
+    ``pooled`` over the runs."""
+    levels = set.intersection(*(set(rows.loc[rows["stage"] == name, "s"]) for name in set(rows["stage"])))
+    curve = []
+    for level in sorted(levels):
+        at = rows[rows["s"] == level]
+        errors = at["stderr"] if "stderr" in at else pd.Series(float("nan"), at.index)
+        curve.append((level, *pooled(list(at["value"]), [None if pd.isna(e) else float(e) for e in errors])))
+    return curve
+
+
 def _pivot(rows: pd.DataFrame, index: list[str], sort: bool) -> pd.DataFrame:
     """One column per metric with the rows' values, each followed by ``<metric> ±``, its
     standard error, when any of its rows has one (FID's bootstrap, IS's spread over splits)."""
@@ -228,26 +258,43 @@ def sweep_table(frame: pd.DataFrame) -> pd.DataFrame:
     return _pivot(rows, ["run", "stage", "samplers", "inputs", "s"], sort=True).sort_index()
 
 
-def plot_sweeps(table: pd.DataFrame, path: Path) -> Path:
+def plot_sweeps(table: pd.DataFrame, path: Path, groups: dict[str, list[str]] | None = None) -> Path:
     """One panel per (stage, metric): the metric against s, one line per input kind and samplers,
     with error bars of one standard error where the table has them (CDM's figure: with generated
-    inputs FID should first improve with s, then worsen)."""
+    inputs FID should first improve with s, then worsen). A stage trained several times
+    (``groups``, as ``Recipe.replicates``) shares its panel with its swept copies: each run's
+    curve faint, and bold their mean at the levels all of them have, with ``pooled``'s error."""
     plt = _pyplot()
-    stages = list(dict.fromkeys(table.index.get_level_values("stage")))
+    root = {name: stage for stage, names in (groups or {}).items() for name in names}
+    rows = table.reset_index()
+    rows["panel"] = rows["stage"].map(lambda name: root.get(name, name))
+    stages = list(dict.fromkeys(rows["panel"]))
     metrics = [c for c in table.columns if not c.endswith(" ±")]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # a run's copies and their mean share one
     fig, axes = plt.subplots(len(stages), len(metrics), figsize=(4.5 * len(metrics), 3.4 * len(stages)),
                              squeeze=False)
     for i, stage in enumerate(stages):
-        part = table.xs(stage, level="stage")
+        part = rows[rows["panel"] == stage]
         for j, metric in enumerate(metrics):
-            ax = axes[i][j]
-            for (run, samplers, inputs), line in part[metric].dropna().groupby(level=["run", "samplers", "inputs"]):
-                s = line.index.get_level_values("s")
-                errors = part[f"{metric} ±"].reindex(line.index) if f"{metric} ±" in part else None
-                ax.errorbar(s, line.values, yerr=errors, marker="o", capsize=3,
-                            linestyle="-" if inputs == "generated" else "--",
-                            label=f"{inputs}, {samplers}" if samplers else inputs)
-            ax.set(title=f"{stage}: {metric}", xlabel="sampling level s")
+            ax, error = axes[i][j], f"{metric} ±"
+            curves = part.dropna(subset=[metric]).groupby(["run", "samplers", "inputs"])
+            for ((_, samplers, inputs), curve), color in zip(curves, itertools.cycle(colors)):
+                style = {"marker": "o", "capsize": 3, "color": color,
+                         "linestyle": "-" if inputs == "generated" else "--"}
+                label = f"{inputs}, {samplers}" if samplers else inputs
+                copies = list(dict.fromkeys(curve["stage"]))
+                for (name, line), marker in zip(curve.groupby("stage", sort=False), itertools.cycle("os^Dv")):
+                    own = ({"label": label} if len(copies) == 1 else {"label": f"{label}: {name}", "alpha": 0.4,
+                                                                    "linewidth": 1, "marker": marker, "markersize": 4})
+                    ax.errorbar(line["s"], line[metric], yerr=line.get(error), **{**style, **own})
+                if len(copies) > 1:
+                    mean = pooled_curve(curve.rename(columns={metric: "value", error: "stderr"}))
+                    ax.errorbar([s for s, _, _ in mean], [v for _, v, _ in mean],
+                                yerr=[float("nan") if e is None else e for _, _, e in mean],
+                                linewidth=2.2, label=f"{label}: mean of {len(copies)} runs", **style)
+            runs = part["stage"].nunique()
+            ax.set(title=f"{stage}: {metric}" + (f" ({runs} training runs)" if runs > 1 else ""),
+                   xlabel="sampling level s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     return _save_figure(fig, path)

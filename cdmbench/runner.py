@@ -208,11 +208,16 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
                      f"```text\n{compared[~other_data].to_string(index=False)}\n```\n")
     sweeps = sweep_table(results)
     if not sweeps.empty:
-        plot_sweeps(sweeps, run_dir.path / "sweeps.png")
+        plot_sweeps(sweeps, run_dir.path / "sweeps.png", recipe.replicates())
+        swept = set(sweeps.index.get_level_values("stage"))
+        copies = any(st.replicate_of and st.name in swept for st in recipe.stages)
         text += ("\n## Sampling-level sweeps\n\nEach SR stage evaluated at sampling-time "
                  "augmentation levels s, on the previous stage's samples (generated) and on "
-                 "downsampled training images (ground-truth); `cdmbench sweep`.\n\n"
-                 f"```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
+                 "downsampled training images (ground-truth); `cdmbench sweep`."
+                 + (" In the plot a stage trained several times shares its panel with its swept "
+                    "copies: each run's curve faint, their mean bold (± as in CDM's findings below)."
+                    if copies else "")
+                 + f"\n\n```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
     text += findings_section(results, recipe)
     logs = {st.name: log for st in recipe.stages if (log := read_log(run_dir.stage(st.name)))}
     if logs:

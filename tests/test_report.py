@@ -12,8 +12,8 @@ from cdmbench.cli import cli
 from cdmbench.report import comparison_table, read_results, results_table, sweep_table
 
 
-def sweep(samplers, values, inputs="generated", stderr=None):
-    return [{"run": "r", "stage": "sr16", "metric": "fid_test", "value": v, "unit": "", "status": "ok",
+def sweep(samplers, values, inputs="generated", stderr=None, stage="sr16"):
+    return [{"run": "r", "stage": stage, "metric": "fid_test", "value": v, "unit": "", "status": "ok",
              "stderr": stderr, "protocol": {"level": s, "inputs": inputs, "truncated": False, "samplers": samplers}}
             for s, v in values]
 
@@ -62,6 +62,37 @@ def test_standard_errors_become_columns_and_error_bars(tmp_path, monkeypatch):
     generated = next(c for c in panels["sr16: fid_test"].containers if c.get_label().startswith("generated"))
     [bars] = generated.lines[2]
     assert [segment[:, 1].tolist() for segment in bars.get_segments()] == [[28.5, 31.5], [18.5, 21.5]]
+
+
+def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, monkeypatch):
+    """sr16 at s = 0, 0.1, 0.3 and its copy sr16_r2 also at 0.5 (± 1 each): the mean is drawn at
+    the shared levels (12, 12, 16), its error bars the runs' std / sqrt(2) (2, 0, 4) with the
+    sampling error's floor sqrt(2) / 2 = 0.71; ground truth, swept on sr16 alone, is one plain
+    curve. Without the groups each run has its own panel."""
+    chain = {"sr16": "ddpm {'steps': 25}"}
+    rows = (sweep(chain, [(0.0, 10.0), (0.1, 12.0), (0.3, 20.0)], stderr=1.0)
+            + sweep({"sr16_r2": chain["sr16"]}, [(0.0, 14.0), (0.1, 12.0), (0.3, 12.0), (0.5, 9.0)], stderr=1.0,
+                    stage="sr16_r2")
+            + sweep(chain, [(0.0, 5.0), (0.1, 6.0)], "ground-truth", stderr=1.0))
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = sweep_table(read_results([tmp_path]))
+    figures = []
+    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+
+    report.plot_sweeps(table, tmp_path / "sweeps.png", {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
+    [ax] = figures[0].axes
+    assert ax.get_title() == "sr16: fid_test (2 training runs)"
+    curves = {c.get_label().removeprefix("generated, ddpm {'steps': 25}"): c for c in ax.containers}
+    assert set(curves) == {": sr16", ": sr16_r2", ": mean of 2 runs", "ground-truth, ddpm {'steps': 25}"}
+    mean = curves[": mean of 2 runs"]
+    assert list(mean.lines[0].get_xdata()) == [0.0, 0.1, 0.3] and list(mean.lines[0].get_ydata()) == [12.0, 12.0, 16.0]
+    bars = [end for segment in mean.lines[2][0].get_segments() for end in segment[:, 1]]
+    assert bars == pytest.approx([10.0, 14.0, 12 - 0.5 ** 0.5, 12 + 0.5 ** 0.5, 12.0, 20.0])
+    assert list(curves[": sr16_r2"].lines[0].get_ydata()) == [14.0, 12.0, 12.0, 9.0]
+    assert mean.lines[0].get_color() == curves[": sr16"].lines[0].get_color() == curves[": sr16_r2"].lines[0].get_color()
+
+    report.plot_sweeps(table, tmp_path / "sweeps.png")
+    assert [ax.get_title() for ax in figures[1].axes] == ["sr16: fid_test", "sr16_r2: fid_test"]
 
 
 PROTOCOL = {"dataset": "imagenet", "resolution": 256, "features": "inception-2015-12-05",
