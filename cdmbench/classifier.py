@@ -26,13 +26,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from . import distributed
 from .checkpoint import sha256_file
 from .data import to_device
 from .errors import Stopped
 from .files import atomic_write, locked
+from .progress import bar
 from .signals import StopSignal
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
@@ -194,10 +194,11 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
         augment.set_state(saved["augment"])
     saved_at = time.monotonic()
     losses, summed = torch.zeros((), device=device), 0  # summed on the device, read every LOSS_EVERY steps
-    with tqdm(total=total, initial=step, desc=f"train {arch}", unit="batch", disable=not progress or rank) as bar, \
+    with bar(total=total, initial=step, desc=f"train {arch}", unit="batch", progress=progress,
+             disable=rank != 0) as shown, \
             (StopSignal() if state is not None else contextlib.nullcontext()) as stop:
         for epoch in range(step // num_batches, epochs):
-            bar.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
+            shown.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
             epoch_start = shuffle.get_state()  # saved with the state: it redraws this epoch's order
             order = torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)
             for index in order[step - epoch * num_batches:]:
@@ -218,10 +219,10 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                 losses += loss.detach()
                 step, summed = step + 1, summed + 1
                 if step % LOSS_EVERY == 0 or step == total:
-                    bar.set_postfix(loss=f"{losses.item() / summed:.3f}")  # their mean
+                    shown.set_postfix(loss=f"{losses.item() / summed:.3f}")  # their mean
                     losses.zero_()
                     summed = 0
-                bar.update()
+                shown.update()
                 if stop is None:
                     continue
                 stopping = stop.requested() if world > 1 else stop.received is not None  # all agree

@@ -12,10 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .errors import CdmbenchError
 from .interfaces import Dataset
+from .progress import bar
 
 
 @dataclass
@@ -68,7 +68,7 @@ def load_images(dataset: Dataset, resolutions: list[int], *, limit: int | None =
         raise CdmbenchError("the dataset is empty")
     out: dict[int, list[Tensor]] = {r: [] for r in resolutions}
     labels: list[int] = []
-    for lo in tqdm(range(0, n, chunk), desc="load data", unit_scale=chunk, disable=not progress):
+    for lo in bar(range(0, n, chunk), desc="load data", unit="img", unit_scale=chunk, progress=progress):
         images, batch_labels = resize_items(dataset, range(lo, min(lo + chunk, n)), resolutions)
         for r in resolutions:
             out[r].append(images[r])

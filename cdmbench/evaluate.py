@@ -45,6 +45,7 @@ from .interfaces import FeatureNetwork
 from .metrics import RunningStatistics
 from .plugins import Plugins
 from .prepare import cache_folder, make_dataset, split_images
+from .progress import bar
 from .recipe import Component, Recipe
 
 FEATURE_BATCH = 100
@@ -150,8 +151,8 @@ def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size
     """Write this rank's missing shards of ``num_samples`` class-balanced samples (label i % K)
     into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8 (n, 3, R, R). Rows
     that shards of another N or shard size hold are not made again."""
-    for k, lo, hi in tqdm(_my_shards(num_samples, shard_size, rank, world_size),
-                          desc="eval samples (shards)", disable=not progress):
+    for k, lo, hi in bar(_my_shards(num_samples, shard_size, rank, world_size), progress=progress,
+                         desc="eval samples", unit="shard"):
         if _covering(folder, lo, hi)[1] == hi:
             continue
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
@@ -253,14 +254,14 @@ def generate_training_set(chain: list[StageModel], *, run_path: Path, checkpoint
     check_free_space(folder, _rows(left) * 3 * r * r, fix)  # every rank's rows still to write (sparse)
     mine = _my_shards(len(labels), shard_size, rank, world_size)
     todo = [shard for shard in mine if shard in left]
-    with tqdm(total=_rows(mine), initial=_rows(mine) - _rows(todo), unit="img",
-              desc=f"training set of {chain[-1].spec.name}", disable=not progress) as bar:
+    with bar(total=_rows(mine), initial=_rows(mine) - _rows(todo), unit="img",
+             desc=f"training set of {chain[-1].spec.name}", progress=progress) as shown:
         for k, lo, hi in todo:
             images = _sample_rows(chain, labels[lo:hi], first_id=lo, seed=seed, batch_size=batch_size,
                                   device=device)
             write_rows(folder / "images.npy", lo, images.numpy())
             done_marker(folder, k).touch()
-            bar.update(hi - lo)
+            shown.update(hi - lo)
     return folder
 
 
@@ -372,8 +373,8 @@ class EvalContext:
                 warnings.warn(f"reference statistics {path} unreadable ({exc}); recomputing")
         images, _ = self.real(split)
         running = RunningStatistics()  # batch by batch: a split's features need not fit in memory
-        for i in tqdm(range(0, len(images), FEATURE_BATCH), desc=f"{network.name} reference {split}",
-                      leave=False, disable=not self.progress):
+        for i in bar(range(0, len(images), FEATURE_BATCH), desc=f"{network.name} reference {split}",
+                     unit="batch", leave=False, progress=self.progress):
             running.update(network.features(images[i:i + FEATURE_BATCH], mode=mode))
         mu, sigma = running.result()
         save_npz(path, mu=mu, sigma=sigma, n=np.array(len(images)),

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from .cascade import sample_cascade
 from .data import to_uint8
@@ -33,6 +32,7 @@ from .evaluate import load_chain
 from .files import atomic_write, save_npz
 from .grids import save_grid
 from .prepare import make_dataset
+from .progress import bar
 from .runner import apply_sweep_levels, build_chain, load_run, resolve_device, samplers_of
 from .sweep import gaussian_parts, set_checked_level
 
@@ -102,7 +102,8 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
     shown: dict[str, list[Tensor]] = {st.spec.name: [] for st in chain}  # the grids' images
     seconds = dict.fromkeys(shown, 0.0)
     chunks = range(0, len(labels), CHUNK)
-    for lo in tqdm(chunks, desc=f"sample {target} ({CHUNK} images a chunk)", disable=not progress or len(chunks) == 1):
+    for lo in bar(chunks, desc=f"sample {target} ({CHUNK} images a chunk)", unit="chunk", progress=progress,
+                  disable=len(chunks) == 1):
         hi = min(lo + CHUNK, len(labels))
         images, took = sample_cascade(chain, {st.spec.name: st.backbone for st in chain}, labels[lo:hi],
                                       seed=seed, batch_size=batch_size or spec.batch_size, device=device,

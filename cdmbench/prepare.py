@@ -42,6 +42,7 @@ from .errors import CdmbenchError
 from .files import allocate_arrays, atomic_write, check_free_space, done_marker, mapped_tensor
 from .interfaces import Dataset
 from .plugins import Plugins, load_plugins
+from .progress import bar
 from .recipe import Component, Recipe, _convert, check_component, load_recipe
 
 FORMAT = 1
@@ -188,13 +189,13 @@ def _write_in_worker(shard: int) -> int:
     return _worker_shards.write(shard)
 
 
-def _write_in_pool(shards: _Shards, todo: list[int], workers: int, bar: tqdm) -> None:
+def _write_in_pool(shards: _Shards, todo: list[int], workers: int, shown: tqdm) -> None:
     """Write shards ``todo`` in ``workers`` processes; a worker that dies (OOM killer, SIGBUS)
     raises BrokenProcessPool, where a multiprocessing Pool would wait for its shard forever."""
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context(), _init_worker, (shards,))
     try:
         for future in as_completed([pool.submit(_write_in_worker, k) for k in todo]):
-            bar.update(future.result())
+            shown.update(future.result())
     finally:
         pool.shutdown(cancel_futures=True)  # after a failure, no further shard starts
 
@@ -246,14 +247,14 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
     check_free_space(folder, left * sum(3 * r * r for r in layout["resolutions"]), FREE_SPACE)  # on a resume too
     echo(f"prepare {recipe.data.name} ({split}, {n} images) at {layout['resolutions']} px into "
          f"{folder}: {len(todo)} shards to write, {workers or 'no'} worker processes")
-    bar = tqdm(total=n, initial=n - left, unit="img", desc="prepare", disable=not progress)
+    shown = bar(total=n, initial=n - left, unit="img", desc="prepare", progress=progress)
     try:
         if workers == 0:
             shards.dataset = dataset
             for k in todo:
-                bar.update(shards.write(k))
+                shown.update(shards.write(k))
         else:
-            _write_in_pool(shards, todo, workers, bar)
+            _write_in_pool(shards, todo, workers, shown)
     except (CdmbenchError, BrokenProcessPool) as exc:
         reason = ("a preprocessing worker process died (out of memory or disk space?)"
                   if isinstance(exc, BrokenProcessPool) else exc)
@@ -261,7 +262,7 @@ def prepare(recipe_path: str | Path, *, overrides: tuple[str, ...] | list[str] =
         raise CdmbenchError(f"prepare stopped: {reason}. {written} shards are written in {folder} "
                             "and kept; fix the problem and run the same command to resume") from None
     finally:
-        bar.close()
+        shown.close()
     _write_json(folder / MANIFEST, {
         **layout, "data": {"name": recipe.data.name, "args": recipe.data.args}, "split": split,
         "num_classes": dataset.num_classes, "class_names": list(dataset.class_names),

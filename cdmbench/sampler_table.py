@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from .builtin.schedules import cosine
 from .diffusion import DiscreteProcess
 from .mixture import GaussianMixture
 from .plugins import Plugins
+from .progress import bar
 
 ERRORS = ("mean_error", "cov_error", "weight_error")
 
@@ -41,7 +41,7 @@ def compare_samplers(plugins: Plugins, *, steps: list[int], num_samples: int, ti
         if "steps" in params and not required:
             extra = {"clip_x0": False} if "clip_x0" in params else {}
             jobs += [(component.name, component, n, extra) for n in steps if n <= timesteps]
-    for name, component, n, extra in tqdm(jobs, desc="samplers", disable=not progress):
+    for name, component, n, extra in bar(jobs, desc="samplers", unit="sampler", progress=progress):
         sampler = component.build({"steps": n, **extra})
         try:
             sampler.check(process, learned_variance=False)

@@ -24,7 +24,6 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from . import distributed
 from .cas import class_matched
@@ -32,6 +31,7 @@ from .cascade import StageModel, sample_stage
 from .data import to_float, to_uint8
 from .errors import CdmbenchError
 from .evaluate import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature, write_shards
+from .progress import bar
 
 MANIFEST = "cascade.json"
 INPUTS = ("generated", "ground-truth")
@@ -137,7 +137,8 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     rows = []
     for kind in inputs:
         extra = {"inputs_split": GROUND_TRUTH_SPLIT} if kind == "ground-truth" else {}
-        for level in tqdm(levels, desc=f"sweep {name} ({kind} inputs)", disable=not progress or rank != 0):
+        for level in bar(levels, desc=f"sweep {name} ({kind} inputs)", unit="level", progress=progress,
+                         disable=rank != 0):
             set_level(stage, level)
             if kind == "generated":
                 folder, _ = generate_samples(chain, run_path=run_path, checkpoint_steps=checkpoint_steps,

@@ -1,0 +1,38 @@
+"""Progress of long work: a batch job (--no-progress) gets a plain line a minute, a terminal
+tqdm's bar."""
+
+import tqdm.std
+
+from cdmbench import progress
+
+
+def counts(text: str) -> list[str]:
+    """Each line up to its timings: 'desc: n/total unit'."""
+    return [line.split(" [")[0] for line in text.splitlines()]
+
+
+def test_a_batch_job_gets_a_line_a_minute_and_at_the_end_of_long_work(capsys, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    with progress.bar(total=6, initial=2, progress=False, desc="train resnet50", unit="batch") as shown:
+        for _ in range(4):  # 30 s a batch: due at 60 and 120 s, the end; the end is not repeated
+            clock[0] += 30
+            shown.update()
+            shown.set_description("train resnet50 epoch 2/2")  # shows in the next line, prints none itself
+    out = capsys.readouterr()
+    assert counts(out.out) == ["train resnet50 epoch 2/2: 4/6 batch", "train resnet50 epoch 2/2: 6/6 batch"]
+    assert out.out.splitlines()[0].endswith("[01:00 elapsed, 01:00 left, 30.00s/batch]")
+    assert "\r" not in out.out and out.err == ""
+
+    for _ in progress.bar(range(3), progress=False, desc="eval samples"):  # under a minute: no line
+        clock[0] += 10
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_terminal_gets_the_bar_and_a_disabled_process_nothing(capsys, monkeypatch):
+    list(progress.bar(range(3), progress=True, desc="sweep"))
+    out = capsys.readouterr()
+    assert out.out == "" and "sweep" in out.err and "\r" in out.err
+    monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
+    list(progress.bar(range(3), progress=False, disable=True, desc="sweep"))
+    assert capsys.readouterr() == ("", "")
