@@ -151,9 +151,11 @@ def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size
     """Write this rank's missing shards of ``num_samples`` class-balanced samples (label i % K)
     into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8 (n, 3, R, R). Rows
     that shards of another N or shard size hold are not made again."""
-    for k, lo, hi in bar(_my_shards(num_samples, shard_size, rank, world_size), progress=progress,
-                         desc="eval samples", unit="shard"):
-        if _covering(folder, lo, hi)[1] == hi:
+    mine = _my_shards(num_samples, shard_size, rank, world_size)
+    todo = [(k, lo, hi) for k, lo, hi in mine if _covering(folder, lo, hi)[1] != hi]
+    for k, lo, hi in bar(todo, total=len(mine), initial=len(mine) - len(todo), progress=progress,
+                         desc="eval samples", unit="shard"):  # the rate and time left count new shards only
+        if _covering(folder, lo, hi)[1] == hi:  # written meanwhile by a concurrent job
             continue
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
         images = make(k, lo, hi)

@@ -1,9 +1,11 @@
 """Progress of long work: a batch job (--no-progress) gets a plain line a minute, a terminal
 tqdm's bar."""
 
+import torch
 import tqdm.std
 
 from cdmbench import progress
+from cdmbench.evaluate import write_shards
 
 
 def counts(text: str) -> list[str]:
@@ -36,3 +38,20 @@ def test_a_terminal_gets_the_bar_and_a_disabled_process_nothing(capsys, monkeypa
     monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
     list(progress.bar(range(3), progress=False, disable=True, desc="sweep"))
     assert capsys.readouterr() == ("", "")
+
+
+def test_evaluation_shards_already_written_count_as_done_but_not_in_the_rate(tmp_path, capsys, monkeypatch):
+    """Shards 0 and 1 are cached; 2 and 3 take a minute each: the rate is a minute a shard."""
+    clock = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+
+    def make(k, lo, hi):
+        clock[0] += 60
+        return torch.full((hi - lo, 3, 4, 4), k, dtype=torch.uint8)
+
+    write_shards(tmp_path, num_samples=2, num_classes=2, shard_size=1, make=make, progress=False)
+    capsys.readouterr()
+    write_shards(tmp_path, num_samples=4, num_classes=2, shard_size=1, make=make, progress=False)
+    assert capsys.readouterr().out.splitlines() == [
+        "eval samples: 3/4 shard [01:00 elapsed, 01:00 left, 60.00s/shard]",
+        "eval samples: 4/4 shard [02:00 elapsed, 00:00 left, 60.00s/shard]"]
