@@ -13,12 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from .diffusion import LOSSES, Denoise, Prediction, Process, make_process, prediction_from_output, randn_per_image
 from .interfaces import Augmentation, Sampler
 from .plugins import Plugins
 from .errors import RecipeError
+from .progress import bar
 from .recipe import Component, Recipe, Stage
 
 IMAGE_CHANNELS = 3
@@ -273,8 +273,8 @@ def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], label
         cond = stage.spec.condition_on
         for level in sorted(levels[stage.spec.name]):
             chunks = []
-            for lo in tqdm(range(0, len(labels), batch_size), desc=f"sample {stage.spec.name}",
-                           disable=not progress):
+            for lo in bar(range(0, len(labels), batch_size), desc=f"sample {stage.spec.name}", unit="batch",
+                          progress=progress):
                 hi = min(lo + batch_size, len(labels))
                 low_res = outputs[(cond, stage.truncation)][lo:hi].to(device) if cond else None
                 chunks.append(sample_stage(
