@@ -17,8 +17,8 @@ class _Lines(plain_tqdm):
     before; each count once."""
 
     def display(self, msg=None, pos=None):
-        if msg is None and self.n != getattr(self, "_shown", None):  # msg '' clears a bar: no-op here
-            self._shown = self.n  # closing right after a line repeats nothing
+        if msg is None and self.n != getattr(self, "_printed_n", None):  # msg '' clears a bar: no-op here
+            self._printed_n = self.n  # closing right after a line repeats nothing
             print(self.__str__(), flush=True)
         return True
 
@@ -44,6 +44,5 @@ def bar(iterable=None, *, progress: bool, **kwargs) -> tqdm:
     if progress or kwargs.get("disable"):
         return tqdm(iterable, **kwargs)
     kwargs.pop("leave", None)
-    kwargs.setdefault("unit", "it")
     return _Lines(iterable, file=_Discard(), mininterval=LINE_EVERY, delay=LINE_EVERY, miniters=1, leave=True,
                   bar_format=LINE_FORMAT, **kwargs)
