@@ -190,7 +190,8 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     measured = results_table(results)
     table = _fmt(measured)
     text = f"# {recipe.name}\n\n```text\n{table}\n```\n"
-    runs = replicates_table(measured, recipe.replicates())
+    groups = recipe.replicates()
+    runs = replicates_table(measured, groups)
     if not runs.empty:
         text += ("\n## Stages trained several times\n\nEach metric's mean over a stage's training "
                  "runs (`replicates: k`) and, as ±, its standard error over them (their standard "
@@ -208,15 +209,15 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
                      f"```text\n{compared[~other_data].to_string(index=False)}\n```\n")
     sweeps = sweep_table(results)
     if not sweeps.empty:
-        plot_sweeps(sweeps, run_dir.path / "sweeps.png", recipe.replicates())
+        plot_sweeps(sweeps, run_dir.path / "sweeps.png", groups)
         swept = set(sweeps.index.get_level_values("stage"))
-        copies = any(st.replicate_of and st.name in swept for st in recipe.stages)
+        shared_panel = any(len(swept.intersection(names)) > 1 for names in groups.values())
         text += ("\n## Sampling-level sweeps\n\nEach SR stage evaluated at sampling-time "
                  "augmentation levels s, on the previous stage's samples (generated) and on "
                  "downsampled training images (ground-truth); `cdmbench sweep`."
                  + (" In the plot a stage trained several times shares its panel with its swept "
                     "copies: each run's curve faint, their mean bold (± as in CDM's findings below)."
-                    if copies else "")
+                    if shared_panel else "")
                  + f"\n\n```text\n{_fmt(sweeps)}\n```\n\n![metrics against s](sweeps.png)\n")
     text += findings_section(results, recipe)
     logs = {st.name: log for st in recipe.stages if (log := read_log(run_dir.stage(st.name)))}
