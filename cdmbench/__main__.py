@@ -1,3 +1,3 @@
-from .cli import main
+from cdmbench.cli import main
 
 main()

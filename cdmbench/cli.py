@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from .errors import CdmbenchError
-from .interfaces import KINDS
+from cdmbench.errors import CdmbenchError
+from cdmbench.interfaces import KINDS
 
 SET_HELP = "Override a recipe value, e.g. --set stages.base16.train.steps=10 (repeatable)."
 SMOKE_HELP = ("Shrink the recipe (widths, depths, steps, sample counts) and swap its data for "
@@ -55,7 +55,7 @@ def cli():
 def run(recipe, stage, overrides, dry_run, out, progress, smoke):
     """Train every stage of RECIPE (resuming from the latest checkpoints), sample the cascade
     into per-stage grids and write results.jsonl and report.md."""
-    from .runner import run as run_recipe
+    from cdmbench.training.run import run as run_recipe
 
     result = run_recipe(recipe, out=out, stage=stage, overrides=overrides, dry_run=dry_run,
                         progress=progress, smoke=smoke, echo=click.echo)
@@ -81,8 +81,8 @@ def prepare(recipe, overrides, split, workers, shard_size, progress, metrics_of,
     cascade) into memory-mapped uint8 arrays under $CDMBENCH_DATA_CACHE (default
     ~/.cache/cdmbench/datasets); resumable. `cdmbench run` then trains from them and evaluation
     reads them (prepare --split test too)."""
-    from .prepare import prepare as prepare_data
-    from .runner import prepare_metrics
+    from cdmbench.data.prepare import prepare as prepare_data
+    from cdmbench.evaluation.evaluate import prepare_metrics
 
     prepare_data(recipe, overrides=overrides, split=split, workers=workers, shard_size=shard_size,
                  progress=progress, smoke=smoke, echo=click.echo)
@@ -97,8 +97,8 @@ def prepare(recipe, overrides, split, workers, shard_size, progress, metrics_of,
 @click.option("--smoke", is_flag=True, help=SMOKE_HELP)
 def validate(recipe, overrides, smoke):
     """Check RECIPE strictly and build every stage's model (without memory or data)."""
-    from .recipe import load_recipe
-    from .runner import describe
+    from cdmbench.recipe.load import load_recipe
+    from cdmbench.cascade.cost import describe
 
     parsed, plugins = load_recipe(recipe, overrides=overrides, smoke=smoke, echo=click.echo)
     click.echo(_format(describe(parsed, plugins, click.echo)))
@@ -108,7 +108,7 @@ def validate(recipe, overrides, smoke):
 @cli.command()
 def plugins():
     """List the loaded plugins, their versions and the components each provides."""
-    from .plugins import load_plugins
+    from cdmbench.plugins import load_plugins
 
     loaded = load_plugins()
     for name in loaded.versions:
@@ -127,7 +127,7 @@ def plugins():
 @click.option("--pattern", default="*", help="Glob on component names, e.g. 'adm*'.")
 def ls(kind, pattern):
     """List registered components (of KIND) with the plugin that provides each."""
-    from .plugins import load_plugins
+    from cdmbench.plugins import load_plugins
 
     loaded = load_plugins()
     rows = [(k, c) for k in ([kind] if kind else KINDS) for c in loaded[k].match(pattern)]
@@ -145,9 +145,9 @@ def ls(kind, pattern):
               help="Also write every result row of RUN_DIRS here, one column per protocol field.")
 def report(run_dirs, out, csv_path):
     """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
-    from .plugins import load_plugins
-    from .report import baseline_frame, comparison_table, flat_results, read_results, results_table, sweep_table
-    from .runner import export_report
+    from cdmbench.plugins import load_plugins
+    from cdmbench.reporting.tables import baseline_frame, comparison_table, flat_results, read_results, results_table, sweep_table
+    from cdmbench.reporting.write import export_report
 
     dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
     if not dirs:
@@ -182,7 +182,7 @@ def report(run_dirs, out, csv_path):
 def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
     """Sample a trained run (class-balanced, per-image seeds, resumable npz shards) and compute
     metrics (FID, IS, CAS, ...); rows go to RUN_DIR/results.jsonl and report.md."""
-    from .runner import evaluate as run_evaluate
+    from cdmbench.evaluation.evaluate import evaluate as run_evaluate
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     run_evaluate(run_dir, stage=stage, metrics=names, num_samples=num_samples, overrides=overrides,
@@ -209,7 +209,7 @@ def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
 def sample(run_dir, stage, classes, per_class, seed, levels, batch_size, overrides, out, progress):
     """Sample chosen classes from a trained run's cascade: PNG files, a grid per stage, an npz
     and sample.json (the settings that made them)."""
-    from .generate import sample_run
+    from cdmbench.cascade.sample import sample_run
 
     chosen = {}
     for item in levels:
@@ -237,8 +237,8 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
     """Evaluate an SR stage of a trained run at many sampling-time augmentation levels (previous
     stages run once and are cached); the best level goes to RUN_DIR/cascade.json and is used by
     later sampling."""
-    from .runner import sweep_levels
-    from .sweep import INPUTS
+    from cdmbench.evaluation.evaluate import sweep_levels
+    from cdmbench.evaluation.sweep import INPUTS
 
     try:
         values = [float(v) for v in levels.split(",")]
@@ -272,7 +272,7 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
 def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smoke, profile):
     """Measure a stage's training step (images/s, FLOPs, MFU against a measured matmul ceiling,
     peak memory; eager and compiled) and the cascade's sampling throughput, on synthetic data."""
-    from .runner import bench as run_bench
+    from cdmbench.training.bench import bench as run_bench
 
     command = " ".join(["cdmbench", *sys.argv[1:]]) if sys.argv else ""
     run_bench(recipe, stage=stage, overrides=overrides, steps=steps, warmup=warmup, compile=compile_,
@@ -291,8 +291,8 @@ def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smo
 def compare_samplers(steps, num_samples, out, progress):
     """Run every registered sampler at each step count on a Gaussian mixture with its exact
     denoiser and write the distribution errors and wall times, to choose a sampler."""
-    from .plugins import load_plugins
-    from .sampler_table import compare_samplers as compare, write_report
+    from cdmbench.plugins import load_plugins
+    from cdmbench.diffusion.compare import compare_samplers as compare, write_report
 
     try:
         counts = sorted({int(n) for n in steps.split(",")})
@@ -315,7 +315,7 @@ def _format(frame) -> str:
 def main() -> None:
     import warnings
 
-    from .plugins import load_plugins
+    from cdmbench.plugins import load_plugins
 
     try:
         hook = load_plugins().manager.hook.cdmbench_add_commands

@@ -78,7 +78,7 @@ class Augmentation(Protocol):
 
 @runtime_checkable
 class Sampler(Protocol):
-    """Draws x_0 (or z_s) by running the reverse process of a ``cdmbench.diffusion`` process.
+    """Draws x_0 (or z_s) by running the reverse process of a ``cdmbench.diffusion.process`` process.
 
     ``denoise(x_t, abar, noise_cond) -> Prediction`` is the model with its class labels, low-res
     input and guidance bound; ``process.grid(steps, stop_at)`` gives the levels to visit.

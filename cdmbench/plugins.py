@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginError, RegistryError
-from .interfaces import KINDS
-from .registry import Registry, suggestion
+from cdmbench import hookspecs
+from cdmbench.errors import PluginError, RegistryError
+from cdmbench.interfaces import KINDS
+from cdmbench.registry import Registry, suggestion
 
 BUILTIN_MODULES = (
     "cdmbench.builtin.unet",
@@ -94,7 +94,7 @@ class Plugins:
 
 def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
     """A fresh plugin manager with the built-ins, installed entry points and ``modules``."""
-    from . import __version__
+    from cdmbench import __version__
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .diffusion import NOISE_COND_SCALE, ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0
-from .errors import CdmbenchError
-from .interfaces import BaselineRow
-from .plugins import Plugins, load_plugins
-from .registry import Component
+from cdmbench.diffusion.process import NOISE_COND_SCALE, ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0
+from cdmbench.errors import CdmbenchError
+from cdmbench.interfaces import BaselineRow
+from cdmbench.plugins import Plugins, load_plugins
+from cdmbench.registry import Component
 
 ROW_KEYS = {"metric", "value", "unit", "n", "higher_is_better", "protocol"}
 
@@ -172,7 +172,7 @@ def check_schedule(factory: Callable, args: dict[str, Any], *, name: str = "sche
 def check_augmentation(factory: Callable, args: dict[str, Any], *, name: str = "augmentation") -> None:
     """train/sample keep the image's shape and return (B, cond_dim) finite conditioning; seeded
     calls repeat; sampling is per image (independent of the batch)."""
-    from .builtin.schedules import cosine
+    from cdmbench.builtin.schedules import cosine
 
     aug = _build(factory, args, schedule=cosine(timesteps=100))
     _expect(isinstance(getattr(aug, "cond_dim", None), int) and aug.cond_dim >= 0, name,
@@ -229,7 +229,7 @@ def check_sampler(factory: Callable, args: dict[str, Any], *, name: str = "sampl
     ``check`` refuses it with ValueError): an exact denoiser of a point mass c is sampled to c;
     of N(0, 0.25) to roughly that variance (a wrong level mapping, not solver accuracy, fails);
     per-image seeds; an early stop at s gives z_s with q(z_s | c)'s moments or raises ValueError."""
-    from .builtin.schedules import linear, log_snr
+    from cdmbench.builtin.schedules import linear, log_snr
 
     sampler = _build(factory, args)
     for label, process in ((f"{name} (discrete)", DiscreteProcess(linear(timesteps=1000).betas())),
@@ -301,8 +301,8 @@ def check_dataset(factory: Callable, args: dict[str, Any], *, name: str = "datas
 
 def _shapes_data(n: int = 64, resolution: int = 16) -> tuple[Tensor, Tensor]:
     """Real images from the built-in shapes dataset, uint8 (N, 3, r, r), and labels."""
-    from .builtin.shapes import shapes
-    from .data import load_images
+    from cdmbench.builtin.shapes import shapes
+    from cdmbench.data.images import load_images
 
     data = load_images(shapes(split="train", resolution=resolution, num_images=n, num_classes=4),
                        [resolution], progress=False)
@@ -353,8 +353,8 @@ stages:
 def check_metric(factory: Callable, args: dict[str, Any], *, name: str = "metric") -> None:
     """prepare (if any) and evaluate on real shapes images as the samples; every row carries
     metric, a finite value, unit, n, direction and protocol."""
-    from .evaluate import EvalContext
-    from .recipe import load_recipe
+    from cdmbench.evaluation.samples import EvalContext
+    from cdmbench.recipe.load import load_recipe
 
     metric = _build(factory, args)
     _expect(isinstance(getattr(metric, "name", None), str), name, "no `name` attribute")

@@ -12,9 +12,9 @@ import yaml
 from cdmbench.builtin.augmentations import blur, gaussian, gaussian_kernels
 from cdmbench.builtin.schedules import cosine
 from cdmbench.builtin.unet import adm_unet
-from cdmbench.cascade import Composition, build_stage, sample_cascade, sample_stage
+from cdmbench.cascade.stages import Composition, build_stage, sample_cascade, sample_stage
 from cdmbench.errors import RecipeError
-from cdmbench.recipe import parse_recipe
+from cdmbench.recipe.schema import parse_recipe
 from conftest import TINY_RECIPE
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-import cdmbench.cas as cdmbench_cas
-from cdmbench.cas import classification_accuracy_score, matched_real_subset
-from cdmbench.classifier import train_classifier
+import cdmbench.evaluation.cas as cdmbench_cas
+from cdmbench.evaluation.cas import classification_accuracy_score, matched_real_subset
+from cdmbench.evaluation.classifier import train_classifier
 from test_classifier import ARCH, colour_images
 
 SETTINGS = {"num_classes": 8, "arch": ARCH, "epochs": 4, "batch_size": 16, "seed": 0, "device": "cpu",
@@ -41,12 +41,12 @@ def test_cas_separable_samples(real):
 
 
 def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, monkeypatch):
-    import cdmbench.classifier
+    import cdmbench.evaluation.classifier
 
     (train_images, train_labels), (val_images, val_labels) = real
     samples, sample_labels = colour_images(8, seed=12)
-    trained, real_train = [], cdmbench.classifier.train_classifier
-    monkeypatch.setattr(cdmbench.classifier, "train_classifier",
+    trained, real_train = [], cdmbench.evaluation.classifier.train_classifier
+    monkeypatch.setattr(cdmbench.evaluation.classifier, "train_classifier",
                         lambda *a, **k: trained.append(len(a[0])) or real_train(*a, **k))
 
     def score(labels, images=samples):
@@ -65,12 +65,12 @@ def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, m
 
 def test_the_classifier_of_samples_a_key_names_is_trained_once(real, tmp_path, monkeypatch):
     """The paper protocol's classifier trains for hours: cached, its training resumes when stopped."""
-    import cdmbench.classifier
+    import cdmbench.evaluation.classifier
 
     (train_images, train_labels), (val_images, val_labels) = real
     samples, sample_labels = colour_images(8, seed=12)
-    trained, real_train = [], cdmbench.classifier.train_classifier
-    monkeypatch.setattr(cdmbench.classifier, "train_classifier",
+    trained, real_train = [], cdmbench.evaluation.classifier.train_classifier
+    monkeypatch.setattr(cdmbench.evaluation.classifier, "train_classifier",
                         lambda *a, **k: trained.append(k["state"].name) or real_train(*a, **k))
 
     def score(key):
@@ -126,11 +126,11 @@ def test_matched_subset_and_errors(real):
 def test_a_replaced_training_set_is_matched_by_the_whole_real_set_uncopied(real, monkeypatch):
     """One sample per real training image: the reference trains on the real set as it is (at
     ImageNet scale a memory-mapped array that an index would copy into memory)."""
-    import cdmbench.cas
+    import cdmbench.evaluation.cas
 
     (train_images, train_labels), (val_images, val_labels) = real
     seen = []
-    monkeypatch.setattr(cdmbench.cas, "train_classifier",
+    monkeypatch.setattr(cdmbench.evaluation.cas, "train_classifier",
                         lambda images, labels, **k: seen.append((images, labels)) or train_classifier(
                             images, labels, **k))
     samples = train_images.flip(0)  # stands in for generated images, one per training image

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
-from cdmbench.cascade import build_stage
+from cdmbench.cascade.stages import build_stage
 from cdmbench.errors import RecipeError
-from cdmbench.recipe import parse_recipe
-from cdmbench.runner import run
+from cdmbench.recipe.schema import parse_recipe
+from cdmbench.training.run import run
 from conftest import TINY_RECIPE
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from cdmbench.checkpoint import (load_checkpoint, load_ema, resume_latest,
+from cdmbench.training.checkpoint import (load_checkpoint, load_ema, resume_latest,
                                  save_checkpoint, sha256_file)
 from cdmbench.errors import CheckpointError
 
@@ -85,7 +85,7 @@ def test_a_file_size_limit_raises_checkpoint_error_and_leaves_no_partial_folder(
 import resource, signal, sys, torch
 from pathlib import Path
 from torch import nn
-from cdmbench.checkpoint import save_checkpoint
+from cdmbench.training.checkpoint import save_checkpoint
 from cdmbench.errors import CheckpointError
 model = nn.Linear(64, 64)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cdmbench import classifier as C
+from cdmbench.evaluation import classifier as C
 
 ARCH = "test_resnet"  # timm's tiny test ResNet: the same code path as resnet10t, 4x faster
 COLOURS = torch.tensor([[r, g, b] for r in (40, 215) for g in (40, 215) for b in (40, 215)])  # 8
@@ -251,7 +251,7 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
 
     settings = {**TRAIN, "epochs": 16, "batch_size": 4}  # 256 steps
     state = tmp_path / "train.state.pt"
-    child = (f"import torch; from cdmbench import classifier as C; from tests.test_classifier import colour_images\n"
+    child = (f"import torch; from cdmbench.evaluation import classifier as C; from tests.test_classifier import colour_images\n"
              f"C.SAVE_EVERY_S = 0\n"
              f"C.train_classifier(*colour_images(8), num_classes=8, seed=0, state={str(state)!r}, **{settings!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -275,7 +275,8 @@ import os
 import signal
 import sys
 import torch
-from cdmbench import classifier as C, distributed
+from cdmbench.evaluation import classifier as C
+from cdmbench.runtime import distributed
 from tests.test_classifier import colour_images
 
 distributed.init(torch.device("cpu"))

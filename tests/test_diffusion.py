@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from cdmbench import diffusion as D
+from cdmbench.diffusion import process as D
 from cdmbench.builtin.schedules import cosine, linear, log_snr
-from cdmbench.diffusion import DiscreteProcess, Prediction
+from cdmbench.diffusion.process import DiscreteProcess, Prediction
 
 
 def process(timesteps: int = 100) -> DiscreteProcess:
@@ -229,7 +229,7 @@ def test_linear_schedule_refuses_a_step_count_whose_last_beta_reaches_1():
 
 
 def test_non_finite_samples_are_an_error_not_black_pixels():
-    from cdmbench.data import to_uint8
+    from cdmbench.data.images import to_uint8
     from cdmbench.errors import CdmbenchError
 
     images = torch.zeros(3, 3, 4, 4)

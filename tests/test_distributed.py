@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cdmbench.runner import run
+from cdmbench.training.run import run
 
 
 def final_weights(out, stage):
@@ -130,10 +130,10 @@ def test_sigkill_and_restart_reach_the_weights_of_an_uninterrupted_run(tiny_reci
 def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe, tmp_path, monkeypatch):
     import errno
 
-    import cdmbench.checkpoint
+    import cdmbench.training.checkpoint
     from cdmbench.errors import CheckpointError
 
-    real, calls = cdmbench.checkpoint.save_file, []
+    real, calls = cdmbench.training.checkpoint.save_file, []
 
     def filling(*args, **kwargs):
         calls.append(1)
@@ -141,7 +141,7 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.checkpoint, "save_file", filling)
+    monkeypatch.setattr(cdmbench.training.checkpoint, "save_file", filling)
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-00000004: No space left on device; free space"):
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
     kept = sorted(p.name for p in (tmp_path / "a" / "base8" / "checkpoints").iterdir())
@@ -155,8 +155,8 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
 
     from cdmbench.cli import cli
 
-    from cdmbench.recipe import load_recipe
-    from cdmbench.runner import describe
+    from cdmbench.recipe.load import load_recipe
+    from cdmbench.cascade.cost import describe
 
     accumulate = "stages.sr16.train.grad_accumulation=2"
     result = CliRunner().invoke(cli, ["bench", str(tiny_recipe), "--stage", "sr16", "--steps", "2", "--warmup", "1",
@@ -183,7 +183,7 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
 
 
 def test_bench_counts_the_steps_a_truncated_stage_leaves_out(tiny_recipe, tmp_path):
-    from cdmbench.runner import bench
+    from cdmbench.training.bench import bench
 
     path = bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=lambda *_: None,
                  overrides=["stages.base8.sampler.args.steps=null", "stages.sr16.augmentation.args.mode=truncated"])
@@ -195,17 +195,17 @@ def test_bench_counts_the_steps_a_truncated_stage_leaves_out(tiny_recipe, tmp_pa
 def test_a_bench_cut_short_keeps_what_it_measured(tiny_recipe, tmp_path, monkeypatch):
     import json
 
-    import cdmbench.bench
-    from cdmbench.runner import bench
+    import cdmbench.training.bench
+    from cdmbench.training.bench import bench
 
-    real = cdmbench.bench.training_speed
+    real = cdmbench.training.bench.training_speed
 
     def compile_fails(*args, compile, **kwargs):  # a compile that outlasts the job's time
         if compile:
             raise KeyboardInterrupt
         return real(*args, compile=compile, **kwargs)
 
-    monkeypatch.setattr(cdmbench.bench, "training_speed", compile_fails)
+    monkeypatch.setattr(cdmbench.training.bench, "training_speed", compile_fails)
     with pytest.raises(KeyboardInterrupt):
         bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=True, out=tmp_path, echo=quiet)
     [row] = json.loads(next(tmp_path.glob("tiny-sr16-*.json")).read_text())["rows"]
@@ -217,7 +217,7 @@ def test_bench_of_an_imagenet_recipe_needs_no_data(tmp_path, monkeypatch):
     """Synthetic batches need only the class count, known for the Hub id: no network, no data."""
     import datasets
 
-    from cdmbench.runner import bench
+    from cdmbench.training.bench import bench
 
     def no_hub(*args, **kwargs):
         raise AssertionError(f"the Hub was asked for {args}")
@@ -233,21 +233,21 @@ def test_bench_of_an_imagenet_recipe_needs_no_data(tmp_path, monkeypatch):
 
 
 def test_the_matmul_ceiling_is_the_fastest_trial(monkeypatch):
-    import cdmbench.bench
+    import cdmbench.training.bench
 
     # Start and end of each trial: 2 s, 0.5 s, 3 s. A busy moment must not lower a peak.
     readings = iter([0.0, 2.0, 10.0, 10.5, 20.0, 23.0])
     fake_clock = readings.__next__
-    monkeypatch.setattr(cdmbench.bench.time, "perf_counter", fake_clock)
-    flops, kind = cdmbench.bench.matmul_ceiling(torch.device("cpu"), repeats=2, trials=3)
+    monkeypatch.setattr(cdmbench.training.bench.time, "perf_counter", fake_clock)
+    flops, kind = cdmbench.training.bench.matmul_ceiling(torch.device("cpu"), repeats=2, trials=3)
     assert flops == 2 * 1024**3 * 2 / 0.5 and kind == "float32 1024x1024 matmul, fastest of 3"
 
 
 def test_a_bench_above_the_ceiling_says_so(tiny_recipe, tmp_path, monkeypatch):
-    import cdmbench.bench
-    from cdmbench.runner import bench
+    import cdmbench.training.bench
+    from cdmbench.training.bench import bench
 
-    monkeypatch.setattr(cdmbench.bench, "matmul_ceiling", lambda device: (1.0, "a ceiling measured far too low"))
+    monkeypatch.setattr(cdmbench.training.bench, "matmul_ceiling", lambda device: (1.0, "a ceiling measured far too low"))
     bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=quiet)
     text = next(tmp_path.glob("tiny-sr16-*.md")).read_text()
     assert "```\n\nMFU above 100%: the ceiling was measured below the device's peak" in text
@@ -269,7 +269,7 @@ def test_a_bench_above_the_ceiling_says_so(tiny_recipe, tmp_path, monkeypatch):
     ("Memcpy HtoD (Pageable -> Device)", "memory and layout"),
 ])
 def test_operators_and_kernels_fall_into_their_kind(name, kind):
-    from cdmbench.bench import op_kind
+    from cdmbench.training.bench import op_kind
 
     assert op_kind(name) == kind
 
@@ -298,7 +298,7 @@ def test_gpu_process_groups_carry_cpu_tensors_on_gloo(monkeypatch):
     import torch.distributed as dist
     from torch.distributed.distributed_c10d import Backend, BackendConfig
 
-    from cdmbench import distributed
+    from cdmbench.runtime import distributed
 
     calls = []
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -318,10 +318,10 @@ def test_each_process_reads_only_its_share_and_draws_for_all(rank, monkeypatch):
     the same flips, noise and augmentation for it as one process that reads them all."""
     import yaml
 
-    from cdmbench.cascade import build_stage
-    from cdmbench.data import ImageSet
-    from cdmbench.recipe import parse_recipe
-    from cdmbench.train import make_batch
+    from cdmbench.cascade.stages import build_stage
+    from cdmbench.data.images import ImageSet
+    from cdmbench.recipe.schema import parse_recipe
+    from cdmbench.training.trainer import make_batch
     from conftest import TINY_RECIPE
 
     recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE))

@@ -18,13 +18,13 @@ from cdmbench.builtin.baselines import PUBLISHED
 from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
-from cdmbench.evaluate import EvalContext, read_samples
-from cdmbench.metrics import (RunningStatistics, bootstrap_fid_stderr, frechet_distance, inception_score,
+from cdmbench.evaluation.samples import EvalContext, read_samples
+from cdmbench.evaluation.metrics import (RunningStatistics, bootstrap_fid_stderr, frechet_distance, inception_score,
                               statistics)
 from cdmbench.plugins import load_plugins
-from cdmbench.recipe import load_recipe
-from cdmbench.report import baseline_frame, comparability
-from cdmbench.runner import run
+from cdmbench.recipe.load import load_recipe
+from cdmbench.reporting.tables import baseline_frame, comparability
+from cdmbench.training.run import run
 
 
 def reference_fid(f1: np.ndarray, f2: np.ndarray) -> float:
@@ -281,16 +281,16 @@ def test_fid_rows_carry_the_bootstrap_stderr_unless_it_is_off():
 @pytest.fixture
 def sr16_rows(monkeypatch) -> list[tuple[int, int]]:
     """(first row, rows) of each sampling of sr16 that evaluate makes."""
-    import cdmbench.evaluate
+    import cdmbench.evaluation.samples
 
-    sampled, real = [], cdmbench.evaluate.sample_cascade
+    sampled, real = [], cdmbench.evaluation.samples.sample_cascade
 
     def counting(stages, **kwargs):
         if stages[-1].spec.name == "sr16":
             sampled.append((kwargs["first_id"], len(kwargs["labels"])))
         return real(stages, **kwargs)
 
-    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    monkeypatch.setattr(cdmbench.evaluation.samples, "sample_cascade", counting)
     return sampled
 
 
@@ -398,16 +398,16 @@ def test_ranks_of_an_evaluation_may_finish_their_shards_hours_apart(trained_run,
     default: 30 minutes) must outlast the slowest rank's sampling of a million images."""
     import datetime
 
-    import cdmbench.distributed
-    from cdmbench.runner import evaluate
+    import cdmbench.runtime.distributed
+    from cdmbench.evaluation.evaluate import evaluate
 
     joined = []
-    monkeypatch.setattr(cdmbench.distributed.dist, "init_process_group",
+    monkeypatch.setattr(cdmbench.runtime.distributed.dist, "init_process_group",
                         lambda backend, **kwargs: joined.append((backend, kwargs["timeout"])))
-    monkeypatch.setattr(cdmbench.distributed.dist, "is_initialized", lambda: bool(joined))
-    monkeypatch.setattr(cdmbench.distributed.dist, "barrier", lambda: None)
+    monkeypatch.setattr(cdmbench.runtime.distributed.dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(cdmbench.runtime.distributed.dist, "barrier", lambda: None)
     chosen = {"base8": 2, "sr16": 2}  # rank 0's checkpoints, older than the newest (4): rank 1 uses them
-    monkeypatch.setattr(cdmbench.distributed.dist, "broadcast_object_list",
+    monkeypatch.setattr(cdmbench.runtime.distributed.dist, "broadcast_object_list",
                         lambda box, src, device: box.__setitem__(0, chosen))
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -422,7 +422,7 @@ def test_ranks_of_an_evaluation_may_finish_their_shards_hours_apart(trained_run,
 def test_each_metrics_rows_are_kept_as_soon_as_they_exist(trained_run, monkeypatch, tmp_path):
     """A job killed during a long metric (CAS's classifier trains for hours) keeps the others'."""
     from cdmbench.builtin.metrics import CAS
-    from cdmbench.runner import evaluate
+    from cdmbench.evaluation.evaluate import evaluate
 
     def killed(self, context):
         raise KeyboardInterrupt
@@ -439,16 +439,16 @@ def test_each_metrics_rows_are_kept_as_soon_as_they_exist(trained_run, monkeypat
 @pytest.fixture
 def sampled(tmp_path, monkeypatch) -> list[list[str]]:
     """The stages of each sample_cascade call evaluate makes (a private cache)."""
-    import cdmbench.evaluate
+    import cdmbench.evaluation.samples
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
-    calls, real = [], cdmbench.evaluate.sample_cascade
+    calls, real = [], cdmbench.evaluation.samples.sample_cascade
 
     def counting(stages, **kwargs):
         calls.append([s.spec.name for s in stages])
         return real(stages, **kwargs)
 
-    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    monkeypatch.setattr(cdmbench.evaluation.samples, "sample_cascade", counting)
     return calls
 
 
@@ -469,7 +469,7 @@ def test_other_weights_at_the_same_step_are_sampled_afresh(trained_run, sampled)
     other weights: the cached samples are keyed by their SHA-256, not only by the step."""
     from safetensors.torch import load_file, save_file
 
-    from cdmbench.checkpoint import MANIFEST, sha256_file
+    from cdmbench.training.checkpoint import MANIFEST, sha256_file
 
     args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL],
             "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"]
@@ -521,7 +521,7 @@ REPLACING_CAS = "--set=evaluate.metrics=[{name: cas, args: {epochs: 1, replace_t
 
 def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_run, sampled):
     """Ravuri & Vinyals' protocol: one sample per training image, of its class, memory-mapped."""
-    from cdmbench.evaluate import read_training_set
+    from cdmbench.evaluation.samples import read_training_set
 
     args = ["evaluate", str(trained_run), "--no-progress", REPLACING_CAS, *[f"--set={o}" for o in TINY_EVAL]]
     result = CliRunner().invoke(cli, args)
@@ -553,11 +553,12 @@ def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_ru
 
 
 def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_run, monkeypatch):
-    import cdmbench.files
-    from cdmbench.cascade import sample_cascade
-    from cdmbench.data import to_uint8
-    from cdmbench.evaluate import generate_training_set, load_chain, read_training_set
-    from cdmbench.runner import build_chain, load_run
+    import cdmbench.storage.files
+    from cdmbench.cascade.stages import sample_cascade
+    from cdmbench.data.images import to_uint8
+    from cdmbench.evaluation.samples import generate_training_set, load_chain, read_training_set
+    from cdmbench.cascade.stages import build_chain
+    from cdmbench.storage.rundir import load_run
 
     _, recipe, plugins = load_run(trained_run)
     chain = build_chain(plugins, recipe, "sr16", 10, "cpu")
@@ -575,8 +576,8 @@ def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_
 
     # the file is sparse: a resume checks the rows still to write against the space left then
     (folder / "done" / "000001").unlink()
-    real = cdmbench.files.shutil.disk_usage
-    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = cdmbench.storage.files.shutil.disk_usage
+    monkeypatch.setattr(cdmbench.storage.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(CdmbenchError, match=f"they need {2 * 3 * 16 * 16} more bytes .* free space there"):
         generate_training_set(chain, run_path=trained_run, checkpoint_steps=steps, labels=labels,
                               num_classes=10, seed=5, batch_size=4, shard_size=2, device="cpu", progress=False)
@@ -585,14 +586,14 @@ def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_
 def test_the_paper_protocol_end_to_end_at_a_tiny_scale(trained_run, monkeypatch, tmp_path):
     """Ravuri & Vinyals' settings shrunk to the tiny run (ResNet-50, 90 epochs, 1000 classes and
     1,281,167 images are checked as these): the paper's optimiser and no 'scaled down' mark."""
-    import cdmbench.cas
+    import cdmbench.evaluation.cas
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setitem(cdmbench.cas.PAPER, "classifier", "test_resnet")
-    monkeypatch.setitem(cdmbench.cas.PAPER, "epochs", 1)
-    monkeypatch.setitem(cdmbench.cas.PAPER, "num_classes", 10)
-    monkeypatch.setitem(cdmbench.cas.PAPER, "batch_size", 16)
-    monkeypatch.setitem(cdmbench.cas.PAPER, "train_images", 40)
+    monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "classifier", "test_resnet")
+    monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "epochs", 1)
+    monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "num_classes", 10)
+    monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "batch_size", 16)
+    monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "train_images", 40)
     args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL]]
     metric = "--set=evaluate.metrics=[{name: cas, args: {arch: test_resnet, epochs: %d, batch_size: 16, paper_protocol: true}}]"
 
@@ -630,7 +631,7 @@ def test_evaluate_under_torchrun_shares_the_generated_training_set(trained_run, 
 def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
     from types import SimpleNamespace
 
-    from cdmbench.runner import _metric_rows
+    from cdmbench.evaluation.evaluate import _metric_rows
 
     class Broken:
         name = "broken"
@@ -656,7 +657,7 @@ def test_a_metric_stopped_by_a_signal_stops_the_evaluation_instead_of_failing():
     from types import SimpleNamespace
 
     from cdmbench.errors import Stopped
-    from cdmbench.runner import _metric_rows
+    from cdmbench.evaluation.evaluate import _metric_rows
 
     class Preempted:
         name = "cas"
@@ -694,7 +695,7 @@ def test_the_paper_protocol_cannot_keep_the_training_set():
 def test_comparison_table_pairs_rows_of_the_same_dataset_and_resolution():
     import pandas as pd
 
-    from cdmbench.report import comparison_table
+    from cdmbench.reporting.tables import comparison_table
 
     protocol = {"dataset": "imagenet", "resolution": 256, "n": 10000, "mode": "legacy_tensorflow",
                 "features": "inception-2015-12-05", "reference_split": "train"}

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-import cdmbench.files
+import cdmbench.storage.files
 from cdmbench.cli import cli
-from cdmbench.files import allocate_arrays, append_text, atomic_write, write_rows
-from cdmbench.report import read_results
+from cdmbench.storage.files import allocate_arrays, append_text, atomic_write, write_rows
+from cdmbench.reporting.tables import read_results
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def test_an_append_cut_short_by_a_full_disk_leaves_the_file_as_it_was(tmp_path):
     path.write_text('{"row": 1}\n')
     child = f"""
 import resource, signal
-from cdmbench.files import append_text
+from cdmbench.storage.files import append_text
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:
@@ -62,7 +62,7 @@ def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cdmbench.files.os, "fsync", full)
+    monkeypatch.setattr(cdmbench.storage.files.os, "fsync", full)
     with pytest.raises(OSError) as info:
         atomic_write(tmp_path / "report.md", "x")
     assert info.value.filename == str(tmp_path / "report.md") and not list(tmp_path.iterdir())  # no temporary left
@@ -83,7 +83,7 @@ def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
 def test_an_array_larger_than_memory_and_swap_maps(tmp_path):
     """Prepared data and CAS's generated training set (252 GB at 256 px) are mapped read-only: a
     private (copy-on-write) mapping of a file that size is refused where memory + swap is smaller."""
-    from cdmbench.files import mapped_tensor
+    from cdmbench.storage.files import mapped_tensor
 
     meminfo = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
     memory = sum(int(meminfo[k].split()[0]) * 1024 for k in ("MemTotal", "SwapTotal"))

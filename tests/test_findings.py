@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from cdmbench.findings import augmentation_lowers_fid, fid_against_level, findings_section
-from cdmbench.recipe import load_recipe
+from cdmbench.evaluation.findings import augmentation_lowers_fid, fid_against_level, findings_section
+from cdmbench.recipe.load import load_recipe
 
 FEATURES = {"features": "classifier", "mode": "native"}
 

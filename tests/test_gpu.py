@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from cdmbench.cascade import build_stage, sample_stage
-from cdmbench.recipe import parse_recipe
-from cdmbench.runner import run
+from cdmbench.cascade.stages import build_stage, sample_stage
+from cdmbench.recipe.schema import parse_recipe
+from cdmbench.training.run import run
 from conftest import TINY_RECIPE
 from test_classifier import _stop_at, colour_images, events_of_4_and_7_steps
 from test_run import steps_between_log_rows_make_no_more_events
@@ -111,7 +111,7 @@ def test_classifier_steps_between_loss_reads_do_not_wait_for_the_gpu():
 def test_a_classifier_stopped_on_cuda_resumes_with_its_cuda_generator(tmp_path, monkeypatch):
     """The augmentation generator lives on the GPU (a 16-byte state); deterministic cuDNN, so a
     resumed training reaches the uninterrupted weights (up to atomics: a wrong state is ~1e-1 off)."""
-    from cdmbench import classifier as C
+    from cdmbench.evaluation import classifier as C
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)

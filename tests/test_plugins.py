@@ -8,7 +8,7 @@ import pytest
 from cdmbench.cli import cli, main
 from cdmbench.errors import CdmbenchError, PluginError, RegistryError
 from cdmbench.plugins import BUILTIN_MODULES, load_plugins
-from cdmbench.recipe import load_recipe
+from cdmbench.recipe.load import load_recipe
 from cdmbench.testing import components
 
 SCHEDULE_PLUGIN = '''

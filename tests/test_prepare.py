@@ -15,16 +15,17 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-import cdmbench.files
-import cdmbench.prepare
+import cdmbench.storage.files
+import cdmbench.data.prepare
 from cdmbench.builtin.datasets import imagefolder, square_resize
 from cdmbench.cli import cli
-from cdmbench.data import area_resize, load_images
+from cdmbench.data.images import area_resize, load_images
 from cdmbench.errors import CdmbenchError
-from cdmbench.evaluate import EvalContext
-from cdmbench.prepare import load_prepared, make_dataset, prepare, split_images
-from cdmbench.recipe import Component, load_recipe
-from cdmbench.runner import run
+from cdmbench.evaluation.samples import EvalContext
+from cdmbench.data.prepare import load_prepared, make_dataset, prepare, split_images
+from cdmbench.recipe.load import load_recipe
+from cdmbench.recipe.schema import Component
+from cdmbench.training.run import run
 from conftest import TINY_RECIPE
 
 SIZES = [(40, 30, "jpg"), (23, 61, "png"), (16, 16, "jpg"), (50, 50, "png"), (37, 18, "jpg"),
@@ -122,14 +123,14 @@ def test_an_interrupted_prepare_resumes_and_equals_an_uninterrupted_one(recipe, 
 @pytest.mark.skipif(multiprocessing.get_start_method() != "fork",
                     reason="the workers inherit the patched write by fork")
 def test_a_dead_worker_stops_prepare_with_an_error_instead_of_a_hang(recipe, monkeypatch):
-    write = cdmbench.prepare._Shards.write
+    write = cdmbench.data.prepare._Shards.write
 
     def die_at_shard_2(self, shard):
         if shard == 2:
             os._exit(1)  # as a SIGBUS or the OOM killer ends a worker: no exception, no result
         return write(self, shard)
 
-    monkeypatch.setattr(cdmbench.prepare._Shards, "write", die_at_shard_2)
+    monkeypatch.setattr(cdmbench.data.prepare._Shards, "write", die_at_shard_2)
     outcome = []
 
     def prepare_with_workers():
@@ -152,8 +153,8 @@ def test_a_dead_worker_stops_prepare_with_an_error_instead_of_a_hang(recipe, mon
 
 
 def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
-    real = cdmbench.files.shutil.disk_usage
-    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    real = cdmbench.storage.files.shutil.disk_usage
+    monkeypatch.setattr(cdmbench.storage.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(CdmbenchError, match=r"no disk space for the arrays in (.*): they need (\d+) more "
                                             r"bytes .* free space or set CDMBENCH_DATA_CACHE") as info:
         prepare(recipe, workers=0, progress=False, echo=quiet)
@@ -167,7 +168,7 @@ def test_a_full_disk_fails_before_any_image_is_written(recipe, monkeypatch):
     for k in (0, 1):
         (folder / "done" / f"{k:06d}").unlink()
     (folder / "manifest.json").unlink()
-    monkeypatch.setattr(cdmbench.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(cdmbench.storage.files.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     with pytest.raises(CdmbenchError, match=f"they need {4 * (3 * 8 * 8 + 3 * 16 * 16)} more bytes"):
         prepare(recipe, workers=0, shard_size=2, progress=False, echo=quiet)
 
@@ -180,7 +181,7 @@ def test_run_trains_from_the_prepared_cache(recipe, tmp_path, monkeypatch):
 
     prepare(recipe, workers=0, progress=False, echo=quiet)
 
-    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    monkeypatch.setattr(cdmbench.data.prepare, "load_images", no_reading)
     said.clear()
     run(recipe, out=tmp_path / "cached", echo=said.append, **common)
     assert any("9 prepared images, memory-mapped" in s for s in said)
@@ -234,7 +235,7 @@ def test_evaluation_maps_the_prepared_splits_and_falls_back_elsewhere(split_reci
     expected = {(s, r): in_memory(split_recipe, s, r) for s in ("train", "test") for r in (8, 16)}
     folders = {s: prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
                for s in ("train", "test")}
-    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    monkeypatch.setattr(cdmbench.data.prepare, "load_images", no_reading)
     said = []
     context = context_of(split_recipe, tmp_path / "eval", said)
     for (split, r), (images, labels) in expected.items():
@@ -244,7 +245,7 @@ def test_evaluation_maps_the_prepared_splits_and_falls_back_elsewhere(split_reci
     assert said == [f"{s} data: {n} prepared images, memory-mapped from {folders[s]}"
                     for s, n in (("train", 9), ("test", 6))]  # once per split
 
-    monkeypatch.setattr(cdmbench.prepare, "load_images", load_images)
+    monkeypatch.setattr(cdmbench.data.prepare, "load_images", load_images)
     real, _ = context.real_at("test", 4)  # not a resolution of the cascade: not prepared
     assert mapped_file(real) is None and torch.equal(real, in_memory(split_recipe, "test", 4)[0])
     assert said[-1] == "test data at [4] px: not a resolution of the cascade, so not prepared; " \
@@ -275,7 +276,7 @@ def test_reference_statistics_from_the_prepared_splits_equal_the_in_memory_ones(
 
     for s in ("train", "test"):
         prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
-    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    monkeypatch.setattr(cdmbench.data.prepare, "load_images", no_reading)
     mapped = context_of(split_recipe, tmp_path / "mapped", [])  # another cache: computed afresh
     mapped_network = mapped.feature_network(spec)
     assert mapped_network.sha256 == network.sha256  # trained on the same images in the same order
@@ -288,7 +289,7 @@ def test_reference_statistics_from_the_prepared_splits_equal_the_in_memory_ones(
 def test_run_reports_bits_per_dim_on_the_prepared_test_split(split_recipe, tmp_path, monkeypatch):
     for s in ("train", "test"):
         prepare(split_recipe, split=s, workers=0, progress=False, echo=quiet)
-    monkeypatch.setattr(cdmbench.prepare, "load_images", no_reading)
+    monkeypatch.setattr(cdmbench.data.prepare, "load_images", no_reading)
     said = []
     out = run(split_recipe, out=tmp_path / "run", stage="base8", progress=False, echo=said.append, overrides=[
         "stages.base8.train.steps=1", "stages.base8.loss=hybrid", "stages.base8.train.val_bpd_images=2",
@@ -315,10 +316,10 @@ def test_a_relative_data_path_shares_the_cache_of_its_absolute_path(tmp_path, mo
     absolute, _ = load_recipe(tiny_recipe_of(tmp_path, tmp_path / "a" / "images"))
     relative, _ = load_recipe(tiny_recipe_of(tmp_path, "images"))
     monkeypatch.chdir(tmp_path / "a")
-    assert cdmbench.prepare.cache_folder(relative, "train") == cdmbench.prepare.cache_folder(absolute, "train")
-    in_a = cdmbench.prepare.cache_folder(relative, "train")
+    assert cdmbench.data.prepare.cache_folder(relative, "train") == cdmbench.data.prepare.cache_folder(absolute, "train")
+    in_a = cdmbench.data.prepare.cache_folder(relative, "train")
     monkeypatch.chdir(tmp_path / "b")  # the same words name other images here
-    assert cdmbench.prepare.cache_folder(relative, "train") != in_a
+    assert cdmbench.data.prepare.cache_folder(relative, "train") != in_a
 
 
 def test_prepare_starts_one_worker_per_cpu_the_job_may_use(recipe):
@@ -335,7 +336,7 @@ def test_prepare_starts_one_worker_per_cpu_the_job_may_use(recipe):
 
 
 def test_data_too_large_for_memory_asks_for_prepare_before_reading_it(recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(cdmbench.prepare, "_available_memory", lambda: 2 * 3 * (8 * 8 + 16 * 16) * len(SIZES))
+    monkeypatch.setattr(cdmbench.data.prepare, "_available_memory", lambda: 2 * 3 * (8 * 8 + 16 * 16) * len(SIZES))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun: two processes on this node read it each
     with pytest.raises(CdmbenchError, match=r"train data: \d+ images at \[8, 16\] px take 0.0 GiB in memory in each "
                                             r"of 2 process\(es\) on this node, .* run `cdmbench prepare RECIPE` once"):
@@ -348,14 +349,14 @@ def test_data_too_large_for_memory_asks_for_prepare_before_reading_it(recipe, tm
 def test_training_from_prepared_data_never_builds_the_dataset(recipe, tmp_path, monkeypatch):
     """A Hub dataset's builder asks the Hub on every rank at every start: offline nodes failed."""
     prepare(recipe, workers=0, progress=False, echo=quiet)
-    real = cdmbench.prepare.make_component
+    real = cdmbench.data.prepare.make_component
 
     def offline(plugins, kind, *args, **kwargs):
         if kind == "datasets":
             raise CdmbenchError("the Hub is unreachable")
         return real(plugins, kind, *args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.prepare, "make_component", offline)
+    monkeypatch.setattr(cdmbench.data.prepare, "make_component", offline)
     out = run(recipe, out=tmp_path / "r", stage="base8", progress=False, echo=quiet,
               overrides=["stages.base8.train.steps=1"])
     assert (out / "base8" / "checkpoints" / "step-00000001").is_dir()

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cdmbench import report
+from cdmbench.reporting import tables
 from cdmbench.cli import cli
-from cdmbench.report import comparison_table, read_results, results_table, sweep_table
+from cdmbench.reporting.tables import comparison_table, read_results, results_table, sweep_table
 
 
 def sweep(samplers, values, inputs="generated", stderr=None, stage="sr16"):
@@ -35,8 +35,8 @@ def test_sweeps_that_differ_only_in_the_base_sampler_stay_apart(tmp_path, monkey
         ("r", "sr16", fine_label, "ground-truth", 0.3): 7.0}
 
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
-    report.plot_sweeps(table, tmp_path / "sweeps.png")
+    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    tables.plot_sweeps(table, tmp_path / "sweeps.png")
     [ax] = figures[0].axes
     curves = {curve.get_label(): list(curve.lines[0].get_ydata()) for curve in ax.containers}
     assert curves == {f"generated, {coarse_label}": [30.0, 20.0, 25.0],
@@ -55,8 +55,8 @@ def test_standard_errors_become_columns_and_error_bars(tmp_path, monkeypatch):
     assert table["fid_test ±"].tolist()[:2] == [1.5, 1.5] and math.isnan(table["fid_test ±"].iloc[2])
 
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
-    report.plot_sweeps(table, tmp_path / "sweeps.png")
+    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    tables.plot_sweeps(table, tmp_path / "sweeps.png")
     panels = {ax.get_title(): ax for ax in figures[0].axes}
     assert set(panels) == {"sr16: cas_top1 [%]", "sr16: fid_test"}  # no panel of the errors
     generated = next(c for c in panels["sr16: fid_test"].containers if c.get_label().startswith("generated"))
@@ -77,9 +77,9 @@ def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, mo
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = sweep_table(read_results([tmp_path]))
     figures = []
-    monkeypatch.setattr(report, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
 
-    report.plot_sweeps(table, tmp_path / "sweeps.png", {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
+    tables.plot_sweeps(table, tmp_path / "sweeps.png", {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
     [ax] = figures[0].axes
     assert ax.get_title() == "sr16: fid_test (2 training runs)"
     curves = {c.get_label().removeprefix("generated, ddpm {'steps': 25}"): c for c in ax.containers}
@@ -91,7 +91,7 @@ def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, mo
     assert list(curves[": sr16_r2"].lines[0].get_ydata()) == [14.0, 12.0, 12.0, 9.0]
     assert mean.lines[0].get_color() == curves[": sr16"].lines[0].get_color() == curves[": sr16_r2"].lines[0].get_color()
 
-    report.plot_sweeps(table, tmp_path / "sweeps.png")
+    tables.plot_sweeps(table, tmp_path / "sweeps.png")
     assert [ax.get_title() for ax in figures[1].axes] == ["sr16: fid_test", "sr16_r2: fid_test"]
 
 
@@ -144,11 +144,11 @@ def test_stages_trained_several_times_get_the_mean_and_standard_error_of_their_r
             for stage, metric, value in [("base8", "fid_test", 9.0), ("sr16", "fid_test", 30.0),
                                          ("sr16_r2", "fid_test", 40.0), ("sr16", "cas_top1", 70.0),
                                          ("sr16_r2", "cas_top1", 76.0), ("sr16", "is", 3.0)]]
-    table = report.replicates_table(results_table(pd.DataFrame(rows)),
+    table = tables.replicates_table(results_table(pd.DataFrame(rows)),
                                     {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
     [values] = table.to_dict("records")
     assert table.index.tolist() == [("r", "sr16")]
     assert values["runs"] == 2 and values["fid_test"] == 35.0 and values["fid_test ±"] == pytest.approx(5.0)
     assert values["cas_top1"] == 73.0 and values["cas_top1 ±"] == pytest.approx(3.0)
     assert values["is"] == 3.0 and math.isnan(values["is ±"])
-    assert report.replicates_table(results_table(pd.DataFrame(rows)), {"sr16": ["sr16"]}).empty
+    assert tables.replicates_table(results_table(pd.DataFrame(rows)), {"sr16": ["sr16"]}).empty

@@ -9,12 +9,14 @@ import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import cdmbench.runner
-import cdmbench.train
+import cdmbench.cascade.stages
+import cdmbench.training.run
+import cdmbench.training.trainer
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
-from cdmbench.recipe import load_recipe
-from cdmbench.runner import describe, run
+from cdmbench.recipe.load import load_recipe
+from cdmbench.cascade.cost import describe
+from cdmbench.training.run import run
 from test_unet import attention, conv, gn, linear, resblock
 
 
@@ -58,8 +60,8 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
 
 
 def test_batches_walk_one_permutation_per_epoch_across_epoch_boundaries():
-    from cdmbench.cascade import derive_seed
-    from cdmbench.train import batch_indices
+    from cdmbench.cascade.stages import derive_seed
+    from cdmbench.training.trainer import batch_indices
 
     walked = torch.cat([batch_indices(10, 4, step, seed=3, stage_index=1) for step in range(5)])
     epochs = [torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(3, 1, e))) for e in (0, 1)]
@@ -108,14 +110,14 @@ def test_a_different_recipe_is_refused_before_the_data_is_built(tiny_recipe, tmp
     def no_data(*args, **kwargs):
         raise AssertionError("the dataset was built before the recipe was checked")
 
-    monkeypatch.setattr(cdmbench.runner, "make_dataset", no_data)  # a Hub dataset takes minutes
+    monkeypatch.setattr(cdmbench.training.run, "make_dataset", no_data)  # a Hub dataset takes minutes
     with pytest.raises(CdmbenchError, match="different recipe"):
         run(tiny_recipe, overrides=["stages.base8.train.lr=0.01"], **common)
 
 
 @pytest.mark.parametrize("log_every", [1, 4])  # 4: the loss of step 3 is read after step 4
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_path, monkeypatch, log_every):
-    real = cdmbench.train.diffusion_loss
+    real = cdmbench.training.trainer.diffusion_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -123,7 +125,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_pa
         loss = real(*args, **kwargs)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    monkeypatch.setattr(cdmbench.train, "diffusion_loss", poisoned)
+    monkeypatch.setattr(cdmbench.training.trainer, "diffusion_loss", poisoned)
     with pytest.raises(CdmbenchError, match="loss is nan at step 3; lower train.lr"):
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
             overrides=[f"stages.base8.train.log_every={log_every}"])
@@ -135,7 +137,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_recipe, tmp_pa
 def test_non_finite_gradients_of_a_finite_loss_stop_before_their_checkpoint(tiny_recipe, tmp_path, monkeypatch):
     """Step 2's loss is finite but its gradients are NaN (d sqrt(x) at 0): the update would spoil
     the weights that step 2's checkpoint saves."""
-    real = cdmbench.train.diffusion_loss
+    real = cdmbench.training.trainer.diffusion_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -143,7 +145,7 @@ def test_non_finite_gradients_of_a_finite_loss_stop_before_their_checkpoint(tiny
         loss = real(*args, **kwargs)
         return loss + 0 * (loss * 0).sqrt() if len(calls) == 2 else loss
 
-    monkeypatch.setattr(cdmbench.train, "diffusion_loss", poisoned)
+    monkeypatch.setattr(cdmbench.training.trainer, "diffusion_loss", poisoned)
     with pytest.raises(CdmbenchError, match=r"gradient norm is nan \(loss .*\) at step 2; lower train.lr .* "
                                             "or set train.grad_clip"):
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
@@ -158,14 +160,14 @@ def test_logged_throughput_is_that_of_the_steps_since_the_previous_row(tiny_reci
     its seconds are the training time so far."""
     from types import SimpleNamespace
 
-    clock, real = [0.0], cdmbench.train.Trainer.step
+    clock, real = [0.0], cdmbench.training.trainer.Trainer.step
 
     def timed(self, data, idx, step):
         clock[0] += 1.0 if step < 2 else 3.0
         return real(self, data, idx, step)
 
-    monkeypatch.setattr(cdmbench.train, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(cdmbench.train.Trainer, "step", timed)
+    monkeypatch.setattr(cdmbench.training.trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cdmbench.training.trainer.Trainer, "step", timed)
     run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
         overrides=["stages.base8.train.log_every=2"])
     log = [json.loads(x) for x in (tmp_path / "a" / "base8" / "train_log.jsonl").read_text().splitlines()]
@@ -191,7 +193,7 @@ def test_a_signal_during_the_last_checkpoint_stops_the_job(tiny_recipe, tmp_path
     import os
     import signal
 
-    real = cdmbench.train.save_checkpoint
+    real = cdmbench.training.trainer.save_checkpoint
 
     def save_then_terminate(folder, step, **kwargs):
         path = real(folder, step, **kwargs)
@@ -199,7 +201,7 @@ def test_a_signal_during_the_last_checkpoint_stops_the_job(tiny_recipe, tmp_path
             os.kill(os.getpid(), signal.SIGTERM)
         return path
 
-    monkeypatch.setattr(cdmbench.train, "save_checkpoint", save_then_terminate)
+    monkeypatch.setattr(cdmbench.training.trainer, "save_checkpoint", save_then_terminate)
     with pytest.raises(CdmbenchError, match="stage base8: stopped by SIGTERM after step 4; its checkpoint is in"):
         run(tiny_recipe, out=tmp_path / "a", progress=False, echo=lambda *_: None)
     assert not (tmp_path / "a" / "sr16").exists()
@@ -232,7 +234,7 @@ def host_reads():
 def events_while_training(tiny_recipe, out, monkeypatch, steps: int, watch, overrides=()) -> list[str]:
     """What ``watch()`` (a context manager yielding a list it fills) collects while sr16 of a
     trained base8 trains ``steps`` steps with one log row and one checkpoint."""
-    real, seen = cdmbench.runner.train_stage, []
+    real, seen = cdmbench.training.run.train_stage, []
 
     def watched(*args, **kwargs):
         with watch() as events:
@@ -240,11 +242,11 @@ def events_while_training(tiny_recipe, out, monkeypatch, steps: int, watch, over
         seen.extend(events)
         return result
 
-    monkeypatch.setattr(cdmbench.runner, "train_stage", watched)
+    monkeypatch.setattr(cdmbench.training.run, "train_stage", watched)
     every = [f"stages.sr16.train.{key}={steps}" for key in ("steps", "log_every", "checkpoint_every")]
     run(tiny_recipe, out=out, stage="sr16", progress=False, echo=lambda *_: None,
         overrides=[*every, *SR16, *overrides])
-    monkeypatch.setattr(cdmbench.runner, "train_stage", real)
+    monkeypatch.setattr(cdmbench.training.run, "train_stage", real)
     return seen
 
 
@@ -368,12 +370,12 @@ def test_the_sampling_level_may_change_on_resume(tiny_recipe, tmp_path):
 
 
 def test_every_stage_batch_is_checked_against_the_processes_before_any_trains(tiny_recipe, tmp_path, monkeypatch):
-    import cdmbench.distributed
+    import cdmbench.runtime.distributed
     from cdmbench.errors import RecipeError
 
-    monkeypatch.setattr(cdmbench.distributed, "world_size", lambda: 2)  # as under torchrun
-    monkeypatch.setattr(cdmbench.distributed, "init", lambda device: None)
-    monkeypatch.setattr(cdmbench.runner, "train_stage", lambda *a, **k: pytest.fail("a stage trained"))
+    monkeypatch.setattr(cdmbench.runtime.distributed, "world_size", lambda: 2)  # as under torchrun
+    monkeypatch.setattr(cdmbench.runtime.distributed, "init", lambda device: None)
+    monkeypatch.setattr(cdmbench.training.run, "train_stage", lambda *a, **k: pytest.fail("a stage trained"))
     with pytest.raises(RecipeError, match=r"^stages.sr16.train.batch_size: 7 is the global batch; it must "
                                           r"divide evenly into 2 processes") as error:
         run(tiny_recipe, out=tmp_path / "a", overrides=["stages.sr16.train.batch_size=7"], progress=False,
@@ -382,7 +384,7 @@ def test_every_stage_batch_is_checked_against_the_processes_before_any_trains(ti
 
 
 def test_a_slow_checkpoint_says_how_long_a_stop_signal_must_leave(tiny_recipe, tmp_path, monkeypatch):
-    monkeypatch.setattr(cdmbench.train, "SLOW_CHECKPOINT_S", 0.0)  # every checkpoint counts as slow here
+    monkeypatch.setattr(cdmbench.training.trainer, "SLOW_CHECKPOINT_S", 0.0)  # every checkpoint counts as slow here
     said = []
     run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=said.append)
     slow = [s for s in said if "to write: a preempted job must get that long between SIGTERM and SIGKILL" in s]
@@ -393,10 +395,14 @@ def test_a_job_of_one_stage_builds_no_other_stage_on_the_device_while_it_trains(
     """--stage sr256 held base32 and sr64 (6.3 GB of weights) on every GPU; now only the main
     process builds them, after training, to sample the cascade."""
     run(tiny_recipe, out=tmp_path / "r", stage="base8", progress=False, echo=lambda *_: None)
-    events, build, train = [], cdmbench.runner.build_stage, cdmbench.runner.train_stage
-    monkeypatch.setattr(cdmbench.runner, "build_stage", lambda plugins, recipe, spec, **kw: events.append(
-        (spec.name, str(kw["device"]))) or build(plugins, recipe, spec, **kw))
-    monkeypatch.setattr(cdmbench.runner, "train_stage", lambda st, *a, **kw: events.append(
+    events, build, train = [], cdmbench.training.run.build_stage, cdmbench.training.run.train_stage
+    def watched(plugins, recipe, spec, **kw):
+        events.append((spec.name, str(kw["device"])))
+        return build(plugins, recipe, spec, **kw)
+
+    for module in (cdmbench.training.run, cdmbench.cascade.stages):  # run's own builds, and build_all's
+        monkeypatch.setattr(module, "build_stage", watched)
+    monkeypatch.setattr(cdmbench.training.run, "train_stage", lambda st, *a, **kw: events.append(
         ("train", st.spec.name)) or train(st, *a, **kw))
     run(tiny_recipe, out=tmp_path / "r", stage="sr16", progress=False, echo=lambda *_: None)
     assert events == [("base8", "meta"), ("sr16", "meta"), ("sr16", "cpu"), ("train", "sr16"), ("base8", "cpu")]

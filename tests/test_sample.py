@@ -13,8 +13,8 @@ from PIL import Image
 
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
-from cdmbench.generate import sample_run
-from cdmbench.runner import run
+from cdmbench.cascade.sample import sample_run
+from cdmbench.training.run import run
 from conftest import TINY_RECIPE
 
 
@@ -65,14 +65,14 @@ def test_an_image_depends_on_its_seed_and_id_not_on_the_other_classes(trained, t
 def test_images_go_through_the_cascade_a_chunk_at_a_time_to_the_same_pixels(trained, tmp_path, monkeypatch):
     """Memory holds a chunk (CHUNK images) of every stage, not all of them; grids show a class's
     first GRID_COLUMNS images."""
-    import cdmbench.generate
+    import cdmbench.cascade.sample
 
     whole = sample_run(trained, classes=["1", "4"], per_class=5, out=tmp_path / "whole", progress=False, echo=quiet)
-    monkeypatch.setattr(cdmbench.generate, "CHUNK", 3)
-    monkeypatch.setattr(cdmbench.generate, "GRID_COLUMNS", 2)
+    monkeypatch.setattr(cdmbench.cascade.sample, "CHUNK", 3)
+    monkeypatch.setattr(cdmbench.cascade.sample, "GRID_COLUMNS", 2)
     calls = []
-    real = cdmbench.generate.sample_cascade
-    monkeypatch.setattr(cdmbench.generate, "sample_cascade",
+    real = cdmbench.cascade.sample.sample_cascade
+    monkeypatch.setattr(cdmbench.cascade.sample, "sample_cascade",
                         lambda *a, **k: calls.append((len(a[2]), k["first_id"])) or real(*a, **k))
     chunked = sample_run(trained, classes=["1", "4"], per_class=5, out=tmp_path / "chunked", progress=False,
                          echo=quiet)
@@ -128,27 +128,27 @@ def test_an_untrained_run_says_to_train_first(tmp_path):
 
 
 def test_sampling_needs_the_checkpoints_not_the_dataset(trained, tmp_path, monkeypatch):
-    import cdmbench.generate
+    import cdmbench.cascade.sample
 
     def no_data(*args, **kwargs):
         raise AssertionError("the dataset was built")
 
-    monkeypatch.setattr(cdmbench.generate, "make_dataset", no_data)
+    monkeypatch.setattr(cdmbench.cascade.sample, "make_dataset", no_data)
     out = sample_run(trained, classes=["heart (speckle)"], per_class=1, out=tmp_path / "s", progress=False,
                      echo=quiet)  # the class names come from run.yaml
     assert json.loads((out / "sample.json").read_text())["classes"] == [9]
 
 
 def test_only_the_stages_up_to_the_sampled_one_are_built(trained, tmp_path, monkeypatch):
-    import cdmbench.runner
+    import cdmbench.cascade.stages
 
-    built, real = [], cdmbench.runner.build_stage
+    built, real = [], cdmbench.cascade.stages.build_stage
 
     def counted(plugins, recipe, spec, **kwargs):
         built.append(spec.name)
         return real(plugins, recipe, spec, **kwargs)
 
-    monkeypatch.setattr(cdmbench.runner, "build_stage", counted)
+    monkeypatch.setattr(cdmbench.cascade.stages, "build_stage", counted)  # build_chain's
     sample_run(trained, stage="base8", classes=["0"], per_class=1, out=tmp_path / "b", progress=False, echo=quiet)
     assert built == ["base8"]  # not sr16: its weights are never allocated
 
@@ -168,7 +168,7 @@ def test_sample_and_evaluate_refuse_overrides_of_the_trained_weights(trained, tm
 
 
 def test_an_overridden_level_wins_over_the_sweeps_choice(trained, tmp_path):
-    from cdmbench.runner import _evaluation_setup
+    from cdmbench.evaluation.evaluate import _evaluation_setup
 
     run_dir = shutil.copytree(trained, tmp_path / "run")
     (run_dir / "cascade.json").write_text(json.dumps({"sr16": {"level": 0.3}}))
@@ -199,7 +199,7 @@ def test_a_truncated_level_is_checked_against_the_previous_stages_sampler(tmp_pa
 def test_a_sweep_checks_its_input_and_loads_the_checkpoints_before_preparing_the_metrics(
         trained, tmp_path, monkeypatch, stage, levels, message):
     from cdmbench.builtin.metrics import FID
-    from cdmbench.runner import sweep_levels
+    from cdmbench.evaluation.evaluate import sweep_levels
 
     monkeypatch.setattr(FID, "prepare", lambda self, context: pytest.fail("the metric was prepared"))
     run_dir = shutil.copytree(trained, tmp_path / "run")

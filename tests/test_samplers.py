@@ -9,8 +9,8 @@ import torch
 
 from cdmbench.builtin.samplers import ddim, ddpm, dpm_solver_2m
 from cdmbench.builtin.schedules import cosine, log_snr
-from cdmbench.diffusion import DiscreteProcess, Prediction, make_process
-from cdmbench.mixture import GaussianMixture
+from cdmbench.diffusion.process import DiscreteProcess, Prediction, make_process
+from cdmbench.diffusion.mixture import GaussianMixture
 
 MIXTURE = GaussianMixture.default()
 N = 2000  # samples per check: the sampling error of the mean is ~0.01, of the weights ~0.01

@@ -11,8 +11,9 @@ from PIL import Image
 
 from cdmbench.builtin.shapes import CLASSES, shapes
 from cdmbench.cli import cli
-from cdmbench.recipe import load_recipe, parse_recipe
-from cdmbench.smoke import smoke
+from cdmbench.recipe.load import load_recipe
+from cdmbench.recipe.schema import parse_recipe
+from cdmbench.recipe.smoke import smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,7 +162,7 @@ def test_shapes_with_more_classes():
 
 
 def test_sample_num_classes_limits_the_grid(tiny_recipe, tmp_path):
-    from cdmbench.runner import run
+    from cdmbench.training.run import run
 
     out = run(tiny_recipe, out=tmp_path / "run", progress=False, echo=lambda _: None,
               overrides=["sample.num_classes=3", "sample.images_per_class=2"])
@@ -176,7 +177,7 @@ def test_sample_num_classes_limits_the_grid(tiny_recipe, tmp_path):
 
 
 def test_the_class_count_falls_back_to_a_default_that_says_why(tmp_path):
-    from cdmbench.prepare import recipe_classes
+    from cdmbench.recipe.components import recipe_classes
 
     raw = _raw("ablation_augmentation.yaml")
     raw["data"]["args"] = {"path": str(tmp_path / "missing")}

@@ -8,11 +8,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import cdmbench.cascade
-import cdmbench.evaluate
-import cdmbench.sweep
+import cdmbench.cascade.stages
+import cdmbench.evaluation.samples
+import cdmbench.evaluation.sweep
 from cdmbench.cli import cli
-from cdmbench.runner import run
+from cdmbench.training.run import run
 
 IS = "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]"
 SMALL = ["--set=evaluate.num_samples=20", "--set=evaluate.batch_size=10", "--no-progress"]
@@ -22,14 +22,14 @@ SMALL = ["--set=evaluate.num_samples=20", "--set=evaluate.batch_size=10", "--no-
 def counted(monkeypatch):
     """Count the sweeps' calls of the previous stages (each with the level it stops at)."""
     calls = []
-    real = cdmbench.evaluate.sample_cascade
+    real = cdmbench.evaluation.samples.sample_cascade
 
     def counting(*args, **kwargs):
         if "stop_at" in kwargs:  # the previous stages; the swept one is given their output
             calls.append(kwargs["stop_at"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.evaluate, "sample_cascade", counting)
+    monkeypatch.setattr(cdmbench.evaluation.samples, "sample_cascade", counting)
     return calls
 
 
@@ -66,7 +66,7 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert rows[-1]["value"] == chosen["value"]  # the evaluation: the same samples, the same number
 
     # The report keeps sweep rows out of the results table and shows them as a table and plot.
-    from cdmbench.report import read_results, results_table, sweep_table
+    from cdmbench.reporting.tables import read_results, results_table, sweep_table
     frame = read_results([out])
     evaluated = [r for r in results(out) if r["metric"] == "is_classifier" and "level" not in r["protocol"]]
     table = results_table(frame)
@@ -90,7 +90,7 @@ def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tm
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
     (out / "report.md").unlink()
     calls = []
-    real = cdmbench.cascade.sample_stage
+    real = cdmbench.cascade.stages.sample_stage
 
     def interrupted(stage, *args, **kwargs):  # two batches of sr16 a level: stop in the third level
         if stage.spec.name == "sr16":
@@ -99,7 +99,7 @@ def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tm
                 raise KeyboardInterrupt
         return real(stage, *args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.cascade, "sample_stage", interrupted)
+    monkeypatch.setattr(cdmbench.cascade.stages, "sample_stage", interrupted)
     args = ["sweep", str(out), "--stage", "sr16", "--levels", "0,0.1,0.3", "--inputs", "generated", IS, *SMALL]
     assert CliRunner().invoke(cli, args).exit_code != 0
     levels = [r["protocol"]["level"] for r in results(out) if r["metric"] == "is_classifier"]
@@ -130,13 +130,13 @@ def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp
     assert zero.exit_code == 2 and "sr16 is truncated: its level must be > 0" in zero.output
 
     ground_truth = []
-    real = cdmbench.sweep.sample_stage
+    real = cdmbench.evaluation.sweep.sample_stage
 
     def recording(*args, **kwargs):
         ground_truth.append(kwargs["ground_truth"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cdmbench.sweep, "sample_stage", recording)
+    monkeypatch.setattr(cdmbench.evaluation.sweep, "sample_stage", recording)
     result = CliRunner().invoke(cli, ["sweep", str(out), "--stage", "sr16", "--levels", "0.1",
                                       "--inputs", "ground-truth", IS, *SMALL])
     assert result.exit_code == 0, result.output
@@ -194,12 +194,13 @@ def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k
     """Whatever N, shard size or batch size: a larger N samples only the rows it adds."""
     import torch
 
-    from cdmbench.cas import class_matched
-    from cdmbench.cascade import sample_stage
-    from cdmbench.data import to_float, to_uint8
-    from cdmbench.evaluate import load_chain, read_samples
-    from cdmbench.prepare import make_dataset, split_images
-    from cdmbench.runner import build_chain, load_run
+    from cdmbench.evaluation.cas import class_matched
+    from cdmbench.cascade.stages import sample_stage
+    from cdmbench.data.images import to_float, to_uint8
+    from cdmbench.evaluation.samples import load_chain, read_samples
+    from cdmbench.data.prepare import make_dataset, split_images
+    from cdmbench.cascade.stages import build_chain
+    from cdmbench.storage.rundir import load_run
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
@@ -208,8 +209,8 @@ def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k
                                      "--set=evaluate.batch_size=4"])
     assert first.exit_code == 0, first.output
     sampled = []
-    real_stage = cdmbench.sweep.sample_stage
-    monkeypatch.setattr(cdmbench.sweep, "sample_stage",
+    real_stage = cdmbench.evaluation.sweep.sample_stage
+    monkeypatch.setattr(cdmbench.evaluation.sweep, "sample_stage",
                         lambda *a, **k: sampled.append(k["image_ids"]) or real_stage(*a, **k))
     second = CliRunner().invoke(cli, [*sweep, "--set=evaluate.num_samples=20", "--set=evaluate.shard_size=10",
                                       "--set=evaluate.batch_size=10"])

@@ -204,9 +204,9 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_gradients():
 
 
 def test_gradient_checkpointing_is_switched_on_by_the_recipe(tiny_recipe, monkeypatch):
-    from cdmbench.cascade import build_stage
+    from cdmbench.cascade.stages import build_stage
     from cdmbench.errors import RecipeError
-    from cdmbench.recipe import load_recipe
+    from cdmbench.recipe.load import load_recipe
 
     recipe, plugins = load_recipe(tiny_recipe, overrides=["stages.sr16.train.gradient_checkpointing=true"])
     built = [build_stage(plugins, recipe, s, num_classes=10, device="meta").backbone for s in recipe.stages]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from cdmbench import hookimpl
-from cdmbench.checkpoint import sha256_file
+from cdmbench.training.checkpoint import sha256_file
 from cdmbench.errors import CdmbenchError
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -107,13 +107,13 @@ class ClassifierFeatures:
                              f"{self.resolution}; got images of side {images.shape[-1]}")
 
     def features(self, images: Tensor, *, mode: str = "native") -> Tensor:
-        from cdmbench.classifier import extract_features
+        from cdmbench.evaluation.classifier import extract_features
 
         self._check(images)
         return extract_features(self.model, images, device=self.device).double().cpu()
 
     def probabilities(self, images: Tensor) -> Tensor:
-        from cdmbench.classifier import predict_logits
+        from cdmbench.evaluation.classifier import predict_logits
 
         self._check(images)
         return predict_logits(self.model, images, device=self.device).double().softmax(-1).cpu()
@@ -125,7 +125,7 @@ def classifier(*, arch: str = "resnet10t", epochs: int = 30, seed: int = 0, num_
                progress: bool = True) -> ClassifierFeatures:
     """Train (once; cached under ``cache_dir/classifiers``) a timm ``arch`` classifier. 30 epochs
     of 5000 images reach ~0.99 test accuracy on shapes at 32x32; 16x16 needs ~60."""
-    from cdmbench.classifier import cached_classifier
+    from cdmbench.evaluation.classifier import cached_classifier
 
     model, sha256 = cached_classifier(key=data_key, train_images=train_data, num_classes=num_classes,
                                       cache_dir=cache_dir, arch=arch, epochs=epochs, seed=seed,

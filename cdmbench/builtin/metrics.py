@@ -7,8 +7,8 @@ from typing import Any
 
 from cdmbench import hookimpl
 from cdmbench.errors import CdmbenchError
-from cdmbench.metrics import bootstrap_fid_stderr, frechet_distance, inception_score, statistics
-from cdmbench.recipe import Component
+from cdmbench.evaluation.metrics import bootstrap_fid_stderr, frechet_distance, inception_score, statistics
+from cdmbench.recipe.schema import Component
 
 INCEPTION = "inception-2015-12-05"
 
@@ -102,7 +102,7 @@ class CAS:
 
     def prepare(self, context) -> None:
         """The paper protocol's settings and the training set's size, before any sampling."""
-        from cdmbench.cas import check_paper_protocol
+        from cdmbench.evaluation.cas import check_paper_protocol
 
         if self.paper_protocol:
             try:
@@ -112,8 +112,8 @@ class CAS:
                 raise CdmbenchError(f"cas: {exc}; or set paper_protocol: false for a scaled-down CAS") from None
 
     def evaluate(self, context) -> list[dict[str, Any]]:
-        from cdmbench.cas import classification_accuracy_score
-        from cdmbench.classifier import training_ranks
+        from cdmbench.evaluation.cas import classification_accuracy_score
+        from cdmbench.evaluation.classifier import training_ranks
 
         samples, labels, described = context.samples, context.labels, {}
         if self.replaces_training_set:

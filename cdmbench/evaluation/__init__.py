@@ -1,0 +1,1 @@
+"""Evaluation: samples for evaluation, metrics, classifiers, CAS, level sweeps, CDM's findings."""

@@ -1,0 +1,373 @@
+"""Image classifiers for evaluation (CAS): train a timm network on uint8 images, predict, cache.
+
+Callers always hand over images as (N, 3, H, W) tensors, uint8 or float in [0, 255]; the
+``Classifier`` wrapper scales them to [-1, 1] itself. Training is SGD with Nesterov momentum, a
+linear warm-up then a cosine (or the paper's step) schedule, and random flips and +-2 px
+translations applied on the device. Given a seed, the weights are identical run to run on a CPU
+(GPU kernels may add tiny non-determinism), and so are those of a training interrupted (SIGTERM,
+SIGINT, SIGKILL) and resumed from its state file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import Tensor, nn
+
+from cdmbench.runtime import distributed
+from cdmbench.training.checkpoint import sha256_file
+from cdmbench.data.images import to_device
+from cdmbench.errors import Stopped
+from cdmbench.storage.files import atomic_write, locked
+from cdmbench.runtime.progress import bar
+from cdmbench.runtime.signals import StopSignal
+
+PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
+WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
+STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
+CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
+LOSS_EVERY = 50          # steps between reads of the training loss (each waits for the GPU)
+SAVE_EVERY_S = 600       # seconds between saves of the training state (when given a state file)
+STATE_KEYS = {"settings", "step", "model", "optimizer", "shuffle", "augment"}  # what a state file holds
+
+Data = tuple[Tensor, Tensor]
+
+
+class Classifier(nn.Module):
+    """A timm network that takes images in [0, 255] (uint8 or float) and scales them to [-1, 1]."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    @staticmethod
+    def scale(images: Tensor) -> Tensor:
+        return images.float() * (2 / 255) - 1
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(self.scale(images))
+
+    def features(self, images: Tensor) -> Tensor:
+        """Penultimate (pre-logits) features, (N, D)."""
+        return self.net.forward_head(self.net.forward_features(self.scale(images)), pre_logits=True)
+
+
+def build_classifier(*, arch: str, num_classes: int, seed: int = 0) -> Classifier:
+    """A freshly initialised ``Classifier`` (never downloads weights); init drawn from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return Classifier(timm.create_model(arch, num_classes=num_classes, pretrained=False))
+
+
+def _check_images(images: Tensor, name: str = "images") -> None:
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor (N, 3, H, W), got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        hint = " (channels-last? use .permute(0, 3, 1, 2))" if images.dim() == 4 and images.shape[-1] == 3 else ""
+        raise ValueError(f"{name} must have shape (N, 3, H, W), got {tuple(images.shape)}{hint}")
+    if len(images) == 0:
+        raise ValueError(f"{name} is empty")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise ValueError(f"{name} must be uint8 or float in [0, 255], got dtype {images.dtype}")
+        if images.min() < 0 or images.max() > 255:
+            raise ValueError(f"{name} are float with values in [{images.min():.3g}, {images.max():.3g}]; "
+                             f"expected [0, 255] (pass uint8 images, not normalised ones)")
+
+
+def _check_labels(labels: Tensor, *, n: int, num_classes: int, name: str = "labels") -> None:
+    if not isinstance(labels, Tensor) or labels.dtype in (torch.bool, torch.uint8) or labels.is_floating_point() \
+            or labels.is_complex():
+        kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"{name} must be an integer (int64) tensor, got {kind}")
+    if labels.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the images, got {tuple(labels.shape)}")
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
+
+def _lr_factor(step: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up, then cosine or step decay."""
+    warmup = max(1, round(WARMUP_FRACTION * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return 0.1 ** sum(step >= m * total for m in STEP_MILESTONES)
+
+
+def _augment(x: Tensor, generator: torch.Generator, part: slice = slice(None), of: int | None = None) -> Tensor:
+    """Random horizontal flip and +-PAD px translation of float images (B, C, H, W). The random
+    draws are made for a whole batch of ``of`` images (default B) of which ``x`` is ``part``, so
+    every process sharing a batch draws alike and applies its part's draws."""
+    b, c, h, w = x.shape
+    flip = (torch.rand(of or b, generator=generator, device=x.device) < 0.5)[part]
+    x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    offsets = torch.randint(0, 2 * PAD + 1, (2, of or b), generator=generator, device=x.device)[:, part]
+    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
+    batch = torch.arange(b, device=x.device)[:, None, None, None]
+    return padded[batch, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+
+
+def training_ranks(ranks: bool) -> tuple[int, int]:
+    """(world size, rank) of the processes that train together: the torchrun process group's
+    when ``ranks`` and one is joined, else (1, 0)."""
+    return (distributed.world_size(), distributed.rank()) if ranks and distributed.joined() else (1, 0)
+
+
+def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
+                     epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
+                     schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     state: Path | None = None, ranks: bool = False) -> Classifier:
+    """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
+
+    The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
+    16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
+    30/60/80 of 90 epochs). SGD with momentum 0.9, Nesterov's unless ``nesterov`` is false. Each
+    batch is indexed where ``images`` lie and moved to ``device`` alone, so a memory-mapped set
+    is never read whole. Returns the model in eval mode on ``device``.
+
+    ``state``: a file (the caller's, for these images) where the training state is saved every
+    SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped``; a call
+    with the same file resumes from it. The caller deletes it once it has kept the weights.
+
+    ``ranks``: every process of the torchrun process group trains it together, each called with
+    the same arguments (its own ``device``): each takes an equal contiguous share of every
+    batch, DDP averages the gradients as those of the whole batch, and batch norm normalises
+    each share by its own statistics (as multi-GPU ImageNet training does; the running
+    statistics are the first process's). The first process writes and reads the state; a
+    state saved on another number of processes or another kind of device is not used.
+    """
+    _check_images(images)
+    _check_labels(labels, n=len(images), num_classes=num_classes)
+    if len(images) < 2:
+        raise ValueError("need at least 2 training images (batch norm needs more than one per batch)")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    world, rank = training_ranks(ranks)
+    num_batches = math.ceil(len(images) / batch_size)  # near-equal batches: never a lone image
+    if len(images) // num_batches < world:
+        raise ValueError(f"batches of {len(images) // num_batches} images cannot be shared by {world} processes")
+    device = torch.device(device)
+    model = build_classifier(arch=arch, num_classes=num_classes, seed=seed).to(device).train()
+    runner = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None)
+
+    decay = [p for p in model.parameters() if p.dim() > 1]  # no weight decay on norms and biases
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                                 {"params": rest, "weight_decay": 0.0}],
+                                lr=lr, momentum=0.9, nesterov=nesterov)
+    shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
+    augment = torch.Generator(device=device).manual_seed(seed + 1)
+    total = epochs * num_batches
+    settings = json.dumps({"arch": arch, "num_classes": num_classes, "n": len(images), "epochs": epochs,
+                           "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                           "schedule": schedule, "nesterov": nesterov, "seed": seed, "device": device.type,
+                           "processes": world,  # each process's batch norm sees its share of a batch
+                           "labels_sha256": hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()})
+    saved = None if state is None else _resume(state, settings, together=world > 1)
+    step = 0 if saved is None else saved["step"]
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        shuffle.set_state(saved["shuffle"])
+        augment.set_state(saved["augment"])
+    saved_at = time.monotonic()
+    losses, summed = torch.zeros((), device=device), 0  # summed on the device, read every LOSS_EVERY steps
+    with bar(total=total, initial=step, desc=f"train {arch}", unit="batch", progress=progress,
+             disable=rank != 0) as shown, \
+            (StopSignal() if state is not None else contextlib.nullcontext()) as stop:
+        for epoch in range(step // num_batches, epochs):
+            shown.set_description(f"train {arch} epoch {epoch + 1}/{epochs}")
+            epoch_start = shuffle.get_state()  # saved with the state: it redraws this epoch's order
+            order = torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)
+            for index in order[step - epoch * num_batches:]:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * _lr_factor(step, total, schedule)
+                mine = slice(len(index) * rank // world, len(index) * (rank + 1) // world)
+                # Only the share moves to the device (the images may be a memory-mapped dataset),
+                # from pinned memory without waiting: the host gathers the next while the GPU computes.
+                x = _augment(to_device(images[index[mine].to(images.device)], device).float(), augment,
+                             mine, len(index))
+                y = to_device(labels[index[mine].to(labels.device)], device).long()
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    # the share's mean, weighted so that DDP's average is the whole batch's mean
+                    loss = F.cross_entropy(runner(x), y) * (len(y) * world / len(index))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses += loss.detach()
+                step, summed = step + 1, summed + 1
+                if step % LOSS_EVERY == 0 or step == total:
+                    shown.set_postfix(loss=f"{losses.item() / summed:.3f}")  # their mean
+                    losses.zero_()
+                    summed = 0
+                shown.update()
+                if stop is None:
+                    continue
+                stopping = stop.requested() if world > 1 else stop.received is not None  # all agree
+                if rank == 0 and (stopping or time.monotonic() - saved_at >= SAVE_EVERY_S):
+                    # the shuffle state that draws the order of epoch step // num_batches
+                    ahead = epoch_start if step % num_batches else shuffle.get_state()
+                    _save(state, settings, step, model, optimizer, ahead, augment)
+                    saved_at = time.monotonic()
+                if stopping:
+                    if world > 1:  # torchrun stops every process once one exits: wait for the first's save
+                        distributed.barrier()
+                    raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
+                                  f"its state is in {state}: run the same command again to resume")
+    return model.eval()
+
+
+def _save(path: Path, settings: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+          epoch_start: Tensor, augment: torch.Generator) -> None:
+    """Write the training state after ``step`` atomically (tensors, numbers and strings only);
+    ``epoch_start``: the shuffle generator's state before the current epoch's order was drawn."""
+    buffer = io.BytesIO()
+    torch.save({"settings": settings, "step": step, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "shuffle": epoch_start,
+                "augment": augment.get_state()}, buffer)
+    atomic_write(path, buffer.getvalue())
+
+
+def _resume(path: Path, settings: str, together: bool) -> dict | None:
+    """The state saved in ``path`` for ``settings`` (with the device type and the number of
+    processes), read by the first process (and sent to the others when they train
+    ``together``); None (from scratch, with a warning) when it is unreadable, not a state, or was
+    saved for other settings."""
+    saved = reason = None
+    if distributed.rank() == 0 or not together:
+        if Path(path).exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch's message suggests weights_only=False: not for a damaged file
+                reason = f"unreadable ({type(exc).__name__})"
+            else:
+                if not isinstance(saved, dict) or not STATE_KEYS <= saved.keys():
+                    saved, reason = None, "not a training state"
+                elif saved["settings"] != settings:
+                    saved, reason = None, f"saved for other settings ({saved['settings']})"
+        if reason is not None:
+            warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
+    return distributed.broadcast(saved) if together else saved
+
+
+@torch.no_grad()
+def _batched(fn: Callable[[Tensor], Tensor], model: nn.Module, images: Tensor, batch_size: int,
+             device: str | torch.device) -> Tensor:
+    _check_images(images)
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([fn(chunk.to(device)).float().cpu() for chunk in images.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def predict_logits(model: Classifier, images: Tensor, *, batch_size: int = 256,
+                   device: str | torch.device = "cpu") -> Tensor:
+    """Logits (N, K) of ``images`` (N, 3, H, W) in [0, 255], eval mode, on the CPU."""
+    return _batched(model, model, images, batch_size, device)
+
+
+def extract_features(model: Classifier, images: Tensor, *, batch_size: int = 256,
+                     device: str | torch.device = "cpu") -> Tensor:
+    """Penultimate pre-logits features (N, D) of ``images``, eval mode, on the CPU."""
+    return _batched(model.features, model, images, batch_size, device)
+
+
+def accuracy(logits: Tensor, labels: Tensor, k: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy as fractions, e.g. ``{"top1": 0.71, "top5": 0.98}``; k is capped at K."""
+    _check_labels(labels, n=len(logits), num_classes=logits.shape[1])
+    top = logits.topk(min(max(k), logits.shape[1]), dim=1).indices
+    hits = top == labels[:, None].to(top.device)
+    return {f"top{j}": hits[:, :min(j, logits.shape[1])].any(dim=1).float().mean().item() for j in k}
+
+
+def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
+                      train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
+                      arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
+                      weight_decay: float = 5e-4, schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
+                      device: str | torch.device = "cpu", progress: bool = True,
+                      ranks: bool = False) -> tuple[Classifier | None, str]:
+    """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``.
+
+    ``key`` (JSON-serialisable) names the training data, e.g. dataset, split, resolution and
+    count; the file name hashes it with every training setting. ``train_images`` may be a
+    callable returning ``(images, labels)`` (then leave ``train_labels`` None), so a cache hit
+    never loads data. A file that does not load is retrained with a warning. An interrupted
+    training resumes from ``<hash>.state.pt`` beside it (``train_classifier``'s ``state``).
+    Returns the model (eval mode, on ``device``) and the SHA-256 of its weights file.
+
+    ``ranks``: every process of the torchrun process group calls it and trains on a cache miss
+    (``train_classifier``'s ``ranks``; the number of processes is part of the key, as batch
+    norm sees each one's share of a batch); the first process reads and writes the cache, and
+    the others get (None, "") on a hit and (their copy, "") after training.
+    """
+    if callable(train_images) != (train_labels is None):
+        raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
+                         "returning (images, labels) with train_labels=None")
+    settings = {"key": key, "arch": arch, "epochs": epochs, "seed": seed, "num_classes": num_classes,
+                "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
+                "nesterov": nesterov, "version": CACHE_VERSION}
+    world, rank = training_ranks(ranks)
+    if world > 1:  # one process's classifiers keep their key
+        settings["processes"] = world
+    key_json = json.dumps(settings, sort_keys=True)
+    name = hashlib.sha256(key_json.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
+    # concurrent evaluations train it once; the others wait and load it
+    with locked(path) if rank == 0 else contextlib.nullcontext():
+        cached = _load_cached(path, key_json, arch=arch, num_classes=num_classes, seed=seed, device=device) \
+            if rank == 0 else None
+        if (distributed.broadcast(cached is not None) if world > 1 else cached is not None):
+            return cached or (None, "")
+        images, labels = train_images() if callable(train_images) else (train_images, train_labels)
+        model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
+                                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
+                                 nesterov=nesterov, seed=seed, device=device, progress=progress,
+                                 state=path.with_suffix(".state.pt"), ranks=ranks)
+        if rank != 0:
+            return model, ""
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_write(path, save(weights, metadata={"key": key_json}))  # complete or absent
+        path.with_suffix(".state.pt").unlink(missing_ok=True)
+        return model, sha256_file(path)
+
+
+def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed: int,
+                 device: str | torch.device) -> tuple[Classifier, str] | None:
+    """The classifier cached in ``path`` under ``key_json`` and its SHA-256, or None when there
+    is none (or it is unreadable: then with a warning)."""
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as fh:
+            if (fh.metadata() or {}).get("key") != key_json:
+                raise ValueError("its metadata key does not match")
+        model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
+        model.load_state_dict(load_file(path))
+        return model.to(device).eval(), sha256_file(path)
+    except Exception as exc:
+        warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
+        return None

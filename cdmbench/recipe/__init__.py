@@ -1,0 +1,1 @@
+"""Recipes: the YAML schema, its validation, overrides and the --smoke shrink."""

@@ -1,0 +1,1 @@
+"""Reporting: result rows to tables, plots and report.md."""

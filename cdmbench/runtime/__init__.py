@@ -1,0 +1,1 @@
+"""How a job runs: processes (torchrun), signals, devices and progress lines."""

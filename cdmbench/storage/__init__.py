@@ -1,0 +1,1 @@
+"""Files on disk: atomic writes and locks, caches, the run directory."""

@@ -1,0 +1,242 @@
+"""Checkpoints: one folder per step, written atomically, read back with integrity checks.
+
+    <stage>/checkpoints/step-00001000/
+        model.safetensors      weights; metadata holds the resolved recipe, stage and step
+        ema.safetensors        EMA weights (used for sampling)
+        optimizer.pt           optimizer state, loaded with weights_only=True (no pickle code)
+        manifest.json          size and SHA-256 of each file above, checked on every load
+    <stage>/checkpoints/corrupt-step-00001000/
+        a checkpoint found unreadable when resuming, moved aside (never loaded nor pruned)
+
+A folder is written under a temporary name, fsynced (files, folder) and renamed, so a checkpoint
+folder either is complete or does not exist. Only tensors, numbers and strings are stored.
+Checkpoints written before manifests existed load without the check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from cdmbench.runtime import distributed
+from cdmbench.errors import CheckpointError
+
+PREFIX = "step-"
+CORRUPT = "corrupt-"
+MANIFEST = "manifest.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _step(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _write_manifest(path: Path) -> None:
+    """Record the size and SHA-256 of every file of the checkpoint folder ``path``."""
+    entries = {f.name: {"size": f.stat().st_size, "sha256": sha256_file(f)} for f in sorted(path.iterdir())}
+    (path / MANIFEST).write_text(json.dumps(entries, indent=1))
+
+
+def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int,
+                    milestone_every: int = 0) -> Path:
+    """Write the checkpoint of ``step`` atomically, then prune (``_prune``). A failed write (a
+    full disk, a file-size limit) leaves no partial folder and raises CheckpointError."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"{PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{PREFIX}{step:08d}"
+    for partial in folder.glob(f".tmp-{PREFIX}*"):  # left by writes killed midway (SIGKILL): ~10 GB each
+        shutil.rmtree(partial, ignore_errors=True)
+    meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
+    try:
+        tmp.mkdir()
+        save_file(_state(model), tmp / "model.safetensors", metadata=meta)
+        save_file(_state(ema), tmp / "ema.safetensors", metadata=meta)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        _write_manifest(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(folder)
+    except Exception as exc:  # OSError, SafetensorError, RuntimeError (torch.save) on I/O failure
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(folder).free / 2**30
+        raise CheckpointError(f"cannot write checkpoint {final}: {getattr(exc, 'strerror', None) or exc}; "
+                              f"free space ({free:.2f} GiB left on that disk) or choose another --out "
+                              f"(earlier checkpoints are untouched)") from exc
+    _prune(folder, step, keep, milestone_every)
+    return final
+
+
+def _prune(folder: Path, step: int, keep: int, milestone_every: int) -> None:
+    """Delete the checkpoints up to ``step`` but the ``keep`` newest and the milestones (multiples
+    of ``milestone_every``, when > 0). Later steps (a run resumed from an earlier one) are kept."""
+    earlier = [p for p in list_checkpoints(folder) if _step(p) <= step]
+    for old in earlier[:-keep]:
+        if not (milestone_every and _step(old) % milestone_every == 0):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file, read in 1 MiB blocks: how weights are identified in results."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def _manifest(path: Path) -> dict[str, Any] | None:
+    """Checkpoint folder ``path``'s manifest.json (None for one written before manifests)."""
+    file = path / MANIFEST
+    return json.loads(file.read_text()) if file.exists() else None
+
+
+def _verified(path: Path, name: str) -> Path:
+    """File ``name`` of checkpoint ``path``, after checking its size and SHA-256 against the
+    folder's manifest.json (unchecked when the folder has none)."""
+    file = path / name
+    manifest = _manifest(path)
+    if manifest is not None:
+        entry = manifest.get(name)
+        if entry is None:
+            raise ValueError(f"{name} is missing from {MANIFEST}")
+        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+            raise ValueError(f"{name} does not match its size and SHA-256 in {MANIFEST} (corrupt)")
+    return file
+
+
+def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Raise unless ``state`` has exactly the keys and shapes of ``module``'s state, so that
+    loading it cannot stop part way."""
+    own = module.state_dict()
+    if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
+        raise ValueError(f"{name} does not fit the model (other keys or shapes)")
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, verify: bool = True) -> int:
+    """Restore a checkpoint in place; returns its step. Every file is read and checked first
+    (against the manifest's SHA-256 too unless ``verify`` is false: another process did), so on
+    CheckpointError (unreadable or corrupt) the modules are unchanged."""
+
+    def file(name: str) -> Path:
+        return _verified(path, name) if verify else path / name
+
+    try:
+        weights = load_file(file("model.safetensors"))
+        ema_weights = load_file(file("ema.safetensors"))
+        _check_fits(model, weights, "model.safetensors")
+        _check_fits(ema, ema_weights, "ema.safetensors")
+        opt_state = None if optimizer is None else torch.load(file("optimizer.pt"), weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+    model.load_state_dict(weights)
+    ema.load_state_dict(ema_weights)
+    if optimizer is not None:
+        optimizer.load_state_dict(opt_state)
+    return _step(path)
+
+
+def ema_sha256(folder: Path, step: int) -> str | None:
+    """The SHA-256 of the EMA weights of checkpoint ``step`` in ``folder``, from its manifest
+    (None for a checkpoint written before manifests): what identifies the weights that sampled."""
+    manifest = _manifest(folder / f"{PREFIX}{step:08d}")
+    return None if manifest is None else manifest["ema.safetensors"]["sha256"]
+
+
+def _ema_state(path: Path, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Checkpoint ``path``'s EMA weights, checked against its manifest and ``module``."""
+    state = load_file(_verified(path, "ema.safetensors"))
+    _check_fits(module, state, "ema.safetensors")
+    return state
+
+
+def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
+    """Load the EMA weights of the newest readable checkpoint into ``module`` (for sampling);
+    unreadable ones are skipped with a warning and left in place. With ``step``, that
+    checkpoint's (the one another process chose), or CheckpointError."""
+    if step is not None:
+        path = folder / f"{PREFIX}{step:08d}"
+        try:
+            state = _ema_state(path, module)
+        except Exception as exc:
+            raise CheckpointError(f"checkpoint {path}, which the first process chose, is unreadable here "
+                                  f"({type(exc).__name__}: {exc}); the run directory must be one file system "
+                                  "that every node shares") from exc
+        module.load_state_dict(state)
+        return step
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            state = _ema_state(path, module)
+        except Exception as exc:
+            warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
+                          "falling back to the previous one")
+            continue
+        module.load_state_dict(state)
+        return _step(path)
+    raise CheckpointError(f"no readable checkpoint in {folder}")
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename checkpoint ``path`` to ``corrupt-step-*``, replacing an older folder of that name."""
+    aside = path.with_name(CORRUPT + path.name)
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    return aside
+
+
+def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
+                  optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Restore the newest readable checkpoint; 0 when none exists. The main process chooses it,
+    moving each unreadable one aside (with a warning saying where), so that pruning never keeps
+    it in place of the readable ones; under torchrun every other process then restores that same
+    checkpoint, or stops (ranks resumed at different steps would train apart)."""
+    if distributed.joined() and not distributed.is_main():
+        step = distributed.broadcast(None)
+        if step:
+            try:
+                load_checkpoint(folder / f"{PREFIX}{step:08d}", model=model, ema=ema, optimizer=optimizer,
+                                verify=False)  # the first process checked its SHA-256 (~10 GB at sr256)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc}: the first process resumed from it; the run directory must be "
+                                      "one file system that every node shares") from exc
+        return step
+    step = 0
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
+            break
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; moved to {_move_aside(path)}; falling back to the previous checkpoint")
+    return distributed.broadcast(step)
