@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from cdmbench.errors import CdmbenchError
-from cdmbench.interfaces import KINDS
+from cdmbench.hookspecs import KINDS
 
 SET_HELP = "Override a recipe value, e.g. --set stages.base16.train.steps=10 (repeatable)."
 SMOKE_HELP = ("Shrink the recipe (widths, depths, steps, sample counts) and swap its data for "
@@ -318,7 +318,7 @@ def main() -> None:
     from cdmbench.plugins import load_plugins
 
     try:
-        hook = load_plugins().manager.hook.cdmbench_add_commands
+        hook = load_plugins(components=False).manager.hook.cdmbench_add_commands
     except CdmbenchError as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(2)

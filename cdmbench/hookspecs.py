@@ -17,6 +17,9 @@ import pluggy
 
 PROJECT = "cdmbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
+# the component kinds, one registry and one register hook (cdmbench_register_<kind>) each
+KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "features", "metrics",
+         "baselines")
 
 
 @hookspec

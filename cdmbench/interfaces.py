@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "features", "metrics",
-         "baselines")
+from cdmbench.hookspecs import KINDS  # noqa: F401  (public here too)
+
 
 # Facts the host passes to factories of each kind; a recipe may not set them in `args`.
 HOST_ARGS: dict[str, tuple[str, ...]] = {

@@ -18,7 +18,7 @@ import pluggy
 
 from cdmbench import hookspecs
 from cdmbench.errors import PluginError, RegistryError
-from cdmbench.interfaces import KINDS
+from cdmbench.hookspecs import KINDS
 from cdmbench.registry import Registry, suggestion
 
 BUILTIN_MODULES = (
@@ -92,8 +92,12 @@ class Plugins:
                 for kind, reg in self.registries.items()}
 
 
-def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
-    """A fresh plugin manager with the built-ins, installed entry points and ``modules``."""
+def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool = True) -> Plugins:
+    """A fresh plugin manager with the built-ins, installed entry points and ``modules``.
+
+    ``components=False``: only the installed entry points, and nothing registered, which is what
+    the command line needs for the commands plugins add (the built-ins add none, and importing
+    them imports torch: seconds before ``cdmbench --help`` prints a line)."""
     from cdmbench import __version__
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -105,7 +109,7 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
     for name in blocked:
         pm.set_blocked(name)
 
-    for name in BUILTIN_MODULES:
+    for name in BUILTIN_MODULES if components else ():
         if name not in blocked:
             pm.register(importlib.import_module(name), name=name)
             versions[name], packages[name] = __version__, "cdmbench"
@@ -156,7 +160,7 @@ def load_plugins(modules: tuple[str, ...] | list[str] = ()) -> Plugins:
               f"is named in CDMBENCH_PLUGINS, but no installed package provides it; "
               f"{suggestion(name, [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)])}")
     plugins = Plugins(pm, {kind: Registry(kind) for kind in KINDS}, versions, packages, failures)
-    for kind in KINDS:
+    for kind in KINDS if components else ():
         _fill(plugins, kind)
     return plugins
 

@@ -32,7 +32,7 @@ def _args(component, tmp_path: Path) -> dict:
     if (kind, name) == ("datasets", "fashion-mnist") and not Path("/usr/share/datasets/fashion-mnist").is_dir():
         pytest.skip("dataset-fashion-mnist is not installed")
     if (kind, name) == ("features", "inception-2015-12-05"):
-        pytest.skip("the Inception weights are not available offline (tests/test_evaluation.py "
+        pytest.skip("the Inception weights are not available offline (tests/evaluation/test_evaluation.py "
                     "checks their loader and its error)")
     if (kind, name) == ("features", "classifier"):
         return {"epochs": 1}

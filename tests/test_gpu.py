@@ -13,9 +13,9 @@ import yaml
 from cdmbench.cascade.stages import build_stage, sample_stage
 from cdmbench.recipe.schema import parse_recipe
 from cdmbench.training.run import run
-from conftest import TINY_RECIPE
-from test_classifier import _stop_at, colour_images, events_of_4_and_7_steps
-from test_run import steps_between_log_rows_make_no_more_events
+from tests.conftest import TINY_RECIPE
+from tests.evaluation.test_classifier import _stop_at, colour_images, events_of_4_and_7_steps
+from tests.training.test_run import steps_between_log_rows_make_no_more_events
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

@@ -1,4 +1,4 @@
-"""`cdmbench evaluate`: generate samples for evaluation and run metrics on them.
+"""Samples for evaluation: generated once per signature, in resumable shards, and the context metrics get.
 
 Samples: N class-balanced images (label i % K) from the cascade up to a stage, image i seeded by
 (sample seed, stage, i) only, stored as uint8 npz shards under

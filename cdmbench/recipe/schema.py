@@ -1,4 +1,4 @@
-"""YAML recipes -> validated, resolved ``Recipe`` objects.
+"""The recipe schema (dataclasses) and its validation: a raw YAML mapping -> a resolved ``Recipe``.
 
 Strict: unknown keys, wrong types, unknown component names and ``args`` a factory does not
 accept all fail here, before any data or model is touched, with the dotted path of the bad key

@@ -10,7 +10,7 @@ from cdmbench.errors import RecipeError
 from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import parse_recipe
 
-from conftest import ROOT
+from tests.conftest import ROOT
 
 
 @pytest.fixture

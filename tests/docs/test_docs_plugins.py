@@ -14,7 +14,7 @@ import pytest
 from cdmbench import hookspecs
 from cdmbench.interfaces import HOST_ARGS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GUIDE = (ROOT / "docs" / "plugins.md").read_text()
 
 

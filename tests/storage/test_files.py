@@ -15,7 +15,7 @@ from cdmbench.cli import cli
 from cdmbench.storage.files import allocate_arrays, append_text, atomic_write, write_rows
 from cdmbench.reporting.tables import read_results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_write_rows_writes_only_its_rows(tmp_path):

@@ -15,7 +15,7 @@ from cdmbench.builtin.unet import adm_unet
 from cdmbench.cascade.stages import Composition, build_stage, sample_cascade, sample_stage
 from cdmbench.errors import RecipeError
 from cdmbench.recipe.schema import parse_recipe
-from conftest import TINY_RECIPE
+from tests.conftest import TINY_RECIPE
 
 
 def test_gaussian_augmentation_per_example_levels():

@@ -98,7 +98,7 @@ except CheckpointError as exc:
     sys.exit(3)
 """
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1], timeout=120)
+                          cwd=Path(__file__).resolve().parents[2], timeout=120)
     assert done.returncode == 3, done.stderr
     message = done.stdout
     assert f"cannot write checkpoint {tmp_path / 'step-00000002'}: " in message

@@ -13,7 +13,7 @@ from cdmbench.cascade.stages import build_stage
 from cdmbench.errors import RecipeError
 from cdmbench.recipe.schema import parse_recipe
 from cdmbench.training.run import run
-from conftest import TINY_RECIPE
+from tests.conftest import TINY_RECIPE
 
 
 def tiny(*overrides: str):

@@ -17,7 +17,7 @@ from cdmbench.errors import CdmbenchError
 from cdmbench.recipe.load import load_recipe
 from cdmbench.cascade.cost import describe
 from cdmbench.training.run import run
-from test_unet import attention, conv, gn, linear, resblock
+from tests.builtin.test_unet import attention, conv, gn, linear, resblock
 
 
 def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_path):

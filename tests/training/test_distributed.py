@@ -224,7 +224,7 @@ def test_bench_of_an_imagenet_recipe_needs_no_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     small = "{channels: 32, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}"
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     bench(root / "recipes" / "cdm_imagenet64.yaml", stage="base32", steps=1, warmup=0, compile=False,
           out=tmp_path, echo=quiet, overrides=[f"stages.base32.backbone.args={small}", "stages.base32.train.batch_size=2",
                                                 "sample.batch_size=2", "stages.base32.sampler.args.steps=2"])
@@ -322,7 +322,7 @@ def test_each_process_reads_only_its_share_and_draws_for_all(rank, monkeypatch):
     from cdmbench.data.images import ImageSet
     from cdmbench.recipe.schema import parse_recipe
     from cdmbench.training.trainer import make_batch
-    from conftest import TINY_RECIPE
+    from tests.conftest import TINY_RECIPE
 
     recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE))
     st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)

@@ -15,7 +15,7 @@ from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import parse_recipe
 from cdmbench.recipe.smoke import smoke
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
 from cdmbench.cascade.sample import sample_run
 from cdmbench.training.run import run
-from conftest import TINY_RECIPE
+from tests.conftest import TINY_RECIPE
 
 
 @pytest.fixture(scope="module")

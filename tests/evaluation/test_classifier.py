@@ -170,7 +170,7 @@ def events_of_4_and_7_steps(watch, device: str = "cpu") -> tuple[list[str], list
 def test_steps_between_loss_reads_read_nothing_on_the_host():
     """On a GPU a host read waits for every queued kernel, so the next batch could not be gathered
     (from a memory-mapped set) while the GPU trains: 4 and 7 steps read the same."""
-    from test_run import host_reads
+    from tests.training.test_run import host_reads
 
     short, long = events_of_4_and_7_steps(host_reads)
     assert len(short) == len(long), (short, long)
@@ -251,7 +251,7 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
 
     settings = {**TRAIN, "epochs": 16, "batch_size": 4}  # 256 steps
     state = tmp_path / "train.state.pt"
-    child = (f"import torch; from cdmbench.evaluation import classifier as C; from tests.test_classifier import colour_images\n"
+    child = (f"import torch; from cdmbench.evaluation import classifier as C; from tests.evaluation.test_classifier import colour_images\n"
              f"C.SAVE_EVERY_S = 0\n"
              f"C.train_classifier(*colour_images(8), num_classes=8, seed=0, state={str(state)!r}, **{settings!r})\n")
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -277,7 +277,7 @@ import sys
 import torch
 from cdmbench.evaluation import classifier as C
 from cdmbench.runtime import distributed
-from tests.test_classifier import colour_images
+from tests.evaluation.test_classifier import colour_images
 
 distributed.init(torch.device("cpu"))
 out, settings = sys.argv[1], eval(sys.argv[2])

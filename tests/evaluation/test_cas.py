@@ -6,7 +6,7 @@ import torch
 import cdmbench.evaluation.cas as cdmbench_cas
 from cdmbench.evaluation.cas import classification_accuracy_score, matched_real_subset
 from cdmbench.evaluation.classifier import train_classifier
-from test_classifier import ARCH, colour_images
+from tests.evaluation.test_classifier import ARCH, colour_images
 
 SETTINGS = {"num_classes": 8, "arch": ARCH, "epochs": 4, "batch_size": 16, "seed": 0, "device": "cpu",
             "progress": False}

@@ -26,7 +26,7 @@ from cdmbench.data.prepare import load_prepared, make_dataset, prepare, split_im
 from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import Component
 from cdmbench.training.run import run
-from conftest import TINY_RECIPE
+from tests.conftest import TINY_RECIPE
 
 SIZES = [(40, 30, "jpg"), (23, 61, "png"), (16, 16, "jpg"), (50, 50, "png"), (37, 18, "jpg"),
          (64, 48, "png"), (31, 33, "jpg"), (20, 45, "png"), (27, 27, "jpg")]  # (width, height)
