@@ -68,7 +68,9 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="The dataset split to prepare.")
-@click.option("--workers", type=click.IntRange(min=0), help="Processes (default: one per CPU the job may use; 0: none).")
+@click.option(
+    "--workers", type=click.IntRange(min=0), help="Processes (default: one per CPU the job may use; 0: none)."
+)
 @click.option("--shard-size", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Images per shard, the unit of work and of resuming.")
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
@@ -97,8 +99,8 @@ def prepare(recipe, overrides, split, workers, shard_size, progress, metrics_of,
 @click.option("--smoke", is_flag=True, help=SMOKE_HELP)
 def validate(recipe, overrides, smoke):
     """Check RECIPE strictly and build every stage's model (without memory or data)."""
-    from cdmbench.recipe.load import load_recipe
     from cdmbench.cascade.cost import describe
+    from cdmbench.recipe.load import load_recipe
 
     parsed, plugins = load_recipe(recipe, overrides=overrides, smoke=smoke, echo=click.echo)
     click.echo(_format(describe(parsed, plugins, click.echo)))
@@ -146,7 +148,14 @@ def ls(kind, pattern):
 def report(run_dirs, out, csv_path):
     """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
     from cdmbench.plugins import load_plugins
-    from cdmbench.reporting.tables import baseline_frame, comparison_table, flat_results, read_results, results_table, sweep_table
+    from cdmbench.reporting.tables import (
+        baseline_frame,
+        comparison_table,
+        flat_results,
+        read_results,
+        results_table,
+        sweep_table,
+    )
     from cdmbench.reporting.write import export_report
 
     dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
@@ -176,7 +185,11 @@ def report(run_dirs, out, csv_path):
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--stage", help="Evaluate this stage's samples (default: evaluate.stage or the last stage).")
 @click.option("--metrics", help="Comma-separated metric names, e.g. fid,is,cas (default: evaluate.metrics).")
-@click.option("--num-samples", type=click.IntRange(min=1), help="Samples to generate and evaluate (default: evaluate.num_samples).")
+@click.option(
+    "--num-samples",
+    type=click.IntRange(min=1),
+    help="Samples to generate and evaluate (default: evaluate.num_samples).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
 def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
@@ -217,7 +230,7 @@ def sample(run_dir, stage, classes, per_class, seed, levels, batch_size, overrid
         try:
             chosen[name.strip()] = float(value)
         except ValueError:
-            raise click.BadParameter(f"expected STAGE=S with a number S, got {item!r}", param_hint="--level")
+            raise click.BadParameter(f"expected STAGE=S with a number S, got {item!r}", param_hint="--level") from None
     names = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     sample_run(run_dir, stage=stage, classes=names, per_class=per_class, seed=seed, levels=chosen,
                batch_size=batch_size, overrides=overrides, out=out, progress=progress, echo=click.echo)
@@ -243,7 +256,7 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
     try:
         values = [float(v) for v in levels.split(",")]
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers, got {levels!r}", param_hint="--levels")
+        raise click.BadParameter(f"expected comma-separated numbers, got {levels!r}", param_hint="--levels") from None
     kinds = [k.strip() for k in inputs.split(",") if k.strip()]
     if not kinds or any(k not in INPUTS for k in kinds):
         raise click.BadParameter(f"choose from {', '.join(INPUTS)}, got {inputs!r}", param_hint="--inputs")
@@ -256,7 +269,13 @@ def sweep(run_dir, stage, levels, inputs, metrics, num_samples, overrides, progr
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--stage", required=True, help="The stage whose training step is measured.")
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True, help="Timed training steps.")
-@click.option("--warmup", type=click.IntRange(min=0), default=3, show_default=True, help="Untimed steps first (compilation, caches).")
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=3,
+    show_default=True,
+    help="Untimed steps first (compilation, caches).",
+)
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="Also measure the torch.compile'd step (default: on CUDA).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
@@ -291,13 +310,14 @@ def bench(recipe, stage, steps, warmup, compile_, overrides, out, backbones, smo
 def compare_samplers(steps, num_samples, out, progress):
     """Run every registered sampler at each step count on a Gaussian mixture with its exact
     denoiser and write the distribution errors and wall times, to choose a sampler."""
+    from cdmbench.diffusion.compare import compare_samplers as compare
+    from cdmbench.diffusion.compare import write_report
     from cdmbench.plugins import load_plugins
-    from cdmbench.diffusion.compare import compare_samplers as compare, write_report
 
     try:
         counts = sorted({int(n) for n in steps.split(",")})
     except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {steps!r}", param_hint="--steps")
+        raise click.BadParameter(f"expected comma-separated integers, got {steps!r}", param_hint="--steps") from None
     if not 1 <= counts[0] <= counts[-1] <= 1000:
         raise click.BadParameter(f"step counts must be in 1..1000 (the process's T), got {steps!r}",
                                  param_hint="--steps")
@@ -329,5 +349,5 @@ def main() -> None:
         except Exception as exc:
             cli.commands = commands
             warnings.warn(f"plugin '{impl.plugin_name}' raised while adding commands: {exc!r}; "
-                          "its commands are not available")
+                          "its commands are not available", stacklevel=2)
     cli()

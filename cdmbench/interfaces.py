@@ -11,7 +11,6 @@ from torch import Tensor, nn
 
 from cdmbench.hookspecs import KINDS  # noqa: F401  (public here too)
 
-
 # Facts the host passes to factories of each kind; a recipe may not set them in `args`.
 HOST_ARGS: dict[str, tuple[str, ...]] = {
     "backbones": ("resolution", "in_channels", "out_channels", "num_classes", "low_res_channels",

@@ -50,7 +50,7 @@ def _module_distribution(module) -> tuple[str | None, str | None]:
 def _fail(failures: dict[str, str], name: str, error: str, warning: str) -> None:
     """Add ``error`` to plugin ``name``'s failures (keeping earlier ones) and warn."""
     failures[name] = f"{failures[name]}; {error}" if name in failures else error
-    warnings.warn(f"plugin '{name}' {warning}")
+    warnings.warn(f"plugin '{name}' {warning}", stacklevel=2)
 
 
 def _register(pm: pluggy.PluginManager, plugin, name: str, failures: dict[str, str]) -> bool:

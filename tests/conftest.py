@@ -13,7 +13,8 @@ data: {name: shapes, args: {num_images: 40}}
 stages:
   - name: base8
     resolution: 8
-    backbone: {name: adm-unet, args: {channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [4]}}
+    backbone: {name: adm-unet, args: {channels: 32, channel_mult: [1, 2], num_res_blocks: 1,
+                                      attention_resolutions: [4]}}
     schedule: {name: cosine, args: {timesteps: 50}}
     loss: simple
     train: {steps: 4, batch_size: 8, lr: 1.0e-3, ema: 0.9, checkpoint_every: 2, log_every: 1}
@@ -22,7 +23,8 @@ stages:
     resolution: 16
     condition_on: base8
     augmentation: {name: gaussian, args: {max_level: 0.3, level: 0.1}}
-    backbone: {name: adm-unet, args: {channels: 32, channel_mult: [1, 2], num_res_blocks: 1, attention_resolutions: [8]}}
+    backbone: {name: adm-unet, args: {channels: 32, channel_mult: [1, 2], num_res_blocks: 1,
+                                      attention_resolutions: [8]}}
     schedule: {name: cosine, args: {timesteps: 50}}
     loss: simple
     train: {steps: 4, batch_size: 8, lr: 1.0e-3, ema: 0.9, checkpoint_every: 2, log_every: 1}

@@ -49,6 +49,7 @@ def test_every_builtin_kind_is_covered():
     assert {c.kind for c in BUILTIN} == set(PLUGINS.registries)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", BUILTIN, ids=lambda c: f"{c.kind}:{c.name}")
 def test_builtin_components_conform(component, tmp_path):
     check_component(component, _args(component, tmp_path))

@@ -87,9 +87,15 @@ def test_sampling_steps_do_not_wait_for_the_gpu(sampler):
     """2 and 4 sampling steps (bf16 network, classifier-free guidance) make the same number of
     host-device synchronisations."""
     def syncs(steps: int) -> list[str]:
-        recipe, plugins = parse_recipe(yaml.safe_load(TINY_RECIPE), overrides=[
-            "device=cuda", "sample.precision=bf16", f"stages.base8.sampler={{name: {sampler}, args: {{steps: {steps}}}}}",
-            "stages.base8.guidance={label_dropout: 0.1, scale: 2.0}"])
+        recipe, plugins = parse_recipe(
+            yaml.safe_load(TINY_RECIPE),
+            overrides=[
+                "device=cuda",
+                "sample.precision=bf16",
+                f"stages.base8.sampler={{name: {sampler}, args: {{steps: {steps}}}}}",
+                "stages.base8.guidance={label_dropout: 0.1, scale: 2.0}",
+            ],
+        )
         st = build_stage(plugins, recipe, recipe.stage("base8"), num_classes=10, device="cuda")
         labels = torch.arange(4, device="cuda")
         with gpu_synchronisations() as found:

@@ -172,7 +172,7 @@ def test_a_failing_add_commands_hook_keeps_the_other_plugins_commands(plugin_dir
             cli.add_command(click.Command("hello", callback=lambda: click.echo("hello from a plugin")))
     '''))
     monkeypatch.setattr("cdmbench.plugins.load_plugins",
-                        lambda: load_plugins(["testplugin_cmd_bad", "testplugin_cmd_good"]))
+                        lambda **kw: load_plugins(["testplugin_cmd_bad", "testplugin_cmd_good"], **kw))
     monkeypatch.setattr(cli, "commands", dict(cli.commands))
     monkeypatch.setattr(sys, "argv", ["cdmbench", "hello"])
     with pytest.warns(UserWarning, match="plugin 'testplugin_cmd_bad' raised while adding commands: "
@@ -188,6 +188,7 @@ def test_blocked_plugin_is_not_loaded(monkeypatch):
     assert "ddpm" not in plugins["samplers"] and "adm-unet" in plugins["backbones"]
 
 
+@pytest.mark.slow
 def test_installed_package_found_through_entry_point(tmp_path):
     """A real package, pip-installed into a temporary folder, shows up via its entry point."""
     src = tmp_path / "src"

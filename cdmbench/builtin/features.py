@@ -14,8 +14,8 @@ import torch
 from torch import Tensor
 
 from cdmbench import hookimpl
-from cdmbench.training.checkpoint import sha256_file
 from cdmbench.errors import CdmbenchError
+from cdmbench.training.checkpoint import sha256_file
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_URL = ("https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/"

@@ -50,7 +50,7 @@ class FID:
                   if self.bootstrap else [None] * len(references))
         spread = {"stderr": f"std over {self.bootstrap} bootstrap resamples of the samples"} if self.bootstrap else {}
         rows = []
-        for (split, (ref_mu, ref_sigma, ref_n)), stderr in zip(references.items(), errors):
+        for (split, (ref_mu, ref_sigma, ref_n)), stderr in zip(references.items(), errors, strict=True):
             rows.append({"metric": f"fid_{split}", "value": frechet_distance(mu, sigma, ref_mu, ref_sigma),
                          "stderr": stderr, "n": len(context.samples), "unit": "", "higher_is_better": False,
                          "protocol": {**context.protocol, "features": network.name,

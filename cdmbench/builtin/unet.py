@@ -85,7 +85,7 @@ def _check_args(*, resolution: int, in_channels: int, out_channels: int, num_cla
         raise ValueError(f"adm-unet: num_heads={num_heads}; it must be at least 1 (or set "
                          "num_head_channels > 0)")
     # Attention runs at the listed levels and always in the middle block (the deepest level).
-    attn_widths = {channels * m for m, side in zip(channel_mult, sides)
+    attn_widths = {channels * m for m, side in zip(channel_mult, sides, strict=True)
                    if side in attention_resolutions} | {channels * channel_mult[-1]}
     for width in sorted(attn_widths):
         if num_head_channels > 0 and width % num_head_channels:

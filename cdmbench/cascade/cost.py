@@ -49,10 +49,19 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
     for st in stages:
         flops = network_flops(st)
         spec = st.spec.train
-        rows.append({"stage": st.spec.name, "resolution": st.spec.resolution, "condition_on": st.spec.condition_on or "-",
-                     "backbone": st.spec.backbone.name,
-                     "parameters": sum(p.numel() for p in st.backbone.parameters()),
-                     "GFLOP/forward": flops[0] / 1e9, "GFLOP/train image": flops[1] / 1e9,
-                     "T": "continuous" if st.process.continuous else st.process.T, "train steps": spec.steps,
-                     "batch": spec.batch_size, "train EFLOP": flops[1] * spec.batch_size * spec.steps / 1e18})
+        rows.append(
+            {
+                "stage": st.spec.name,
+                "resolution": st.spec.resolution,
+                "condition_on": st.spec.condition_on or "-",
+                "backbone": st.spec.backbone.name,
+                "parameters": sum(p.numel() for p in st.backbone.parameters()),
+                "GFLOP/forward": flops[0] / 1e9,
+                "GFLOP/train image": flops[1] / 1e9,
+                "T": "continuous" if st.process.continuous else st.process.T,
+                "train steps": spec.steps,
+                "batch": spec.batch_size,
+                "train EFLOP": flops[1] * spec.batch_size * spec.steps / 1e18,
+            }
+        )
     return pd.DataFrame(rows).set_index("stage")

@@ -25,19 +25,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from cdmbench.cascade.stages import sample_cascade
+from cdmbench.cascade.grids import save_grid
+from cdmbench.cascade.stages import build_chain, sample_cascade, samplers_of
 from cdmbench.data.images import to_uint8
+from cdmbench.data.prepare import make_dataset
 from cdmbench.errors import CdmbenchError, CheckpointError
 from cdmbench.evaluation.samples import load_chain
-from cdmbench.storage.files import atomic_write, save_npz
-from cdmbench.cascade.grids import save_grid
-from cdmbench.data.prepare import make_dataset
-from cdmbench.runtime.progress import bar
-from cdmbench.cascade.stages import build_chain, samplers_of
-from cdmbench.evaluation.sweep import apply_sweep_levels
+from cdmbench.evaluation.sweep import apply_sweep_levels, gaussian_parts, set_checked_level
 from cdmbench.runtime.device import resolve_device
+from cdmbench.runtime.progress import bar
+from cdmbench.storage.files import atomic_write, save_npz
 from cdmbench.storage.rundir import load_run
-from cdmbench.evaluation.sweep import gaussian_parts, set_checked_level
 
 CHUNK = 1000      # images sampled through the whole cascade at once
 GRID_COLUMNS = 16  # images of each class in a stage's grid, at most
@@ -94,7 +92,7 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
     try:
         steps = load_chain(chain, run_dir.path)
     except CheckpointError as exc:
-        raise CdmbenchError(f"{exc}: train the stages first (cdmbench run RECIPE --out {run_dir.path})")
+        raise CdmbenchError(f"{exc}: train the stages first (cdmbench run RECIPE --out {run_dir.path})") from None
     out = Path(out) if out else run_dir.path / "samples" / f"{target}-seed{seed}"
     if (out / "sample.json").is_file():  # an earlier sample's files there would mix with these
         for old in [*out.glob("images/*-class*.png"), *out.glob("*_grid.png")]:

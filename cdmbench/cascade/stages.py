@@ -14,13 +14,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from cdmbench.diffusion.process import LOSSES, Denoise, Prediction, Process, make_process, prediction_from_output, randn_per_image
+from cdmbench.diffusion.process import (
+    LOSSES,
+    Denoise,
+    Prediction,
+    Process,
+    make_process,
+    prediction_from_output,
+    randn_per_image,
+)
+from cdmbench.errors import RecipeError
 from cdmbench.interfaces import Augmentation, Sampler
 from cdmbench.plugins import Plugins
-from cdmbench.errors import RecipeError
-from cdmbench.runtime.progress import bar
 from cdmbench.recipe.components import make_component
 from cdmbench.recipe.schema import Recipe, Stage
+from cdmbench.runtime.progress import bar
 
 IMAGE_CHANNELS = 3
 

@@ -34,16 +34,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cdmbench.storage.cache import default_cache_dir, digest
 from cdmbench.data.images import ImageSet, load_images, resize_items
 from cdmbench.errors import CdmbenchError
-from cdmbench.storage.files import allocate_arrays, atomic_write, check_free_space, done_marker, mapped_tensor
 from cdmbench.interfaces import Dataset
 from cdmbench.plugins import Plugins, load_plugins
-from cdmbench.runtime.progress import bar
 from cdmbench.recipe.components import make_component
 from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import Component, Recipe
+from cdmbench.runtime.progress import bar
+from cdmbench.storage.cache import default_cache_dir, digest
+from cdmbench.storage.files import allocate_arrays, atomic_write, check_free_space, done_marker, mapped_tensor
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -5,9 +5,22 @@ losses, per-image noise (``process``); an analytic Gaussian mixture to test samp
 What a sampler plugin needs is importable from here: ``from cdmbench.diffusion import Grid,
 Prediction, Denoise, randn_per_image``."""
 
-from cdmbench.diffusion.process import (NOISE_COND_SCALE, ContinuousProcess, Denoise, DiscreteProcess, Grid,
-                                        Prediction, Process, eps_from_x0, posterior, q_sample, randn_per_image,
-                                        v_from, x0_eps_from_v, x0_from_eps)
+from cdmbench.diffusion.process import (
+                                        NOISE_COND_SCALE,
+                                        ContinuousProcess,
+                                        Denoise,
+                                        DiscreteProcess,
+                                        Grid,
+                                        Prediction,
+                                        Process,
+                                        eps_from_x0,
+                                        posterior,
+                                        q_sample,
+                                        randn_per_image,
+                                        v_from,
+                                        x0_eps_from_v,
+                                        x0_from_eps,
+)
 
 __all__ = ["NOISE_COND_SCALE", "ContinuousProcess", "Denoise", "DiscreteProcess", "Grid", "Prediction", "Process",
            "eps_from_x0", "posterior", "q_sample", "randn_per_image", "v_from", "x0_eps_from_v", "x0_from_eps"]

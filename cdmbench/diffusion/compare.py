@@ -9,7 +9,6 @@ the Monte Carlo noise floor.
 from __future__ import annotations
 
 import inspect
-
 import platform
 import time
 from pathlib import Path
@@ -18,8 +17,8 @@ import pandas as pd
 import torch
 
 from cdmbench.builtin.schedules import cosine
-from cdmbench.diffusion.process import DiscreteProcess
 from cdmbench.diffusion.mixture import GaussianMixture
+from cdmbench.diffusion.process import DiscreteProcess
 from cdmbench.plugins import Plugins
 from cdmbench.runtime.progress import bar
 
@@ -52,7 +51,7 @@ def compare_samplers(plugins: Plugins, *, steps: list[int], num_samples: int, ti
         calls = []
 
         def denoise(*args):
-            calls.append(1)
+            calls.append(1)  # noqa: B023 (called in this iteration only)
             return mixture.denoise(*args)
 
         start = time.perf_counter()
@@ -78,7 +77,7 @@ def write_report(table: pd.DataFrame, out: Path, *, command: str, num_samples: i
     floor = table[table.sampler == "exact samples"].iloc[0]
     measured = table[table.sampler != "exact samples"]
     fig, axes = plt.subplots(1, len(ERRORS), figsize=(5 * len(ERRORS), 4))
-    for ax, error in zip(axes, ERRORS):
+    for ax, error in zip(axes, ERRORS, strict=True):
         for name, group in measured.groupby("sampler"):
             ax.plot(group.evaluations, group[error], marker="o", label=name)  # NaN (refused): no point
         ax.axhline(floor[error], color="grey", linestyle="--", label="exact samples")

@@ -58,7 +58,7 @@ class GaussianMixture:
 
     def covariance(self) -> Tensor:
         second = sum(w * (s**2 * torch.eye(self.dim, dtype=torch.float64) + torch.outer(m, m))
-                     for w, m, s in zip(self.weights, self.means, self.stds))
+                     for w, m, s in zip(self.weights, self.means, self.stds, strict=True))
         return second - torch.outer(self.mean(), self.mean())
 
     def denoise(self, x_t: Tensor, abar: Tensor, noise_cond: Tensor) -> Prediction:

@@ -13,8 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from cdmbench.evaluation.classifier import (Classifier, _check_labels, accuracy, cached_classifier, predict_logits, train_classifier,
-                         training_ranks)
+from cdmbench.evaluation.classifier import (
+    Classifier,
+    _check_labels,
+    accuracy,
+    cached_classifier,
+    predict_logits,
+    train_classifier,
+    training_ranks,
+)
 
 # Ravuri & Vinyals' ResNet-50 training: SGD momentum at batch 1024, lr warm-up to 0.4 (0.1 per
 # 256 images) over 5 epochs, x0.1 at 30/60/80 of 90 epochs.

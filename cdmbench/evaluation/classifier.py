@@ -27,13 +27,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from cdmbench.runtime import distributed
-from cdmbench.training.checkpoint import sha256_file
 from cdmbench.data.images import to_device
 from cdmbench.errors import Stopped
-from cdmbench.storage.files import atomic_write, locked
+from cdmbench.runtime import distributed
 from cdmbench.runtime.progress import bar
 from cdmbench.runtime.signals import StopSignal
+from cdmbench.storage.files import atomic_write, locked
+from cdmbench.training.checkpoint import sha256_file
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
@@ -268,7 +268,7 @@ def _resume(path: Path, settings: str, together: bool) -> dict | None:
                 elif saved["settings"] != settings:
                     saved, reason = None, f"saved for other settings ({saved['settings']})"
         if reason is not None:
-            warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch")
+            warnings.warn(f"classifier training state {path} not used: {reason}; training from scratch", stacklevel=2)
     return distributed.broadcast(saved) if together else saved
 
 
@@ -369,5 +369,5 @@ def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed
         model.load_state_dict(load_file(path))
         return model.to(device).eval(), sha256_file(path)
     except Exception as exc:
-        warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining")
+        warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining", stacklevel=2)
         return None

@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 from cdmbench.cascade.stages import StageModel, build_chain, samplers_of
-from cdmbench.errors import CdmbenchError, Stopped
-from cdmbench.evaluation.samples import (EvalContext, SampleSet, generate_samples, generate_training_set,
-                                         load_chain, read_samples, read_training_set)
-from cdmbench.evaluation.sweep import MANIFEST, apply_sweep_levels, best_levels, set_checked_level, sweep
 from cdmbench.data.prepare import make_dataset
+from cdmbench.errors import CdmbenchError, Stopped
+from cdmbench.evaluation.samples import (
+    EvalContext,
+    SampleSet,
+    generate_samples,
+    generate_training_set,
+    load_chain,
+    read_samples,
+    read_training_set,
+)
+from cdmbench.evaluation.sweep import MANIFEST, apply_sweep_levels, best_levels, set_checked_level, sweep
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.components import make_component
 from cdmbench.recipe.load import load_recipe
@@ -24,7 +31,6 @@ from cdmbench.runtime.device import resolve_device
 from cdmbench.storage.cache import default_cache_dir, digest
 from cdmbench.storage.files import atomic_write, locked
 from cdmbench.storage.rundir import load_run, result_row
-
 
 # How long a rank of an evaluation under torchrun waits for the others at a collective: ranks
 # finish their shares of a million-image training set for CAS hours apart.

@@ -138,7 +138,7 @@ def fid_against_level(frame: pd.DataFrame, recipe: Recipe) -> list[str]:
         else:
             claim = "only worsens"
             verdict = _only_worsens(points)
-        shown = ", ".join(f"{a:g}: {_value(*point)}" for a, point in zip(shared, points))
+        shown = ", ".join(f"{a:g}: {_value(*point)}" for a, point in zip(shared, points, strict=True))
         about = "; ".join(([samplers] if samplers else [])
                           + ([f"{len(runs)} training runs"] if len(runs) > 1 else []))
         lines.append(f"- `{stage}`{f' ({about})' if about else ''}, {inputs} inputs, {label} at s = "

@@ -3,10 +3,10 @@
 Samples: N class-balanced images (label i % K) from the cascade up to a stage, image i seeded by
 (sample seed, stage, i) only, stored as uint8 npz shards under
 ``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
-pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed). Shards already written are
-kept, so an interrupted evaluation resumes, and rows already held by any shard (of a larger or
-smaller N, or another shard size) are not sampled again; a shard of the same start but fewer
-rows is replaced. Under torchrun, rank r writes shards r, r + W, ...
+pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed).
+Shards already written are kept, so an interrupted evaluation resumes, and rows already held by
+any shard (of a larger or smaller N, or another shard size) are not sampled again; a shard of the
+same start but fewer rows is replaced. Under torchrun, rank r writes shards r, r + W, ...
 
 CAS as Ravuri & Vinyals trains on a generated copy of the training set instead: one image per
 training image, of its class (``generate_training_set``), in one memory-mapped array under
@@ -34,20 +34,29 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdmbench.storage.cache import digest
 from cdmbench.cascade.stages import StageModel, sample_cascade
-from cdmbench.recipe.components import make_component
-from cdmbench.training.checkpoint import ema_sha256, load_ema
 from cdmbench.data.images import to_uint8
-from cdmbench.errors import CdmbenchError
-from cdmbench.storage.files import (allocate_arrays, atomic_write, cached_tensor, check_free_space, done_marker, locked,
-                    mapped_tensor, save_npz, write_rows)
-from cdmbench.interfaces import FeatureNetwork
-from cdmbench.evaluation.metrics import RunningStatistics
-from cdmbench.plugins import Plugins
 from cdmbench.data.prepare import cache_folder, make_dataset, split_images
-from cdmbench.runtime.progress import bar
+from cdmbench.errors import CdmbenchError
+from cdmbench.evaluation.metrics import RunningStatistics
+from cdmbench.interfaces import FeatureNetwork
+from cdmbench.plugins import Plugins
+from cdmbench.recipe.components import make_component
 from cdmbench.recipe.schema import Component, Recipe
+from cdmbench.runtime.progress import bar
+from cdmbench.storage.cache import digest
+from cdmbench.storage.files import (
+    allocate_arrays,
+    atomic_write,
+    cached_tensor,
+    check_free_space,
+    done_marker,
+    locked,
+    mapped_tensor,
+    save_npz,
+    write_rows,
+)
+from cdmbench.training.checkpoint import ema_sha256, load_ema
 
 FEATURE_BATCH = 100
 LAYOUT = "layout.json"
@@ -373,7 +382,7 @@ class EvalContext:
                 with np.load(path) as stats:
                     return stats["mu"], stats["sigma"], int(stats["n"])
             except Exception as exc:  # a damaged cache entry is recomputed
-                warnings.warn(f"reference statistics {path} unreadable ({exc}); recomputing")
+                warnings.warn(f"reference statistics {path} unreadable ({exc}); recomputing", stacklevel=2)
         images, _ = self.real(split)
         running = RunningStatistics()  # batch by batch: a split's features need not fit in memory
         for i in bar(range(0, len(images), FEATURE_BATCH), desc=f"{network.name} reference {split}",

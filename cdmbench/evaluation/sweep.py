@@ -25,12 +25,20 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from cdmbench.runtime import distributed
-from cdmbench.evaluation.cas import class_matched
 from cdmbench.cascade.stages import StageModel, sample_stage
 from cdmbench.data.images import to_float, to_uint8
 from cdmbench.errors import CdmbenchError
-from cdmbench.evaluation.samples import EvalContext, chain_to, digest, generate_samples, read_samples, sample_signature, write_shards
+from cdmbench.evaluation.cas import class_matched
+from cdmbench.evaluation.samples import (
+    EvalContext,
+    chain_to,
+    digest,
+    generate_samples,
+    read_samples,
+    sample_signature,
+    write_shards,
+)
+from cdmbench.runtime import distributed
 from cdmbench.runtime.progress import bar
 
 MANIFEST = "cascade.json"

@@ -31,7 +31,7 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # written by a process killed mid-write
                 warnings.warn(f"{path} line {number} is not a whole JSON row (a write cut short?); "
-                              "skipped")
+                              "skipped", stacklevel=2)
     return pd.DataFrame(rows)
 
 
@@ -48,13 +48,13 @@ def latest(frame: pd.DataFrame) -> pd.DataFrame:
 def _varying(rows: pd.DataFrame, fields: list[dict]) -> list[list[str]]:
     """For each row, 'name: value' for each of its ``fields`` whose value differs between the rows
     of its (run, stage) that have that field."""
-    keys = list(zip(rows["run"], rows["stage"]))
+    keys = list(zip(rows["run"], rows["stage"], strict=True))
     values = {}
-    for key, row_fields in zip(keys, fields):
+    for key, row_fields in zip(keys, fields, strict=True):
         for name, value in row_fields.items():
             values.setdefault((key, name), set()).add(value)
     return [[f"{name}: {value}" for name, value in row_fields.items() if len(values[key, name]) > 1]
-            for key, row_fields in zip(keys, fields)]
+            for key, row_fields in zip(keys, fields, strict=True)]
 
 
 def flat_results(frame: pd.DataFrame) -> pd.DataFrame:
@@ -86,7 +86,7 @@ def _evaluations(frame: pd.DataFrame) -> pd.DataFrame:
     rows = rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep)].copy()
     fields = [{**({"n": p["n"]} if "n" in p else {}), **p.get("samplers", {})} for p in rows["protocol"]]
     rows["stage"] = [stage + (f" ({'; '.join(parts)})" if parts else "")
-                     for stage, parts in zip(rows["stage"], _varying(rows, fields))]
+                     for stage, parts in zip(rows["stage"], _varying(rows, fields), strict=True)]
     return rows
 
 
@@ -240,9 +240,9 @@ def sweep_rows(frame: pd.DataFrame) -> pd.DataFrame:
         return rows
     chains = rows["protocol"].map(lambda p: p.get("samplers", {}))
     others = [{name: sampler for name, sampler in chain.items() if name != stage}
-              for chain, stage in zip(chains, rows["stage"])]
+              for chain, stage in zip(chains, rows["stage"], strict=True)]
     rows["samplers"] = [chain.get(stage, "") + "".join(f"; {part}" for part in parts)
-                        for chain, stage, parts in zip(chains, rows["stage"], _varying(rows, others))]
+                        for chain, stage, parts in zip(chains, rows["stage"], _varying(rows, others), strict=True)]
     rows["inputs"] = rows["protocol"].map(lambda p: p["inputs"])
     rows["s"] = rows["protocol"].map(lambda p: p["level"])
     return rows

@@ -12,8 +12,18 @@ from cdmbench.errors import CdmbenchError
 from cdmbench.evaluation.findings import findings_section
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe
-from cdmbench.reporting.tables import (baseline_frame, comparison_table, flat_results, plot_sweeps, plot_training,
-                                       read_results, replicates_table, results_table, sweep_table, training_table)
+from cdmbench.reporting.tables import (
+    baseline_frame,
+    comparison_table,
+    flat_results,
+    plot_sweeps,
+    plot_training,
+    read_results,
+    replicates_table,
+    results_table,
+    sweep_table,
+    training_table,
+)
 from cdmbench.storage.files import atomic_write
 from cdmbench.storage.rundir import RunDir, load_run
 from cdmbench.training.trainer import read_log
@@ -27,7 +37,8 @@ def _fmt(frame: pd.DataFrame) -> str:
 def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     """report.md: the run's results, for metrics with published rows the comparison with them,
     the sample-time level sweeps (table and sweeps.png), CDM's augmentation findings checked on
-    the rows (``findings``), training (table and training.png) and each stage's sample grid. Returns the results table as text."""
+    the rows (``findings``), training (table and training.png) and each stage's sample grid.
+    Returns the results table as text."""
     results = read_results([run_dir.path])
     measured = results_table(results)
     table = _fmt(measured)

@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from cdmbench.errors import CdmbenchError, RecipeError
-from cdmbench.storage.files import append_text, atomic_write
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe, complete, parse_recipe
+from cdmbench.storage.files import append_text, atomic_write
 
 # Keys that may change between invocations of one run (training longer, sampling differently):
 # recipe-level keys, and per-stage keys (dotted within a stage; in each of a list of augmentations).
@@ -107,7 +107,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 name = x.get("name") if isinstance(x, dict) else i
                 return _first_difference(x, y, f"{path}.{name}")

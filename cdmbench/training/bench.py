@@ -20,8 +20,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
 import pandas as pd
+import torch
 
 from cdmbench.cascade.cost import network_flops
 from cdmbench.cascade.stages import IMAGE_CHANNELS, StageModel, build_chain, build_stage
@@ -190,7 +190,9 @@ def denoiser_speed(stage: StageModel, *, num_classes: int, device: torch.device,
     model = stage.backbone.to(device).eval()
     r = stage.spec.resolution
     x = torch.randn(batch_size, IMAGE_CHANNELS, r, r, device=device)
-    low = torch.randn(batch_size, IMAGE_CHANNELS, stage.low_res, stage.low_res, device=device) if stage.low_res else None
+    low = (
+        torch.randn(batch_size, IMAGE_CHANNELS, stage.low_res, stage.low_res, device=device) if stage.low_res else None
+    )
     aug = torch.zeros(batch_size, stage.augmentation.cond_dim, device=device)
     labels = torch.arange(batch_size, device=device) % num_classes
     t = torch.full((batch_size,), 500.0, device=device)
@@ -268,10 +270,14 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
         warning = ("\nMFU above 100%: the ceiling was measured below the device's peak (another job "
                    "busy on it?); rerun on an idle device.\n" if any(r.get("MFU", 0) > 1 for r in rows) else "")
         where = _breakdown_tables(breakdowns) if breakdowns else ""
-        atomic_write(path, f"# bench: {recipe.name}, stage {stage}\n\n"
-                     + "".join(f"- {k}: {v}\n" for k, v in env.items())
-                     + "\nMFU = FLOP/image (the network's forward + backward, FlopCounterMode on the meta device) x images/s / ceiling.\n\n"
-                     f"```text\n{table}\n```\n" + warning + where)
+        atomic_write(
+            path,
+            f"# bench: {recipe.name}, stage {stage}\n\n"
+            + "".join(f"- {k}: {v}\n" for k, v in env.items())
+            + "\nMFU = FLOP/image (the network's forward + backward, FlopCounterMode on the meta device)"
+            " x images/s / ceiling.\n\n"
+            f"```text\n{table}\n```\n" + warning + where,
+        )
         atomic_write(path.with_suffix(".json"), json.dumps(
             {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))
         return table + warning + ("\n" + where if where else "")
@@ -295,7 +301,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
             write()
     seconds_per_image = 0.0
     batch = recipe.sample.batch_size
-    for st, after in zip(stages, [*stages[1:], None]):
+    for st, after in zip(stages, [*stages[1:], None], strict=True):
         evals = denoiser_speed(st, num_classes=num_classes, device=device, batch_size=batch, repeats=3)
         stop = after.truncation if after else 0.0  # a truncated next stage takes z_s: fewer steps
         per_image = st.process.grid(st.sampler.steps, stop).steps * (1 if st.spec.guidance.scale == 1 else 2)

@@ -27,8 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from cdmbench.runtime import distributed
 from cdmbench.errors import CheckpointError
+from cdmbench.runtime import distributed
 
 PREFIX = "step-"
 CORRUPT = "corrupt-"
@@ -201,7 +201,7 @@ def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
             state = _ema_state(path, module)
         except Exception as exc:
             warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
-                          "falling back to the previous one")
+                          "falling back to the previous one", stacklevel=2)
             continue
         module.load_state_dict(state)
         return _step(path)
@@ -238,5 +238,5 @@ def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
             step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
             break
         except CheckpointError as exc:
-            warnings.warn(f"{exc}; moved to {_move_aside(path)}; falling back to the previous checkpoint")
+            warnings.warn(f"{exc}; moved to {_move_aside(path)}; falling back to the previous checkpoint", stacklevel=2)
     return distributed.broadcast(step)

@@ -21,14 +21,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from cdmbench.runtime import distributed
 from cdmbench.cascade.stages import StageModel, derive_seed, image_generators
-from cdmbench.training.checkpoint import resume_latest, save_checkpoint
 from cdmbench.data.images import ImageSet, to_device, to_float
-from cdmbench.diffusion.process import q_sample, training_loss as diffusion_loss
+from cdmbench.diffusion.process import q_sample
+from cdmbench.diffusion.process import training_loss as diffusion_loss
 from cdmbench.errors import CdmbenchError, Stopped
-from cdmbench.storage.files import atomic_write
+from cdmbench.runtime import distributed
 from cdmbench.runtime.signals import StopSignal
+from cdmbench.storage.files import atomic_write
+from cdmbench.training.checkpoint import resume_latest, save_checkpoint
 
 SLOW_CHECKPOINT_S = 20  # a checkpoint slower than this to write is reported (a stop signal's grace time)
 
@@ -56,7 +57,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     e_params = [p for p in ema.parameters()]
     m_params = [p.detach() for p in model.parameters()]
     torch._foreach_lerp_(e_params, m_params, 1.0 - decay)
-    for e, m in zip(ema.buffers(), model.buffers()):
+    for e, m in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(m)
 
 

@@ -121,7 +121,9 @@ def random_models(stages) -> dict:
 
 
 def test_truncated_cascade_passes_the_previous_sampler_stopped_at_s():
-    recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}")
+    recipe, plugins = tiny(
+        "stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}"
+    )
     stages = [build_stage(plugins, recipe, s, num_classes=10) for s in recipe.stages]
     models = random_models(stages)
     labels = torch.tensor([1, 4, 7])
@@ -143,7 +145,9 @@ def test_ground_truth_input_of_a_truncated_stage_is_taken_to_z_s():
     """A real low-res image z_0 given to a truncated stage becomes z_s ~ q(z_s | z_0) of the
     previous stage's process, at the level its sampler stops at; a non-truncated stage re-noises
     it itself, and the previous stage's output (z_s already) is passed on as it is."""
-    recipe, plugins = tiny("stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}")
+    recipe, plugins = tiny(
+        "stages.sr16.augmentation={name: gaussian, args: {mode: truncated, max_level: 0.3, level: 0.2}}"
+    )
     st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
     z0 = torch.linspace(-1, 1, 2000 * 3 * 8 * 8).view(2000, 3, 8, 8)
 
@@ -177,7 +181,9 @@ def test_truncation_level_must_be_a_step_of_the_previous_stage():
 
 
 def test_a_list_of_augmentations_is_a_composition():
-    recipe, plugins = tiny("stages.sr16.augmentation=[{name: blur, args: {condition: true}}, {name: gaussian, args: {level: 0.1}}]")
+    recipe, plugins = tiny(
+        "stages.sr16.augmentation=[{name: blur, args: {condition: true}}, {name: gaussian, args: {level: 0.1}}]"
+    )
     st = build_stage(plugins, recipe, recipe.stage("sr16"), num_classes=10)
     assert isinstance(st.augmentation, Composition) and st.augmentation.cond_dim == 2
     assert st.backbone.aug_dim == 2
@@ -202,4 +208,6 @@ def test_truncated_and_nontruncated_consumers_of_one_stage():
     assert torch.equal(images["base8"], clean)
     assert torch.equal(images["sr16"], sample_stage(stages[1], models["sr16"], labels, low_res=clean, **common))
     assert torch.equal(images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=stopped, **common))
-    assert not torch.allclose(images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=clean, **common))
+    assert not torch.allclose(
+        images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=clean, **common)
+    )

@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cdmbench.builtin.datasets import (FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist, hf,
-                                       imagefolder, square_resize)
+from cdmbench.builtin.datasets import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    fashion_mnist,
+    hf,
+    imagefolder,
+    square_resize,
+)
 from cdmbench.errors import CdmbenchError
 
 # ---------------------------------------------------------------------------- fashion-mnist

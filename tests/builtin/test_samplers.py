@@ -9,8 +9,8 @@ import torch
 
 from cdmbench.builtin.samplers import ddim, ddpm, dpm_solver_2m
 from cdmbench.builtin.schedules import cosine, log_snr
-from cdmbench.diffusion.process import DiscreteProcess, Prediction, make_process
 from cdmbench.diffusion.mixture import GaussianMixture
+from cdmbench.diffusion.process import DiscreteProcess, Prediction, make_process
 
 MIXTURE = GaussianMixture.default()
 N = 2000  # samples per check: the sampling error of the mean is ~0.01, of the weights ~0.01
@@ -64,6 +64,7 @@ PROCESS = DiscreteProcess(cosine(timesteps=1000).betas())
     pytest.param(dpm_solver_2m(steps=100, clip_x0=False), id="dpm-solver-2m-100"),
     pytest.param(dpm_solver_2m(steps=20, clip_x0=False), id="dpm-solver-2m-20"),
 ])
+@pytest.mark.slow
 def test_sampler_reproduces_the_mixture(sampler):
     assert_close_to(MIXTURE, draw(sampler, PROCESS))
 

@@ -11,9 +11,9 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from cdmbench.cascade.sample import sample_run
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
-from cdmbench.cascade.sample import sample_run
 from cdmbench.training.run import run
 from tests.conftest import TINY_RECIPE
 

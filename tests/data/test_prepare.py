@@ -15,14 +15,14 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-import cdmbench.storage.files
 import cdmbench.data.prepare
+import cdmbench.storage.files
 from cdmbench.builtin.datasets import imagefolder, square_resize
 from cdmbench.cli import cli
 from cdmbench.data.images import area_resize, load_images
+from cdmbench.data.prepare import load_prepared, make_dataset, prepare, split_images
 from cdmbench.errors import CdmbenchError
 from cdmbench.evaluation.samples import EvalContext
-from cdmbench.data.prepare import load_prepared, make_dataset, prepare, split_images
 from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import Component
 from cdmbench.training.run import run
@@ -316,7 +316,9 @@ def test_a_relative_data_path_shares_the_cache_of_its_absolute_path(tmp_path, mo
     absolute, _ = load_recipe(tiny_recipe_of(tmp_path, tmp_path / "a" / "images"))
     relative, _ = load_recipe(tiny_recipe_of(tmp_path, "images"))
     monkeypatch.chdir(tmp_path / "a")
-    assert cdmbench.data.prepare.cache_folder(relative, "train") == cdmbench.data.prepare.cache_folder(absolute, "train")
+    assert cdmbench.data.prepare.cache_folder(relative, "train") == cdmbench.data.prepare.cache_folder(
+        absolute, "train"
+    )
     in_a = cdmbench.data.prepare.cache_folder(relative, "train")
     monkeypatch.chdir(tmp_path / "b")  # the same words name other images here
     assert cdmbench.data.prepare.cache_folder(relative, "train") != in_a

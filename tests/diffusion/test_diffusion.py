@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from cdmbench.diffusion import process as D
 from cdmbench.builtin.schedules import cosine, linear, log_snr
+from cdmbench.diffusion import process as D
 from cdmbench.diffusion.process import DiscreteProcess, Prediction
 
 
@@ -145,7 +145,9 @@ def test_discretized_likelihood_is_a_distribution_over_the_256_bins():
     s = math.exp(-1.5)
     phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
     got = D.discretized_gaussian_log_likelihood(torch.tensor(0.2), torch.tensor(0.25), torch.tensor(-3.0))
-    assert got.exp().item() == pytest.approx(phi((0.2 - 0.25 + 1 / 255) / s) - phi((0.2 - 0.25 - 1 / 255) / s), rel=1e-5)
+    assert got.exp().item() == pytest.approx(
+        phi((0.2 - 0.25 + 1 / 255) / s) - phi((0.2 - 0.25 - 1 / 255) / s), rel=1e-5
+    )
 
 
 def oracle(x0: Tensor, var_frac: float = 0.0):

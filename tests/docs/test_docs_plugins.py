@@ -58,7 +58,8 @@ def test_the_example_plugin_installs_conforms_and_trains(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *sys.path])}
     listed = _run([sys.executable, "-m", "cdmbench", "plugins"], env)
     assert "sigmoid 0.1.0 (package cdmbench-sigmoid)" in listed and "schedules: sigmoid" in listed
-    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path / "cdmbench-sigmoid" / "tests")], env)
+    tests = tmp_path / "cdmbench-sigmoid" / "tests"
+    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests)], env)
     command = next(line for line in GUIDE.splitlines() if line.startswith("cdmbench run "))
     shrink = ["data.args.num_images=20", "sample.images_per_class=1", "stages.base16.train.steps=2",
               "stages.sr32.train.steps=2", "stages.base16.sampler.args.steps=2",

@@ -43,7 +43,7 @@ def test_learns_separable_data(model, data):
 def test_same_seed_same_weights(model, data):
     (images, labels), _ = data
     again = C.train_classifier(images, labels, num_classes=8, seed=0, **TRAIN)
-    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -68,7 +68,7 @@ def test_augment_flips_and_shifts():
     flipped = cols > 7  # mirrored about the centre: column 5 -> 10
     assert 0 < flipped.sum() < 64
     assert ((torch.where(flipped, 15 - cols, cols) - 5).abs() <= C.PAD).all()
-    assert len(set(zip(rows.tolist(), cols.tolist()))) > 10  # shifts vary per image
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 10  # shifts vary per image
 
 def test_accuracy_topk_capped():
     logits = torch.tensor([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [3.0, 2.0, 1.0]])
@@ -109,7 +109,7 @@ def test_cache_trains_once(tmp_path, monkeypatch, model, data):
     second, digest2 = C.cached_classifier(key={"data": "colours"}, train_images=fail, **kwargs)
     assert digest2 == digest
     assert not second.training
-    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(AssertionError, match="cache hit"):  # another key is another file
         C.cached_classifier(key={"data": "other"}, train_images=fail, **kwargs)
@@ -207,7 +207,7 @@ def test_a_stopped_training_saves_its_state_and_resumes_to_the_same_weights(tmp_
     assert torch.load(state, weights_only=True)["step"] == stop_after
     assert not list((tmp_path / "classifiers").glob("*.safetensors"))  # no weights of a half-trained model
     resumed, _ = C.cached_classifier(**kwargs)
-    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name  # as the uninterrupted fixture, BN statistics included
     assert not state.exists()  # removed once the weights are kept
 
@@ -221,7 +221,7 @@ def test_a_state_saved_for_other_settings_is_not_used(tmp_path, monkeypatch, mod
             C.train_classifier(images, labels, num_classes=8, seed=1, state=state, **TRAIN)  # another seed
     with pytest.warns(UserWarning, match="saved for other settings.*training from scratch"):
         again = C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     # a state saved on a GPU (its generator state is 16 bytes, a CPU one's 5056) is not restored on a CPU
     state.unlink()
     with monkeypatch.context() as patch:
@@ -235,13 +235,14 @@ def test_a_state_saved_for_other_settings_is_not_used(tmp_path, monkeypatch, mod
                 "augment": torch.zeros(16, dtype=torch.uint8)}, state)
     with pytest.warns(UserWarning, match="saved for other settings.*cuda.*training from scratch"):
         again = C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **TRAIN)
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(), strict=True))
     for junk, reason in ((b"not a state", r"unreadable \(UnpicklingError\)"), ([1, 2], "not a training state")):
         state.write_bytes(junk) if isinstance(junk, bytes) else torch.save(junk, state)
         with pytest.warns(UserWarning, match=f"not used: {reason}; training from scratch"):
             C.train_classifier(images, labels, num_classes=8, seed=0, state=state, **{**TRAIN, "epochs": 1})
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted_one(tmp_path):
     """The state is saved after every step (SAVE_EVERY_S = 0); the kill lands anywhere, mid-write too."""
     import signal
@@ -251,9 +252,12 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
 
     settings = {**TRAIN, "epochs": 16, "batch_size": 4}  # 256 steps
     state = tmp_path / "train.state.pt"
-    child = (f"import torch; from cdmbench.evaluation import classifier as C; from tests.evaluation.test_classifier import colour_images\n"
-             f"C.SAVE_EVERY_S = 0\n"
-             f"C.train_classifier(*colour_images(8), num_classes=8, seed=0, state={str(state)!r}, **{settings!r})\n")
+    child = (
+        "import torch; from cdmbench.evaluation import classifier as C\n"
+        "from tests.evaluation.test_classifier import colour_images\n"
+        f"C.SAVE_EVERY_S = 0\n"
+        f"C.train_classifier(*colour_images(8), num_classes=8, seed=0, state={str(state)!r}, **{settings!r})\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
     while not state.exists() and proc.poll() is None and time.time() < deadline:
@@ -266,7 +270,7 @@ def test_sigkill_and_restart_of_a_training_reach_the_weights_of_an_uninterrupted
     assert 0 < step < 256
     resumed = C.train_classifier(*colour_images(8), num_classes=8, seed=0, state=state, **settings)
     straight = C.train_classifier(*colour_images(8), num_classes=8, seed=0, **settings)
-    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
@@ -309,6 +313,7 @@ torch.save({"model": model.state_dict(), "trained": (trained[0] is not None, tra
 """
 
 
+@pytest.mark.slow
 def test_two_processes_train_a_classifier_to_the_weights_of_one(tmp_path):
     """Each process takes its share of every batch (uneven: batches of 13 and 12 images) and
     draws the whole batch's augmentation; the network has no batch norm, whose statistics are

@@ -18,9 +18,14 @@ from cdmbench.builtin.baselines import PUBLISHED
 from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
+from cdmbench.evaluation.metrics import (
+    RunningStatistics,
+    bootstrap_fid_stderr,
+    frechet_distance,
+    inception_score,
+    statistics,
+)
 from cdmbench.evaluation.samples import EvalContext, read_samples
-from cdmbench.evaluation.metrics import (RunningStatistics, bootstrap_fid_stderr, frechet_distance, inception_score,
-                              statistics)
 from cdmbench.plugins import load_plugins
 from cdmbench.recipe.load import load_recipe
 from cdmbench.reporting.tables import baseline_frame, comparability
@@ -111,7 +116,7 @@ def test_inception_score_follows_the_definition_on_unequal_rows():
     scores = []
     for part in (p[:3], p[3:]):
         marginal = part.mean(axis=0)
-        kls = [sum(q * math.log(q / m) for q, m in zip(row, marginal)) for row in part]
+        kls = [sum(q * math.log(q / m) for q, m in zip(row, marginal, strict=True)) for row in part]
         scores.append(math.exp(sum(kls) / len(kls)))
     # a marginal over all 6 rows gives (1.19881, 0.05827), a mean of exp(KL) (1.17777, 0.05812)
     mean, std = inception_score(p, splits=2)
@@ -212,6 +217,7 @@ def test_evaluate_fails_before_sampling_when_inception_is_missing(trained_run, m
     assert not list(trained_run.glob("*/eval_samples"))
 
 
+@pytest.mark.slow
 def test_evaluate_with_the_stand_in_caches_reference_statistics(trained_run, monkeypatch, tmp_path):
     # 64-d features: FID's matrix square root of 2048 x 2048 takes minutes on 2 cores.
     monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
@@ -294,6 +300,7 @@ def sr16_rows(monkeypatch) -> list[tuple[int, int]]:
     return sampled
 
 
+@pytest.mark.slow
 def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeypatch, tmp_path, sr16_rows):
     sampled = sr16_rows
     monkeypatch.setattr("cdmbench.builtin.features.INCEPTION_DIMS", 64)
@@ -320,6 +327,7 @@ def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeyp
     assert evaluate(18) == ["0-12.npz", "12-24.npz", "24-30.npz"] and sampled == []
 
 
+@pytest.mark.slow
 def test_samples_of_another_shard_size_are_read_and_not_sampled_again(trained_run, monkeypatch, tmp_path,
                                                                        sr16_rows):
     sampled = sr16_rows
@@ -355,6 +363,7 @@ def test_data_key_names_what_determines_the_real_images(tiny_recipe, tmp_path, m
     assert relative == key(tiny_recipe, f"data={{name: imagefolder, args: {{path: {tmp_path / 'data' / 'x'}}}}}")
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standin_path, tmp_path):
     import os
     import subprocess
@@ -373,6 +382,7 @@ def test_evaluate_under_torchrun_shards_samples_across_ranks(trained_run, standi
 
 
 
+@pytest.mark.slow
 def test_cas_on_a_replaced_training_set_trains_on_every_rank(trained_run, tmp_path):
     """The paper protocol's two ResNet-50s train for hours: under torchrun every rank trains
     them (rank 0 alone would wait forever at DDP's first gradient reduction)."""
@@ -486,10 +496,13 @@ def test_other_weights_at_the_same_step_are_sampled_afresh(trained_run, sampled)
     assert len(list((trained_run / "sr16" / "eval_samples").glob("*/signature.json"))) == 2
 
 
+@pytest.mark.slow
 def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, tmp_path, monkeypatch):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     classifier = "{features: classifier, features_args: {epochs: 1}}"
-    metrics = f"[{{name: fid, args: {classifier}}}, {{name: is, args: {classifier}}}, {{name: cas, args: {{epochs: 1}}}}]"
+    metrics = (
+        f"[{{name: fid, args: {classifier}}}, {{name: is, args: {classifier}}}, {{name: cas, args: {{epochs: 1}}}}]"
+    )
     # `prepare --metrics` trains the feature classifier and the reference statistics ahead ...
     ahead = CliRunner().invoke(cli, ["prepare", str(tiny_recipe), "--split", "test", "--metrics", "sr16",
                                      "--no-progress", f"--set=evaluate.metrics={metrics}"])
@@ -498,12 +511,22 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
 
     [features] = (tmp_path / "cache" / "classifiers").glob("*.safetensors")
     made = features.stat().st_mtime_ns
-    result = CliRunner().invoke(cli, ["evaluate", str(trained_run), "--no-progress", f"--set=evaluate.metrics={metrics}",
-                                      *[f"--set={o}" for o in TINY_EVAL]])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "evaluate",
+            str(trained_run),
+            "--no-progress",
+            f"--set=evaluate.metrics={metrics}",
+            *[f"--set={o}" for o in TINY_EVAL],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert features.stat().st_mtime_ns == made  # ... so evaluate used it, not a retrained one
     rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
-    found = {r["metric"]: r for r in rows if r["stage"] == "sr16" and "features" in r["protocol"] or "cas" in r["metric"]}
+    found = {
+        r["metric"]: r for r in rows if r["stage"] == "sr16" and "features" in r["protocol"] or "cas" in r["metric"]
+    }
     assert {"fid_train", "fid_test", "is_classifier", "cas_top1", "cas_top5", "cas_real_top1"} <= set(found)
     assert all(found[m]["status"] == "ok" for m in found)
     fid = found["fid_test"]["protocol"]
@@ -519,6 +542,7 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
 REPLACING_CAS = "--set=evaluate.metrics=[{name: cas, args: {epochs: 1, replace_training_set: true}}]"
 
 
+@pytest.mark.slow
 def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_run, sampled):
     """Ravuri & Vinyals' protocol: one sample per training image, of its class, memory-mapped."""
     from cdmbench.evaluation.samples import read_training_set
@@ -554,10 +578,9 @@ def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_ru
 
 def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_run, monkeypatch):
     import cdmbench.storage.files
-    from cdmbench.cascade.stages import sample_cascade
+    from cdmbench.cascade.stages import build_chain, sample_cascade
     from cdmbench.data.images import to_uint8
     from cdmbench.evaluation.samples import generate_training_set, load_chain, read_training_set
-    from cdmbench.cascade.stages import build_chain
     from cdmbench.storage.rundir import load_run
 
     _, recipe, plugins = load_run(trained_run)
@@ -583,6 +606,7 @@ def test_a_generated_training_set_is_the_cascade_sampled_for_its_labels(trained_
                               num_classes=10, seed=5, batch_size=4, shard_size=2, device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_the_paper_protocol_end_to_end_at_a_tiny_scale(trained_run, monkeypatch, tmp_path):
     """Ravuri & Vinyals' settings shrunk to the tiny run (ResNet-50, 90 epochs, 1000 classes and
     1,281,167 images are checked as these): the paper's optimiser and no 'scaled down' mark."""
@@ -595,7 +619,8 @@ def test_the_paper_protocol_end_to_end_at_a_tiny_scale(trained_run, monkeypatch,
     monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "batch_size", 16)
     monkeypatch.setitem(cdmbench.evaluation.cas.PAPER, "train_images", 40)
     args = ["evaluate", str(trained_run), "--no-progress", *[f"--set={o}" for o in TINY_EVAL]]
-    metric = "--set=evaluate.metrics=[{name: cas, args: {arch: test_resnet, epochs: %d, batch_size: 16, paper_protocol: true}}]"
+    metric = ("--set=evaluate.metrics=[{name: cas, args: {arch: test_resnet, epochs: %d, batch_size: 16, "
+              "paper_protocol: true}}]")
 
     wrong = CliRunner().invoke(cli, [*args, metric % 2])
     assert wrong.exit_code == 2 and "cas: paper_protocol needs {'epochs': 1}" in wrong.output
@@ -612,6 +637,7 @@ def test_the_paper_protocol_end_to_end_at_a_tiny_scale(trained_run, monkeypatch,
     assert protocol["samples"].startswith("sr16/training_sets/") and protocol["train_images"] == 40
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_shares_the_generated_training_set(trained_run, standin_path, tmp_path):
     import os
     import subprocess
@@ -649,7 +675,9 @@ def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
     said = []
     rows = _metric_rows([Broken(), Works()], context, said.append)
     assert rows[0]["status"] == "failed" and rows[0]["protocol"] == {"n": 30, "error": "TypeError: a bug in a plugin"}
-    assert rows[1] == {"metric": "works", "value": 1.0} and said == ["metric broken failed: TypeError: a bug in a plugin"]
+    assert rows[1] == {"metric": "works", "value": 1.0} and said == [
+        "metric broken failed: TypeError: a bug in a plugin"
+    ]
 
 
 def test_a_metric_stopped_by_a_signal_stops_the_evaluation_instead_of_failing():

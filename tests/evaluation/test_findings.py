@@ -58,7 +58,7 @@ def test_level_curves_are_judged_beyond_their_standard_errors(ablation):
              ("ground-truth", [10.0, 10.5, 11.0], 1.0, undecided),       # flat within noise
              ("ground-truth", [10.0, 9.0, 12.0], 0.1, "does not hold")]
     for inputs, values, stderr, verdict in cases:
-        frame = pd.DataFrame(sweep("sr_gauss", inputs, list(zip([0.0, 0.1, 0.3], values)), stderr=stderr))
+        frame = pd.DataFrame(sweep("sr_gauss", inputs, list(zip([0.0, 0.1, 0.3], values, strict=True)), stderr=stderr))
         [line] = fid_against_level(frame, ablation)
         assert line.endswith(f": {verdict}"), (inputs, values, line)
         assert f"0: {values[0]:g} ± {stderr:g}" in line

@@ -37,6 +37,7 @@ def results(run_dir):
     return [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
@@ -85,6 +86,7 @@ def test_nontruncated_sweep_samples_the_previous_stage_once(tiny_recipe, tmp_pat
     assert len(counted) == 2  # another previous-stage sampler: another z_0, not the cached one
 
 
+@pytest.mark.slow
 def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tmp_path, monkeypatch):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None)
@@ -115,6 +117,7 @@ def test_a_sweep_cut_short_keeps_its_finished_levels_and_resumes(tiny_recipe, tm
     assert "## Sampling-level sweeps" in (tmp_path / "exported" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp_path, monkeypatch, counted):
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
     out = run(tiny_recipe, out=tmp_path / "r", progress=False, echo=lambda *_: None, overrides=[
@@ -147,6 +150,7 @@ def test_truncated_sweep_stops_the_previous_stage_at_each_level(tiny_recipe, tmp
     assert base.exit_code == 2 and "base stage" in base.output
 
 
+@pytest.mark.slow
 def test_a_sweep_samples_its_inputs_again_when_an_earlier_stages_level_changes(tiny_recipe, tmp_path, monkeypatch,
                                                                               counted):
     """sr16's level decides the inputs of sr32: cached inputs of another sr16 level are not reused."""
@@ -167,6 +171,7 @@ def test_a_sweep_samples_its_inputs_again_when_an_earlier_stages_level_changes(t
     assert counted == [{"sr16": 0.0}, {"sr16": 0.0}]  # the second sweep reused the first's inputs
 
 
+@pytest.mark.slow
 def test_a_sweep_under_torchrun_shares_each_levels_shards(tiny_recipe, tmp_path):
     import os
     import subprocess
@@ -189,17 +194,17 @@ def test_a_sweep_under_torchrun_shares_each_levels_shards(tiny_recipe, tmp_path)
     assert json.loads((out / "cascade.json").read_text())["sr16"]["level"] in (0.1, 0.3)
 
 
+@pytest.mark.slow
 def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k(tiny_recipe, tmp_path,
                                                                                   monkeypatch):
     """Whatever N, shard size or batch size: a larger N samples only the rows it adds."""
     import torch
 
-    from cdmbench.evaluation.cas import class_matched
-    from cdmbench.cascade.stages import sample_stage
+    from cdmbench.cascade.stages import build_chain, sample_stage
     from cdmbench.data.images import to_float, to_uint8
-    from cdmbench.evaluation.samples import load_chain, read_samples
     from cdmbench.data.prepare import make_dataset, split_images
-    from cdmbench.cascade.stages import build_chain
+    from cdmbench.evaluation.cas import class_matched
+    from cdmbench.evaluation.samples import load_chain, read_samples
     from cdmbench.storage.rundir import load_run
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))

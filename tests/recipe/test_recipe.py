@@ -9,7 +9,6 @@ from cdmbench.cli import cli
 from cdmbench.errors import RecipeError
 from cdmbench.recipe.load import load_recipe
 from cdmbench.recipe.schema import parse_recipe
-
 from tests.conftest import ROOT
 
 
@@ -124,6 +123,7 @@ def test_missing_and_malformed_files(tmp_path):
         load_recipe(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(path):
     data = yaml.safe_load(path.read_text())["data"]

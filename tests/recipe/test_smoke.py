@@ -114,13 +114,16 @@ def _check_run(result, out: Path, stages: list[str], notes: str) -> None:
     assert saved["data"]["args"]["num_classes"] == 1000 and saved["name"].endswith("-smoke")
 
 
+@pytest.mark.slow
 def test_smoke_run_imagenet64(offline, tmp_path):
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet64.yaml"), "--smoke",
                                       "--out", str(out), "--no-progress"])
-    _check_run(result, out, ["base32", "sr64"], "stand-in data with 1000 classes (the known class count of ILSVRC/imagenet-1k)")
+    _check_run(result, out, ["base32", "sr64"],
+               "stand-in data with 1000 classes (the known class count of ILSVRC/imagenet-1k)")
 
 
+@pytest.mark.slow
 def test_smoke_run_imagenet256(offline, tmp_path):  # ~50 s on a 2-core CPU
     out = tmp_path / "run"
     result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet256.yaml"), "--smoke",
@@ -128,6 +131,7 @@ def test_smoke_run_imagenet256(offline, tmp_path):  # ~50 s on a 2-core CPU
     _check_run(result, out, ["base32", "sr64", "sr256"], "stand-in data with 1000 classes")
 
 
+@pytest.mark.slow
 def test_dry_run_of_an_imagenet_recipe_needs_no_network_or_data(offline):
     result = CliRunner().invoke(cli, ["run", str(ROOT / "recipes" / "cdm_imagenet256.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from cdmbench.reporting import tables
 from cdmbench.cli import cli
+from cdmbench.reporting import tables
 from cdmbench.reporting.tables import comparison_table, read_results, results_table, sweep_table
 
 
@@ -89,7 +89,9 @@ def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, mo
     bars = [end for segment in mean.lines[2][0].get_segments() for end in segment[:, 1]]
     assert bars == pytest.approx([10.0, 14.0, 12 - 0.5 ** 0.5, 12 + 0.5 ** 0.5, 12.0, 20.0])
     assert list(curves[": sr16_r2"].lines[0].get_ydata()) == [14.0, 12.0, 12.0, 9.0]
-    assert mean.lines[0].get_color() == curves[": sr16"].lines[0].get_color() == curves[": sr16_r2"].lines[0].get_color()
+    assert (
+        mean.lines[0].get_color() == curves[": sr16"].lines[0].get_color() == curves[": sr16_r2"].lines[0].get_color()
+    )
 
     tables.plot_sweeps(table, tmp_path / "sweeps.png")
     assert [ax.get_title() for ax in figures[1].axes] == ["sr16: fid_test", "sr16_r2: fid_test"]
@@ -118,7 +120,7 @@ def test_the_csv_has_every_row(tmp_path):
     result = CliRunner().invoke(cli, ["report", str(tmp_path), "--csv", str(tmp_path / "all.csv")])
     assert result.exit_code == 0, result.output
     flat = pd.read_csv(tmp_path / "all.csv")
-    assert list(zip(flat["value"], flat["protocol.n"])) == [(5.0, 50000), (6.0, 1000), (4.0, 50000)]
+    assert list(zip(flat["value"], flat["protocol.n"], strict=True)) == [(5.0, 50000), (6.0, 1000), (4.0, 50000)]
 
 
 def test_evaluations_with_other_n_or_precision_are_rows_of_their_own_and_the_newest_wins(tmp_path):

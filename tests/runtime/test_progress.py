@@ -4,8 +4,8 @@ tqdm's bar."""
 import torch
 import tqdm.std
 
-from cdmbench.runtime import progress
 from cdmbench.evaluation.samples import write_shards
+from cdmbench.runtime import progress
 
 
 def counts(text: str) -> list[str]:

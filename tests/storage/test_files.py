@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 import cdmbench.storage.files
 from cdmbench.cli import cli
-from cdmbench.storage.files import allocate_arrays, append_text, atomic_write, write_rows
 from cdmbench.reporting.tables import read_results
+from cdmbench.storage.files import allocate_arrays, append_text, atomic_write, write_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 

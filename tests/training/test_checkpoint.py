@@ -12,9 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from cdmbench.training.checkpoint import (load_checkpoint, load_ema, resume_latest,
-                                 save_checkpoint, sha256_file)
 from cdmbench.errors import CheckpointError
+from cdmbench.training.checkpoint import load_checkpoint, load_ema, resume_latest, save_checkpoint, sha256_file
 
 
 def modules(seed: int):
@@ -67,7 +66,7 @@ def test_moving_aside_replaces_an_older_corrupt_folder(tmp_path):
     bad = save(tmp_path, 200)
     (bad / "optimizer.pt").write_bytes(b"")
     with pytest.warns(UserWarning, match="moved to"):
-        assert resume_latest(tmp_path, **dict(zip(("model", "ema", "optimizer"), modules(0)))) == 0
+        assert resume_latest(tmp_path, **dict(zip(("model", "ema", "optimizer"), modules(0), strict=True))) == 0
     assert steps(tmp_path / "corrupt-step-00000200") == ["ema.safetensors", "manifest.json",
                                                           "model.safetensors", "optimizer.pt"]
 
@@ -79,6 +78,7 @@ def test_pruning_never_deletes_the_saved_step_nor_later_ones(tmp_path):
     assert steps(tmp_path) == ["step-00000250", "step-00000300"]
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_raises_checkpoint_error_and_leaves_no_partial_folder(tmp_path):
     first = save(tmp_path, 1)
     child = f"""
@@ -196,6 +196,7 @@ def _resume_as_rank(rank: int, folders: list[str], port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shared", [True, False])
 def test_every_rank_resumes_from_the_checkpoint_the_first_chose(tmp_path, shared):
     """On node-local disks (one folder per rank here) rank 1 would resume from another step."""

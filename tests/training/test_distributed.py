@@ -34,6 +34,7 @@ def quiet(*_):
     pass
 
 
+@pytest.mark.slow
 def test_two_processes_reach_the_weights_of_one(tiny_recipe, tmp_path):
     one = run(tiny_recipe, out=tmp_path / "one", progress=False, echo=quiet)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "cdmbench",
@@ -54,6 +55,7 @@ def test_gradient_accumulation_matches_the_full_batch(tiny_recipe, tmp_path):
     assert_same_weights(final_weights(full, "base8"), final_weights(micro, "base8"))
 
 
+@pytest.mark.slow
 def test_warmup_clipping_and_bf16_change_training(tiny_recipe, tmp_path):
     common = dict(stage="base8", progress=False, echo=quiet)
     plain = final_weights(run(tiny_recipe, out=tmp_path / "plain", **common), "base8")
@@ -68,6 +70,7 @@ def test_warmup_clipping_and_bf16_change_training(tiny_recipe, tmp_path):
     assert_same_weights(plain, final_weights(layout, "base8"))
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tiny_recipe, tmp_path):
     import signal
     import time
@@ -96,6 +99,7 @@ def test_sigterm_writes_a_checkpoint_and_the_run_resumes_exactly(tiny_recipe, tm
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigkill_and_restart_reach_the_weights_of_an_uninterrupted_run(tiny_recipe, tmp_path):
     import signal
     import time
@@ -142,21 +146,23 @@ def test_a_full_disk_names_the_checkpoint_and_keeps_the_earlier_ones(tiny_recipe
         return real(*args, **kwargs)
 
     monkeypatch.setattr(cdmbench.training.checkpoint, "save_file", filling)
-    with pytest.raises(CheckpointError, match=r"cannot write checkpoint .*step-00000004: No space left on device; free space"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot write checkpoint .*step-00000004: No space left on device; free space"
+    ):
         run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
     kept = sorted(p.name for p in (tmp_path / "a" / "base8" / "checkpoints").iterdir())
     assert kept == ["step-00000002"]  # the earlier checkpoint, and no half-written one
 
 
+@pytest.mark.slow
 def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     import json
 
     from click.testing import CliRunner
 
-    from cdmbench.cli import cli
-
-    from cdmbench.recipe.load import load_recipe
     from cdmbench.cascade.cost import describe
+    from cdmbench.cli import cli
+    from cdmbench.recipe.load import load_recipe
 
     accumulate = "stages.sr16.train.grad_accumulation=2"
     result = CliRunner().invoke(cli, ["bench", str(tiny_recipe), "--stage", "sr16", "--steps", "2", "--warmup", "1",
@@ -182,6 +188,7 @@ def test_bench_writes_throughput_flops_and_mfu(tiny_recipe, tmp_path):
     assert "Where a training step's time goes" in next(tmp_path.glob("tiny-sr16-*.md")).read_text()
 
 
+@pytest.mark.slow
 def test_bench_counts_the_steps_a_truncated_stage_leaves_out(tiny_recipe, tmp_path):
     from cdmbench.training.bench import bench
 
@@ -225,9 +232,21 @@ def test_bench_of_an_imagenet_recipe_needs_no_data(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", no_hub)
     small = "{channels: 32, channel_mult: [1], num_res_blocks: 1, attention_resolutions: []}"
     root = Path(__file__).resolve().parents[2]
-    bench(root / "recipes" / "cdm_imagenet64.yaml", stage="base32", steps=1, warmup=0, compile=False,
-          out=tmp_path, echo=quiet, overrides=[f"stages.base32.backbone.args={small}", "stages.base32.train.batch_size=2",
-                                                "sample.batch_size=2", "stages.base32.sampler.args.steps=2"])
+    bench(
+        root / "recipes" / "cdm_imagenet64.yaml",
+        stage="base32",
+        steps=1,
+        warmup=0,
+        compile=False,
+        out=tmp_path,
+        echo=quiet,
+        overrides=[
+            f"stages.base32.backbone.args={small}",
+            "stages.base32.train.batch_size=2",
+            "sample.batch_size=2",
+            "stages.base32.sampler.args.steps=2",
+        ],
+    )
     [train, *_] = json.loads(next(tmp_path.glob("cdm-imagenet64-base32-*.json")).read_text())["rows"]
     assert train["images/s"] > 0
 
@@ -247,7 +266,9 @@ def test_a_bench_above_the_ceiling_says_so(tiny_recipe, tmp_path, monkeypatch):
     import cdmbench.training.bench
     from cdmbench.training.bench import bench
 
-    monkeypatch.setattr(cdmbench.training.bench, "matmul_ceiling", lambda device: (1.0, "a ceiling measured far too low"))
+    monkeypatch.setattr(
+        cdmbench.training.bench, "matmul_ceiling", lambda device: (1.0, "a ceiling measured far too low")
+    )
     bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=quiet)
     text = next(tmp_path.glob("tiny-sr16-*.md")).read_text()
     assert "```\n\nMFU above 100%: the ceiling was measured below the device's peak" in text

@@ -1,4 +1,5 @@
 import contextlib
+import itertools
 import json
 import re
 import shutil
@@ -12,10 +13,10 @@ from safetensors.torch import load_file
 import cdmbench.cascade.stages
 import cdmbench.training.run
 import cdmbench.training.trainer
+from cdmbench.cascade.cost import describe
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
 from cdmbench.recipe.load import load_recipe
-from cdmbench.cascade.cost import describe
 from cdmbench.training.run import run
 from tests.builtin.test_unet import attention, conv, gn, linear, resblock
 
@@ -83,7 +84,7 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(tiny_recipe, tm
     log = [json.loads(x) for x in (tmp_path / "b" / "base8" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     seconds = [r["seconds"] for r in log]  # training time accumulates across the resume
-    assert all(0 < a < b for a, b in zip(seconds, seconds[1:]))
+    assert all(0 < a < b for a, b in itertools.pairwise(seconds))
 
 
 def test_cudnn_benchmark_follows_the_recipe_and_may_change_on_resume(tiny_recipe, tmp_path, monkeypatch):

@@ -76,4 +76,4 @@ def test_gradient_checkpointing_keeps_the_gradients():
     plain = grads()
     model.set_gradient_checkpointing(True)
     assert model.unet.is_gradient_checkpointing
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads()))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, grads(), strict=True))

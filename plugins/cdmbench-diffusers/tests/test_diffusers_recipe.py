@@ -39,6 +39,7 @@ def test_quickstart_recipe_with_diffusers_components_trains_and_samples(trained)
     assert "diffusers-unet2d" in recorded and "diffusers-dpm-solver-multistep" in recorded
 
 
+@pytest.mark.slow
 def test_bench_sets_adm_unet_and_diffusers_unet2d_side_by_side(tmp_path):
     """One bench run, one table: the same stage configuration on both backbones."""
     import json
@@ -66,7 +67,9 @@ def test_a_sweep_compares_cdmbench_and_diffusers_samplers_on_one_checkpoint(trai
               "--set=evaluate.metrics=[{name: is, args: {features: classifier, features_args: {epochs: 1}}}]",
               "--set=evaluate.num_samples=10", "--set=evaluate.batch_size=10", "--no-progress"]
     for sampler in ("ddpm", "diffusers-euler"):
-        result = CliRunner().invoke(cli, [*common, f"--set=stages.sr32.sampler={{name: {sampler}, args: {{steps: 3}}}}"])
+        result = CliRunner().invoke(
+            cli, [*common, f"--set=stages.sr32.sampler={{name: {sampler}, args: {{steps: 3}}}}"]
+        )
         assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (trained / "results.jsonl").read_text().splitlines()]
     swept = [r for r in rows if r["metric"] == "is_classifier"]

@@ -76,7 +76,7 @@ def _check(*, resolution, channels, channel_mult, sides, attention_resolutions, 
 
 def _head_dim(widths: list[int], attends: list[bool], num_heads: int, num_head_channels: int) -> int:
     """UNet2DModel has one attention head width for every block (and the middle one)."""
-    attn_widths = sorted({w for w, a in zip(widths, attends) if a} | {widths[-1]})
+    attn_widths = sorted({w for w, a in zip(widths, attends, strict=True) if a} | {widths[-1]})
     if num_head_channels > 0:
         for w in attn_widths:
             if w % num_head_channels:

@@ -143,13 +143,19 @@ class DiffusersSampler:
 
 
 SCHEDULERS = {  # cdmbench name -> (diffusers class, config, summary)
-    "diffusers-dpm-solver-multistep": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-                                       "diffusers DPMSolverMultistepScheduler (DPM-Solver++ 2M)"),
+    "diffusers-dpm-solver-multistep": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2},
+        "diffusers DPMSolverMultistepScheduler (DPM-Solver++ 2M)",
+    ),
     "diffusers-unipc": ("UniPCMultistepScheduler", {}, "diffusers UniPCMultistepScheduler (UniPC, bh2); no early stop"),
     "diffusers-euler": ("EulerDiscreteScheduler", {}, "diffusers EulerDiscreteScheduler (Karras et al. Euler)"),
     "diffusers-heun": ("HeunDiscreteScheduler", {}, "diffusers HeunDiscreteScheduler (2 evaluations per step)"),
-    "diffusers-euler-ancestral": ("EulerAncestralDiscreteScheduler", {},
-                                  "diffusers EulerAncestralDiscreteScheduler (stochastic); no early stop"),
+    "diffusers-euler-ancestral": (
+        "EulerAncestralDiscreteScheduler",
+        {},
+        "diffusers EulerAncestralDiscreteScheduler (stochastic); no early stop",
+    ),
 }
 
 
