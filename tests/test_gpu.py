@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from cdmbench.cascade.stages import build_stage, sample_stage
-from cdmbench.recipe.schema import parse_recipe
+from cdmbench.recipe.validate import parse_recipe
 from cdmbench.training.run import run
 from tests.conftest import TINY_RECIPE
 from tests.evaluation.test_classifier import _stop_at, colour_images, events_of_4_and_7_steps

@@ -24,7 +24,8 @@ from cdmbench.evaluation.sweep import MANIFEST, apply_sweep_levels, best_levels,
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.components import make_component
 from cdmbench.recipe.load import load_recipe
-from cdmbench.recipe.schema import Component, Recipe, check_component
+from cdmbench.recipe.schema import Component, Recipe
+from cdmbench.recipe.validate import check_component
 from cdmbench.reporting.write import write_report
 from cdmbench.runtime import distributed
 from cdmbench.runtime.device import resolve_device

@@ -8,7 +8,8 @@ from typing import Any
 
 from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.plugins import Plugins, load_plugins
-from cdmbench.recipe.schema import Component, _convert, check_component
+from cdmbench.recipe.schema import Component
+from cdmbench.recipe.validate import _convert, check_component
 
 
 def make_component(plugins: Plugins, kind: str, spec: Component, path: str, **host):

@@ -8,7 +8,8 @@ import yaml
 
 from cdmbench.errors import RecipeError
 from cdmbench.plugins import Plugins
-from cdmbench.recipe.schema import Recipe, parse_recipe
+from cdmbench.recipe.schema import Recipe
+from cdmbench.recipe.validate import parse_recipe
 
 
 def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),

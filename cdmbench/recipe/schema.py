@@ -1,27 +1,19 @@
-"""The recipe schema (dataclasses) and its validation: a raw YAML mapping -> a resolved ``Recipe``.
+"""The recipe schema: one dataclass per section, each key's type, default and meaning.
 
-Strict: unknown keys, wrong types, unknown component names and ``args`` a factory does not
-accept all fail here, before any data or model is touched, with the dotted path of the bad key
-(stages are addressed by name: ``stages.sr32.backbone.args.channels``).
+Every key's meaning is the docstring under its field (``REPLICATES_DOC`` for a stage's
+``replicates``, which is not a field); ``docs/recipes.md`` is generated from them
+(``python -m cdmbench.recipe.reference --write docs/recipes.md``). ``validate`` turns a raw YAML
+mapping into these dataclasses.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import inspect
 import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
-import yaml
-
-from cdmbench.diffusion.process import LOSSES
-from cdmbench.errors import RecipeError, RegistryError
-from cdmbench.interfaces import HOST_ARGS
-from cdmbench.plugins import Plugins, load_plugins
+from cdmbench.errors import RecipeError
 from cdmbench.registry import suggestion
 
 FORMAT_VERSION = 1
@@ -30,32 +22,78 @@ STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
 
 @dataclass
 class Component:
-    """A component of some kind: its registered name and the factory's keyword arguments."""
+    """A component of some kind (dataset, backbone, schedule, sampler, augmentation, metric): its
+    registered name and the keyword arguments of its factory. A bare name (``ddpm``) stands for
+    ``{name: ddpm}``."""
 
     name: str
+    """The registered name (``cdmbench ls KIND`` lists them); an unknown name is refused, naming the nearest
+    valid one (or all of them)."""
     args: dict[str, Any] = field(default_factory=dict)
+    """The factory's keyword arguments, checked when the recipe loads: each must be a parameter of the
+    factory (unless it takes ``**kwargs``) and is converted to its type hint; keyword-only parameters without
+    a default are required; host facts (what cdmbench passes itself, ``cdmbench.interfaces.HOST_ARGS``)
+    are refused."""
 
 
 @dataclass
 class Train:
+    """How a stage trains: AdamW on batches of the dataset's training split, an exponential moving average
+    (EMA) of the weights, checkpoints and a training log."""
+
     steps: int
+    """Optimizer steps to train, each on one global batch; >= 1. Raise it and run the recipe again to train
+    on from the latest checkpoint; a checkpoint beyond it is refused."""
     batch_size: int
+    """The global batch in images per step, over all processes and micro-batches; >= 1. It must be divisible
+    by ``grad_accumulation``, and under torchrun by the number of processes x ``grad_accumulation``."""
     lr: float = 1.0e-4
+    """AdamW's learning rate, constant after the warm-up; > 0."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay (0: none)."""
     ema: float = 0.9999
+    """Decay d of the EMA of the weights, updated after every step (ema <- d ema + (1 - d) weights); sampling
+    and evaluation use the EMA weights. In [0, 1); it averages over about 1 / (1 - d) steps."""
     checkpoint_every: int = 1000
+    """Steps between checkpoints (weights, EMA, optimizer state); one is also written at the last step and
+    when SIGTERM or Ctrl-C stops training. >= 1."""
     keep_checkpoints: int = 3
-    milestone_every: int = 0  # checkpoints at multiples of this step are never pruned (0: none)
+    """How many of the newest checkpoints are kept: older ones are deleted, except milestones. >= 1."""
+    milestone_every: int = 0
+    """Checkpoints whose step is a multiple of this are never deleted (0: none). Only steps that are
+    checkpointed count: use a multiple of ``checkpoint_every``. >= 0."""
     log_every: int = 100
-    val_bpd_images: int = 0  # hybrid loss: after training, the bound in bits/dim on test images
-    warmup_steps: int = 0  # linear learning-rate warm-up
-    grad_clip: float = 0.0  # max gradient norm (0: off)
-    grad_accumulation: int = 1  # micro-batches per step; batch_size stays the global batch
-    precision: str = "fp32"  # or bf16 (autocast)
+    """Steps between rows of ``train_log.jsonl`` (mean loss, gradient norm and images/s since the previous
+    row, training seconds); a row is also written at each checkpoint. A NaN or infinite loss or gradient
+    norm stops training at the next row. >= 1."""
+    val_bpd_images: int = 0
+    """After training, the variational bound in bits/dim on the first N images of the test split, as a
+    ``val_bpd`` result row (0: none). Needs ``loss: hybrid`` (the learned variance); >= 0."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up: step k (from 0) uses lr x min(1, (k + 1) / warmup_steps);
+    0: none. >= 0."""
+    grad_clip: float = 0.0
+    """Maximum global gradient norm: larger gradients are scaled down to it (0: no clipping); >= 0."""
+    grad_accumulation: int = 1
+    """Micro-batches per step: each process's share of ``batch_size`` runs forward and backward in this many
+    parts (less memory, the same step); >= 1 and divides ``batch_size``."""
+    precision: str = "fp32"
+    """``fp32`` or ``bf16`` (forward pass and loss under bfloat16 autocast; weights and optimizer stay in
+    float32); other values are refused. Also the sampling precision while ``sample.precision`` is
+    ``train``."""
     channels_last: bool = False
-    compile: bool = False  # torch.compile the training step
-    cudnn_benchmark: bool = True  # cuDNN times its convolution algorithms for the fixed shapes, keeps the fastest
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 slower
+    """Convert the network to the channels-last (NHWC) memory format, a speed setting for convolutions on
+    GPUs."""
+    compile: bool = False
+    """``torch.compile`` the network for training (after wrapping it for DDP); sampling runs it
+    uncompiled."""
+    cudnn_benchmark: bool = True
+    """Set ``torch.backends.cudnn.benchmark``: cuDNN times its convolution algorithms for the fixed training
+    shapes and keeps the fastest; false: cuDNN's heuristics."""
+    gradient_checkpointing: bool = False
+    """The backbone recomputes its blocks' activations in backward: less memory for about a third more
+    compute, the same gradients. Refused, when the stage is built, for a backbone without
+    ``set_gradient_checkpointing`` (``adm-unet`` has it)."""
 
 
 @dataclass
@@ -64,25 +102,58 @@ class Guidance:
     null class) with probability ``label_dropout``; sample with eps_u + scale (eps_c - eps_u)."""
 
     label_dropout: float = 0.0
+    """Probability that a training example's class label is replaced by an extra null class (the last
+    label), which trains the unconditional model that guidance needs; 0: no null class. In [0, 1)."""
     scale: float = 1.0
+    """Guidance weight w when sampling: the network's prediction is uncond + w (cond - uncond), two passes
+    per sampling step (the learned variance, if any, stays the conditional one); 1: the conditional model
+    alone, one pass. >= 0; a value other than 1 needs ``label_dropout`` > 0."""
 
 
 @dataclass
 class Stage:
+    """One diffusion model of the cascade: a base stage generates images from class labels; a
+    super-resolution (SR) stage also gets an earlier stage's images (``condition_on``), augmented."""
+
     name: str
+    """The stage's name: lower-case letters, digits, ``-`` and ``_``, starting with a letter; unique. It
+    names the stage's folder in the run directory and the stage in ``--stage NAME`` and
+    ``--set stages.NAME.KEY=VALUE``."""
     resolution: int
+    """Side in pixels of the square images the stage generates; >= 4, and an SR stage's must exceed that
+    of the stage it conditions on."""
     backbone: Component
+    """The denoising network: a ``backbones`` component (``adm-unet``; ``diffusers-unet2d`` with the
+    cdmbench-diffusers plugin)."""
     schedule: Component
+    """The noise schedule: a ``schedules`` component: ``linear`` or ``cosine`` (discrete: ``timesteps``
+    steps) or ``log-snr`` (continuous)."""
     train: Train
+    """How the stage trains: the keys of ``stages[].train``."""
     sampler: Component
+    """The sampler: a ``samplers`` component (``ddpm``, ``ddim``, ``dpm-solver-2m``), checked against the
+    schedule and loss when the stage is built (e.g. ``loss: hybrid`` with ``ddpm`` needs
+    ``variance: learned``; no more steps than a discrete schedule has)."""
     loss: str = "simple"
-    vlb_weight: float = 0.001  # lambda of the hybrid loss
+    """What the network predicts and its loss: ``simple`` (MSE of the noise eps, DDPM), ``x0`` (MSE of the
+    clean image), ``v`` (MSE of v = sqrt(abar) eps - sqrt(1 - abar) x0) or ``hybrid`` (``simple`` +
+    ``vlb_weight`` x L_vlb with a learned variance, Improved DDPM; the network outputs twice the channels;
+    needs a discrete schedule). Other values are refused."""
+    vlb_weight: float = 0.001
+    """Lambda of the hybrid loss L_simple + lambda L_vlb (only ``loss: hybrid`` uses it); >= 0."""
     guidance: Guidance = field(default_factory=Guidance)
+    """Classifier-free guidance: the keys of ``stages[].guidance``."""
     condition_on: str | None = None
-    # one augmentation, or a list applied in order (their conditioning vectors concatenate)
+    """The name of an earlier stage whose samples this SR stage upsamples (its low-res input, augmented);
+    null: a base stage, generated from class labels alone."""
     augmentation: Component | list[Component] = field(default_factory=lambda: Component("none"))
-    # set on the copies that a stage's `replicates: k` appends (`<name>_r2` .. `<name>_rk`)
+    """Conditioning augmentation of the low-res input: an ``augmentations`` component (``none``,
+    ``gaussian``, ``blur``), or a list of them applied in order (their conditioning vectors concatenate).
+    Anything but ``none`` needs ``condition_on``."""
     replicate_of: str | None = None
+    """Set by cdmbench, not by hand: on each copy that ``replicates: k`` appends, the name of the stage it
+    copies (run.yaml shows it). A name that is not an earlier stage, or that is itself a copy, is
+    refused."""
 
     def augmentations(self) -> list[Component]:
         return self.augmentation if isinstance(self.augmentation, list) else [self.augmentation]
@@ -90,35 +161,78 @@ class Stage:
 
 @dataclass
 class Sample:
+    """How the cascade is sampled: by ``cdmbench run`` after training (a grid per stage), and the
+    defaults of ``cdmbench sample``."""
+
     images_per_class: int = 8
+    """Images per class that ``cdmbench run`` samples for each stage's grid (one row per class); the
+    default of ``cdmbench sample --per-class``. >= 1."""
     batch_size: int = 64
+    """Images per sampling batch (``cdmbench run``, ``cdmbench sample``, the sampling part of
+    ``cdmbench bench``); the images do not depend on it. >= 1."""
     seed: int = 0
-    num_classes: int | None = None  # sample (and grid) only the first N classes (None: all)
-    precision: str = "train"  # the networks' precision when sampling: each stage's train.precision, fp32 or bf16
+    """Seed of all sampling: image i of a stage draws from (seed, stage position, i), so a request gives the
+    same images in any batch size; evaluation and sweeps use it too. >= 0."""
+    num_classes: int | None = None
+    """Sample (and grid) only the first N classes; null: every class. Also the default classes of
+    ``cdmbench sample``; evaluation samples every class. >= 1 or null."""
+    precision: str = "train"
+    """The networks' precision when sampling (run, sample, evaluate, sweep): ``train`` (each stage's
+    ``train.precision``), ``fp32`` or ``bf16`` (the network under bfloat16 autocast; the sampler's arithmetic
+    stays float32). Other values are refused."""
 
 
 @dataclass
 class Evaluate:
-    """What ``cdmbench evaluate`` does by default."""
+    """What ``cdmbench evaluate`` (and ``sweep``, ``prepare --metrics``) does by default."""
 
-    metrics: list[Component] = field(default_factory=list)  # e.g. [fid, is, cas] or {name, args}
+    metrics: list[Component] = field(default_factory=list)
+    """The metrics: ``metrics`` components (``fid``, ``is``, ``cas``), each a bare name or ``{name, args}``.
+    ``--metrics fid,is`` picks some by name, with their args from here (a name not listed: default
+    args)."""
     num_samples: int = 50000
-    batch_size: int = 64    # sampling batch
-    shard_size: int = 1000  # samples per npz shard (the unit of resuming)
-    stage: str | None = None  # default: the last stage
+    """Class-balanced samples to generate and evaluate (image i has class i mod the class count); the
+    default of ``--num-samples``. >= 1."""
+    batch_size: int = 64
+    """Images per sampling batch of evaluation and sweeps. >= 1."""
+    shard_size: int = 1000
+    """Samples per npz shard, the unit in which evaluation's sampling resumes. >= 1."""
+    stage: str | None = None
+    """The stage whose samples are evaluated by default (``--stage`` overrides); null: the last stage. It
+    must name a stage."""
 
 
 @dataclass
 class Recipe:
+    """A cascade on one dataset: how its stages train, how it samples and what evaluation computes."""
+
     cdmbench: int
+    """The recipe format version: 1, the format this cdmbench reads; other values are refused."""
     name: str
+    """The run's name: the default run directory is ``runs/<name>`` (``--out`` changes it) and every
+    result row's ``run``. ``--smoke`` appends ``-smoke``."""
     data: Component
+    """The dataset: a ``datasets`` component (``shapes``, ``fashion-mnist``, ``imagefolder``, ``hf``).
+    Every stage trains on its training split at the stage's resolution; evaluation compares samples with
+    its splits."""
     stages: list[Stage]
+    """The cascade, a non-empty list: base stages (no ``condition_on``) and SR stages, each conditioned on
+    an earlier one. A stage's seeds derive from its position: stages may be appended to a trained run,
+    not reordered. The keys of ``stages[]``."""
     seed: int = 0
+    """Seed of training: each stage's initial weights, batch order and every step's draws (flips, noise
+    levels, noise, augmentation, label dropout) derive from it and the stage's position. >= 0. Sampling uses
+    ``sample.seed``."""
     device: str = "auto"
+    """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; other values are
+    refused. Under torchrun ``auto`` and ``cuda`` mean the process's GPU (``LOCAL_RANK``)."""
     plugins: list[str] = field(default_factory=list)
+    """Plugin modules to import by module name (e.g. one under development), besides the built-ins and
+    the installed plugins (``cdmbench`` entry points)."""
     sample: Sample = field(default_factory=Sample)
+    """How the cascade is sampled: the keys of ``sample``."""
     evaluate: Evaluate = field(default_factory=Evaluate)
+    """What evaluation computes by default: the keys of ``evaluate``."""
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:
@@ -143,283 +257,17 @@ class Recipe:
 
 # --- generic strict conversion of plain YAML data into the dataclasses above ---------------
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
-                "list": "a list", "dict": "a mapping", "tuple": "a list"}.get(tp.__name__, tp.__name__)
-    return str(tp).replace("typing.", "")
 
-
-def _convert(value: Any, tp: Any, path: str) -> Any:
-    """``value`` checked against (and converted to) the type hint ``tp``."""
-    origin = typing.get_origin(tp)
-    if tp is Any or tp is inspect.Parameter.empty:
-        return value
-    if origin in (Union, types.UnionType):
-        errors = []
-        for option in typing.get_args(tp):
-            try:
-                return _convert(value, option, path)
-            except RecipeError as exc:
-                errors.append(exc)
-        deeper = [exc for exc in errors if exc.path != path]  # the value has an option's shape
-        if deeper:
-            raise deeper[0]
-        names = " or ".join(_type_name(o) for o in typing.get_args(tp))
-        raise RecipeError(path, f"expected {names}, got {value!r}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise RecipeError(path, f"expected one of {', '.join(map(repr, typing.get_args(tp)))}, got {value!r}")
-        return value
-    if tp is Component and isinstance(value, str):  # a bare name: no args
-        return Component(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(path, f"expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[int, str]: one type per item
-            if len(value) != len(args):
-                raise RecipeError(path, f"expected a list of {len(args)} items, got {value!r}")
-            return [_convert(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, args))]
-        item = args[0] if args else Any
-        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(path, f"expected a mapping, got {value!r}")
-        key_type, item = typing.get_args(tp) or (Any, Any)
-        return {_convert(k, key_type, path): _convert(v, item, _join(path, str(k))) for k, v in value.items()}
-    if tp is type(None):
-        if value is not None:
-            raise RecipeError(path, f"expected null, got {value!r}")
-        return None
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise RecipeError(path, f"expected {_type_name(tp)}, got {value!r}")
-        return value
-    return value  # a type we cannot check (a plugin's own class): the factory checks it
-
-
-def _build(cls: type, data: Any, path: str) -> Any:
-    if not isinstance(data, dict):
-        raise RecipeError(path, f"expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            raise RecipeError(_join(path, str(key)),
-                              f"unknown key; {suggestion(str(key), fields)}")
-    values = {}
-    for name, f in fields.items():
-        if name in data:
-            sub = _join(path, name)
-            values[name] = (_build_stages(data[name], sub) if name == "stages"
-                            else _convert(data[name], hints[name], sub))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise RecipeError(_join(path, name), "required key is missing")
-    return cls(**values)
-
-
-def _build_stages(data: Any, path: str) -> list[Stage]:
-    """The stages, with the copies that ``replicates: k`` asks for appended after all of them."""
-    if not isinstance(data, list) or not data:
-        raise RecipeError(path, "expected a non-empty list of stages")
-    stages, copies = [], []
-    for i, item in enumerate(data):
-        name = item.get("name") if isinstance(item, dict) else None
-        where = f"{path}.{name}" if isinstance(name, str) else f"{path}[{i}]"
-        count = 1
-        if isinstance(item, dict) and "replicates" in item:
-            item = dict(item)
-            count = _convert(item.pop("replicates"), int, f"{where}.replicates")
-        if count < 1:
-            raise RecipeError(f"{where}.replicates", f"must be >= 1 (trainings of this stage), got {count}")
-        stage = _build(Stage, item, where)
-        stages.append(stage)
-        copies += [dataclasses.replace(copy.deepcopy(stage), name=f"{stage.name}_r{k}", replicate_of=stage.name)
-                   for k in range(2, count + 1)]
-    return stages + copies
-
-
-def complete(raw: dict[str, Any]) -> dict[str, Any]:
-    """A resolved recipe (a run.yaml's) as this cdmbench writes it: keys added since at their
-    defaults, so that comparing it with a new recipe sees real differences only."""
-    return _build(Recipe, copy.deepcopy(raw), "").to_dict()
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
+REPLICATES_DOC = """Train the stage k times (k >= 1): copies named ``<name>_r2`` .. ``<name>_rk``, with
+``replicate_of: <name>``, are appended after all stages, so that the others keep their positions, from which
+seeds derive (each copy trains with its own; adding copies to a trained run trains only them). CDM's
+findings judge the stage by the mean of its k runs and their spread, and report.md gives each metric's mean
+and standard error. Not in the resolved recipe (run.yaml), which lists the copies."""
 
 
 # --- overrides ------------------------------------------------------------------------------
 
-def apply_override(raw: dict[str, Any], assignment: str) -> None:
-    """Apply ``a.b.c=value`` (value parsed as YAML) to the raw recipe; stages by name."""
-    key, sep, text = assignment.partition("=")
-    if not sep or not key:
-        raise RecipeError("--set", f"expected key=value, got {assignment!r}")
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        here = ".".join(parts[: i + 1])
-        if isinstance(node, list):  # stages, addressed by name
-            names = [s.get("name") for s in node if isinstance(s, dict)]
-            if part not in names:
-                raise RecipeError(here, f"no stage '{part}'; {suggestion(part, names)}")
-            node = node[names.index(part)]
-        elif isinstance(node, dict):
-            node = node.setdefault(part, {})
-        else:
-            raise RecipeError(here, f"cannot set a key inside {node!r}")
-    if not isinstance(node, dict):
-        raise RecipeError(key, "cannot set a key here")
-    try:
-        node[parts[-1]] = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(key, f"--set value {text!r} is not valid YAML ({exc.problem or exc}); quote a "
-                               "string, or write a list as [a, b] and a mapping as {k: v}") from None
-
 
 # --- semantic checks ---------------------------------------------------------------------
-
-def check_component(plugins: Plugins, kind: str, spec: Component, path: str) -> None:
-    """The name is registered and ``args`` fit the factory's signature and type hints."""
-    try:
-        component = plugins[kind].get(spec.name)
-    except RegistryError as exc:
-        raise RecipeError(f"{path}.name", str(exc)) from None
-    params = component.parameters()
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    try:
-        hints = typing.get_type_hints(component.factory)
-    except Exception:  # unresolvable annotations in a plugin: skip the type check
-        hints = {}
-    host = HOST_ARGS[kind]
-    for key, value in spec.args.items():
-        where = f"{path}.args.{key}"
-        if key in host:
-            raise RecipeError(where, f"is set by cdmbench from the run (host facts for {kind}: "
-                                     f"{', '.join(host)}); remove it from the recipe")
-        if key not in params and not takes_any:
-            valid = [p for p in params if p not in host]
-            raise RecipeError(where, f"{kind[:-1]} '{spec.name}' takes no argument '{key}'; "
-                                     f"{suggestion(key, valid)}")
-        if key in hints:
-            spec.args[key] = _convert(value, hints[key], where)
-    for name, p in params.items():
-        if (p.default is inspect.Parameter.empty and name not in host and name not in spec.args
-                and p.kind is inspect.Parameter.KEYWORD_ONLY):
-            raise RecipeError(f"{path}.args.{name}", f"required by {kind[:-1]} '{spec.name}'")
-
-
-def _check(recipe: Recipe, plugins: Plugins) -> None:
-    if recipe.cdmbench != FORMAT_VERSION:
-        raise RecipeError("cdmbench", f"unsupported recipe format {recipe.cdmbench}; this "
-                                      f"cdmbench reads format {FORMAT_VERSION}")
-    if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
-        raise RecipeError("device", f"expected auto, cpu, cuda or cuda:N, got {recipe.device!r}")
-    for path, seed in (("seed", recipe.seed), ("sample.seed", recipe.sample.seed)):
-        if seed < 0:
-            raise RecipeError(path, f"must be >= 0 (seeds derive per-image generators), got {seed}")
-    check_component(plugins, "datasets", recipe.data, "data")
-    seen: dict[str, Stage] = {}
-    for stage in recipe.stages:
-        path = f"stages.{stage.name}"
-        if not STAGE_NAME_RE.match(stage.name):
-            raise RecipeError(f"{path}.name", "stage names are lower-case letters, digits, - and _")
-        if stage.name in seen:
-            raise RecipeError(f"{path}.name", "two stages have this name")
-        original = seen.get(stage.replicate_of) if stage.replicate_of else None
-        if stage.replicate_of and (original is None or original.replicate_of is not None):
-            raise RecipeError(f"{path}.replicate_of", f"'{stage.replicate_of}' is not an earlier stage "
-                              "that is not itself a replicate; use `replicates: k` on the stage")
-        if stage.resolution < 4:
-            raise RecipeError(f"{path}.resolution", f"must be >= 4, got {stage.resolution}")
-        if stage.loss not in LOSSES:
-            raise RecipeError(f"{path}.loss", f"unknown loss '{stage.loss}'; {suggestion(stage.loss, LOSSES)}")
-        if stage.vlb_weight < 0:
-            raise RecipeError(f"{path}.vlb_weight", "must be >= 0")
-        if not 0.0 <= stage.guidance.label_dropout < 1.0:
-            raise RecipeError(f"{path}.guidance.label_dropout", "must be in [0, 1)")
-        if stage.guidance.scale < 0:
-            raise RecipeError(f"{path}.guidance.scale", "must be >= 0")
-        if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0:
-            raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
-                              "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
-        if stage.condition_on is None:
-            if any(a.name != "none" for a in stage.augmentations()):
-                raise RecipeError(f"{path}.augmentation", "only a stage with condition_on "
-                                  "(a super-resolution stage) can augment its low-res input")
-        else:
-            prev = seen.get(stage.condition_on)
-            if prev is None:
-                raise RecipeError(f"{path}.condition_on",
-                                  f"'{stage.condition_on}' is not an earlier stage; "
-                                  f"{suggestion(stage.condition_on, seen)}")
-            if prev.resolution >= stage.resolution:
-                raise RecipeError(f"{path}.resolution", f"{stage.resolution} must exceed the "
-                                  f"resolution of '{prev.name}' ({prev.resolution})")
-        train = stage.train
-        for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(train, key) < 1:
-                raise RecipeError(f"{path}.train.{key}", "must be >= 1")
-        if train.val_bpd_images < 0 or (train.val_bpd_images and stage.loss != "hybrid"):
-            raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
-                              "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
-        if train.milestone_every < 0:
-            raise RecipeError(f"{path}.train.milestone_every", "must be >= 0")
-        if train.precision not in ("fp32", "bf16"):
-            raise RecipeError(f"{path}.train.precision", f"expected fp32 or bf16, got {train.precision!r}")
-        for key in ("warmup_steps", "grad_clip"):
-            if getattr(train, key) < 0:
-                raise RecipeError(f"{path}.train.{key}", "must be >= 0")
-        if train.grad_accumulation < 1 or train.batch_size % train.grad_accumulation:
-            raise RecipeError(f"{path}.train.grad_accumulation", f"must be >= 1 and divide "
-                              f"batch_size ({train.batch_size})")
-        if not 0.0 <= train.ema < 1.0:
-            raise RecipeError(f"{path}.train.ema", "must be in [0, 1)")
-        if train.lr <= 0:
-            raise RecipeError(f"{path}.train.lr", "must be > 0")
-        for kind, spec, key in (("backbones", stage.backbone, "backbone"),
-                                ("schedules", stage.schedule, "schedule"),
-                                ("samplers", stage.sampler, "sampler")):
-            check_component(plugins, kind, spec, f"{path}.{key}")
-        many = isinstance(stage.augmentation, list)
-        for i, spec in enumerate(stage.augmentations()):
-            check_component(plugins, "augmentations", spec, f"{path}.augmentation" + (f"[{i}]" if many else ""))
-        seen[stage.name] = stage
-    if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
-        raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
-    if recipe.sample.precision not in ("train", "fp32", "bf16"):
-        raise RecipeError("sample.precision", "expected train (each stage's train.precision), fp32 or "
-                          f"bf16, got {recipe.sample.precision!r}")
-    if recipe.sample.num_classes is not None and recipe.sample.num_classes < 1:
-        raise RecipeError("sample.num_classes", "must be >= 1 or null (every class)")
-    evaluate = recipe.evaluate
-    for i, metric in enumerate(evaluate.metrics):
-        check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
-    for key in ("num_samples", "batch_size", "shard_size"):
-        if getattr(evaluate, key) < 1:
-            raise RecipeError(f"evaluate.{key}", "must be >= 1")
-    if evaluate.stage is not None and evaluate.stage not in seen:
-        raise RecipeError("evaluate.stage", f"no stage '{evaluate.stage}'; {suggestion(evaluate.stage, seen)}")
-
-
-def parse_recipe(raw: Any, *, overrides: tuple[str, ...] | list[str] = (),
-                 plugins: Plugins | None = None) -> tuple[Recipe, Plugins]:
-    """Validate a raw (YAML-loaded) recipe; returns it with the plugins it was checked against."""
-    if not isinstance(raw, dict):
-        raise RecipeError("", f"a recipe is a YAML mapping, got {type(raw).__name__}")
-    for assignment in overrides:
-        apply_override(raw, assignment)
-    recipe = _build(Recipe, raw, "")
-    plugins = plugins or load_plugins(recipe.plugins)
-    _check(recipe, plugins)
-    return recipe, plugins
 
 

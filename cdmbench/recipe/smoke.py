@@ -149,7 +149,7 @@ def smoke_recipe(raw: Any, overrides: tuple[str, ...] | list[str] = (), plugins=
     applied first (they pick the real dataset whose class count the stand-in copies), the rest
     are returned, to be applied after ``smoke`` so that they win over its values."""
     from cdmbench.recipe.components import recipe_classes
-    from cdmbench.recipe.schema import apply_override
+    from cdmbench.recipe.validate import apply_override
 
     if not isinstance(raw, dict):
         return raw, list(overrides)

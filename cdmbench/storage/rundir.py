@@ -23,7 +23,8 @@ import yaml
 
 from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.plugins import Plugins
-from cdmbench.recipe.schema import Recipe, complete, parse_recipe
+from cdmbench.recipe.schema import Recipe
+from cdmbench.recipe.validate import complete, parse_recipe
 from cdmbench.storage.files import append_text, atomic_write
 
 # Keys that may change between invocations of one run (training longer, sampling differently):

@@ -14,7 +14,7 @@ from cdmbench.builtin.schedules import cosine
 from cdmbench.builtin.unet import adm_unet
 from cdmbench.cascade.stages import Composition, build_stage, sample_cascade, sample_stage
 from cdmbench.errors import RecipeError
-from cdmbench.recipe.schema import parse_recipe
+from cdmbench.recipe.validate import parse_recipe
 from tests.conftest import TINY_RECIPE
 
 

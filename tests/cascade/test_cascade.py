@@ -11,7 +11,7 @@ import yaml
 
 from cdmbench.cascade.stages import build_stage
 from cdmbench.errors import RecipeError
-from cdmbench.recipe.schema import parse_recipe
+from cdmbench.recipe.validate import parse_recipe
 from cdmbench.training.run import run
 from tests.conftest import TINY_RECIPE
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from cdmbench.cli import cli
 from cdmbench.errors import RecipeError
 from cdmbench.recipe.load import load_recipe
-from cdmbench.recipe.schema import parse_recipe
+from cdmbench.recipe.validate import parse_recipe
 from tests.conftest import ROOT
 
 
@@ -149,7 +149,7 @@ def test_integer_options_are_checked_before_any_work(args):
 def test_args_are_checked_against_tuple_literal_and_dict_hints():
     from typing import Literal
 
-    from cdmbench.recipe.schema import _convert
+    from cdmbench.recipe.validate import _convert
 
     assert _convert([3, "x"], tuple[int, str], "a") == [3, "x"]
     assert _convert([1, 2, 3], tuple[int, ...], "a") == [1, 2, 3]

@@ -12,8 +12,8 @@ from PIL import Image
 from cdmbench.builtin.shapes import CLASSES, shapes
 from cdmbench.cli import cli
 from cdmbench.recipe.load import load_recipe
-from cdmbench.recipe.schema import parse_recipe
 from cdmbench.recipe.smoke import smoke
+from cdmbench.recipe.validate import parse_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 

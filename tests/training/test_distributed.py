@@ -341,7 +341,7 @@ def test_each_process_reads_only_its_share_and_draws_for_all(rank, monkeypatch):
 
     from cdmbench.cascade.stages import build_stage
     from cdmbench.data.images import ImageSet
-    from cdmbench.recipe.schema import parse_recipe
+    from cdmbench.recipe.validate import parse_recipe
     from cdmbench.training.trainer import make_batch
     from tests.conftest import TINY_RECIPE
 
