@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import sys
 from pathlib import Path
 
@@ -18,7 +17,8 @@ SMOKE_HELP = ("Shrink the recipe (widths, depths, steps, sample counts) and swap
 
 
 class Group(click.Group):
-    """Prints CdmbenchError messages, and a full disk, without a traceback."""
+    """Prints CdmbenchError messages, and a write that failed for space, permissions or a read-only
+    file system, without a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -26,13 +26,14 @@ class Group(click.Group):
         except CdmbenchError as exc:
             click.secho(f"error: {exc}", fg="red", err=True)
             ctx.exit(2)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        except OSError as exc:  # a full disk, permissions, a read-only file system: the file, cause and fix
+            from cdmbench.storage.files import write_failure
+
+            failure = write_failure(exc)
+            if failure is None:
                 raise
-            where = f" writing {exc.filename}" if exc.filename else ""
-            click.secho(f"error: {exc.strerror}{where}. Free space there and run the same command again: "
-                        "what was finished (checkpoints, prepared shards, samples, results) is kept and "
-                        "reused", fg="red", err=True)
+            click.secho(f"error: {failure[1]} and run the same command again: what was finished (checkpoints, "
+                        "prepared shards, samples, results) is kept and reused", fg="red", err=True)
             ctx.exit(2)
 
 
@@ -112,7 +113,7 @@ def plugins():
     """List the loaded plugins, their versions and the components each provides."""
     from cdmbench.plugins import load_plugins
 
-    loaded = load_plugins()
+    loaded = load_plugins()  # a broken plugin is listed with its failure, never an error
     for name in loaded.versions:
         package = loaded.packages.get(name)
         click.echo(f"{name} {loaded.versions[name] or '(no version)'}"
@@ -337,12 +338,12 @@ def main() -> None:
 
     from cdmbench.plugins import load_plugins
 
-    try:
-        hook = load_plugins(components=False).manager.hook.cdmbench_add_commands
-    except CdmbenchError as exc:
-        click.secho(f"error: {exc}", fg="red", err=True)
-        sys.exit(2)
-    for impl in hook.get_hookimpls():  # one by one: a broken plugin must not take the others' commands
+    try:  # a broken plugin is its own failure: every command, --help and --version still work
+        impls = load_plugins(components=False).manager.hook.cdmbench_add_commands.get_hookimpls()
+    except Exception as exc:
+        warnings.warn(f"the plugins' commands are not available: {exc}", stacklevel=2)
+        impls = []
+    for impl in impls:  # one by one: a broken plugin must not take the others' commands
         commands = dict(cli.commands)
         try:
             impl.function(cli=cli)
@@ -350,4 +351,10 @@ def main() -> None:
             cli.commands = commands
             warnings.warn(f"plugin '{impl.plugin_name}' raised while adding commands: {exc!r}; "
                           "its commands are not available", stacklevel=2)
+            continue
+        replaced = [name for name, command in commands.items() if cli.commands.get(name) is not command]
+        if replaced:  # a plugin may add commands, not replace cdmbench's or another plugin's
+            cli.commands.update({name: commands[name] for name in replaced})
+            warnings.warn(f"plugin '{impl.plugin_name}' adds the command(s) {', '.join(replaced)}, which "
+                          "exist already; its own are not used: rename them", stacklevel=2)
     cli()

@@ -27,3 +27,9 @@ class CheckpointError(CdmbenchError):
 
 class Stopped(CdmbenchError):
     """Work stopped by SIGTERM / SIGINT after saving its state; the same command resumes it."""
+
+
+class Interrupted(Stopped, KeyboardInterrupt):
+    """Work stopped by SIGINT (Ctrl-C) after saving its state. The command line prints it as any
+    ``CdmbenchError``; to any other caller it is also the ``KeyboardInterrupt`` Ctrl-C raises, so
+    pytest, a notebook or a script's ``except KeyboardInterrupt`` stops there, as without cdmbench."""

@@ -92,12 +92,18 @@ class Plugins:
                 for kind, reg in self.registries.items()}
 
 
-def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool = True) -> Plugins:
+def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool = True,
+                 only: tuple[str, ...] | list[str] | None = None) -> Plugins:
     """A fresh plugin manager with the built-ins, installed entry points and ``modules``.
 
     ``components=False``: only the installed entry points, and nothing registered, which is what
     the command line needs for the commands plugins add (the built-ins add none, and importing
-    them imports torch: seconds before ``cdmbench --help`` prints a line)."""
+    them imports torch: seconds before ``cdmbench --help`` prints a line). ``only``: load only
+    these installed plugins (besides the built-ins and ``modules``), as ``CDMBENCH_PLUGINS``
+    does, which it replaces.
+
+    A plugin that fails (its import, its hooks, a registration refused by ``Registry.add``) is
+    recorded in ``Plugins.failures`` with a warning, and the others load normally."""
     from cdmbench import __version__
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
@@ -105,7 +111,9 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool 
     versions: dict[str, str | None] = {}
     packages: dict[str, str] = {}
     failures: dict[str, str] = {}
-    only, blocked = _env_set("CDMBENCH_PLUGINS"), _env_set("CDMBENCH_BLOCK_PLUGINS")
+    blocked = _env_set("CDMBENCH_BLOCK_PLUGINS")
+    restricted = only is not None or bool(_env_set("CDMBENCH_PLUGINS"))
+    only = set(only) if only is not None else _env_set("CDMBENCH_PLUGINS")
     for name in blocked:
         pm.set_blocked(name)
 
@@ -115,7 +123,7 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool 
             versions[name], packages[name] = __version__, "cdmbench"
 
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
-        if (only and ep.name not in only) or pm.is_blocked(ep.name):
+        if (restricted and ep.name not in only) or pm.is_blocked(ep.name):
             continue
         package = ep.dist.name if ep.dist else None
         if ep.name in packages or pm.has_plugin(ep.name):  # the first package with the name wins
@@ -155,35 +163,47 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool 
         if package:
             packages[name] = package
 
-    for name in sorted(only - set(packages)):
+    for name in sorted(only - set(packages) - set(versions)):
         _fail(failures, name, "named in CDMBENCH_PLUGINS, but no installed package provides it",
               f"is named in CDMBENCH_PLUGINS, but no installed package provides it; "
               f"{suggestion(name, [ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)])}")
     plugins = Plugins(pm, {kind: Registry(kind) for kind in KINDS}, versions, packages, failures)
     for kind in KINDS if components else ():
         _fill(plugins, kind)
+        failed = {p: why for p, why in failures.items() if p not in versions}  # nothing of theirs loaded
+        plugins.registries[kind].failed_plugins.update(failed)
     return plugins
 
 
 def _fill(plugins: Plugins, kind: str) -> None:
-    """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin; what a
-    hook registers is kept only if the hook returns."""
+    """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin. A refused
+    registration (a bad name, a factory breaking the contract, a name another plugin registered)
+    is a failure of that plugin alone: its other components are kept, and looking the name up says
+    which plugin failed to provide it and why. What a hook registers is kept only if the hook
+    returns."""
     registry = plugins.registries[kind]
     hook = getattr(plugins.manager.hook, f"cdmbench_register_{kind}")
     for impl in hook.get_hookimpls():  # in registration order
-        name, staged = impl.plugin_name, Registry(kind)
+        name, staged = impl.plugin_name, []
 
         def register(component, factory, *, summary: str = "", _plugin=name, _staged=staged):
-            _staged.add(component, factory, summary=summary, plugin=_plugin,
-                        version=plugins.versions.get(_plugin))
+            _staged.append((component, factory, summary))
 
         try:
             impl.function(register=register)
-        except RegistryError:
-            raise
         except Exception as exc:
-            _fail(plugins.failures, name, f"registering {kind} raised {exc!r}",
+            reason = f"registering {kind} raised {exc!r}"
+            _fail(plugins.failures, name, reason,
                   f"raised while registering {kind}: {exc!r}; its {kind} are not available")
+            for component, _, _ in staged:
+                registry.unavailable(component, f"{kind[:-1]} '{component}' is not available: plugin "
+                                                f"'{name}' failed to provide it: {reason}")
+            registry.failed_plugins[name] = reason
             continue
-        for c in staged:
-            registry.add(c.name, c.factory, summary=c.summary, plugin=c.plugin, version=c.version)
+        for component, factory, summary in staged:
+            try:
+                registry.add(component, factory, summary=summary, plugin=name,
+                             version=plugins.versions.get(name))
+            except RegistryError as exc:
+                _fail(plugins.failures, name, str(exc), f"failed to provide {kind[:-1]} {component!r}: {exc}")
+                registry.unavailable(component, f"{kind[:-1]} '{component}' is not available: {exc}")

@@ -8,13 +8,17 @@ sampler lands on the data of an exact denoiser. A failed check raises ``Conforma
 
     from cdmbench.testing import check_component, components
 
-    @pytest.mark.parametrize("component", components("my-plugin"), ids=str)
+    @pytest.mark.parametrize("component", components("my-plugin", alone=True), ids=str)
     def test_conformance(component):
         check_component(component)
+
+``alone=True`` loads the built-ins and the plugin under test only, so another installed plugin
+(broken, or registering one of its names) cannot change what is tested.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import inspect
 import math
 import tempfile
@@ -28,8 +32,8 @@ from torch import Tensor, nn
 from cdmbench.diffusion.process import NOISE_COND_SCALE, ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0
 from cdmbench.errors import CdmbenchError
 from cdmbench.interfaces import BaselineRow
-from cdmbench.plugins import Plugins, load_plugins
-from cdmbench.registry import Component
+from cdmbench.plugins import BUILTIN_MODULES, ENTRY_POINT_GROUP, Plugins, load_plugins
+from cdmbench.registry import Component, factory_problem
 
 ROW_KEYS = {"metric", "value", "unit", "n", "higher_is_better", "protocol"}
 
@@ -38,8 +42,19 @@ class ConformanceError(AssertionError):
     """A component does not do what its kind's interface promises."""
 
 
-def components(plugin: str, plugins: Plugins | None = None) -> list[Component]:
-    """Every component the plugin named ``plugin`` registers (for pytest parametrisation)."""
+def components(plugin: str, plugins: Plugins | None = None, *, alone: bool = False) -> list[Component]:
+    """Every component the plugin named ``plugin`` registers (for pytest parametrisation).
+
+    ``alone``: load the built-ins and this plugin only (an installed entry point's name, or an
+    importable module), not the other installed plugins, so that none of theirs can break or
+    shadow it."""
+    if plugins is not None and alone:
+        raise ValueError("components(): give plugins or alone=True, not both")
+    if alone:
+        installed = {ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        builtin = plugin in BUILTIN_MODULES
+        plugins = load_plugins([] if builtin or plugin in installed else [plugin],
+                               only=[plugin] if plugin in installed else [])
     plugins = plugins or load_plugins()
     found = [c for reg in plugins.registries.values() for c in reg if c.plugin == plugin]
     if not found:
@@ -56,7 +71,11 @@ def check_component(component: Component, args: dict[str, Any] | None = None, **
 
 
 def _build(factory: Callable, args: dict[str, Any], **host: Any) -> Any:
-    """Call ``factory`` with ``args`` and the host facts it declares (as the registry does)."""
+    """Call ``factory`` with ``args`` and the host facts it declares (as the registry does), once
+    it keeps the contract ``Registry.add`` enforces."""
+    problem = factory_problem(factory)
+    if problem:
+        raise ConformanceError(f"{getattr(factory, '__qualname__', factory)!r}: {problem}")
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     return factory(**args, **{k: v for k, v in host.items() if takes_any or k in params})
@@ -225,14 +244,23 @@ def _exact_denoiser(process, data_mean: float, data_var: float, calls: list) -> 
     return denoise
 
 
+ACCURACY_STEPS = 100  # the steps of the sampler check's accuracy test, for a factory taking ``steps``
+
+
 def check_sampler(factory: Callable, args: dict[str, Any], *, name: str = "sampler", n: int = 256) -> None:
     """On DDPM's linear 1000-step process and on a continuous process (unless the sampler's
     ``check`` refuses it with ValueError): an exact denoiser of a point mass c is sampled to c;
-    of N(0, 0.25) to roughly that variance (a wrong level mapping, not solver accuracy, fails);
-    per-image seeds; an early stop at s gives z_s with q(z_s | c)'s moments or raises ValueError."""
+    the ``noise_cond`` handed to the denoiser is the process's for its ``abar``; per-image seeds;
+    an early stop at s gives z_s with q(z_s | c)'s moments or raises ValueError. These use
+    ``args``. The accuracy test, N(0, 0.25) sampled to a variance in (0.125, 0.375), runs at
+    ``ACCURACY_STEPS`` steps when the factory takes ``steps`` (``args`` otherwise): it tests the
+    contract (a wrong level mapping fails it), not the solver's accuracy at the author's step count
+    (ddim at 10 steps gives 0.12)."""
     from cdmbench.builtin.schedules import linear, log_snr
 
     sampler = _build(factory, args)
+    takes_steps = "steps" in inspect.signature(factory).parameters
+    accurate = _build(factory, {**args, "steps": ACCURACY_STEPS}) if takes_steps else sampler
     for label, process in ((f"{name} (discrete)", DiscreteProcess(linear(timesteps=1000).betas())),
                            (f"{name} (continuous)", ContinuousProcess(log_snr(logsnr_min=-15, logsnr_max=15)))):
         try:
@@ -242,7 +270,7 @@ def check_sampler(factory: Callable, args: dict[str, Any], *, name: str = "sampl
                 raise
             continue
 
-        def run(denoise, seeds, stop_at=0.0) -> Tensor:
+        def run(denoise, seeds, stop_at=0.0, sampler=sampler) -> Tensor:
             # noqa below: run is called in this iteration only, with this iteration's process
             return sampler.sample(denoise=denoise, process=process, shape=(1, 2, 2),  # noqa: B023
                                   generators=_generators(seeds), stop_at=stop_at, progress=False)
@@ -255,12 +283,17 @@ def check_sampler(factory: Callable, args: dict[str, Any], *, name: str = "sampl
                 f"with an exact denoiser of the point mass 0.3 it returned {point.flatten()[:4].tolist()}")
         _expect(len(calls) > 0, label, "the denoiser was never called")
         gauss = _exact_denoiser(process, 0.0, 0.25, [])
-        x = run(gauss, range(n))
-        var = x.var().item()
-        _expect(0.125 < var < 0.375, label, f"sampled N(0, 0.25) with variance {var:.3f}")
+        x = run(gauss, range(8))
         _expect(torch.allclose(run(gauss, [5]), x[5:6], atol=1e-5), label,
                 "an image depends on its batch (use one generator per image)")
         _expect(torch.equal(run(gauss, range(4)), x[:4]), label, "the same seeds give different images")
+        try:
+            accurate.check(process, learned_variance=False)
+            steps, solver = (ACCURACY_STEPS, accurate) if takes_steps else (args.get("steps", "its default"), sampler)
+        except ValueError:  # it cannot take the kit's step count here: the author's
+            steps, solver = args.get("steps", "its default"), sampler
+        var = run(gauss, range(n), sampler=solver).var().item()
+        _expect(0.125 < var < 0.375, label, f"sampled N(0, 0.25) with variance {var:.3f} at {steps} steps")
         s = 0.2
         try:
             z = run(_exact_denoiser(process, 0.3, 0.0, []), range(n), stop_at=s)

@@ -6,8 +6,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cdmbench.builtin.samplers import ddim
+from cdmbench.errors import CdmbenchError
 from cdmbench.plugins import load_plugins
-from cdmbench.testing import ConformanceError, check_backbone, check_component, check_sampler, components
+from cdmbench.testing import (
+    ACCURACY_STEPS,
+    ConformanceError,
+    check_backbone,
+    check_component,
+    check_sampler,
+    check_schedule,
+    components,
+)
+from tests.test_plugins import SCHEDULE_PLUGIN, _distribution
 
 PLUGINS = load_plugins()
 BUILTIN = [c for reg in PLUGINS.registries.values() for c in reg if c.plugin.startswith("cdmbench.builtin")]
@@ -124,3 +135,53 @@ def test_a_sampler_that_shares_noise_across_the_batch_fails():
 
     with pytest.raises(ConformanceError, match="depends on its batch|variance"):
         check_sampler(shared, {})
+
+
+def test_the_sampler_check_tests_the_contract_not_the_authors_step_count():
+    """ddim at 10 steps samples N(0, 0.25) with variance 0.12: the accuracy test runs at the kit's
+    step count, the rest of the contract at the author's."""
+    check_component(PLUGINS["samplers"].get("ddim"), {"steps": 10})
+    seen = []
+
+    def recording(*, steps: int = 50):
+        seen.append(steps)
+        return ddim(steps=steps)
+
+    check_sampler(recording, {"steps": 10})
+    assert seen == [10, ACCURACY_STEPS]
+
+
+def test_a_sampler_ignoring_its_steps_fails_the_accuracy_test():
+    def three_steps(*, steps: int = 50):
+        return ddim(steps=3)
+
+    with pytest.raises(ConformanceError, match=rf"sampled N\(0, 0.25\) with variance 0.0\d+ at {ACCURACY_STEPS} steps"):
+        check_sampler(three_steps, {})
+
+
+def test_a_factory_breaking_the_contract_fails_the_kit():
+    def positional(timesteps=10):
+        return PLUGINS["schedules"].get("cosine").factory(timesteps=timesteps)
+
+    with pytest.raises(ConformanceError, match=r"takes positional parameters \(timesteps\); factories take keyword"):
+        check_schedule(positional, {})
+
+
+def test_components_alone_loads_only_the_plugin_under_test(plugin_dir):
+    """Another installed plugin, broken or registering the same names, cannot stop its tests."""
+    (plugin_dir / "testplugin_mine.py").write_text(SCHEDULE_PLUGIN.format(name="mine-constant"))
+    (plugin_dir / "testplugin_theirs.py").write_text(SCHEDULE_PLUGIN.format(name="mine-constant").replace(
+        'register("mine-constant", constant, summary="constant betas")',
+        'register("mine-constant", constant)\n    register("cosine", constant)'))
+    _distribution(plugin_dir, "cdmbench-mine", "mine = testplugin_mine")
+    _distribution(plugin_dir, "cdmbench-theirs", "theirs = testplugin_theirs")
+    _distribution(plugin_dir, "cdmbench-gone", "gone = testplugin_not_there")
+    with pytest.warns(UserWarning, match="registered by plugins"), pytest.raises(
+            CdmbenchError, match="no components from plugin 'mine'"):
+        components("mine")  # every installed plugin: its one name collides
+    assert [c.name for c in components("mine", alone=True)] == ["mine-constant"]
+    assert {c.name for c in components("cdmbench.builtin.schedules", alone=True)} == {"linear", "cosine", "log-snr"}
+    (plugin_dir / "testplugin_module.py").write_text(SCHEDULE_PLUGIN.format(name="module-constant"))
+    assert [c.plugin for c in components("testplugin_module", alone=True)] == ["testplugin_module"]
+    with pytest.raises(ValueError, match="not both"):
+        components("mine", PLUGINS, alone=True)

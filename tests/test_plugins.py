@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from cdmbench.cli import cli, main
-from cdmbench.errors import CdmbenchError, PluginError, RegistryError
+from cdmbench.errors import CdmbenchError, PluginError, RecipeError, RegistryError
 from cdmbench.plugins import BUILTIN_MODULES, load_plugins
 from cdmbench.recipe.load import load_recipe
 from cdmbench.testing import components
@@ -78,10 +78,73 @@ def test_missing_recipe_plugin_module(tiny_recipe):
         load_recipe(tiny_recipe)
 
 
-def test_collision_between_plugins_names_both(plugin_dir):
+def test_collision_between_plugins_names_both_and_fails_only_that_name(plugin_dir):
     (plugin_dir / "testplugin_clash.py").write_text(SCHEDULE_PLUGIN.format(name="cosine"))
-    with pytest.raises(RegistryError, match="'cdmbench.builtin.schedules' and 'testplugin_clash'"):
-        load_plugins(["testplugin_clash"])
+    with pytest.warns(UserWarning, match="plugin 'testplugin_clash' failed to provide schedule 'cosine'"):
+        plugins = load_plugins(["testplugin_clash"])
+    both = "schedule 'cosine' is registered by plugins 'cdmbench.builtin.schedules' and 'testplugin_clash'"
+    assert both in plugins.failures["testplugin_clash"]
+    with pytest.raises(RegistryError, match=f"^{both}, so neither is used; uninstall or block one"):
+        plugins["schedules"].get("cosine")
+    assert plugins["schedules"].get("linear").plugin == "cdmbench.builtin.schedules"
+
+
+BROKEN_REGISTRATIONS = '''
+from cdmbench import hookimpl
+from cdmbench.builtin.samplers import ddim
+
+
+def positional(steps, eta=0.0):
+    return ddim(steps=steps, eta=eta)
+
+
+def unresolved(*, steps: "NoSuchType" = 5):
+    return ddim(steps=steps)
+
+
+def fine(*, steps: int = 5):
+    return ddim(steps=steps)
+
+
+@hookimpl
+def cdmbench_register_samplers(register):
+    register("Bad_Name", fine)
+    register("not-callable", 42)
+    register("positional", positional)
+    register("star", lambda *args: ddim())
+    register("unresolved", unresolved)
+    register("fine-one", fine)
+'''
+
+
+def test_registrations_refused_at_the_door_fail_alone_and_say_why(plugin_dir, tiny_recipe):
+    (plugin_dir / "testplugin_door.py").write_text(BROKEN_REGISTRATIONS)
+    with pytest.warns(UserWarning, match="plugin 'testplugin_door' failed to provide sampler"):
+        plugins = load_plugins(["testplugin_door"])
+    failure = plugins.failures["testplugin_door"]
+    for reason in ("sampler 'Bad_Name': names are lower-case kebab",
+                   "sampler 'not-callable': its factory is not callable: 42",
+                   "sampler 'positional': its factory positional takes positional parameters (steps, eta); "
+                   "factories take keyword arguments only: def positional(*, steps, eta)",
+                   "sampler 'star': its factory <lambda> takes positional parameters (*args)",
+                   "sampler 'unresolved': a type hint of its factory unresolved does not resolve (NameError: "
+                   "name 'NoSuchType' is not defined)"):
+        assert f"plugin 'testplugin_door' cannot register {reason}" in failure
+    assert plugins["samplers"].get("fine-one").plugin == "testplugin_door"  # the rest of the plugin is kept
+    assert {"ddpm", "ddim"} <= set(plugins["samplers"].names())
+    with pytest.raises(RegistryError, match=r"^sampler 'positional' is not available: plugin 'testplugin_door' "
+                                            r"cannot register sampler 'positional': its factory positional takes "
+                                            r"positional parameters"):
+        plugins["samplers"].get("positional")
+    # in a recipe: only the recipe that names it fails, at its path
+    text = tiny_recipe.read_text().replace("seed: 0\n", "seed: 0\nplugins: [testplugin_door]\n", 1)
+    tiny_recipe.write_text(text.replace("{name: ddpm, args: {steps: 4}}", "{name: fine-one, args: {steps: 4}}", 1))
+    with pytest.warns(UserWarning):
+        recipe, _ = load_recipe(tiny_recipe)
+        assert recipe.stages[0].sampler.name == "fine-one"
+        with pytest.raises(RecipeError, match="stages.base8.sampler.name: sampler 'unresolved' is not available: "
+                                              ".*does not resolve"):
+            load_recipe(tiny_recipe, overrides=["stages.base8.sampler={name: unresolved}"])
 
 
 def test_plugin_raising_while_registering_does_not_break_others(plugin_dir):
@@ -115,6 +178,10 @@ def test_a_hook_raising_part_way_keeps_none_of_its_components_and_every_error(pl
     with pytest.warns(UserWarning, match="testplugin_half"):
         plugins = load_plugins(["testplugin_half"])
     assert "half-one" not in plugins["schedules"]
+    with pytest.raises(RegistryError, match=r"^schedule 'half-one' is not available: plugin 'testplugin_half' "
+                                            r"failed to provide it: registering schedules raised "
+                                            r"RuntimeError\('boom after one'\)"):
+        plugins["schedules"].get("half-one")
     assert "boom after one" in plugins.failures["testplugin_half"]
     assert "no sampler" in plugins.failures["testplugin_half"]
     with pytest.raises(CdmbenchError, match="no components from plugin 'testplugin_half'; it failed: "
@@ -226,6 +293,9 @@ def test_an_installed_plugin_that_fails_to_import_is_reported_by_name(tmp_path, 
         plugins = load_plugins()
     assert "No module named 'cdmbench_no_such_module'" in plugins.failures["broken"]
     assert "ddpm" in plugins["samplers"] and "broken" not in plugins.versions
+    with pytest.raises(RegistryError, match="unknown sampler 'brokens-sampler'; .*; plugin 'broken' failed to "
+                                            "load, and may provide it: import of cdmbench_no_such_module failed"):
+        plugins["samplers"].get("brokens-sampler")
     monkeypatch.setenv("CDMBENCH_BLOCK_PLUGINS", "broken")
     assert "broken" not in load_plugins().failures
 
@@ -267,3 +337,139 @@ def test_a_plugin_named_in_cdmbench_plugins_but_not_installed_is_reported(monkey
                                          "installed package provides it"):
         plugins = load_plugins()
     assert "cdmbench-difusers" in plugins.failures and "ddpm" in plugins["samplers"]
+
+
+BROKEN_PACKAGE = '''
+from cdmbench import hookimpl
+from cdmbench.builtin.augmentations import blur
+from cdmbench.builtin.samplers import ddim
+
+
+def bad_sampler(steps=4):
+    return ddim(steps=steps)
+
+
+@hookimpl
+def cdmbench_register_samplers(register):
+    register("bad-sampler", bad_sampler)
+
+
+@hookimpl
+def cdmbench_register_augmentations(register):
+    register("blur", blur)  # the built-in's name
+'''
+
+
+def _cdmbench(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``cdmbench ARGS`` as the console script runs it: (exit status, stdout, stderr)."""
+    monkeypatch.setattr(cli, "commands", dict(cli.commands))
+    monkeypatch.setattr(sys, "argv", ["cdmbench", *args])
+    with pytest.raises(SystemExit) as exit:
+        main()
+    out, err = capsys.readouterr()
+    return exit.value.code or 0, out, err
+
+
+def test_a_broken_plugin_package_beside_a_good_one_fails_alone(plugin_dir, tiny_recipe, monkeypatch, capsys):
+    (plugin_dir / "testplugin_goodep.py").write_text(SCHEDULE_PLUGIN.format(name="good-constant"))
+    (plugin_dir / "testplugin_badep.py").write_text(BROKEN_PACKAGE)
+    _distribution(plugin_dir, "cdmbench-goodep", "goodep = testplugin_goodep")
+    _distribution(plugin_dir, "cdmbench-badep", "badep = testplugin_badep")
+    _distribution(plugin_dir, "cdmbench-gone", "gone = testplugin_not_there")
+    with pytest.warns(UserWarning, match="plugin 'gone'"):
+        status, out, err = _cdmbench(monkeypatch, capsys, "--help")
+    assert status == 0 and "Usage: " in out and "Build, train, sample" in out
+    with pytest.warns(UserWarning, match="plugin 'gone'"):
+        status, out, _ = _cdmbench(monkeypatch, capsys, "--version")
+    assert status == 0 and "cdmbench, version" in out
+
+    with pytest.warns(UserWarning, match="plugin 'badep' failed to provide sampler 'bad-sampler'"):
+        status, out, _ = _cdmbench(monkeypatch, capsys, "plugins")
+    assert status == 0
+    assert "goodep 1.0 (package cdmbench-goodep)\n    schedules: good-constant" in out
+    assert "badep 1.0 (package cdmbench-badep)" in out
+    failed = {line.split(": failed: ")[0]: line for line in out.splitlines() if ": failed: " in line}
+    assert set(failed) == {"badep", "gone"}
+    assert ("plugin 'badep' cannot register sampler 'bad-sampler': its factory bad_sampler takes positional "
+            "parameters (steps); factories take keyword arguments only: def bad_sampler(*, steps)") in failed["badep"]
+    assert ("augmentation 'blur' is registered by plugins 'cdmbench.builtin.augmentations' and 'badep', so "
+            "neither is used") in failed["badep"]
+    assert "import of testplugin_not_there failed: ModuleNotFoundError" in failed["gone"]
+
+    good = tiny_recipe.read_text().replace("{name: cosine, args: {timesteps: 50}}", "{name: good-constant}", 1)
+    tiny_recipe.write_text(good)
+    with pytest.warns(UserWarning):
+        status, out, err = _cdmbench(monkeypatch, capsys, "validate", str(tiny_recipe))
+    assert status == 0 and f"{tiny_recipe}: ok" in out, err
+
+    with pytest.warns(UserWarning):
+        status, out, err = _cdmbench(monkeypatch, capsys, "validate", str(tiny_recipe),
+                                     "--set", "stages.base8.sampler={name: bad-sampler}")
+    assert status == 2 and err.startswith(
+        "error: stages.base8.sampler.name: sampler 'bad-sampler' is not available: plugin 'badep' cannot register "
+        "sampler 'bad-sampler': its factory bad_sampler takes positional parameters (steps)"), err
+    with pytest.warns(UserWarning):
+        status, out, err = _cdmbench(monkeypatch, capsys, "validate", str(tiny_recipe),
+                                     "--set", "stages.sr16.augmentation={name: blur}")
+    assert status == 2 and err.startswith(
+        "error: stages.sr16.augmentation.name: augmentation 'blur' is registered by plugins "
+        "'cdmbench.builtin.augmentations' and 'badep', so neither is used; uninstall or block one of them"), err
+
+
+def test_a_plugin_command_cannot_replace_another(plugin_dir, monkeypatch, capsys):
+    (plugin_dir / "testplugin_cmd_clash.py").write_text(textwrap.dedent('''
+        import click
+        from cdmbench import hookimpl
+
+        @hookimpl
+        def cdmbench_add_commands(cli):
+            cli.add_command(click.Command("plugins", callback=lambda: click.echo("hijacked")))
+    '''))
+    monkeypatch.setattr("cdmbench.plugins.load_plugins",
+                        lambda **kw: load_plugins(["testplugin_cmd_clash"], **kw))
+    with pytest.warns(UserWarning, match="plugin 'testplugin_cmd_clash' adds the command\\(s\\) plugins, which "
+                                         "exist already; its own are not used"):
+        status, out, _ = _cdmbench(monkeypatch, capsys, "plugins")
+    assert status == 0 and "hijacked" not in out and "cdmbench.builtin.samplers" in out
+
+
+def test_a_hint_that_does_not_resolve_is_an_error_not_an_unchecked_argument():
+    """check_component used to skip the type check of a factory whose hints did not resolve."""
+    from cdmbench.recipe.schema import Component as Spec
+    from cdmbench.recipe.validate import check_component
+    from cdmbench.registry import Component
+
+    def factory(*, steps: "NoSuchType" = 5):  # noqa: F821
+        return steps
+
+    component = Component("samplers", "unchecked", factory, "", "p", None)  # made without Registry.add
+    registry = type("One", (), {"get": lambda self, name: component})()
+    with pytest.raises(RecipeError, match=r"^stages.base8.sampler: sampler 'unchecked' of plugin 'p': a type hint "
+                                          r"of its factory does not resolve \(NameError"):
+        check_component({"samplers": registry}, "samplers", Spec("unchecked", {"steps": "ten"}), "stages.base8.sampler")
+
+
+def test_a_plugin_factorys_type_hints_check_a_recipe(plugin_dir, tiny_recipe):
+    (plugin_dir / "testplugin_typed.py").write_text(SCHEDULE_PLUGIN.format(name="typed-constant"))
+    text = tiny_recipe.read_text().replace("seed: 0\n", "seed: 0\nplugins: [testplugin_typed]\n", 1)
+    tiny_recipe.write_text(text.replace("{name: cosine, args: {timesteps: 50}}", "{name: typed-constant}", 1))
+    with pytest.raises(RecipeError, match="stages.base8.schedule.args.timesteps: expected an integer, got 'ten'"):
+        load_recipe(tiny_recipe, overrides=["stages.base8.schedule.args.timesteps=ten"])
+
+
+def test_a_baselines_factory_that_raises_is_an_error_naming_it(plugin_dir):
+    from cdmbench.reporting.tables import baseline_frame
+
+    (plugin_dir / "testplugin_rows.py").write_text(textwrap.dedent('''
+        from cdmbench import hookimpl
+
+        def rows():
+            raise ValueError("the table file is missing; reinstall the package")
+
+        @hookimpl
+        def cdmbench_register_baselines(register):
+            register("my-rows", rows)
+    '''))
+    with pytest.raises(CdmbenchError, match=r"^baseline 'my-rows' \(plugin 'testplugin_rows'\): the table file is "
+                                            "missing; reinstall the package$"):
+        baseline_frame(load_plugins(["testplugin_rows"]))

@@ -10,6 +10,8 @@ for ImageNet is its validation set: recipes map cdmbench's ``test`` split to it 
 
 from __future__ import annotations
 
+import functools
+
 from cdmbench import hookimpl
 from cdmbench.interfaces import BaselineRow
 
@@ -91,5 +93,5 @@ def _slug(model: str) -> str:
 @hookimpl
 def cdmbench_register_baselines(register):
     for model in dict.fromkeys(m for m, *_ in PUBLISHED):
-        register(_slug(model), lambda model=model: rows_of(model),
+        register(_slug(model), functools.partial(rows_of, model),  # a factory without parameters
                  summary=f"{model}: published ImageNet rows ({len(rows_of(model))})")

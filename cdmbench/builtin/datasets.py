@@ -2,7 +2,8 @@
 Hub, as (uint8 (H, W, 3) array, label) items.
 
 `imagefolder` and `hf` centre-crop every image to a square and resize it to the cascade's largest
-resolution with ADM's preprocessing (``square_resize``); `fashion-mnist` pads its 28x28 images.
+resolution with ADM's preprocessing (``square_resize``), images with transparency first composited
+onto a fixed ``background`` (``to_rgb``); `fashion-mnist` pads its 28x28 images.
 Each dataset has a ``benchmark`` attribute naming what the data is (e.g. "imagenet"), which
 results use to find comparable published numbers.
 """
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageColor, UnidentifiedImageError
 
 from cdmbench import hookimpl
 from cdmbench.errors import CdmbenchError
@@ -44,11 +45,43 @@ HUB_BENCHMARKS = {"ILSVRC/imagenet-1k": "imagenet", "imagenet-1k": "imagenet",
 
 # ---------------------------------------------------------------------------- shared helpers
 
-def square_resize(image: Image.Image, resolution: int) -> np.ndarray:
-    """``image`` as RGB, centre-cropped to a square and resized to ``resolution``, uint8
-    (resolution, resolution, 3). As ADM: halve with a 2x2 box filter while the side is at least
-    twice the target, then one bicubic resize."""
-    image = image.convert("RGB")
+WHITE = (255, 255, 255)
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")  # PIL modes with an alpha channel
+
+
+def background_colour(dataset: str, value: Any) -> tuple[int, int, int]:
+    """``value`` (a colour name such as "white" or "#808080", or [R, G, B] of integers 0..255) as
+    an RGB tuple; ValueError otherwise."""
+    if isinstance(value, str):
+        try:
+            return ImageColor.getrgb(value)[:3]
+        except ValueError:
+            pass
+    elif (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v <= 255 for v in value)):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{dataset}: background must be a colour name (white, black, \"#808080\", ...) or "
+                     f"[R, G, B] with integers 0..255, got {value!r}")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = WHITE) -> Image.Image:
+    """``image`` as RGB. One with transparency (an alpha channel: RGBA, LA, PA, ...; or a
+    transparent colour or palette index: the ``transparency`` info) is composited onto
+    ``background``, so what a transparent pixel hides is never seen and a half-transparent one
+    is the alpha blend; others are converted as they are."""
+    palette_alpha = image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")
+    if not (image.mode in ALPHA_MODES or "transparency" in image.info or palette_alpha):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    rgba = image.convert("RGBA")  # applies a transparent colour or palette index as alpha
+    canvas = Image.new("RGBA", rgba.size, (*background, 255))
+    return Image.alpha_composite(canvas, rgba).convert("RGB")
+
+
+def square_resize(image: Image.Image, resolution: int, background: tuple[int, int, int] = WHITE) -> np.ndarray:
+    """``image`` as RGB (``to_rgb``: transparency composited onto ``background``), centre-cropped
+    to a square and resized to ``resolution``, uint8 (resolution, resolution, 3). As ADM: halve
+    with a 2x2 box filter while the side is at least twice the target, then one bicubic resize."""
+    image = to_rgb(image, background)
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     image = image.crop((left, top, left + side, top + side))
@@ -184,13 +217,15 @@ def _subfolders(folder: Path) -> list[str]:
 
 
 class ImageFolder:
-    """Image files read lazily, one per item, with ``square_resize``. The files are listed on
-    first use, so a run or evaluation that reads a prepared cache never walks the folder."""
+    """Image files read lazily, one per item, with ``square_resize`` (transparency composited onto
+    ``background``). The files are listed on first use, so a run or evaluation that reads a
+    prepared cache never walks the folder."""
 
-    def __init__(self, folder: Path, *, class_names: list[str], resolution: int, benchmark: str):
+    def __init__(self, folder: Path, *, class_names: list[str], resolution: int, benchmark: str,
+                 background: tuple[int, int, int] = WHITE):
         self.folder = folder
         self.class_names, self.num_classes = class_names, len(class_names)
-        self.resolution, self.benchmark = resolution, benchmark
+        self.resolution, self.benchmark, self.background = resolution, benchmark, background
 
     @functools.cached_property
     def items(self) -> tuple[list[Path], list[int]]:
@@ -205,7 +240,7 @@ class ImageFolder:
         path = files[index]
         try:
             with Image.open(path) as image:
-                return square_resize(image, self.resolution), labels[index]
+                return square_resize(image, self.resolution, self.background), labels[index]
         except (UnidentifiedImageError, OSError) as exc:
             raise CdmbenchError(f"imagefolder: cannot read image {path} ({exc}); replace or "
                                 "delete the file") from None
@@ -226,12 +261,19 @@ def _split_folders(root: Path, names: dict[str, str], split: str) -> tuple[Path,
     return train_dir, folder
 
 
+def _hidden(path: Path, top: Path) -> bool:
+    """Whether ``path`` or a folder between it and ``top`` is hidden (its name starts with ".": e.g.
+    macOS's "._x.png" resource forks, .thumbnails/)."""
+    return any(part.startswith(".") for part in path.relative_to(top).parts)
+
+
 def _list_images(folder: Path, class_names: list[str]) -> tuple[list[Path], list[int]]:
-    """The image files under ``folder/<class>/`` (at any depth) and their labels."""
+    """The visible image files under ``folder/<class>/`` (at any depth) and their labels."""
     suffixes = _image_suffixes()
     files, labels = [], []
     for label, name in enumerate(class_names):
-        found = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in suffixes)
+        found = sorted(p for p in (folder / name).rglob("*")
+                       if p.suffix.lower() in suffixes and not _hidden(p, folder / name))
         files += found
         labels += [label] * len(found)
     if not files:
@@ -242,17 +284,21 @@ def _list_images(folder: Path, class_names: list[str]) -> tuple[list[Path], list
 
 def imagefolder(*, path: str, split: str, resolution: int,
                 split_names: dict[str, str] | None = None,
-                benchmark: str | None = None) -> ImageFolder:
+                benchmark: str | None = None, background: str | list[int] = "white") -> ImageFolder:
     """Images in one subfolder per class; class names are the sorted subfolder names.
 
     Layout: if ``path`` has a subfolder named ``split_names["train"]`` (default ``train``), each
     split is ``path/<split_names[split]>/<class>/...`` (e.g. ``split_names: {test: val}``);
     otherwise ``path/<class>/...`` is the train split and there is no test split. Classes come
     from the train folder; another split may lack some of them but not add any. Images are the
-    files under each class folder (at any depth) that PIL can open. ``benchmark`` (default: the
-    folder) names the data for comparisons with published results.
+    files under each class folder (at any depth) that PIL can open; hidden files and folders
+    (names starting with ".", e.g. macOS's "._x.png") are skipped. ``benchmark`` (default: the
+    folder) names the data for comparisons with published results. Images with transparency
+    (RGBA, LA, a PNG or GIF with a transparent colour) are composited onto ``background``: a
+    colour name ("white", the default; "black", "#808080") or [R, G, B] with integers 0..255.
     """
     names = _split_names("imagefolder", split_names)
+    fill = background_colour("imagefolder", background)
     _check_split("imagefolder", split)
     _check_int("imagefolder", "resolution", resolution, 1)
     root = Path(path).expanduser()
@@ -267,21 +313,23 @@ def imagefolder(*, path: str, split: str, resolution: int,
         raise CdmbenchError(f"imagefolder: {folder} has class folders {sorted(extra)} that "
                             f"{train_dir} lacks; every class needs training images")
     return ImageFolder(folder, class_names=class_names, resolution=resolution,
-                       benchmark=benchmark or str(root))
+                       benchmark=benchmark or str(root), background=fill)
 
 
 # ---------------------------------------------------------------------------- hf
 
 class HFDataset:
     """A Hugging Face ``datasets.Dataset`` with an image and an integer label column, decoded
-    lazily, one row per item, with ``square_resize``."""
+    lazily, one row per item, with ``square_resize`` (transparency composited onto
+    ``background``)."""
 
     def __init__(self, data: Any | Callable[[], Any], *, image_column: str, label_column: str,
-                 class_names: list[str], resolution: int, benchmark: str):
+                 class_names: list[str], resolution: int, benchmark: str,
+                 background: tuple[int, int, int] = WHITE):
         self._data = data  # or a function that loads it: Hub data is fetched on first use only
         self.image_column, self.label_column = image_column, label_column
         self.class_names, self.num_classes = class_names, len(class_names)
-        self.resolution, self.benchmark = resolution, benchmark
+        self.resolution, self.benchmark, self.background = resolution, benchmark, background
 
     @functools.cached_property
     def data(self) -> Any:
@@ -299,7 +347,7 @@ class HFDataset:
         if label < 0:  # e.g. ImageNet's test split, published without labels
             raise CdmbenchError(f"hf: row {index} has no label ({self.label_column} = {label}); "
                                 "use a labelled split, e.g. split_names: {test: validation}")
-        return square_resize(row[self.image_column], self.resolution), label
+        return square_resize(row[self.image_column], self.resolution, self.background), label
 
 
 def _hub_error(path: str, exc: Exception) -> CdmbenchError:
@@ -367,15 +415,18 @@ def _class_names(data: Any, label_column: str) -> list[str]:
 
 def hf(*, path: str, split: str, resolution: int, image_column: str = "image",
        label_column: str = "label", split_names: dict[str, str] | None = None,
-       cache_dir: str | None = None, benchmark: str | None = None) -> HFDataset:
+       cache_dir: str | None = None, benchmark: str | None = None,
+       background: str | list[int] = "white") -> HFDataset:
     """A Hugging Face dataset: ``path`` is a Hub id (e.g. ILSVRC/imagenet-1k), a folder written by
     ``save_to_disk``, or a folder of data files. ``split_names`` maps cdmbench's splits to the
     dataset's (default train -> train, test -> test; ImageNet: ``{test: validation}``).
     ``benchmark`` (default: known for a few Hub ids, else ``path``) names the data for
-    comparisons with published results."""
+    comparisons with published results. Images with transparency are composited onto
+    ``background`` (as ``imagefolder``: a colour name, default "white", or [R, G, B])."""
     import datasets
 
     names = _split_names("hf", split_names)
+    fill = background_colour("hf", background)
     _check_split("hf", split)
     _check_int("hf", "resolution", resolution, 1)
     features = None if Path(path).expanduser().is_dir() else _hub_features(path, cache_dir)
@@ -385,12 +436,13 @@ def hf(*, path: str, split: str, resolution: int, image_column: str = "image",
         if isinstance(label, datasets.ClassLabel):
             return HFDataset(lambda: _load_split(path, names[split], cache_dir), image_column=image_column,
                              label_column=label_column, class_names=list(label.names),
-                             resolution=resolution, benchmark=benchmark or HUB_BENCHMARKS.get(path, path))
+                             resolution=resolution, benchmark=benchmark or HUB_BENCHMARKS.get(path, path),
+                             background=fill)
     data = _load_split(path, names[split], cache_dir)
     _check_columns(path, data.features, image_column, label_column)
     return HFDataset(data, image_column=image_column, label_column=label_column,
                      class_names=_class_names(data, label_column), resolution=resolution,
-                     benchmark=benchmark or HUB_BENCHMARKS.get(path, path))
+                     benchmark=benchmark or HUB_BENCHMARKS.get(path, path), background=fill)
 
 
 def _hub_features(path: str, cache_dir: str | None) -> Any:
@@ -422,6 +474,7 @@ def cdmbench_register_datasets(register):
              summary="Fashion-MNIST from its IDX files (apt-get install dataset-fashion-mnist); "
                      "28x28 padded to 32x32")
     register("imagefolder", imagefolder,
-             summary="a folder of images, one subfolder per class (optional train/test level)")
+             summary="a folder of images, one subfolder per class (optional train/test level); "
+                     "transparency composited onto `background` (default white)")
     register("hf", hf, summary="Hugging Face datasets: Hub id (e.g. ILSVRC/imagenet-1k) or a "
                                "save_to_disk folder")

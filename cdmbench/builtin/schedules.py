@@ -68,9 +68,12 @@ class LogSNRSchedule:
         return torch.sigmoid(self.log_snr(t))
 
 
+MAX_TIMESTEPS = 100_000  # CDM's stages use at most 4000
+
+
 def _check_timesteps(timesteps: int) -> None:
-    if timesteps < 1:
-        raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+    if not 1 <= timesteps <= MAX_TIMESTEPS:
+        raise ValueError(f"timesteps must be in [1, {MAX_TIMESTEPS}], got {timesteps}")
 
 
 def cosine(*, timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999) -> CosineSchedule:

@@ -22,6 +22,9 @@ from cdmbench import hookimpl
 from cdmbench.interfaces import Backbone
 
 GROUPS = 32  # GroupNorm groups, as in ADM
+# Upper bounds of the size arguments, far above any published U-Net (ADM-512: c = 256, 2 blocks,
+# 7 levels, x4), so that a typo fails at validation instead of building for hours
+MAX_CHANNELS, MAX_RES_BLOCKS, MAX_LEVELS, MAX_MULT = 4096, 64, 12, 64
 
 
 @hookimpl
@@ -64,6 +67,11 @@ def _check_args(*, resolution: int, in_channels: int, out_channels: int, num_cla
                                ("num_res_blocks", num_res_blocks, 1)):
         if value < least:
             raise ValueError(f"adm-unet: {name}={value}; it must be at least {least}")
+    for name, value, most in (("channels", channels, MAX_CHANNELS), ("num_res_blocks", num_res_blocks, MAX_RES_BLOCKS),
+                              ("len(channel_mult)", len(channel_mult), MAX_LEVELS),
+                              ("max(channel_mult)", max(channel_mult, default=1), MAX_MULT)):
+        if value > most:
+            raise ValueError(f"adm-unet: {name}={value}; it must be at most {most}")
     if channels <= 0 or channels % GROUPS:
         raise ValueError(f"adm-unet: channels={channels}; GroupNorm({GROUPS}) needs a positive "
                          f"multiple of {GROUPS}, e.g. {max(GROUPS, channels // GROUPS * GROUPS)}")

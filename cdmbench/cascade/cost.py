@@ -1,5 +1,7 @@
 """What a cascade costs before it runs: parameters and FLOPs of each stage (``--dry-run``,
-``validate`` and the MFU of ``bench``)."""
+``validate`` and the MFU of ``bench``). A stage too large to build even on the meta device (sizes
+whose element counts overflow, a schedule too long for memory) is an error naming the stage, not a
+traceback."""
 
 from __future__ import annotations
 
@@ -7,7 +9,8 @@ import pandas as pd
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdmbench.cascade.stages import IMAGE_CHANNELS, StageModel, build_all
+from cdmbench.cascade.stages import IMAGE_CHANNELS, StageModel, build_stage
+from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.components import recipe_classes
 from cdmbench.recipe.schema import Recipe
@@ -45,9 +48,8 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
     num_classes, source = recipe_classes(recipe.to_dict(), plugins)
     echo(f"class embeddings for {num_classes} classes ({source})")
     rows = []
-    stages = build_all(plugins, recipe, num_classes, "meta")
-    for st in stages:
-        flops = network_flops(st)
+    for stage in recipe.stages:
+        st, flops = _measure(plugins, recipe, stage, num_classes)
         spec = st.spec.train
         rows.append(
             {
@@ -61,7 +63,21 @@ def describe(recipe: Recipe, plugins: Plugins, echo=print) -> pd.DataFrame:
                 "T": "continuous" if st.process.continuous else st.process.T,
                 "train steps": spec.steps,
                 "batch": spec.batch_size,
-                "train EFLOP": flops[1] * spec.batch_size * spec.steps / 1e18,
+                "train EFLOP": float(flops[1] * spec.batch_size * spec.steps) / 1e18,
             }
         )
     return pd.DataFrame(rows).set_index("stage")
+
+
+def _measure(plugins: Plugins, recipe: Recipe, stage, num_classes: int) -> tuple[StageModel, tuple[int, int]]:
+    """The stage built on the meta device and its FLOPs; sizes too large for torch's element counts
+    or for memory (a schedule's tables are real tensors) are a ``RecipeError`` at the stage."""
+    try:
+        st = build_stage(plugins, recipe, stage, num_classes=num_classes, device="meta")
+        return st, network_flops(st)
+    except CdmbenchError:
+        raise
+    except (RuntimeError, OverflowError, MemoryError) as exc:
+        raise RecipeError(f"stages.{stage.name}", "cannot build this stage to count its cost "
+                          f"({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); its sizes (backbone "
+                          "channels and depth, schedule timesteps) are too large: make them smaller") from None

@@ -8,7 +8,7 @@ conditioning vector.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from cdmbench.diffusion.process import (
     prediction_from_output,
     randn_per_image,
 )
-from cdmbench.errors import RecipeError
+from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.interfaces import Augmentation, Sampler
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.components import make_component
@@ -47,6 +47,9 @@ class StageModel:
     null_label: int | None  # the "no class" label of classifier-free guidance, if trained
     sample_precision: str = "fp32"  # the network's precision when sampling: fp32 or bf16 (autocast)
     cond_process: Process | None = None  # the process of the stage it is conditioned on (SR stages)
+    # role (backbone, sampler, augmentation) -> the component and its plugin, for error messages
+    labels: dict[str, str] = field(default_factory=dict)
+    checked: set[str] = field(default_factory=set)  # the roles whose first call was checked
 
     @property
     def prediction(self) -> str:
@@ -73,12 +76,57 @@ class StageModel:
             abar = self.cond_process.grid(1, s).abar[-1].item()
             eps = randn_per_image(tuple(low_res.shape[1:]), generators, low_res.device)
             low_res = abar**0.5 * low_res + (1 - abar)**0.5 * eps
-        return self.augmentation.sample(low_res, generators=generators)
+        return self._checked_augmentation("augmentation", low_res,
+                                          self.augmentation.sample(low_res, generators=generators))
+
+    def train_condition(self, low_res: Tensor) -> tuple[Tensor, Tensor]:
+        """The augmented low-res input of a training batch and its conditioning vector (the
+        augmentation's ``train``, its first call checked like ``condition``'s)."""
+        return self._checked_augmentation("augmentation.train", low_res, self.augmentation.train(low_res))
+
+    def _checked_augmentation(self, role: str, low_res: Tensor, out):
+        """``out`` of the augmentation's ``role`` call, its first one checked: the image as
+        ``low_res`` and a (B, cond_dim) conditioning vector."""
+        if role not in self.checked:
+            image, cond = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+            if (self.check_output("augmentation", "image", image, tuple(low_res.shape), low_res.dtype)
+                    & self.check_output("augmentation", "conditioning", cond,
+                                        (len(low_res), self.augmentation.cond_dim))):
+                self.checked.add(role)
+        return out
 
     def forward(self, model: nn.Module, x_t: Tensor, noise_cond: Tensor, labels: Tensor,
                 low_res: Tensor | None, aug_cond: Tensor | None) -> Tensor:
-        return model(x_t, noise_cond, labels, low_res=low_res,
-                     aug_cond=aug_cond if aug_cond is not None and aug_cond.shape[1] else None)
+        out = model(x_t, noise_cond, labels, low_res=low_res,
+                    aug_cond=aug_cond if aug_cond is not None and aug_cond.shape[1] else None)
+        if "backbone" not in self.checked:
+            channels = x_t.shape[1] * (2 if self.learned_variance else 1)
+            if self.check_output("backbone", "output", out, (len(x_t), channels, *x_t.shape[2:]),
+                                 None if _autocast_on(x_t.device) else x_t.dtype):
+                self.checked.add("backbone")
+        return out
+
+    def check_output(self, role: str, what: str, value, shape: tuple[int, ...],
+                     dtype: torch.dtype | None = torch.float32) -> bool:
+        """What the first call of a stage's ``role`` (sampler, augmentation, backbone) returned:
+        a tensor of ``shape`` and ``dtype`` (any floating type for None), finite, or a
+        CdmbenchError naming the component and its plugin. On the meta device (``--dry-run``) only
+        shape and dtype, and False: the values are left for the first real call."""
+        label = f"{self.labels.get(role, role)} of stage {self.spec.name}"
+        if not isinstance(value, Tensor):
+            raise CdmbenchError(f"{label} returned {type(value).__name__} as its {what}, not a tensor "
+                                f"of shape {shape}; see cdmbench.interfaces for what a {role} returns")
+        if tuple(value.shape) != tuple(shape):
+            raise CdmbenchError(f"{label} returned its {what} with shape {tuple(value.shape)}; expected "
+                                f"{tuple(shape)} (see cdmbench.interfaces.{role.capitalize()})")
+        if (dtype is not None and value.dtype != dtype) or not value.is_floating_point():
+            raise CdmbenchError(f"{label} returned its {what} as {value.dtype}; expected "
+                                f"{dtype or 'a floating-point type'}")
+        if value.device.type == "meta":
+            return False
+        if not bool(torch.isfinite(value).all()):
+            raise CdmbenchError(f"{label} returned NaN or inf in its {what} on its first call")
+        return True
 
     def autocast(self, device: torch.device | str, precision: str | None = None):
         """The context the network samples in: bf16 autocast when ``precision`` (default: the
@@ -112,6 +160,14 @@ class StageModel:
             return prediction_from_output(out, x_t, abar, prediction=self.prediction,
                                           learned_variance=self.learned_variance)
         return denoise
+
+
+def _autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device``'s type (a backbone then returns a lower precision)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # a device type without autocast (meta)
+        return False
 
 
 def truncation_of(augmentation) -> float:
@@ -178,10 +234,7 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                           f"schedule; '{stage.schedule.name}' is continuous: use loss simple or v, "
                           "or a schedule with timesteps (cosine, linear)")
     sampler = make_component(plugins, "samplers", stage.sampler, f"{path}.sampler")
-    try:
-        sampler.check(process, learned_variance=learned_variance)
-    except ValueError as exc:
-        raise RecipeError(f"{path}.sampler", f"sampler '{stage.sampler.name}': {exc}") from None
+    _check_sampler(sampler, process, learned_variance, 0.0, f"{path}.sampler", f"sampler '{stage.sampler.name}'")
     # Classifier-free guidance trains an extra "null" class, the last label.
     null_label = num_classes if stage.guidance.label_dropout > 0 else None
     torch.manual_seed(derive_seed(recipe.seed, index))  # the initial weights depend on the seed only
@@ -199,18 +252,39 @@ def build_stage(plugins: Plugins, recipe: Recipe, stage: Stage, *, num_classes: 
                               "set it to false or use a backbone that supports it (adm-unet)")
         backbone.set_gradient_checkpointing(True)
     sample_precision = stage.train.precision if recipe.sample.precision == "train" else recipe.sample.precision
+    labels = {"backbone": _label(plugins, "backbones", stage.backbone),
+              "sampler": _label(plugins, "samplers", stage.sampler),
+              "augmentation": " + ".join(_label(plugins, "augmentations", a) for a in stage.augmentations())}
     return StageModel(stage, index, backbone, process, sampler, augmentation, low_res, null_label,
-                      sample_precision, cond_process)
+                      sample_precision, cond_process, labels)
+
+
+def _label(plugins: Plugins, kind: str, spec) -> str:
+    """A component as errors name it: its kind, name, plugin and version."""
+    component = plugins[kind].get(spec.name)
+    version = f" {component.version}" if component.version else ""
+    return f"{kind[:-1]} '{spec.name}' (plugin '{component.plugin}'{version})"
+
+
+def _check_sampler(sampler: Sampler, process: Process, learned_variance: bool, stop_at: float, path: str,
+                   what: str) -> None:
+    """RecipeError at ``path`` when ``sampler.check`` refuses ``process`` (ValueError) or does
+    not take the arguments of the contract (TypeError)."""
+    try:
+        sampler.check(process, learned_variance=learned_variance, stop_at=stop_at)
+    except ValueError as exc:
+        raise RecipeError(path, f"{what}: {exc}") from None
+    except TypeError as exc:
+        raise RecipeError(path, f"{what}: check(process, learned_variance=..., stop_at=...) raised "
+                                f"TypeError ({exc}); a sampler's check takes (process, *, learned_variance, "
+                                "stop_at=0.0) (cdmbench.interfaces.Sampler)") from None
 
 
 def check_truncation(plugins: Plugins, cond: Stage, cond_process: Process, level: float, path: str) -> None:
     """RecipeError at ``path`` unless stage ``cond``'s sampler can stop its process at ``level``."""
     sampler = make_component(plugins, "samplers", cond.sampler, f"stages.{cond.name}.sampler")
-    try:
-        sampler.check(cond_process, learned_variance=cond.loss == "hybrid", stop_at=level)
-    except ValueError as exc:
-        raise RecipeError(path, f"truncated at level {level}, stage {cond.name}'s sampler "
-                          f"'{cond.sampler.name}' must stop there: {exc}") from None
+    _check_sampler(sampler, cond_process, cond.loss == "hybrid", level, path,
+                   f"truncated at level {level}, stage {cond.name}'s sampler '{cond.sampler.name}' must stop there")
 
 
 def derive_seed(*keys: int) -> int:
@@ -236,9 +310,12 @@ def sample_stage(stage: StageModel, model: nn.Module, labels: Tensor, *, seed: i
     if low_res is not None:
         low_res, aug_cond = stage.condition(low_res, gens, ground_truth=ground_truth)
     shape = (IMAGE_CHANNELS, stage.spec.resolution, stage.spec.resolution)
-    return stage.sampler.sample(denoise=stage.denoiser(model, labels, low_res, aug_cond),
-                                process=stage.process, shape=shape, generators=gens,
-                                device=device, stop_at=stop_at, progress=progress)
+    x = stage.sampler.sample(denoise=stage.denoiser(model, labels, low_res, aug_cond),
+                             process=stage.process, shape=shape, generators=gens,
+                             device=device, stop_at=stop_at, progress=progress)
+    if "sampler" not in stage.checked and stage.check_output("sampler", "images", x, (len(gens), *shape)):
+        stage.checked.add("sampler")
+    return x
 
 
 def sample_cascade(stages: list[StageModel], models: dict[str, nn.Module], labels: Tensor, *,

@@ -28,12 +28,12 @@ from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from cdmbench.data.images import to_device
-from cdmbench.errors import Stopped
+from cdmbench.errors import Stopped  # noqa: F401 (what a stopped training raises: callers catch classifier.Stopped)
 from cdmbench.runtime import distributed
 from cdmbench.runtime.progress import bar
 from cdmbench.runtime.signals import StopSignal
 from cdmbench.storage.files import atomic_write, locked
-from cdmbench.training.checkpoint import sha256_file
+from cdmbench.training.checkpoint import weights_sha256
 
 PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
 WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
@@ -145,8 +145,9 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     is never read whole. Returns the model in eval mode on ``device``.
 
     ``state``: a file (the caller's, for these images) where the training state is saved every
-    SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped``; a call
-    with the same file resumes from it. The caller deletes it once it has kept the weights.
+    SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped`` (for SIGINT
+    ``errors.Interrupted``, also a ``KeyboardInterrupt``); a call with the same file resumes from
+    it. The caller deletes it once it has kept the weights.
 
     ``ranks``: every process of the torchrun process group trains it together, each called with
     the same arguments (its own ``device``): each takes an equal contiguous share of every
@@ -234,8 +235,8 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
                 if stopping:
                     if world > 1:  # torchrun stops every process once one exits: wait for the first's save
                         distributed.barrier()
-                    raise Stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
-                                  f"its state is in {state}: run the same command again to resume")
+                    raise stop.stopped(f"training {arch} stopped by {stop.name} after step {step} of {total}; "
+                                       f"its state is in {state}: run the same command again to resume")
     return model.eval()
 
 
@@ -317,7 +318,7 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     callable returning ``(images, labels)`` (then leave ``train_labels`` None), so a cache hit
     never loads data. A file that does not load is retrained with a warning. An interrupted
     training resumes from ``<hash>.state.pt`` beside it (``train_classifier``'s ``state``).
-    Returns the model (eval mode, on ``device``) and the SHA-256 of its weights file.
+    Returns the model (eval mode, on ``device``) and its weights' identity (``weights_sha256``).
 
     ``ranks``: every process of the torchrun process group calls it and trains on a cache miss
     (``train_classifier``'s ``ranks``; the number of processes is part of the key, as batch
@@ -352,12 +353,12 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_write(path, save(weights, metadata={"key": key_json}))  # complete or absent
         path.with_suffix(".state.pt").unlink(missing_ok=True)
-        return model, sha256_file(path)
+        return model, weights_sha256(path)
 
 
 def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed: int,
                  device: str | torch.device) -> tuple[Classifier, str] | None:
-    """The classifier cached in ``path`` under ``key_json`` and its SHA-256, or None when there
+    """The classifier cached in ``path`` under ``key_json`` and its identity, or None when there
     is none (or it is unreadable: then with a warning)."""
     if not path.exists():
         return None
@@ -367,7 +368,7 @@ def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed
                 raise ValueError("its metadata key does not match")
         model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
         model.load_state_dict(load_file(path))
-        return model.to(device).eval(), sha256_file(path)
+        return model.to(device).eval(), weights_sha256(path)
     except Exception as exc:
         warnings.warn(f"cached classifier {path} is unreadable ({type(exc).__name__}: {exc}); retraining", stacklevel=2)
         return None

@@ -56,7 +56,7 @@ from cdmbench.storage.files import (
     save_npz,
     write_rows,
 )
-from cdmbench.training.checkpoint import ema_sha256, load_ema
+from cdmbench.training.checkpoint import ema_weights_sha256, load_ema
 
 FEATURE_BATCH = 100
 LAYOUT = "layout.json"
@@ -91,7 +91,7 @@ def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_step
     augmentation with its sampling level, and the sample seed."""
     return {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
-         "weights": ema_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
+         "weights": ema_weights_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
          "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],

@@ -10,14 +10,31 @@ from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.plugins import Plugins, load_plugins
 from cdmbench.recipe.schema import Component
 from cdmbench.recipe.validate import _convert, check_component
+from cdmbench.registry import BuildError
+
+# what a built component of each kind must have (the rest of its contract is checked where it is
+# called: cdmbench.cascade.stages checks the first call of samplers, augmentations and backbones)
+REQUIRED = {"schedules": ("timesteps", "abar"), "augmentations": ("cond_dim", "train", "sample"),
+            "samplers": ("check", "sample")}
 
 
 def make_component(plugins: Plugins, kind: str, spec: Component, path: str, **host):
-    """Build a component; a factory's ValueError/TypeError becomes a RecipeError at ``path``."""
+    """Build a component of a recipe: the one place a recipe's factories are called
+    (``Component.build``). A factory's ValueError/TypeError and a built object without what its
+    kind needs are a RecipeError at ``path``, naming the component."""
+    component = plugins[kind].get(spec.name)  # recipes are validated first: names are known
     try:
-        return plugins[kind].get(spec.name).build(spec.args, **host)
-    except (ValueError, TypeError) as exc:
-        raise RecipeError(path, f"{kind[:-1]} '{spec.name}': {exc}") from exc
+        built = component.build(spec.args, **host)
+    except BuildError as exc:
+        raise RecipeError(path, f"{kind[:-1]} '{spec.name}': {exc.reason}") from exc
+    lacking = [a for a in REQUIRED.get(kind, ()) if not hasattr(built, a)]
+    if kind == "backbones" and not callable(built):
+        lacking = ["__call__ (a backbone is an nn.Module)"]
+    if lacking:
+        raise RecipeError(path, f"{kind[:-1]} '{spec.name}' of plugin '{component.plugin}': its factory "
+                                f"returned a {type(built).__name__}, which has no {', '.join(lacking)}; see "
+                                f"cdmbench.interfaces for what a {kind[:-1]} implements")
+    return built
 
 
 # class counts of known Hub datasets: --smoke, --dry-run and bench need no network or data for them

@@ -1,15 +1,19 @@
-"""A recipe file -> a validated ``Recipe`` (YAML, then ``--smoke``, then ``--set``)."""
+"""A recipe file -> a validated ``Recipe`` (YAML, then ``--smoke``, then ``--set``).
+
+The file is read strictly (``cdmbench.recipe.yamlfile``, re-exported here): a regular UTF-8 file, no
+duplicate keys, alias expansion and nesting bounded; anything else is one ``error:`` line."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from cdmbench.errors import RecipeError
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe
 from cdmbench.recipe.validate import parse_recipe
+from cdmbench.recipe.yamlfile import StrictLoader, parse_yaml, read_yaml
+
+__all__ = ["StrictLoader", "load_recipe", "parse_yaml", "read_yaml"]
 
 
 def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = (),
@@ -21,15 +25,20 @@ def load_recipe(path: str | Path, *, overrides: tuple[str, ...] | list[str] = ()
     data with the real class count, name ``<name>-smoke``). Overrides of ``data`` keys apply
     before shrinking (they choose the real dataset whose class count is copied); all others
     apply after it, so ``--set`` wins over smoke values. ``echo`` gets the class-count note."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError("", f"recipe file not found: {path}")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise RecipeError("", f"{path} is not valid YAML: {exc}") from None
+    raw = read_yaml(Path(path))
+    if not isinstance(raw, dict):
+        raise RecipeError("", f"{path} holds {_what(raw)}, not a recipe: a recipe is a YAML mapping of "
+                              "keys (cdmbench, name, data, stages, ...); see docs/recipes.md")
     if smoke:
         from cdmbench.recipe.smoke import smoke_recipe
 
         raw, overrides = smoke_recipe(raw, overrides, plugins, echo)
     return parse_recipe(raw, overrides=overrides, plugins=plugins)
+
+
+def _what(raw: object) -> str:
+    """What a YAML document holds, in words (for a document that is no mapping)."""
+    if raw is None:
+        return "no YAML value (an empty file, or only comments)"
+    kind = {list: "a list", str: "a string", int: "an integer", float: "a number", bool: "true/false"}
+    return kind.get(type(raw), f"a {type(raw).__name__}") + f" ({str(raw)[:40]!r})"

@@ -4,20 +4,77 @@ Every key's meaning is the docstring under its field (``REPLICATES_DOC`` for a s
 ``replicates``, which is not a field); ``docs/recipes.md`` is generated from them
 (``python -m cdmbench.recipe.reference --write docs/recipes.md``). ``validate`` turns a raw YAML
 mapping into these dataclasses.
+
+Every number has a ``Bound`` (``bounded(...)``: the field's metadata), which its docstring states:
+NaN, infinities and absurd values (a batch of 10^12 images, a 10^6-pixel side) are refused when
+the recipe loads, naming the key, instead of failing or hanging later.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from cdmbench.errors import RecipeError
 from cdmbench.registry import suggestion
 
 FORMAT_VERSION = 1
-STAGE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]*$")
+# Names that become one path component (a stage's folder, the run directory runs/<name>): no
+# separator, not '.' or '..', not empty; match with ``fullmatch``.
+STAGE_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def _number(value: float) -> str:
+    """A bound as written in docstrings and messages: 1048576 as 2^20, 10^9, 2^63 - 1; 4096 as is."""
+    if isinstance(value, int) and value >= 2**62:
+        return f"2^{value.bit_length()} - 1" if value == 2**value.bit_length() - 1 else str(value)
+    if isinstance(value, int) and value >= 10**6 and str(value).rstrip("0") == "1":
+        return f"10^{len(str(value)) - 1}"
+    if isinstance(value, int) and value >= 2**16 and value & (value - 1) == 0:
+        return f"2^{value.bit_length() - 1}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+class Bound(NamedTuple):
+    """The interval a number must lie in (finite), e.g. ``[1, 2^20]`` or ``(0, 1]``. (No dataclass: the
+    dataclasses here are the recipe's sections.)"""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    @property
+    def interval(self) -> str:
+        return (f"{'(' if self.open_low else '['}{_number(self.low)}, "
+                f"{_number(self.high)}{')' if self.open_high else ']'}")
+
+    def contains(self, value: float) -> bool:
+        return (math.isfinite(value) and (self.low < value if self.open_low else self.low <= value)
+                and (value < self.high if self.open_high else value <= self.high))
+
+    def check(self, value: float, path: str) -> None:
+        """A ``RecipeError`` at ``path`` unless ``value`` is a finite number in the interval."""
+        if not self.contains(value):
+            shown = repr(value) if len(repr(value)) <= 24 else f"{repr(value)[:12]}... ({len(repr(value))} digits)"
+            finite = "" if math.isfinite(value) else "a finite number "
+            raise RecipeError(path, f"must be {finite}in {self.interval}, got {shown}; set a value in that range")
+
+
+def bounded(low: float, high: float, default: Any = dataclasses.MISSING, *, open_low: bool = False,
+            open_high: bool = False) -> Any:
+    """A numeric field that ``validate`` checks against ``Bound(low, high, ...)``."""
+    return field(default=default, metadata={"bound": Bound(low, high, open_low, open_high)})
+
+
+MAX_STEPS = 10**9  # steps of any kind (training, warm-up, between checkpoints or log rows)
+MAX_BATCH = 2**20  # images per batch: a step's global batch, sampling and evaluation batches
+MAX_SEED = 2**63 - 1
+REPLICATES = Bound(1, 100)  # a stage's `replicates` (not a field)
 
 
 @dataclass
@@ -41,42 +98,44 @@ class Train:
     """How a stage trains: AdamW on batches of the dataset's training split, an exponential moving average
     (EMA) of the weights, checkpoints and a training log."""
 
-    steps: int
-    """Optimizer steps to train, each on one global batch; >= 1. Raise it and run the recipe again to train
+    steps: int = bounded(1, MAX_STEPS)
+    """Optimizer steps to train, each on one global batch; in [1, 10^9]. Raise it and run the recipe again to train
     on from the latest checkpoint; a checkpoint beyond it is refused."""
-    batch_size: int
-    """The global batch in images per step, over all processes and micro-batches; >= 1. It must be divisible
+    batch_size: int = bounded(1, MAX_BATCH)
+    """The global batch in images per step, over all processes and micro-batches; in [1, 2^20]. It must be divisible
     by ``grad_accumulation``, and under torchrun by the number of processes x ``grad_accumulation``."""
-    lr: float = 1.0e-4
-    """AdamW's learning rate, constant after the warm-up; > 0."""
-    weight_decay: float = 0.0
-    """AdamW's decoupled weight decay (0: none)."""
-    ema: float = 0.9999
+    lr: float = bounded(0.0, 1.0, 1.0e-4, open_low=True)
+    """AdamW's learning rate, constant after the warm-up; in (0, 1]."""
+    weight_decay: float = bounded(0.0, 10.0, 0.0)
+    """AdamW's decoupled weight decay (0: none); in [0, 10]."""
+    ema: float = bounded(0.0, 1.0, 0.9999, open_high=True)
     """Decay d of the EMA of the weights, updated after every step (ema <- d ema + (1 - d) weights); sampling
     and evaluation use the EMA weights. In [0, 1); it averages over about 1 / (1 - d) steps."""
-    checkpoint_every: int = 1000
+    checkpoint_every: int = bounded(1, MAX_STEPS, 1000)
     """Steps between checkpoints (weights, EMA, optimizer state); one is also written at the last step and
-    when SIGTERM or Ctrl-C stops training. >= 1."""
-    keep_checkpoints: int = 3
-    """How many of the newest checkpoints are kept: older ones are deleted, except milestones. >= 1."""
-    milestone_every: int = 0
+    when SIGTERM or Ctrl-C stops training. In [1, 10^9]."""
+    keep_checkpoints: int = bounded(1, 10**4, 3)
+    """How many of the newest checkpoints are kept: older ones are deleted, except milestones. In
+    [1, 10000]."""
+    milestone_every: int = bounded(0, MAX_STEPS, 0)
     """Checkpoints whose step is a multiple of this are never deleted (0: none). Only steps that are
-    checkpointed count: use a multiple of ``checkpoint_every``. >= 0."""
-    log_every: int = 100
+    checkpointed count: use a multiple of ``checkpoint_every``. In [0, 10^9]."""
+    log_every: int = bounded(1, MAX_STEPS, 100)
     """Steps between rows of ``train_log.jsonl`` (mean loss, gradient norm and images/s since the previous
     row, training seconds); a row is also written at each checkpoint. A NaN or infinite loss or gradient
-    norm stops training at the next row. >= 1."""
-    val_bpd_images: int = 0
+    norm stops training at the next row. In [1, 10^9]."""
+    val_bpd_images: int = bounded(0, 10**7, 0)
     """After training, the variational bound in bits/dim on the first N images of the test split, as a
-    ``val_bpd`` result row (0: none). Needs ``loss: hybrid`` (the learned variance); >= 0."""
-    warmup_steps: int = 0
+    ``val_bpd`` result row (0: none). Needs ``loss: hybrid`` (the learned variance); in [0, 10^7]."""
+    warmup_steps: int = bounded(0, MAX_STEPS, 0)
     """Steps of linear learning-rate warm-up: step k (from 0) uses lr x min(1, (k + 1) / warmup_steps);
-    0: none. >= 0."""
-    grad_clip: float = 0.0
-    """Maximum global gradient norm: larger gradients are scaled down to it (0: no clipping); >= 0."""
-    grad_accumulation: int = 1
+    0: none. In [0, 10^9]."""
+    grad_clip: float = bounded(0.0, 10**6, 0.0)
+    """Maximum global gradient norm: larger gradients are scaled down to it (0: no clipping); in
+    [0, 10^6]."""
+    grad_accumulation: int = bounded(1, MAX_BATCH, 1)
     """Micro-batches per step: each process's share of ``batch_size`` runs forward and backward in this many
-    parts (less memory, the same step); >= 1 and divides ``batch_size``."""
+    parts (less memory, the same step); in [1, 2^20] and divides ``batch_size``."""
     precision: str = "fp32"
     """``fp32`` or ``bf16`` (forward pass and loss under bfloat16 autocast; weights and optimizer stay in
     float32); other values are refused. Also the sampling precision while ``sample.precision`` is
@@ -101,13 +160,13 @@ class Guidance:
     """Classifier-free guidance (Ho & Salimans 2021): train with labels dropped (replaced by a
     null class) with probability ``label_dropout``; sample with eps_u + scale (eps_c - eps_u)."""
 
-    label_dropout: float = 0.0
+    label_dropout: float = bounded(0.0, 1.0, 0.0, open_high=True)
     """Probability that a training example's class label is replaced by an extra null class (the last
     label), which trains the unconditional model that guidance needs; 0: no null class. In [0, 1)."""
-    scale: float = 1.0
+    scale: float = bounded(0.0, 100.0, 1.0)
     """Guidance weight w when sampling: the network's prediction is uncond + w (cond - uncond), two passes
     per sampling step (the learned variance, if any, stays the conditional one); 1: the conditional model
-    alone, one pass. >= 0; a value other than 1 needs ``label_dropout`` > 0."""
+    alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0."""
 
 
 @dataclass
@@ -116,12 +175,12 @@ class Stage:
     super-resolution (SR) stage also gets an earlier stage's images (``condition_on``), augmented."""
 
     name: str
-    """The stage's name: lower-case letters, digits, ``-`` and ``_``, starting with a letter; unique. It
-    names the stage's folder in the run directory and the stage in ``--stage NAME`` and
+    """The stage's name: lower-case letters, digits, ``-`` and ``_``, starting with a letter, at most 64
+    characters; unique. It names the stage's folder in the run directory and the stage in ``--stage NAME`` and
     ``--set stages.NAME.KEY=VALUE``."""
-    resolution: int
-    """Side in pixels of the square images the stage generates; >= 4, and an SR stage's must exceed that
-    of the stage it conditions on."""
+    resolution: int = bounded(4, 4096)
+    """Side in pixels of the square images the stage generates; in [4, 4096], and an SR stage's must exceed
+    that of the stage it conditions on."""
     backbone: Component
     """The denoising network: a ``backbones`` component (``adm-unet``; ``diffusers-unet2d`` with the
     cdmbench-diffusers plugin)."""
@@ -139,8 +198,8 @@ class Stage:
     clean image), ``v`` (MSE of v = sqrt(abar) eps - sqrt(1 - abar) x0) or ``hybrid`` (``simple`` +
     ``vlb_weight`` x L_vlb with a learned variance, Improved DDPM; the network outputs twice the channels;
     needs a discrete schedule). Other values are refused."""
-    vlb_weight: float = 0.001
-    """Lambda of the hybrid loss L_simple + lambda L_vlb (only ``loss: hybrid`` uses it); >= 0."""
+    vlb_weight: float = bounded(0.0, 1000.0, 0.001)
+    """Lambda of the hybrid loss L_simple + lambda L_vlb (only ``loss: hybrid`` uses it); in [0, 1000]."""
     guidance: Guidance = field(default_factory=Guidance)
     """Classifier-free guidance: the keys of ``stages[].guidance``."""
     condition_on: str | None = None
@@ -164,18 +223,18 @@ class Sample:
     """How the cascade is sampled: by ``cdmbench run`` after training (a grid per stage), and the
     defaults of ``cdmbench sample``."""
 
-    images_per_class: int = 8
+    images_per_class: int = bounded(1, 10**6, 8)
     """Images per class that ``cdmbench run`` samples for each stage's grid (one row per class); the
-    default of ``cdmbench sample --per-class``. >= 1."""
-    batch_size: int = 64
+    default of ``cdmbench sample --per-class``. In [1, 10^6]."""
+    batch_size: int = bounded(1, MAX_BATCH, 64)
     """Images per sampling batch (``cdmbench run``, ``cdmbench sample``, the sampling part of
-    ``cdmbench bench``); the images do not depend on it. >= 1."""
-    seed: int = 0
+    ``cdmbench bench``); the images do not depend on it. In [1, 2^20]."""
+    seed: int = bounded(0, MAX_SEED, 0)
     """Seed of all sampling: image i of a stage draws from (seed, stage position, i), so a request gives the
-    same images in any batch size; evaluation and sweeps use it too. >= 0."""
-    num_classes: int | None = None
+    same images in any batch size; evaluation and sweeps use it too. In [0, 2^63 - 1]."""
+    num_classes: int | None = bounded(1, 10**6, None)
     """Sample (and grid) only the first N classes; null: every class. Also the default classes of
-    ``cdmbench sample``; evaluation samples every class. >= 1 or null."""
+    ``cdmbench sample``; evaluation samples every class. In [1, 10^6] or null."""
     precision: str = "train"
     """The networks' precision when sampling (run, sample, evaluate, sweep): ``train`` (each stage's
     ``train.precision``), ``fp32`` or ``bf16`` (the network under bfloat16 autocast; the sampler's arithmetic
@@ -190,13 +249,13 @@ class Evaluate:
     """The metrics: ``metrics`` components (``fid``, ``is``, ``cas``), each a bare name or ``{name, args}``.
     ``--metrics fid,is`` picks some by name, with their args from here (a name not listed: default
     args)."""
-    num_samples: int = 50000
+    num_samples: int = bounded(1, 10**8, 50000)
     """Class-balanced samples to generate and evaluate (image i has class i mod the class count); the
-    default of ``--num-samples``. >= 1."""
-    batch_size: int = 64
-    """Images per sampling batch of evaluation and sweeps. >= 1."""
-    shard_size: int = 1000
-    """Samples per npz shard, the unit in which evaluation's sampling resumes. >= 1."""
+    default of ``--num-samples``. In [1, 10^8]."""
+    batch_size: int = bounded(1, MAX_BATCH, 64)
+    """Images per sampling batch of evaluation and sweeps. In [1, 2^20]."""
+    shard_size: int = bounded(1, 10**7, 1000)
+    """Samples per npz shard, the unit in which evaluation's sampling resumes. In [1, 10^7]."""
     stage: str | None = None
     """The stage whose samples are evaluated by default (``--stage`` overrides); null: the last stage. It
     must name a stage."""
@@ -210,7 +269,8 @@ class Recipe:
     """The recipe format version: 1, the format this cdmbench reads; other values are refused."""
     name: str
     """The run's name: the default run directory is ``runs/<name>`` (``--out`` changes it) and every
-    result row's ``run``. ``--smoke`` appends ``-smoke``."""
+    result row's ``run``. One path component: letters, digits, ``.``, ``_``, ``+`` and ``-``, starting with a
+    letter or digit, at most 128 characters (no ``/``, not ``..``). ``--smoke`` appends ``-smoke``."""
     data: Component
     """The dataset: a ``datasets`` component (``shapes``, ``fashion-mnist``, ``imagefolder``, ``hf``).
     Every stage trains on its training split at the stage's resolution; evaluation compares samples with
@@ -219,10 +279,10 @@ class Recipe:
     """The cascade, a non-empty list: base stages (no ``condition_on``) and SR stages, each conditioned on
     an earlier one. A stage's seeds derive from its position: stages may be appended to a trained run,
     not reordered. The keys of ``stages[]``."""
-    seed: int = 0
+    seed: int = bounded(0, MAX_SEED, 0)
     """Seed of training: each stage's initial weights, batch order and every step's draws (flips, noise
-    levels, noise, augmentation, label dropout) derive from it and the stage's position. >= 0. Sampling uses
-    ``sample.seed``."""
+    levels, noise, augmentation, label dropout) derive from it and the stage's position. In [0, 2^63 - 1].
+    Sampling uses ``sample.seed``."""
     device: str = "auto"
     """``auto`` (CUDA if available, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``; other values are
     refused. Under torchrun ``auto`` and ``cuda`` mean the process's GPU (``LOCAL_RANK``)."""
@@ -258,7 +318,7 @@ class Recipe:
 # --- generic strict conversion of plain YAML data into the dataclasses above ---------------
 
 
-REPLICATES_DOC = """Train the stage k times (k >= 1): copies named ``<name>_r2`` .. ``<name>_rk``, with
+REPLICATES_DOC = """Train the stage k times (k in [1, 100]): copies named ``<name>_r2`` .. ``<name>_rk``, with
 ``replicate_of: <name>``, are appended after all stages, so that the others keep their positions, from which
 seeds derive (each copy trains with its own; adding copies to a trained run trains only them). CDM's
 findings judge the stage by the mean of its k runs and their spread, and report.md gives each metric's mean

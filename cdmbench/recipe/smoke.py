@@ -26,6 +26,7 @@ class count the stand-in copies), all others after ``smoke`` (so ``--set`` wins 
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Callable
 
 SUFFIX = "-smoke"
@@ -44,7 +45,9 @@ def _args(node: Any) -> dict[str, Any] | None:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A number smoke may shrink: NaN and infinities are left for validation to refuse by key."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and (isinstance(value, int) or math.isfinite(value)))
 
 
 def _shrink_stage(stage: dict[str, Any], timesteps: dict[str, int | None]) -> None:

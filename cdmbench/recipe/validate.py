@@ -1,9 +1,11 @@
 """Recipe validation: a raw (YAML-loaded) mapping, with ``--set`` overrides applied, converted to the
 ``schema`` dataclasses and checked against the registered components.
 
-Strict: unknown keys, wrong types, unknown component names and ``args`` a factory does not
-accept all fail here, before any data or model is touched, with the dotted path of the bad key
-(stages are addressed by name: ``stages.sr32.backbone.args.channels``).
+Strict: unknown keys, wrong types, numbers outside their field's bound (NaN and infinities
+included; ``schema.Bound``), non-finite numbers in component ``args``, names that would not be one
+path component, unknown component names and ``args`` a factory does not accept all fail here,
+before any data or model is touched, with the dotted path of the bad key (stages are addressed by
+name: ``stages.sr32.backbone.args.channels``).
 """
 
 from __future__ import annotations
@@ -11,18 +13,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
+import re
 import types
 import typing
 from typing import Any, Union
-
-import yaml
 
 from cdmbench.diffusion.process import LOSSES
 from cdmbench.errors import RecipeError, RegistryError
 from cdmbench.interfaces import HOST_ARGS
 from cdmbench.plugins import Plugins, load_plugins
-from cdmbench.recipe.schema import FORMAT_VERSION, STAGE_NAME_RE, Component, Recipe, Stage
+from cdmbench.recipe.schema import (
+    FORMAT_VERSION,
+    REPLICATES,
+    RUN_NAME_RE,
+    STAGE_NAME_RE,
+    Component,
+    Recipe,
+    Stage,
+)
+from cdmbench.recipe.yamlfile import parse_yaml
 from cdmbench.registry import suggestion
+
+DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
 
 
 def _type_name(tp: Any) -> str:
@@ -80,7 +93,11 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise RecipeError(path, f"expected null, got {value!r}")
         return None
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise RecipeError(path, f"an integer of {value.bit_length()} bits is too large for a number; "
+                                    "use a sensible value") from None
     if tp in (int, float, str, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise RecipeError(path, f"expected {_type_name(tp)}, got {value!r}")
@@ -104,6 +121,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
             sub = _join(path, name)
             values[name] = (_build_stages(data[name], sub) if name == "stages"
                             else _convert(data[name], hints[name], sub))
+            if "bound" in f.metadata and values[name] is not None:  # NaN, inf and absurd sizes
+                f.metadata["bound"].check(values[name], sub)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(_join(path, name), "required key is missing")
     return cls(**values)
@@ -117,13 +136,12 @@ def _build_stages(data: Any, path: str) -> list[Stage]:
     stages, copies = [], []
     for i, item in enumerate(data):
         name = item.get("name") if isinstance(item, dict) else None
-        where = f"{path}.{name}" if isinstance(name, str) else f"{path}[{i}]"
+        where = _join(path, name) if isinstance(name, str) else f"{path}[{i}]"
         count = 1
         if isinstance(item, dict) and "replicates" in item:
             item = dict(item)
             count = _convert(item.pop("replicates"), int, f"{where}.replicates")
-        if count < 1:
-            raise RecipeError(f"{where}.replicates", f"must be >= 1 (trainings of this stage), got {count}")
+            REPLICATES.check(count, f"{where}.replicates")
         stage = _build(Stage, item, where)
         stages.append(stage)
         copies += [dataclasses.replace(copy.deepcopy(stage), name=f"{stage.name}_r{k}", replicate_of=stage.name)
@@ -140,6 +158,9 @@ def complete(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _join(path: str, key: str) -> str:
+    """``path.key``; a key that is not one printable line (a newline, a control character) as its repr,
+    so that an error stays one line."""
+    key = key if key.isprintable() else repr(key)
     return f"{path}.{key}" if path else key
 
 
@@ -150,6 +171,12 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     if not sep or not key:
         raise RecipeError("--set", f"expected key=value, got {assignment!r}")
     parts = key.split(".")
+    if not key.isprintable():
+        raise RecipeError("--set", f"{key!r} is not a key (it holds a newline or control character); "
+                                   "write a dotted key such as stages.base16.train.steps")
+    if not all(parts):
+        raise RecipeError("--set", f"{key!r} has an empty part; write a dotted key such as "
+                                   "stages.base16.train.steps")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
@@ -164,11 +191,8 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
             raise RecipeError(here, f"cannot set a key inside {node!r}")
     if not isinstance(node, dict):
         raise RecipeError(key, "cannot set a key here")
-    try:
-        node[parts[-1]] = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise RecipeError(key, f"--set value {text!r} is not valid YAML ({exc.problem or exc}); quote a "
-                               "string, or write a list as [a, b] and a mapping as {k: v}") from None
+    node[parts[-1]] = parse_yaml(text, f"--set value {text!r}", key, hint="quote a string, or write a "
+                                 "list as [a, b] and a mapping as {k: v}")
 
 
 
@@ -180,13 +204,14 @@ def check_component(plugins: Plugins, kind: str, spec: Component, path: str) -> 
         raise RecipeError(f"{path}.name", str(exc)) from None
     params = component.parameters()
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    try:
-        hints = typing.get_type_hints(component.factory)
-    except Exception:  # unresolvable annotations in a plugin: skip the type check
-        hints = {}
+    try:  # resolved at registration (Registry.add refuses hints that do not resolve)
+        hints = component.hints()
+    except Exception as exc:  # a Component made without the registry
+        raise RecipeError(path, f"{kind[:-1]} '{spec.name}' of plugin '{component.plugin}': a type hint of "
+                                f"its factory does not resolve ({type(exc).__name__}: {exc})") from None
     host = HOST_ARGS[kind]
     for key, value in spec.args.items():
-        where = f"{path}.args.{key}"
+        where = _join(f"{path}.args", str(key))
         if key in host:
             raise RecipeError(where, f"is set by cdmbench from the run (host facts for {kind}: "
                                      f"{', '.join(host)}); remove it from the recipe")
@@ -196,6 +221,7 @@ def check_component(plugins: Plugins, kind: str, spec: Component, path: str) -> 
                                      f"{suggestion(key, valid)}")
         if key in hints:
             spec.args[key] = _convert(value, hints[key], where)
+        _finite(spec.args[key], where)
     for name, p in params.items():
         if (p.default is inspect.Parameter.empty and name not in host and name not in spec.args
                 and p.kind is inspect.Parameter.KEYWORD_ONLY):
@@ -203,37 +229,47 @@ def check_component(plugins: Plugins, kind: str, spec: Component, path: str) -> 
 
 
 
+def _finite(value: Any, path: str) -> None:
+    """A ``RecipeError`` at ``path`` for a NaN or infinite number anywhere in ``value`` (component args)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(path, f"must be a finite number, got {value!r}; set a number")
+    if isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite(item, f"{path}[{i}]")
+    elif isinstance(value, dict):
+        for k, item in value.items():
+            _finite(item, _join(path, str(k)))
+
+
+
 def _check(recipe: Recipe, plugins: Plugins) -> None:
     if recipe.cdmbench != FORMAT_VERSION:
         raise RecipeError("cdmbench", f"unsupported recipe format {recipe.cdmbench}; this "
                                       f"cdmbench reads format {FORMAT_VERSION}")
-    if recipe.device not in ("auto", "cpu", "cuda") and not recipe.device.startswith("cuda:"):
+    if not RUN_NAME_RE.fullmatch(recipe.name):
+        raise RecipeError("name", f"{recipe.name!r} cannot name a run directory (runs/<name>): use one "
+                                  "path component of letters, digits, '.', '_', '+' and '-' that starts "
+                                  "with a letter or digit, at most 128 characters, e.g. 'quickstart'")
+    if not DEVICE_RE.fullmatch(recipe.device):
         raise RecipeError("device", f"expected auto, cpu, cuda or cuda:N, got {recipe.device!r}")
-    for path, seed in (("seed", recipe.seed), ("sample.seed", recipe.sample.seed)):
-        if seed < 0:
-            raise RecipeError(path, f"must be >= 0 (seeds derive per-image generators), got {seed}")
     check_component(plugins, "datasets", recipe.data, "data")
     seen: dict[str, Stage] = {}
     for stage in recipe.stages:
-        path = f"stages.{stage.name}"
-        if not STAGE_NAME_RE.match(stage.name):
-            raise RecipeError(f"{path}.name", "stage names are lower-case letters, digits, - and _")
+        path = _join("stages", stage.name)
+        if not STAGE_NAME_RE.fullmatch(stage.replicate_of or stage.name):  # a copy: its stage's name
+            raise RecipeError(f"{path}.name", f"{stage.name!r} is not a stage name: lower-case letters, "
+                                              "digits, - and _, starting with a letter, at most 64 characters")
         if stage.name in seen:
             raise RecipeError(f"{path}.name", "two stages have this name")
         original = seen.get(stage.replicate_of) if stage.replicate_of else None
         if stage.replicate_of and (original is None or original.replicate_of is not None):
             raise RecipeError(f"{path}.replicate_of", f"'{stage.replicate_of}' is not an earlier stage "
                               "that is not itself a replicate; use `replicates: k` on the stage")
-        if stage.resolution < 4:
-            raise RecipeError(f"{path}.resolution", f"must be >= 4, got {stage.resolution}")
+        if stage.replicate_of and not re.fullmatch(rf"{re.escape(stage.replicate_of)}_r[0-9]{{1,3}}", stage.name):
+            raise RecipeError(f"{path}.name", f"a copy of stage '{stage.replicate_of}' is named "
+                              f"{stage.replicate_of}_r<k>; use `replicates: k` on the stage")
         if stage.loss not in LOSSES:
             raise RecipeError(f"{path}.loss", f"unknown loss '{stage.loss}'; {suggestion(stage.loss, LOSSES)}")
-        if stage.vlb_weight < 0:
-            raise RecipeError(f"{path}.vlb_weight", "must be >= 0")
-        if not 0.0 <= stage.guidance.label_dropout < 1.0:
-            raise RecipeError(f"{path}.guidance.label_dropout", "must be in [0, 1)")
-        if stage.guidance.scale < 0:
-            raise RecipeError(f"{path}.guidance.scale", "must be >= 0")
         if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0:
             raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
                               "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
@@ -251,26 +287,14 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
                 raise RecipeError(f"{path}.resolution", f"{stage.resolution} must exceed the "
                                   f"resolution of '{prev.name}' ({prev.resolution})")
         train = stage.train
-        for key in ("steps", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every"):
-            if getattr(train, key) < 1:
-                raise RecipeError(f"{path}.train.{key}", "must be >= 1")
-        if train.val_bpd_images < 0 or (train.val_bpd_images and stage.loss != "hybrid"):
+        if train.val_bpd_images and stage.loss != "hybrid":
             raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
                               "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
-        if train.milestone_every < 0:
-            raise RecipeError(f"{path}.train.milestone_every", "must be >= 0")
         if train.precision not in ("fp32", "bf16"):
             raise RecipeError(f"{path}.train.precision", f"expected fp32 or bf16, got {train.precision!r}")
-        for key in ("warmup_steps", "grad_clip"):
-            if getattr(train, key) < 0:
-                raise RecipeError(f"{path}.train.{key}", "must be >= 0")
-        if train.grad_accumulation < 1 or train.batch_size % train.grad_accumulation:
-            raise RecipeError(f"{path}.train.grad_accumulation", f"must be >= 1 and divide "
-                              f"batch_size ({train.batch_size})")
-        if not 0.0 <= train.ema < 1.0:
-            raise RecipeError(f"{path}.train.ema", "must be in [0, 1)")
-        if train.lr <= 0:
-            raise RecipeError(f"{path}.train.lr", "must be > 0")
+        if train.batch_size % train.grad_accumulation:
+            raise RecipeError(f"{path}.train.grad_accumulation", f"must divide batch_size "
+                              f"({train.batch_size}), got {train.grad_accumulation}")
         for kind, spec, key in (("backbones", stage.backbone, "backbone"),
                                 ("schedules", stage.schedule, "schedule"),
                                 ("samplers", stage.sampler, "sampler")):
@@ -279,19 +303,12 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         for i, spec in enumerate(stage.augmentations()):
             check_component(plugins, "augmentations", spec, f"{path}.augmentation" + (f"[{i}]" if many else ""))
         seen[stage.name] = stage
-    if recipe.sample.images_per_class < 1 or recipe.sample.batch_size < 1:
-        raise RecipeError("sample", "images_per_class and batch_size must be >= 1")
     if recipe.sample.precision not in ("train", "fp32", "bf16"):
         raise RecipeError("sample.precision", "expected train (each stage's train.precision), fp32 or "
                           f"bf16, got {recipe.sample.precision!r}")
-    if recipe.sample.num_classes is not None and recipe.sample.num_classes < 1:
-        raise RecipeError("sample.num_classes", "must be >= 1 or null (every class)")
     evaluate = recipe.evaluate
     for i, metric in enumerate(evaluate.metrics):
         check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
-    for key in ("num_samples", "batch_size", "shard_size"):
-        if getattr(evaluate, key) < 1:
-            raise RecipeError(f"evaluate.{key}", "must be >= 1")
     if evaluate.stage is not None and evaluate.stage not in seen:
         raise RecipeError("evaluate.stage", f"no stage '{evaluate.stage}'; {suggestion(evaluate.stage, seen)}")
 

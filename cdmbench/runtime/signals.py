@@ -1,17 +1,24 @@
 """Stopping work cleanly on SIGTERM / SIGINT (preemption, Ctrl-C): the handler only records the
-signal; the work finishes its step, saves its state and raises ``errors.Stopped``."""
+signal; the work finishes its step, saves its state and raises ``stop.stopped(...)``: an
+``errors.Stopped``, for SIGINT an ``errors.Interrupted`` (also a ``KeyboardInterrupt``).
+
+The handlers belong to the work, not to the process: ``StopSignal`` installs them for the ``with``
+block that protects the work and puts the previous ones back when it ends, also by an exception.
+Outside it, Ctrl-C is whatever the caller made it (Python's default: ``KeyboardInterrupt``)."""
 
 from __future__ import annotations
 
 import signal
 from typing import Any
 
+from cdmbench.errors import Interrupted, Stopped
 from cdmbench.runtime import distributed
 
 
 class StopSignal:
     """A context in which SIGTERM / SIGINT are recorded in ``received`` instead of stopping the
-    process (outside the main thread, signals stay with the caller)."""
+    process; on leaving it the previous handlers are back (outside the main thread, where Python
+    lets no handler be installed, signals stay with the caller)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -20,9 +27,12 @@ class StopSignal:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
+        if self._previous:
+            raise RuntimeError("a StopSignal is not re-entrant: make a new one")
         try:
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        except ValueError:  # not the main thread
+            for s in self.SIGNALS:
+                self._previous[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread (raised by the first: nothing was installed)
             self._previous = {}
         return self
 
@@ -30,8 +40,10 @@ class StopSignal:
         self.received = signum
 
     def __exit__(self, *exc: Any) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        previous, self._previous = self._previous, {}
+        for s, handler in previous.items():
+            # None: a handler installed outside Python, which Python cannot put back: the default
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
     @property
     def name(self) -> str:
@@ -42,3 +54,8 @@ class StopSignal:
         """Whether any process of the process group received a signal (all processes agree, so
         all stop; a collective: every process must ask)."""
         return distributed.any_process(self.received is not None)
+
+    def stopped(self, message: str) -> Stopped:
+        """The error to raise once the work has saved its state: ``Interrupted`` (a ``Stopped`` and
+        a ``KeyboardInterrupt``) if this process received SIGINT, else ``Stopped``."""
+        return (Interrupted if self.received == signal.SIGINT else Stopped)(message)

@@ -3,12 +3,15 @@ concurrent jobs on one run directory and one cache): atomic replacement and lock
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import math
 import os
+import re
 import shutil
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,28 +24,58 @@ from cdmbench.errors import CdmbenchError
 
 
 @contextmanager
-def _named(path: Path) -> Iterator[None]:
-    """An OSError without a file name (a write to a full disk) raised inside gets ``path``."""
+def _named(path: Path, always: bool = False) -> Iterator[None]:
+    """An OSError without a file name (a write to a full disk) raised inside gets ``path``; with
+    ``always``, every OSError does (a temporary file's name would mean nothing to the user)."""
     try:
         yield
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None or always:
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask: from /proc (Linux), else set and restored at once under a lock (the
+    mask set meanwhile, 077, makes a file another thread creates then private, never open)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file under the process's umask (0666 & ~umask): what a file
+    written to a temporary name (``mkstemp``: 0600) and renamed must get, for others to read it."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: Path, data: bytes | str) -> None:
     """Write ``data`` to a temporary file of this process beside ``path``, fsync, rename: a reader
-    sees the old file or the new one, never a part, and concurrent writers do not collide."""
+    sees the old file or the new one, never a part, and concurrent writers do not collide. The
+    file gets the mode an ordinary ``open()`` would (``file_mode``); an OSError names ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
+    with _named(path, always=True):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
     try:
-        with _named(path), os.fdopen(fd, "wb") as fh:
+        with _named(path, always=True), os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode())
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with _named(path, always=True):
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -62,6 +95,37 @@ def check_free_space(folder: Path, needed: int, fix: str) -> None:
     if needed > free:
         raise CdmbenchError(f"no disk space for the arrays in {folder}: they need {needed} more bytes "
                             f"({needed / 2**30:.2f} GiB), {free / 2**30:.2f} GiB is free; {fix}")
+
+
+_ELSEWHERE = "(cdmbench run --out DIR; $CDMBENCH_CACHE and $CDMBENCH_DATA_CACHE for caches)"
+_SPACE = "{strerror} writing {path}. Free space there"
+_PERMISSIONS = ("{strerror}: {path} (permissions: this user may not write there). Make that folder and file "
+                f"writable for this user (chmod, chown) or write elsewhere {_ELSEWHERE}")
+# errno of a failed write -> what to say: the system's message, the file, the cause and the fix
+WRITE_FAILURES = {
+    errno.ENOSPC: _SPACE, errno.EDQUOT: _SPACE, errno.EFBIG: _SPACE,
+    errno.EACCES: _PERMISSIONS, errno.EPERM: _PERMISSIONS,
+    errno.EROFS: ("{strerror} writing {path} (the file system there is read-only). Write to a writable "
+                  f"disk {_ELSEWHERE} or remount that one read-write"),
+}
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def write_failure(exc: BaseException, path: Path | str | None = None) -> tuple[int, str] | None:
+    """(errno, message) of a write of ``path`` (default: the OSError's file) that failed with
+    ``exc`` for lack of space, permissions or a read-only file system, else None; the message
+    names the file, the cause and the fix. The errno is an OSError's, or the one the message of
+    an error wrapping it names (safetensors: 'os error 13'; torch.save: the system's message)."""
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code is None:
+        text = str(exc)
+        found = re.search(r"os error (\d+)", text)
+        code = int(found.group(1)) if found else next((c for c in WRITE_FAILURES if os.strerror(c) in text), None)
+    if code not in WRITE_FAILURES:
+        return None
+    path = path if path is not None else getattr(exc, "filename", None) or "a file"
+    strerror = (exc.strerror if isinstance(exc, OSError) else None) or os.strerror(code)
+    return code, WRITE_FAILURES[code].format(strerror=strerror, path=path)
 
 
 def allocate_arrays(folder: Path, arrays: dict[str, tuple[type, tuple[int, ...]]], fix: str) -> None:

@@ -25,6 +25,7 @@ from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe
 from cdmbench.recipe.validate import complete, parse_recipe
+from cdmbench.recipe.yamlfile import read_yaml
 from cdmbench.storage.files import append_text, atomic_write
 
 # Keys that may change between invocations of one run (training longer, sampling differently):
@@ -128,6 +129,10 @@ class RunDir:
         self.path = Path(path)
 
     def stage(self, name: str) -> Path:
+        """The stage's folder; ``name`` (validated by the recipe) is one path component, never a way out."""
+        if name in ("", ".", "..") or Path(name).name != name or "\\" in name:
+            raise CdmbenchError(f"stage name {name!r} is not one path component; stage names are lower-case "
+                                "letters, digits, - and _")
         return self.path / name
 
     @property
@@ -140,7 +145,7 @@ class RunDir:
         run_yaml = self.path / "run.yaml"
         if run_yaml.exists():
             try:
-                old = complete(yaml.safe_load(run_yaml.read_text())["recipe"])
+                old = complete(read_run_yaml(run_yaml))
             except RecipeError as exc:
                 raise CdmbenchError(f"{run_yaml} holds a recipe this cdmbench cannot read ({exc}); "
                                     "use the cdmbench version that wrote it, or another --out") from None
@@ -188,16 +193,34 @@ def result_row(*, run: str, stage: str, metric: str, value: float | None, unit: 
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def read_run_yaml(run_yaml: Path) -> dict[str, Any]:
+    """The resolved recipe in ``run_yaml``, read strictly (a regular UTF-8 file, no duplicate keys,
+    bounded aliases); a ``RecipeError`` naming the file when it is not a run.yaml that cdmbench wrote."""
+    doc = read_yaml(run_yaml, "run.yaml")
+    raw = doc.get("recipe") if isinstance(doc, dict) else None
+    if not isinstance(raw, dict):
+        raise RecipeError("", f"{run_yaml} is not a run.yaml that cdmbench wrote (it has no `recipe:` mapping)")
+    return raw
+
+
 def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> tuple[RunDir, Recipe, Plugins]:
     """A run directory and the recipe it was trained with (from run.yaml), with ``overrides`` of
     sampling settings only: those of the trained weights are refused."""
     run_dir = RunDir(Path(run_path))
     run_yaml = run_dir.path / "run.yaml"
-    if not run_yaml.is_file():
+    if not run_dir.path.is_dir() or not run_yaml.exists():
         raise CdmbenchError(f"{run_dir.path} is not a run directory (no run.yaml); give the folder "
                             "that cdmbench run wrote (runs/<recipe name>)")
-    raw = yaml.safe_load(run_yaml.read_text())["recipe"]
-    trained, _ = parse_recipe(copy.deepcopy(raw))
+    try:
+        raw = read_run_yaml(run_yaml)
+    except RecipeError as exc:
+        raise CdmbenchError(f"{exc}; give the folder that cdmbench run wrote, or run the recipe again "
+                            "into a new --out") from None
+    try:
+        trained, _ = parse_recipe(copy.deepcopy(raw))
+    except RecipeError as exc:
+        raise CdmbenchError(f"{run_yaml} holds a recipe this cdmbench cannot read ({exc}); install the "
+                            "plugins it names, or use the cdmbench version that wrote it") from None
     recipe, plugins = parse_recipe(raw, overrides=overrides)
     difference = recipe_difference(trained.to_dict(), recipe.to_dict(), SAMPLING_KEYS)
     if difference:

@@ -9,16 +9,22 @@
         a checkpoint found unreadable when resuming, moved aside (never loaded nor pruned)
 
 A folder is written under a temporary name, fsynced (files, folder) and renamed, so a checkpoint
-folder either is complete or does not exist. Only tensors, numbers and strings are stored.
-Checkpoints written before manifests existed load without the check.
+folder either is complete or does not exist. Only tensors, numbers and strings are stored. A
+folder without its manifest is corrupt (nothing could check its files): never loaded.
+
+The weights' identity (``weights_sha256``, in evaluation caches and result rows) hashes the
+tensors and metadata, not the file: safetensors writes metadata keys in another order in each
+process, so the file's SHA-256 (the manifest's, for integrity) differs for identical weights.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from torch import nn
 
 from cdmbench.errors import CheckpointError
 from cdmbench.runtime import distributed
+from cdmbench.storage.files import SPACE_ERRNOS, file_mode, write_failure
 
 PREFIX = "step-"
 CORRUPT = "corrupt-"
@@ -57,16 +64,39 @@ def _write_manifest(path: Path) -> None:
     (path / MANIFEST).write_text(json.dumps(entries, indent=1))
 
 
+def _replace(tmp: Path, final: Path) -> None:
+    """Rename folder ``tmp`` to ``final``; a ``final`` already there (the same step saved again)
+    is set aside first and put back if the rename fails, so it is lost only once replaced."""
+    old = final.with_name(f".old-{final.name}")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int,
                     milestone_every: int = 0) -> Path:
     """Write the checkpoint of ``step`` atomically, then prune (``_prune``). A failed write (a
-    full disk, a file-size limit) leaves no partial folder and raises CheckpointError."""
+    full disk, a file-size limit, permissions, a read-only disk) leaves no partial folder, loses
+    no checkpoint written before, and raises CheckpointError saying why. The files get the mode
+    an ordinary ``open()`` would (safetensors writes 0600 files)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{PREFIX}{step:08d}"
     tmp = folder / f".tmp-{PREFIX}{step:08d}"
     for partial in folder.glob(f".tmp-{PREFIX}*"):  # left by writes killed midway (SIGKILL): ~10 GB each
         shutil.rmtree(partial, ignore_errors=True)
+    for old in folder.glob(f".old-{PREFIX}*"):  # set aside by a write killed midway: put back unless replaced
+        if (folder / old.name.removeprefix(".old-")).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, folder / old.name.removeprefix(".old-"))
     meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
     try:
         tmp.mkdir()
@@ -75,18 +105,22 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         _write_manifest(tmp)
         for f in tmp.iterdir():
+            os.chmod(f, file_mode())
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        _replace(tmp, final)
         _fsync_dir(folder)
     except Exception as exc:  # OSError, SafetensorError, RuntimeError (torch.save) on I/O failure
         shutil.rmtree(tmp, ignore_errors=True)
-        free = shutil.disk_usage(folder).free / 2**30
-        raise CheckpointError(f"cannot write checkpoint {final}: {getattr(exc, 'strerror', None) or exc}; "
-                              f"free space ({free:.2f} GiB left on that disk) or choose another --out "
-                              f"(earlier checkpoints are untouched)") from exc
+        failure = write_failure(exc, folder)
+        if failure is None or failure[0] in SPACE_ERRNOS:
+            free = shutil.disk_usage(folder).free / 2**30
+            why = (f"{getattr(exc, 'strerror', None) or exc}; free space ({free:.2f} GiB left on that disk) "
+                   "or choose another --out")
+        else:
+            why = failure[1]
+        raise CheckpointError(f"cannot write checkpoint {final}: {why} (earlier checkpoints are untouched)") from exc
     _prune(folder, step, keep, milestone_every)
     return final
 
@@ -101,11 +135,43 @@ def _prune(folder: Path, step: int, keep: int, milestone_every: int) -> None:
 
 
 def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file, read in 1 MiB blocks: how weights are identified in results."""
+    """SHA-256 (hex) of a file, read in 1 MiB blocks: the file's integrity (the manifest)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
+    return h.hexdigest()
+
+
+def weights_sha256(path: Path) -> str:
+    """The identity of the weights in the safetensors file ``path``: the SHA-256 of its metadata
+    (keys sorted) and its tensors' names, dtypes and shapes (names sorted), then of each tensor's
+    bytes in that order. The same for the same weights whichever process (or safetensors version)
+    wrote the file, where the file's own SHA-256 is not: safetensors writes the metadata keys in
+    a per-process order. Remembered per file (path, size, modification time) in this process."""
+    stat = os.stat(path)
+    return _weights_sha256(str(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_sha256(path: str, size: int, mtime_ns: int, inode: int) -> str:
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+        metadata = header.pop("__metadata__", None) or {}
+        names = sorted(header)
+        described = {"metadata": metadata, "tensors": [[n, header[n]["dtype"], header[n]["shape"]] for n in names]}
+        h = hashlib.sha256(json.dumps(described, sort_keys=True, separators=(",", ":")).encode())
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            fh.seek(8 + length + begin)
+            left = end - begin
+            while left:
+                block = fh.read(min(left, 1 << 20))
+                if not block:
+                    raise ValueError(f"{path} ends inside tensor {name}")
+                h.update(block)
+                left -= len(block)
     return h.hexdigest()
 
 
@@ -116,23 +182,18 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def _manifest(path: Path) -> dict[str, Any] | None:
-    """Checkpoint folder ``path``'s manifest.json (None for one written before manifests)."""
-    file = path / MANIFEST
-    return json.loads(file.read_text()) if file.exists() else None
-
-
 def _verified(path: Path, name: str) -> Path:
     """File ``name`` of checkpoint ``path``, after checking its size and SHA-256 against the
-    folder's manifest.json (unchecked when the folder has none)."""
+    folder's manifest.json. A folder without one is corrupt: every checkpoint is written with
+    it, and without it nothing checks the files (a deleted manifest must not switch checks off)."""
     file = path / name
-    manifest = _manifest(path)
-    if manifest is not None:
-        entry = manifest.get(name)
-        if entry is None:
-            raise ValueError(f"{name} is missing from {MANIFEST}")
-        if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
-            raise ValueError(f"{name} does not match its size and SHA-256 in {MANIFEST} (corrupt)")
+    if not (path / MANIFEST).exists():
+        raise ValueError(f"{MANIFEST} is missing, so its files cannot be checked (corrupt)")
+    entry = json.loads((path / MANIFEST).read_text()).get(name)
+    if entry is None:
+        raise ValueError(f"{name} is missing from {MANIFEST}")
+    if file.stat().st_size != entry["size"] or sha256_file(file) != entry["sha256"]:
+        raise ValueError(f"{name} does not match its size and SHA-256 in {MANIFEST} (corrupt)")
     return file
 
 
@@ -168,11 +229,10 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
     return _step(path)
 
 
-def ema_sha256(folder: Path, step: int) -> str | None:
-    """The SHA-256 of the EMA weights of checkpoint ``step`` in ``folder``, from its manifest
-    (None for a checkpoint written before manifests): what identifies the weights that sampled."""
-    manifest = _manifest(folder / f"{PREFIX}{step:08d}")
-    return None if manifest is None else manifest["ema.safetensors"]["sha256"]
+def ema_weights_sha256(folder: Path, step: int) -> str:
+    """The identity (``weights_sha256``) of the EMA weights of checkpoint ``step`` in ``folder``:
+    what identifies the weights that sampled, in evaluation caches and result rows."""
+    return weights_sha256(folder / f"{PREFIX}{step:08d}" / "ema.safetensors")
 
 
 def _ema_state(path: Path, module: nn.Module) -> dict[str, torch.Tensor]:
@@ -196,15 +256,21 @@ def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
                                   "that every node shares") from exc
         module.load_state_dict(state)
         return step
+    unreadable = []
     for path in reversed(list_checkpoints(folder)):
         try:
             state = _ema_state(path, module)
         except Exception as exc:
+            unreadable.append(f"{path.name}: {type(exc).__name__}: {exc}")
             warnings.warn(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc}); "
                           "falling back to the previous one", stacklevel=2)
             continue
         module.load_state_dict(state)
         return _step(path)
+    if unreadable:
+        raise CheckpointError(f"no readable checkpoint in {folder} ({'; '.join(unreadable)}); none is sampled "
+                              "or evaluated: train the stage again (cdmbench run resumes from the last "
+                              "readable checkpoint, moving the corrupt ones aside)")
     raise CheckpointError(f"no readable checkpoint in {folder}")
 
 

@@ -100,7 +100,7 @@ def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.dev
     x0, labels = fetch(stage.spec.resolution), to_device(data.labels[idx], device)
     low_res, aug_cond = None, None
     if stage.low_res is not None:
-        low_res, aug_cond = stage.augmentation.train(fetch(stage.low_res))
+        low_res, aug_cond = stage.train_condition(fetch(stage.low_res))
     if stage.null_label is not None:
         drop = torch.rand(len(idx), device=device) < stage.spec.guidance.label_dropout
         labels = torch.where(drop, torch.full_like(labels, stage.null_label), labels)
@@ -218,8 +218,8 @@ def _first_non_finite(steps: list[Tensor]) -> tuple[list[list[float]], int | Non
 
 
 def _stopped(stage: StageModel, stop: StopSignal, step: int, ckpt_dir: Path) -> Stopped:
-    return Stopped(f"stage {stage.spec.name}: stopped by {stop.name} after step {step}; its checkpoint "
-                   f"is in {ckpt_dir}: run the same command again to resume")
+    return stop.stopped(f"stage {stage.spec.name}: stopped by {stop.name} after step {step}; its checkpoint "
+                        f"is in {ckpt_dir}: run the same command again to resume")
 
 
 def _non_finite(loss: float, grad_norm: float) -> str:

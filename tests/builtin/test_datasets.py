@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import subprocess
 import sys
@@ -189,6 +190,73 @@ def test_imagefolder_errors(tmp_path):
         imagefolder(path=str(tmp_path), split="train", resolution=8, split_names={"val": "val"})
 
 
+def transparent_images() -> dict[str, Image.Image]:
+    """4x4 images whose pixel (0, 0) is fully transparent over a hidden colour (red or green), in
+    each way files mark transparency; RGBA's pixel (0, 1) is black at alpha 128, the rest opaque."""
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[...] = (10, 20, 30, 255)
+    rgba[0, 0] = (255, 0, 0, 0)  # hidden red
+    rgba[0, 1] = (0, 0, 0, 128)  # half-transparent black
+    la = np.full((4, 4, 2), (90, 255), np.uint8)
+    la[0, 0] = (200, 0)
+    palette = Image.fromarray(np.ones((4, 4), np.uint8), "P")  # index 1, dark blue, everywhere...
+    palette.putpalette([0, 255, 0, 0, 0, 80] + [0] * 762)
+    palette.putpixel((0, 0), 0)  # ...but (0, 0): index 0, green, the transparent one
+    palette.info["transparency"] = 0
+    pa = palette.convert("PA")
+    return {"RGBA": Image.fromarray(rgba, "RGBA"), "LA": Image.fromarray(la, "LA"), "P": palette, "PA": pa}
+
+
+def assert_composited(out: np.ndarray, mode: str, colour: tuple[int, int, int]) -> None:
+    """``out``, a ``transparent_images()[mode]`` read as RGB, shows ``colour`` where it is transparent."""
+    assert tuple(out[0, 0]) == colour  # not the colour under the transparent pixel
+    assert tuple(out[0, 0]) == colour  # not the colour under the transparent pixel
+    opaque = {"RGBA": (10, 20, 30), "LA": (90, 90, 90), "P": (0, 0, 80), "PA": (0, 0, 80)}[mode]
+    assert tuple(out[3, 3]) == opaque
+    if mode == "RGBA":  # alpha 128 of black over the background: the blend
+        blend = [c * (255 - 128) / 255 for c in colour]
+        assert np.abs(out[0, 1] - np.array(blend)).max() <= 1, (out[0, 1], blend)
+
+
+@pytest.mark.parametrize("mode, suffix", [("RGBA", "png"), ("LA", "png"), ("P", "png"), ("P", "gif")])
+@pytest.mark.parametrize("background, colour", [(None, (255, 255, 255)), ("black", (0, 0, 0)),
+                                                ([0, 128, 255], (0, 128, 255)), ("#102030", (16, 32, 48))])
+def test_imagefolder_composites_transparency_onto_the_background(tmp_path, mode, suffix, background, colour):
+    (tmp_path / "c").mkdir()
+    transparent_images()[mode].save(tmp_path / "c" / f"x.{suffix}")
+    with Image.open(tmp_path / "c" / f"x.{suffix}") as saved:  # the file keeps the mode and the transparency
+        assert saved.mode == mode and (mode != "P" or saved.info["transparency"] == 0)
+    args = {} if background is None else {"background": background}
+    out = imagefolder(path=str(tmp_path), split="train", resolution=4, **args)[0][0]
+    assert_composited(out, mode, colour)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "PA"])
+def test_square_resize_composites_transparency(mode):
+    assert_composited(square_resize(transparent_images()[mode], 4), mode, (255, 255, 255))
+    assert_composited(square_resize(transparent_images()[mode], 4, (1, 2, 3)), mode, (1, 2, 3))
+
+
+def test_imagefolder_background_must_be_a_colour(tmp_path):
+    write_png(tmp_path / "c" / "x.png", np.zeros((4, 4, 3), np.uint8))
+    for bad in ("no-such-colour", [256, 0, 0], [1, 2], [True, 0, 0], [0.5, 0, 0], 7):
+        with pytest.raises(ValueError, match="imagefolder: background must be a colour name"):
+            imagefolder(path=str(tmp_path), split="train", resolution=4, background=bad)
+
+
+def test_imagefolder_skips_hidden_files(tmp_path):
+    write_png(tmp_path / "cat" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "cat" / "sub" / "b.png", np.zeros((8, 8, 3), np.uint8))
+    write_png(tmp_path / "cat" / ".x.png", np.zeros((8, 8, 3), np.uint8))  # hidden, and readable
+    (tmp_path / "cat" / "._a.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # a macOS resource fork
+    write_png(tmp_path / "cat" / ".thumbnails" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    write_png(tmp_path / ".hidden-class" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    ds = imagefolder(path=str(tmp_path), split="train", resolution=8)
+    assert ds.class_names == ["cat"]
+    assert [p.relative_to(tmp_path).as_posix() for p in ds.items[0]] == ["cat/a.png", "cat/sub/b.png"]
+    assert all(ds[i][0].shape == (8, 8, 3) for i in range(len(ds)))  # the resource fork is not read
+
+
 # ---------------------------------------------------------------------------- hf
 
 def hf_rows(n: int, label_feature=None):
@@ -250,6 +318,26 @@ def test_hf_selects_its_columns_once(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.Dataset, "select_columns", counted)
     assert [ds[i][1] for i in range(len(ds))] == [0, 1, 2, 0] and ds[3][0].max() == 30
     assert calls == [(["image", "label"],)]  # not once per item (it cost 4x the row read)
+
+
+def test_hf_composites_transparency_onto_the_background(tmp_path):
+    import datasets
+
+    images = transparent_images()
+    png = io.BytesIO()
+    images["P"].save(png, format="PNG")  # as a file holds it (datasets would store the image as TIFF)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    datasets.Dataset.from_dict({"image": [images["RGBA"], {"bytes": png.getvalue(), "path": None}],
+                                "label": [0, 0]}, features=features).save_to_disk(tmp_path / "d")
+    ds = hf(path=str(tmp_path / "d"), split="train", resolution=4)
+    assert ds.data[0]["image"].mode == "RGBA" and ds.data[1]["image"].mode == "P"  # decoded with transparency
+    (rgba, _), (palette, _) = ds[0], ds[1]
+    assert tuple(rgba[0, 0]) == tuple(palette[0, 0]) == (255, 255, 255)  # not red, not green
+    assert np.abs(rgba[0, 1].astype(int) - 127).max() <= 1 and tuple(rgba[3, 3]) == (10, 20, 30)
+    grey = hf(path=str(tmp_path / "d"), split="train", resolution=4, background=[128, 128, 128])
+    assert tuple(grey[0][0][0, 0]) == (128, 128, 128)
+    with pytest.raises(ValueError, match="hf: background must be"):
+        hf(path=str(tmp_path / "d"), split="train", resolution=4, background="transparent-ish")
 
 
 def test_hf_unlabelled_row(tmp_path):

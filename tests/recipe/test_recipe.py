@@ -61,7 +61,7 @@ def test_valid_recipe_resolves_defaults(tiny_recipe):
     (lambda r: r["data"].update(name="shapez"), "data.name", "did you mean 'shapes'?"),
     (lambda r: r["data"]["args"].update(split="test"), "data.args.split", "is set by cdmbench"),
     (lambda r: r.update(device="tpu"), "device", "expected auto, cpu, cuda or cuda:N"),
-    (lambda r: r["stages"][1].update(replicates=0), "stages.sr16.replicates", "must be >= 1"),
+    (lambda r: r["stages"][1].update(replicates=0), "stages.sr16.replicates", "must be in [1, 100], got 0"),
     (lambda r: r["stages"][1].update(replicates="two"), "stages.sr16.replicates", "expected an integer"),
     (lambda r: r["stages"][1].update(replicate_of="sr9"), "stages.sr16.replicate_of",
      "'sr9' is not an earlier stage that is not itself a replicate"),

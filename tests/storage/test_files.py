@@ -1,7 +1,8 @@
-"""Files written by concurrent jobs: rows of shared arrays, all-or-nothing appends, and what a
-full disk says."""
+"""Files written by concurrent jobs: rows of shared arrays, all-or-nothing appends, the modes of
+files written atomically, and what a full disk, permissions or a read-only disk say."""
 
 import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,69 @@ def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
     assert result.exit_code == 2, result.output
     assert f"error: No space left on device writing {tmp_path / 'report.md'}. Free space there and run the same " \
            "command again" in result.output
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for the test (``umask(0o022)``); the old one is restored after."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield os.umask
+    os.umask(old)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_a_file_written_atomically_has_the_mode_open_gives_it(tmp_path, umask, mask):
+    """mkstemp makes 0600 files: renamed into place, report.md, run.yaml, grids... were readable
+    by their owner only, whatever the umask."""
+    umask(mask)
+    atomic_write(tmp_path / "report.md", "x")
+    with open(tmp_path / "plain.md", "w") as fh:
+        fh.write("x")
+    mode = (tmp_path / "report.md").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain.md").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_the_umask_is_read_without_proc_too(umask, monkeypatch):
+    umask(0o027)
+
+    def no_proc(*args, **kwargs):
+        raise OSError(errno.ENOENT, "No such file or directory")
+
+    monkeypatch.setattr(cdmbench.storage.files, "open", no_proc, raising=False)
+    assert cdmbench.storage.files.file_mode() == 0o640
+    assert os.umask(0o022) == 0o027  # and left as it was
+
+
+@pytest.mark.parametrize("code, call, says", [
+    (errno.EROFS, "replace", "Read-only file system writing {path} (the file system there is read-only). Write to "
+                             "a writable disk (cdmbench run --out DIR; $CDMBENCH_CACHE and $CDMBENCH_DATA_CACHE for "
+                             "caches) or remount that one read-write and run the same command again"),
+    (errno.EACCES, "mkstemp", "Permission denied: {path} (permissions: this user may not write there). Make that "
+                              "folder and file writable for this user (chmod, chown) or write elsewhere"),
+    (errno.EPERM, "fsync", "Operation not permitted: {path} (permissions: this user may not write there)"),
+])
+def test_a_read_only_disk_or_missing_permissions_say_so_not_free_space(tmp_path, monkeypatch, code, call, says):
+    """Tests run as root, whom chmod does not stop: the refusal is simulated at the low-level
+    call (creating the temporary file, writing it, renaming it into place)."""
+    def refused(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(tmp_path / ".report.md-tmp"))  # the temporary's name
+
+    target = cdmbench.storage.files.tempfile if call == "mkstemp" else cdmbench.storage.files.os
+    monkeypatch.setattr(target, call, refused)
+
+    @cli.command("write-a-report")
+    def write_a_report():
+        atomic_write(tmp_path / "report.md", "x")
+
+    try:
+        result = CliRunner().invoke(cli, ["write-a-report"])
+    finally:
+        cli.commands.pop("write-a-report")
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output  # no traceback
+    assert result.output.startswith("error: " + says.format(path=tmp_path / "report.md")), result.output
+    assert "Free space" not in result.output and "what was finished" in result.output
+    assert not list(tmp_path.iterdir())  # no temporary left
 
 
 def test_an_array_larger_than_memory_and_swap_maps(tmp_path):

@@ -408,3 +408,107 @@ def test_a_job_of_one_stage_builds_no_other_stage_on_the_device_while_it_trains(
     run(tiny_recipe, out=tmp_path / "r", stage="sr16", progress=False, echo=lambda *_: None)
     assert events == [("base8", "meta"), ("sr16", "meta"), ("sr16", "cpu"), ("train", "sr16"), ("base8", "cpu")]
     assert (tmp_path / "r" / "sr16" / "samples" / "grid.png").exists()  # the cascade was sampled
+
+
+def test_the_throughput_row_is_that_of_the_whole_training_across_resumes(tiny_recipe, tmp_path, monkeypatch):
+    """A clock that steps 1-2 move on by 1 s each, then, in a resumed run, steps 3-4 by 3 s each:
+    the row is 4 steps x 8 images / 8 s = 4 img/s (the last log window, steps 3-4, says 16 / 6 s),
+    and the first run's 16 / 2 s."""
+    from types import SimpleNamespace
+
+    clock, real = [0.0], cdmbench.training.trainer.Trainer.step
+
+    def timed(self, data, idx, step):
+        clock[0] += 1.0 if step < 2 else 3.0
+        return real(self, data, idx, step)
+
+    monkeypatch.setattr(cdmbench.training.trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(cdmbench.training.trainer.Trainer, "step", timed)
+    common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=["stages.base8.train.steps=2", "stages.base8.train.log_every=2"], **common)
+    run(tiny_recipe, overrides=["stages.base8.train.log_every=2"], **common)
+    log = [json.loads(x) for x in (tmp_path / "a" / "base8" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["seconds"]) for r in log] == [(2, 2.0), (4, 8.0)]
+    assert log[-1]["images_per_s"] == pytest.approx(16 / 6)  # the log keeps the window
+    rows = [json.loads(x) for x in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
+    throughput = [r for r in rows if r["metric"] == "train_throughput"]
+    assert [(r["n"], r["value"]) for r in throughput] == [(2, 8.0), (4, 4.0)]
+    assert throughput[-1]["protocol"] == {"device": "cpu", "images": 32, "seconds": 8.0,
+                                          "over": "all training steps, across resumes: images / training seconds"}
+
+
+@pytest.mark.slow
+def test_running_a_finished_run_again_records_nothing_twice(tiny_recipe, tmp_path, monkeypatch):
+    """The same command again adds no row (nor computes the bound or samples the grids again); a
+    run resumed to more steps adds the rows of its new weights: base8's training rows and bound,
+    and the grids of base8 and of sr16, which it conditions; another sampling level, new grids."""
+    calls = []
+    for name in ("validation_bpd", "sample_cascade"):
+        real = getattr(cdmbench.training.run, name)
+        monkeypatch.setattr(cdmbench.training.run, name,
+                            lambda *a, _name=name, _real=real, **k: calls.append(_name) or _real(*a, **k))
+    hybrid = ["stages.base8.loss=hybrid", "stages.base8.train.val_bpd_images=2",
+              "stages.base8.sampler={name: ddpm, args: {variance: learned, steps: 4}}"]
+    out = tmp_path / "a"
+    common = dict(out=out, progress=False, echo=lambda *_: None)
+    run(tiny_recipe, overrides=hybrid, **common)
+    results, grid = (out / "results.jsonl").read_text(), (out / "sr16" / "samples" / "grid.png").stat().st_mtime_ns
+    assert calls == ["validation_bpd", "sample_cascade"]
+    said = []
+    run(tiny_recipe, overrides=hybrid, out=out, progress=False, echo=said.append)
+    assert (out / "results.jsonl").read_text() == results
+    assert calls == ["validation_bpd", "sample_cascade"]
+    assert (out / "sr16" / "samples" / "grid.png").stat().st_mtime_ns == grid
+    assert f"sr16: {out / 'sr16' / 'samples' / 'grid.png'} (sampled before with these checkpoints and settings)" in said
+    run(tiny_recipe, overrides=[*hybrid, "stages.base8.train.steps=6"], **common)
+    new = [json.loads(x) for x in (out / "results.jsonl").read_text()[len(results):].splitlines()]
+    assert sorted((r["stage"], r["metric"], r["n"]) for r in new) == [
+        ("base8", "sample_time", 10), ("base8", "train_loss", 6), ("base8", "train_throughput", 6),
+        ("base8", "val_bpd", 2), ("sr16", "sample_time", 10)]
+    assert calls == ["validation_bpd", "sample_cascade"] * 2
+    run(tiny_recipe, overrides=[*hybrid, "stages.base8.train.steps=6", "stages.sr16.augmentation.args.level=0.2"],
+        **common)  # another sampling level: other grids
+    assert calls == ["validation_bpd", "sample_cascade"] * 2 + ["sample_cascade"]
+
+
+def test_the_files_of_a_run_are_readable_by_others_under_umask_022(tiny_recipe, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
+                  overrides=["stages.base8.train.steps=2"])
+    finally:
+        os.umask(old)
+    checkpoint = out / "base8" / "checkpoints" / "step-00000002"
+    files = [out / "report.md", out / "run.yaml", out / "results.jsonl", out / "base8" / "samples" / "grid.png",
+             out / "base8" / "train_log.jsonl", *checkpoint.iterdir()]
+    assert len(files) == 9 and {str(f.relative_to(out)): oct(f.stat().st_mode & 0o777) for f in files} == {
+        str(f.relative_to(out)): "0o644" for f in files}
+    assert oct(checkpoint.stat().st_mode & 0o777) == "0o755"
+
+
+def test_a_checkpoint_a_read_only_disk_refuses_stops_the_run_saying_so(tiny_recipe, tmp_path, monkeypatch):
+    import safetensors
+
+    import cdmbench.training.checkpoint
+
+    real = cdmbench.training.checkpoint.save_file
+
+    def read_only_at_step_4(tensors, path, metadata=None):
+        if (metadata or {}).get("step") == "4":
+            raise safetensors.SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+        return real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(cdmbench.training.checkpoint, "save_file", read_only_at_step_4)
+    out = tmp_path / "a"
+    result = CliRunner().invoke(cli, ["run", str(tiny_recipe), "--out", str(out), "--stage", "base8", "--no-progress"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    checkpoints = out / "base8" / "checkpoints"
+    assert (f"error: cannot write checkpoint {checkpoints / 'step-00000004'}: Read-only file system writing "
+            f"{checkpoints} (the file system there is read-only). Write to a writable disk") in result.output
+    assert "(earlier checkpoints are untouched)" in result.output and "free space" not in result.output
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002"]
+    monkeypatch.undo()  # the disk is writable again: the same command resumes from step 2
+    run(tiny_recipe, out=out, stage="base8", progress=False, echo=lambda *_: None)
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]  # none corrupt

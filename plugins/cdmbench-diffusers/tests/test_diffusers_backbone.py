@@ -7,6 +7,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("cdmbench_diffusers")
 
 from cdmbench.plugins import load_plugins  # noqa: E402
+from cdmbench.registry import BuildError  # noqa: E402
 
 PLUGINS = load_plugins()
 SMALL = {"channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [8],
@@ -57,7 +58,7 @@ def test_augmentation_level_and_class_reach_the_output():
 
 
 def test_a_head_count_per_level_is_refused_with_the_alternative():
-    with pytest.raises(ValueError, match=r"num_heads=4 gives a different head width at each of the "
+    with pytest.raises(BuildError, match=r"num_heads=4 gives a different head width at each of the "
                                          r"attention widths \[32, 64\].*set num_head_channels \(e.g. 8\)"):
         build({**SMALL, "num_head_channels": -1, "num_heads": 4, "attention_resolutions": [16, 8]})
 

@@ -14,7 +14,7 @@ ARGS = {  # beyond the defaults: a small U-Net, and a scheduler for the generic 
 }
 
 
-@pytest.mark.parametrize("component", components("diffusers"), ids=lambda c: f"{c.kind}:{c.name}")
+@pytest.mark.parametrize("component", components("diffusers", alone=True), ids=lambda c: f"{c.kind}:{c.name}")
 def test_component_conforms(component):
     check_component(component, ARGS.get(component.name, {}))
 

@@ -11,6 +11,7 @@ pytest.importorskip("cdmbench_diffusers")
 from cdmbench.builtin.schedules import cosine, linear, log_snr  # noqa: E402
 from cdmbench.diffusion import ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0  # noqa: E402
 from cdmbench.plugins import load_plugins  # noqa: E402
+from cdmbench.registry import BuildError  # noqa: E402
 
 PLUGINS = load_plugins()
 DISCRETE = DiscreteProcess(cosine(timesteps=1000).betas())
@@ -129,7 +130,7 @@ def test_too_many_steps_and_unknown_schedulers_are_clear_errors():
     with pytest.raises(ValueError, match=r"cannot take 990 steps between level 0.02 and pure noise on "
                                          r"1000 trained levels; choose 1..980"):
         run(sampler("diffusers-euler", steps=990), gaussian_denoiser(), stop_at=0.02)
-    with pytest.raises(ValueError, match="has no scheduler 'NoSuchScheduler'; choose one of .*EulerDiscreteScheduler"):
+    with pytest.raises(BuildError, match="has no scheduler 'NoSuchScheduler'; choose one of .*EulerDiscreteScheduler"):
         sampler("diffusers-scheduler", scheduler="NoSuchScheduler")
 
 
