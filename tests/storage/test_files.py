@@ -59,6 +59,18 @@ def test_a_torn_results_line_is_skipped_with_a_warning(tmp_path):
         assert read_results([tmp_path])["row"].tolist() == [1, 3]
 
 
+def _write_a_report_through_the_cli(path):
+    """The result of a command that writes ``path`` with atomic_write, as the command line runs it."""
+    @cli.command("write-a-report")
+    def write_a_report():
+        atomic_write(path, "x")
+
+    try:
+        return CliRunner().invoke(cli, ["write-a-report"])
+    finally:
+        cli.commands.pop("write-a-report")
+
+
 def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -68,14 +80,7 @@ def test_a_full_disk_names_the_file_and_says_what_to_do(tmp_path, monkeypatch):
         atomic_write(tmp_path / "report.md", "x")
     assert info.value.filename == str(tmp_path / "report.md") and not list(tmp_path.iterdir())  # no temporary left
 
-    @cli.command("write-a-report")
-    def write_a_report():
-        atomic_write(tmp_path / "report.md", "x")
-
-    try:
-        result = CliRunner().invoke(cli, ["write-a-report"])
-    finally:
-        cli.commands.pop("write-a-report")
+    result = _write_a_report_through_the_cli(tmp_path / "report.md")
     assert result.exit_code == 2, result.output
     assert f"error: No space left on device writing {tmp_path / 'report.md'}. Free space there and run the same " \
            "command again" in result.output
@@ -130,14 +135,7 @@ def test_a_read_only_disk_or_missing_permissions_say_so_not_free_space(tmp_path,
     target = cdmbench.storage.files.tempfile if call == "mkstemp" else cdmbench.storage.files.os
     monkeypatch.setattr(target, call, refused)
 
-    @cli.command("write-a-report")
-    def write_a_report():
-        atomic_write(tmp_path / "report.md", "x")
-
-    try:
-        result = CliRunner().invoke(cli, ["write-a-report"])
-    finally:
-        cli.commands.pop("write-a-report")
+    result = _write_a_report_through_the_cli(tmp_path / "report.md")
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output  # no traceback
     assert result.output.startswith("error: " + says.format(path=tmp_path / "report.md")), result.output
     assert "Free space" not in result.output and "what was finished" in result.output

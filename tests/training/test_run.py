@@ -155,10 +155,8 @@ def test_non_finite_gradients_of_a_finite_loss_stop_before_their_checkpoint(tiny
     assert [r["step"] for r in log] == [1] and log[0]["grad_norm"] > 0
 
 
-def test_logged_throughput_is_that_of_the_steps_since_the_previous_row(tiny_recipe, tmp_path, monkeypatch):
-    """A clock that each training step moves on by 1 s (steps 1-2), then 3 s (steps 3-4): the
-    second row's images/s is a third of the first's (a mean since the start would be half), and
-    its seconds are the training time so far."""
+def _slowing_clock(monkeypatch):
+    """The trainer's clock: steps 0 and 1 take 1 s each, every later step 3 s."""
     from types import SimpleNamespace
 
     clock, real = [0.0], cdmbench.training.trainer.Trainer.step
@@ -169,6 +167,13 @@ def test_logged_throughput_is_that_of_the_steps_since_the_previous_row(tiny_reci
 
     monkeypatch.setattr(cdmbench.training.trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(cdmbench.training.trainer.Trainer, "step", timed)
+
+
+def test_logged_throughput_is_that_of_the_steps_since_the_previous_row(tiny_recipe, tmp_path, monkeypatch):
+    """A clock that each training step moves on by 1 s (steps 1-2), then 3 s (steps 3-4): the
+    second row's images/s is a third of the first's (a mean since the start would be half), and
+    its seconds are the training time so far."""
+    _slowing_clock(monkeypatch)
     run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None,
         overrides=["stages.base8.train.log_every=2"])
     log = [json.loads(x) for x in (tmp_path / "a" / "base8" / "train_log.jsonl").read_text().splitlines()]
@@ -414,16 +419,7 @@ def test_the_throughput_row_is_that_of_the_whole_training_across_resumes(tiny_re
     """A clock that steps 1-2 move on by 1 s each, then, in a resumed run, steps 3-4 by 3 s each:
     the row is 4 steps x 8 images / 8 s = 4 img/s (the last log window, steps 3-4, says 16 / 6 s),
     and the first run's 16 / 2 s."""
-    from types import SimpleNamespace
-
-    clock, real = [0.0], cdmbench.training.trainer.Trainer.step
-
-    def timed(self, data, idx, step):
-        clock[0] += 1.0 if step < 2 else 3.0
-        return real(self, data, idx, step)
-
-    monkeypatch.setattr(cdmbench.training.trainer, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
-    monkeypatch.setattr(cdmbench.training.trainer.Trainer, "step", timed)
+    _slowing_clock(monkeypatch)
     common = dict(out=tmp_path / "a", stage="base8", progress=False, echo=lambda *_: None)
     run(tiny_recipe, overrides=["stages.base8.train.steps=2", "stages.base8.train.log_every=2"], **common)
     run(tiny_recipe, overrides=["stages.base8.train.log_every=2"], **common)
