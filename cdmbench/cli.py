@@ -147,39 +147,11 @@ def ls(kind, pattern):
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result row of RUN_DIRS here, one column per protocol field.")
 def report(run_dirs, out, csv_path):
-    """Print the results of RUN_DIRS (default: every run under ./runs) as a table."""
-    from cdmbench.plugins import load_plugins
-    from cdmbench.reporting.tables import (
-        baseline_frame,
-        comparison_table,
-        flat_results,
-        read_results,
-        results_table,
-        sweep_table,
-    )
-    from cdmbench.reporting.write import export_report
+    """Print the results of RUN_DIRS (default: every run under ./runs except --smoke runs) as a
+    table, beside the published rows they are comparable with."""
+    from cdmbench.reporting.write import print_report, run_dirs_to_report
 
-    dirs = list(run_dirs) or sorted(p.parent for p in Path("runs").glob("*/results.jsonl"))
-    if not dirs:
-        raise CdmbenchError("no run directories given and none found under ./runs")
-    results = read_results(dirs)
-    click.echo(_format(results_table(results)))
-    sweeps = sweep_table(results)
-    if not sweeps.empty:
-        click.echo("\nsampling-level sweeps:")
-        click.echo(_format(sweeps))
-    compared = comparison_table(results, baseline_frame(load_plugins()))
-    if not compared.empty:
-        click.echo("\nbeside published results (comparable only when dataset, resolution, metric "
-                   "and protocol match):")
-        click.echo(compared.to_string(index=False))
-    if csv_path is not None:
-        flat_results(results).to_csv(csv_path, index=False)
-        click.echo(f"written: {csv_path} ({len(results)} rows)")
-    if out is not None:
-        if len(dirs) != 1:
-            raise CdmbenchError(f"--out exports one run's report; got {len(dirs)} run directories")
-        click.echo(f"written: {export_report(dirs[0], out)}")
+    print_report(run_dirs_to_report(list(run_dirs)), out=out, csv_path=csv_path, echo=click.echo)
 
 
 @cli.command()

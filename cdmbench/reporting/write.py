@@ -33,6 +33,58 @@ def _fmt(frame: pd.DataFrame) -> str:
     return frame.to_string(float_format=lambda v: f"{v:.4g}")
 
 
+def _beside_published(compared: pd.DataFrame) -> str:
+    """The comparison with published rows as text: one sentence when every published row is on
+    another dataset (instead of a row per metric with no published value), else the table of
+    the pairs on the same dataset with whether each is comparable."""
+    other_data = compared["comparable"].str.startswith("no: published rows are on")
+    if other_data.all():
+        return f"None: {compared['comparable'].iloc[0].removeprefix('no: ')}.\n"
+    return ("A pair is comparable only when dataset, resolution, metric and protocol "
+            "(feature network, mode, n, reference split) match.\n\n"
+            f"```text\n{compared[~other_data].to_string(index=False)}\n```\n")
+
+
+def run_dirs_to_report(named: list[Path], root: Path = Path("runs")) -> list[Path]:
+    """The runs ``cdmbench report`` reads: those ``named``, else every run under ``root`` that
+    has results, leaving out ``--smoke`` runs (``<name>-smoke``), which only check that a recipe
+    runs and would mix toy numbers into the table."""
+    if named:
+        return list(named)
+    found = sorted(p.parent for p in root.glob("*/results.jsonl"))
+    if not found:
+        raise CdmbenchError(f"no run directories given and none with results under ./{root}; give "
+                            "RUN_DIR (cdmbench run writes runs/<recipe name>)")
+    return [p for p in found if not p.name.endswith("-smoke")] or found
+
+
+def print_report(run_dirs: list[Path], *, out: Path | None = None, csv_path: Path | None = None,
+                 echo=print) -> None:
+    """`cdmbench report`: which runs were read, their results table, sweeps, the comparison with
+    published rows; ``csv_path``: every row as one flat table; ``out``: one run's report exported
+    (``export_report``)."""
+    from cdmbench.plugins import load_plugins
+
+    echo("runs: " + ", ".join(str(d) for d in run_dirs))
+    results = read_results(run_dirs)
+    echo(_fmt(results_table(results)))
+    sweeps = sweep_table(results)
+    if not sweeps.empty:
+        echo("\nsampling-level sweeps:")
+        echo(_fmt(sweeps))
+    compared = comparison_table(results, baseline_frame(load_plugins()))
+    if not compared.empty:
+        echo("\nbeside published results: " + _beside_published(compared).replace("```text\n", "")
+             .replace("```\n", "").rstrip())
+    if csv_path is not None:
+        flat_results(results).to_csv(csv_path, index=False)
+        echo(f"written: {csv_path} ({len(results)} rows)")
+    if out is not None:
+        if len(run_dirs) != 1:
+            raise CdmbenchError(f"--out exports one run's report; got {len(run_dirs)} run directories")
+        echo(f"written: {export_report(run_dirs[0], out)}")
+
+
 
 def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
     """report.md: the run's results, for metrics with published rows the comparison with them,
@@ -52,14 +104,7 @@ def write_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> str:
                  f"bootstrap's share).\n\n```text\n{_fmt(runs)}\n```\n")
     compared = comparison_table(results, baseline_frame(plugins))
     if not compared.empty:
-        other_data = compared["comparable"].str.startswith("no: published rows are on")
-        text += "\n## Beside published results\n\n"
-        if other_data.all():  # one sentence instead of a row per metric
-            text += f"None: {compared['comparable'].iloc[0].removeprefix('no: ')}.\n"
-        else:
-            text += ("A pair is comparable only when dataset, resolution, metric and protocol "
-                     "(feature network, mode, n, reference split) match.\n\n"
-                     f"```text\n{compared[~other_data].to_string(index=False)}\n```\n")
+        text += "\n## Beside published results\n\n" + _beside_published(compared)
     sweeps = sweep_table(results)
     if not sweeps.empty:
         plot_sweeps(sweeps, run_dir.path / "sweeps.png", groups)

@@ -296,7 +296,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                     for key, value in row.items():
                         if key != "step":
                             board.add_scalar(f"{stage.spec.name}/{key}", value, done)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.0f}")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.3g}")
                 if bar.disable:
                     memory = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
                     left = round((spec.steps - done) * total / (done - start))

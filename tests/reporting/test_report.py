@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -154,3 +155,34 @@ def test_stages_trained_several_times_get_the_mean_and_standard_error_of_their_r
     assert values["cas_top1"] == 73.0 and values["cas_top1 ±"] == pytest.approx(3.0)
     assert values["is"] == 3.0 and math.isnan(values["is ±"])
     assert tables.replicates_table(results_table(pd.DataFrame(rows)), {"sr16": ["sr16"]}).empty
+
+
+def test_report_reads_every_run_but_smoke_runs_and_says_which(tmp_path, monkeypatch):
+    """Without RUN_DIR: every run under ./runs with results, --smoke runs left out (unless they
+    are all there is, or named), listed on the first line."""
+    for name in ("a", "b-smoke", "c"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        write_evaluations(tmp_path / "runs" / name)
+    (tmp_path / "runs" / "empty").mkdir()  # no results: not a run to report
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["report"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == f"runs: {Path('runs/a')}, {Path('runs/c')}"
+    named = CliRunner().invoke(cli, ["report", "runs/b-smoke"])
+    assert named.output.splitlines()[0] == "runs: runs/b-smoke"
+    (tmp_path / "runs" / "a" / "results.jsonl").unlink()
+    (tmp_path / "runs" / "c" / "results.jsonl").unlink()
+    assert CliRunner().invoke(cli, ["report"]).output.splitlines()[0] == f"runs: {Path('runs/b-smoke')}"
+
+
+def test_report_says_once_that_nothing_comparable_is_published(tmp_path):
+    """Rows on a dataset with no published results: one sentence, no table of empty columns."""
+    write_evaluations(tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["protocol"]["dataset"] = "shapes"
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(cli, ["report", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "beside published results: None: published rows are on imagenet, not 'shapes'." in result.output
+    assert "None None" not in result.output and "published model" not in result.output
