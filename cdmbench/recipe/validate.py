@@ -180,11 +180,13 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         here = ".".join(parts[: i + 1])
-        if isinstance(node, list):  # stages, addressed by name
-            names = [s.get("name") for s in node if isinstance(s, dict)]
-            if part not in names:
-                raise RecipeError(here, f"no stage '{part}'; {suggestion(part, names)}")
-            node = node[names.index(part)]
+        if isinstance(node, list):  # stages (and lists of components), addressed by name
+            found = [j for j, item in enumerate(node) if isinstance(item, dict) and item.get("name") == part]
+            if not found:  # a bare-string item (``metrics: [is]``) has no keys to set
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                what = "stage" if parts[0] == "stages" else "item with keys named"
+                raise RecipeError(here, f"no {what} '{part}'; {suggestion(part, names)}")
+            node = node[found[0]]
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:

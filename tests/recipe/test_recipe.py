@@ -85,6 +85,15 @@ def test_replicates_append_copies_after_every_stage(raw):
     assert again.to_dict() == recipe.to_dict()
 
 
+def test_an_override_finds_a_named_item_in_a_list_with_bare_names(raw):
+    """``metrics: [is, {name: fid}]``: `--set evaluate.metrics.fid...` sets fid's key, not that
+    of the item at fid's position among the mappings (the bare 'is')."""
+    raw["evaluate"] = {"metrics": ["is", {"name": "fid"}]}
+    recipe, _ = parse_recipe(raw, overrides=["evaluate.metrics.fid.args={bootstrap: 3}"])
+    assert [(m.name, m.args) for m in recipe.evaluate.metrics] == [("is", {}), ("fid", {"bootstrap": 3})]
+    assert "no item with keys named 'is'" in str(error(raw, ["evaluate.metrics.is.args={splits: 2}"]))
+
+
 def test_overrides_go_through_validation(raw):
     recipe, _ = parse_recipe(raw, overrides=["stages.sr16.train.steps=7", "seed=3"])
     assert recipe.stage("sr16").train.steps == 7 and recipe.seed == 3
