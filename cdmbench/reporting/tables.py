@@ -7,31 +7,24 @@ import itertools
 import json
 import math
 import statistics
-import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from cdmbench.errors import CdmbenchError
 from cdmbench.storage.files import atomic_write
+from cdmbench.storage.rundir import RunDir
 
 
 def read_results(run_dirs: list[Path]) -> pd.DataFrame:
     """Every row of the runs' results.jsonl as written (oldest first within a run), the rows of an
     evaluation run again included (each has its time): the tables keep the newest (``latest``)."""
     rows = []
-    for folder in run_dirs:
-        path = Path(folder) / "results.jsonl"
-        if not path.exists():
-            raise CdmbenchError(f"no results in {folder} (missing {path.name}); is it a run directory?")
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # written by a process killed mid-write
-                warnings.warn(f"{path} line {number} is not a whole JSON row (a write cut short?); "
-                              "skipped", stacklevel=2)
+    for folder in map(RunDir, run_dirs):
+        if not folder.results_path.exists():
+            raise CdmbenchError(f"no results in {folder.path} (missing {folder.results_path.name}); is it a run "
+                                "directory?")
+        rows += folder.results()
     return pd.DataFrame(rows)
 
 

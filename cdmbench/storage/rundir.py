@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,23 @@ class RunDir:
 
     def add_results(self, rows: list[dict[str, Any]]) -> None:
         append_text(self.results_path, "".join(json.dumps(row) + "\n" for row in rows))
+
+    def results(self) -> list[dict[str, Any]]:
+        """Every row of results.jsonl as written, oldest first (none before the first is written);
+        a line cut short (a writer killed mid-line) is skipped with a warning."""
+        if not self.results_path.exists():
+            return []
+        rows = []
+        for number, line in enumerate(self.results_path.read_text().splitlines(), 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError:
+                row = None
+                warnings.warn(f"{self.results_path} line {number} is not a whole JSON row (a write cut "
+                              "short?); skipped", stacklevel=2)
+            if isinstance(row, dict):
+                rows.append(row)
+        return rows
 
 
 def result_row(*, run: str, stage: str, metric: str, value: float | None, unit: str, n: int,

@@ -35,20 +35,9 @@ from cdmbench.training.trainer import check_batch, read_log, train_stage, valida
 
 
 def _recorded(run_dir: RunDir, stage: str | None = None, metric: str | None = None) -> list[dict[str, Any]]:
-    """The rows results.jsonl holds (of ``stage`` and ``metric`` when given), each without its
-    time (a line cut short is skipped)."""
-    if not run_dir.results_path.exists():
-        return []
-    rows = []
-    for line in run_dir.results_path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and stage in (None, row.get("stage")) and metric in (None, row.get("metric")):
-            row.pop("time", None)
-            rows.append(row)
-    return rows
+    """The rows results.jsonl holds (of ``stage`` and ``metric`` when given), each without its time."""
+    return [{k: v for k, v in row.items() if k != "time"} for row in run_dir.results()
+            if stage in (None, row.get("stage")) and metric in (None, row.get("metric"))]
 
 
 def _add_new(run_dir: RunDir, rows: list[dict[str, Any]]) -> None:
