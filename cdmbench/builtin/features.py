@@ -129,7 +129,9 @@ def classifier(*, arch: str = "resnet10t", epochs: int = 30, seed: int = 0, num_
 
     model, sha256 = cached_classifier(key=data_key, train_images=train_data, num_classes=num_classes,
                                       cache_dir=cache_dir, arch=arch, epochs=epochs, seed=seed,
-                                      device=device, progress=progress)
+                                      device=device, progress=progress,
+                                      purpose="the feature network of FID and IS with features: classifier "
+                                              "(trained on the dataset's training split)")
     return ClassifierFeatures(model, sha256, resolution, device)
 
 

@@ -127,12 +127,14 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
             reference = train_classifier(*matched(), **train, ranks=ranks)
         else:  # one per class counts: every level of a sweep shares it
             reference, _ = cached_classifier(key={**cache[1], "cas_reference_counts": counts.tolist()},
-                                             train_images=matched, cache_dir=cache[0], **train, ranks=ranks)
+                                             train_images=matched, cache_dir=cache[0], **train, ranks=ranks,
+                                             purpose="CAS's classifier on real images (the cas_real rows)")
     if cache is None or samples_key is None:
         generated = train_classifier(samples, sample_labels, **train, ranks=ranks)
     else:
         generated, _ = cached_classifier(key={"cas_samples": samples_key, "n": len(samples)}, train_images=samples,
-                                         train_labels=sample_labels, cache_dir=cache[0], **train, ranks=ranks)
+                                         train_labels=sample_labels, cache_dir=cache[0], **train, ranks=ranks,
+                                         purpose="CAS's classifier on the generated images")
     if rank != 0:
         return []
     classifiers = {"generated": generated, "real data": reference}

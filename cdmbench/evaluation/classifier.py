@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from cdmbench.data.images import to_device
 from cdmbench.errors import Stopped  # noqa: F401 (what a stopped training raises: callers catch classifier.Stopped)
 from cdmbench.runtime import distributed
-from cdmbench.runtime.progress import bar
+from cdmbench.runtime.progress import bar, note
 from cdmbench.runtime.signals import StopSignal
 from cdmbench.storage.files import atomic_write, locked
 from cdmbench.training.checkpoint import weights_sha256
@@ -310,8 +310,9 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                       arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
                       weight_decay: float = 5e-4, schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
                       device: str | torch.device = "cpu", progress: bool = True,
-                      ranks: bool = False) -> tuple[Classifier | None, str]:
-    """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``.
+                      ranks: bool = False, purpose: str = "") -> tuple[Classifier | None, str]:
+    """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``. Before training,
+    a line says what is trained, on how many images, ``purpose`` (why), and where it is kept.
 
     ``key`` (JSON-serialisable) names the training data, e.g. dataset, split, resolution and
     count; the file name hashes it with every training setting. ``train_images`` may be a
@@ -344,6 +345,10 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
         if (distributed.broadcast(cached is not None) if world > 1 else cached is not None):
             return cached or (None, "")
         images, labels = train_images() if callable(train_images) else (train_images, train_labels)
+        if rank == 0:
+            note(f"training a {arch} classifier for {epochs} epochs on {len(images):,} images of "
+                 f"{images.shape[-1]}x{images.shape[-1]}" + (f": {purpose}" if purpose else "")
+                 + f". Once: it is kept in {path} for later evaluations.")
         model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
                                  nesterov=nesterov, seed=seed, device=device, progress=progress,

@@ -93,13 +93,16 @@ def test_bad_input_errors(images, labels, message):
         C.train_classifier(images, labels, num_classes=8, epochs=1, arch=ARCH, progress=False)
 
 
-def test_cache_trains_once(tmp_path, monkeypatch, model, data):
+def test_cache_trains_once(tmp_path, monkeypatch, capsys, model, data):
     (images, labels), _ = data
-    kwargs = dict(num_classes=8, cache_dir=tmp_path, seed=0, device="cpu", **TRAIN)
+    kwargs = dict(num_classes=8, cache_dir=tmp_path, seed=0, device="cpu", purpose="the colours test", **TRAIN)
     first, digest = C.cached_classifier(key={"data": "colours"}, train_images=images,
                                         train_labels=labels, **kwargs)
     assert torch.equal(first.state_dict()["net.fc.weight"], model.state_dict()["net.fc.weight"])
     [path] = (tmp_path / "classifiers").glob("*.safetensors")
+    said = capsys.readouterr().out  # what is trained, why, and where it is kept
+    assert said.startswith(f"training a {ARCH} classifier for {TRAIN['epochs']} epochs on {len(images):,} images "
+                           f"of {images.shape[-1]}x{images.shape[-1]}: the colours test. Once: it is kept in {path}")
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".lock"]  # no temp files
 
     def fail(*args, **kwargs):
@@ -107,7 +110,7 @@ def test_cache_trains_once(tmp_path, monkeypatch, model, data):
 
     monkeypatch.setattr(C, "train_classifier", fail)
     second, digest2 = C.cached_classifier(key={"data": "colours"}, train_images=fail, **kwargs)
-    assert digest2 == digest
+    assert digest2 == digest and capsys.readouterr().out == ""
     assert not second.training
     for a, b in zip(first.state_dict().values(), second.state_dict().values(), strict=True):
         assert torch.equal(a, b)
