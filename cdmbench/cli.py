@@ -142,13 +142,17 @@ def ls(kind, pattern):
 @cli.command()
 @click.argument("run_dirs", nargs=-1, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Copy the (single) run's report.md with its figures and results.jsonl here, "
-                   "e.g. reports/<name>, to commit them (with results.csv).")
+              help="One run: write its report afresh and copy it here (report.md, report.html, the "
+                   "figures, results.jsonl and .csv, run.yaml and the train logs, so that `cdmbench "
+                   "report --out DIR DIR` rewrites it later), e.g. reports/<name>, to commit. Several "
+                   "runs: write their comparison here (comparison.md, comparison.html, comparison.png).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Also write every result row of RUN_DIRS here, one column per protocol field.")
 def report(run_dirs, out, csv_path):
     """Print the results of RUN_DIRS (default: every run under ./runs except --smoke runs) as a
-    table, beside the published rows they are comparable with."""
+    table, beside the published rows they are comparable with; several runs side by side: each
+    stage's components, metrics with their standard errors, and cost (training images, time,
+    device, FLOPs; sampling time per image)."""
     from cdmbench.reporting.write import print_report, run_dirs_to_report
 
     print_report(run_dirs_to_report(list(run_dirs)), out=out, csv_path=csv_path, echo=click.echo)

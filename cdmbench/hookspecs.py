@@ -3,11 +3,13 @@
 A plugin is any module or object with functions decorated by ``cdmbench.hookimpl`` and named
 like the specs below. Each component hook receives ``register``, a callback bound to that plugin:
 
-    register(name, factory, *, summary="")
+    register(name, factory, *, summary="", requires=())
 
 ``name`` is lower-case kebab (``adm-unet``); ``factory`` is a callable taking keyword arguments
-only. Recipe ``args`` are checked against the factory's signature before any work, and facts that
-come from the run (resolution, channels, number of classes, ...) are injected by the host: see
+only; ``requires`` names the modules the component needs beyond the plugin's own (an optional
+package): while one is not installed, the name is not available, with that reason. Recipe
+``args`` are checked against the factory's signature before any work, and facts that come from
+the run (resolution, channels, number of classes, ...) are injected by the host: see
 ``cdmbench.interfaces`` for what each kind's factory receives and must return.
 """
 
@@ -19,7 +21,7 @@ PROJECT = "cdmbench"
 hookspec = pluggy.HookspecMarker(PROJECT)
 # the component kinds, one registry and one register hook (cdmbench_register_<kind>) each
 KINDS = ("backbones", "schedules", "augmentations", "samplers", "datasets", "features", "metrics",
-         "baselines")
+         "baselines", "loggers")
 
 
 @hookspec
@@ -70,6 +72,14 @@ def cdmbench_register_metrics(register):
 @hookspec
 def cdmbench_register_baselines(register):
     """Register published result rows. factory() -> list of ``interfaces.BaselineRow``."""
+
+
+@hookspec
+def cdmbench_register_loggers(register):
+    """Register experiment trackers. factory(**args, run_dir=..., run_name=..., config=...,
+    resuming=...) -> ``interfaces.Logger``; ``run_dir`` is the run directory, ``run_name`` the
+    recipe's name, ``config`` the resolved recipe (a dict) and ``resuming`` whether the run
+    directory already held this run (continue its tracker run)."""
 
 
 @hookspec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import numpy as np
@@ -23,6 +24,7 @@ HOST_ARGS: dict[str, tuple[str, ...]] = {
                  "progress"),
     "metrics": (),
     "baselines": (),
+    "loggers": ("run_dir", "run_name", "config", "resuming"),
 }
 
 
@@ -155,3 +157,34 @@ class BaselineRow:
     value: float
     source: str
     protocol: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """An experiment tracker a run's numbers and sample grids also go to (the run directory keeps
+    them all: train_log.jsonl, results.jsonl, the grids). Only the main process of a torchrun job
+    opens loggers; ``cdmbench run`` opens them once and ``evaluate``/``sweep`` once more each,
+    with ``resuming`` true (continue the same tracker run). Every method gets the stage's name and
+    the training step of the weights concerned: the step the logger plots against."""
+
+    def start_stage(self, stage: str, step: int) -> None:
+        """Stage ``stage`` (re)starts training after step ``step`` (its checkpoint's; 0 from
+        scratch): what was logged for it after ``step`` came from a job that was cut short, and a
+        tracker that can drop it does (TensorBoard purges it)."""
+
+    def log_scalars(self, stage: str, values: dict[str, float], step: int) -> None:
+        """One training log row of ``stage`` at step ``step``: ``loss``, ``grad_norm``,
+        ``images_per_s`` (since the previous row), ``seconds`` (training time across resumes) and,
+        on GPUs, ``peak_memory_gib``."""
+
+    def log_results(self, stage: str, rows: list[dict[str, Any]], step: int) -> None:
+        """Result rows of ``stage`` as results.jsonl holds them (``rundir.result_row``: metric,
+        value (None when status is 'failed'), stderr, n, unit, higher_is_better, protocol, status,
+        time), measured on the weights of step ``step``."""
+
+    def log_image(self, stage: str, name: str, path: Path, step: int) -> None:
+        """An image file of ``stage`` (``name`` ``samples``: its sample grid, one row per class)
+        sampled from the weights of step ``step``."""
+
+    def close(self) -> None:
+        """Flush and end the tracker run; called once, also when the command fails."""

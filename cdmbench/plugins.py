@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ BUILTIN_MODULES = (
     "cdmbench.builtin.features",
     "cdmbench.builtin.metrics",
     "cdmbench.builtin.baselines",
+    "cdmbench.builtin.loggers",
 )
 ENTRY_POINT_GROUP = "cdmbench"
 
@@ -175,19 +177,31 @@ def load_plugins(modules: tuple[str, ...] | list[str] = (), *, components: bool 
     return plugins
 
 
+def _missing_module(modules: str | tuple[str, ...] | list[str]) -> str | None:
+    """The first of ``modules`` that is not installed, or None (found without importing it)."""
+    for module in [modules] if isinstance(modules, str) else modules:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except (ImportError, ValueError):  # a missing parent package; a module without a spec
+            return module
+    return None
+
+
 def _fill(plugins: Plugins, kind: str) -> None:
     """Call each plugin's hook for ``kind`` with a ``register`` bound to that plugin. A refused
     registration (a bad name, a factory breaking the contract, a name another plugin registered)
     is a failure of that plugin alone: its other components are kept, and looking the name up says
-    which plugin failed to provide it and why. What a hook registers is kept only if the hook
-    returns."""
+    which plugin failed to provide it and why. A component whose ``requires`` names a module that
+    is not installed (an optional package) is not available, with that reason, and is no failure.
+    What a hook registers is kept only if the hook returns."""
     registry = plugins.registries[kind]
     hook = getattr(plugins.manager.hook, f"cdmbench_register_{kind}")
     for impl in hook.get_hookimpls():  # in registration order
         name, staged = impl.plugin_name, []
 
-        def register(component, factory, *, summary: str = "", _plugin=name, _staged=staged):
-            _staged.append((component, factory, summary))
+        def register(component, factory, *, summary: str = "", requires=(), _plugin=name, _staged=staged):
+            _staged.append((component, factory, summary, requires))
 
         try:
             impl.function(register=register)
@@ -195,12 +209,18 @@ def _fill(plugins: Plugins, kind: str) -> None:
             reason = f"registering {kind} raised {exc!r}"
             _fail(plugins.failures, name, reason,
                   f"raised while registering {kind}: {exc!r}; its {kind} are not available")
-            for component, _, _ in staged:
+            for component, *_ in staged:
                 registry.unavailable(component, f"{kind[:-1]} '{component}' is not available: plugin "
                                                 f"'{name}' failed to provide it: {reason}")
             registry.failed_plugins[name] = reason
             continue
-        for component, factory, summary in staged:
+        for component, factory, summary, requires in staged:
+            module = _missing_module(requires)
+            if module is not None:
+                registry.unavailable(component, f"{kind[:-1]} '{component}' (plugin '{name}') is not available: it "
+                                                f"needs the module '{module}', which is not installed; install "
+                                                f"it (pip install {module.split('.')[0]}) or use another {kind[:-1]}")
+                continue
             try:
                 registry.add(component, factory, summary=summary, plugin=name,
                              version=plugins.versions.get(name))

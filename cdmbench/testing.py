@@ -33,6 +33,7 @@ from cdmbench.diffusion.process import NOISE_COND_SCALE, ContinuousProcess, Disc
 from cdmbench.errors import CdmbenchError
 from cdmbench.interfaces import BaselineRow
 from cdmbench.plugins import BUILTIN_MODULES, ENTRY_POINT_GROUP, Plugins, load_plugins
+from cdmbench.recipe.components import REQUIRED
 from cdmbench.registry import Component, factory_problem
 
 ROW_KEYS = {"metric", "value", "unit", "n", "higher_is_better", "protocol"}
@@ -428,8 +429,45 @@ def check_baselines(factory: Callable, args: dict[str, Any], *, name: str = "bas
                 f"row {row.model}/{row.metric}: needs a finite value, a resolution and a source")
 
 
+# --- loggers ---------------------------------------------------------------------------------
+
+def check_logger(factory: Callable, args: dict[str, Any], *, name: str = "logger") -> None:
+    """A run logged as ``cdmbench run`` logs it (a stage started, a training row, result rows with a
+    failed one, its sample grid, closed), then continued as ``cdmbench evaluate`` continues it
+    (``resuming``): every method exists and takes those calls."""
+    from PIL import Image
+
+    from cdmbench.storage.rundir import result_row
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        grid = run_dir / "base16" / "samples" / "grid.png"
+        grid.parent.mkdir(parents=True)
+        Image.new("RGB", (32, 16), (200, 40, 40)).save(grid)
+        rows = [result_row(run="conformance", stage="base16", metric="train_loss", value=0.5, unit="", n=2,
+                           higher_is_better=False, protocol={"loss": "simple"}),
+                result_row(run="conformance", stage="base16", metric="fid", value=None, unit="", n=8,
+                           higher_is_better=None, protocol={"error": "no features"}, status="failed")]
+        for resuming in (False, True):
+            logger = _build(factory, args, run_dir=run_dir, run_name="conformance",
+                            config={"cdmbench": 1, "name": "conformance"}, resuming=resuming)
+            lacking = [m for m in REQUIRED["loggers"] if not callable(getattr(logger, m, None))]
+            _expect(not lacking, name, f"the logger has no {', '.join(lacking)}")
+            calls = [("start_stage", ("base16", 0)),
+                     ("log_scalars", ("base16", {"loss": 0.5, "grad_norm": 1.0, "images_per_s": 10.0,
+                                                 "seconds": 0.1}, 2)),
+                     ("log_results", ("base16", rows, 2)), ("log_image", ("base16", "samples", grid, 2)),
+                     ("close", ())]
+            for method, call in calls if not resuming else calls[2:]:
+                try:
+                    getattr(logger, method)(*call)
+                except Exception as exc:
+                    raise ConformanceError(f"{name}: {method} raised {exc!r} "
+                                           f"({'resuming' if resuming else 'a new run'})") from exc
+
+
 CHECKS: dict[str, Callable[..., None]] = {
     "backbones": check_backbone, "schedules": check_schedule, "augmentations": check_augmentation,
     "samplers": check_sampler, "datasets": check_dataset, "features": check_features,
-    "metrics": check_metric, "baselines": check_baselines,
+    "metrics": check_metric, "baselines": check_baselines, "loggers": check_logger,
 }

@@ -189,6 +189,35 @@ def test_a_hook_raising_part_way_keeps_none_of_its_components_and_every_error(pl
         components("testplugin_half", plugins)
 
 
+OPTIONAL_REGISTRATIONS = '''
+from cdmbench import hookimpl
+from cdmbench.builtin.samplers import ddim
+
+
+def fine(*, steps: int = 5):
+    return ddim(steps=steps)
+
+
+@hookimpl
+def cdmbench_register_samplers(register):
+    register("needs-missing", fine, requires=("cdmbench_no_such_module",))
+    register("needs-present", fine, requires=("json",))
+'''
+
+
+def test_a_component_requiring_a_missing_module_is_not_available_and_its_plugin_loads(plugin_dir, recwarn):
+    """An optional package is no failure: the name says what to install, the rest is kept."""
+    (plugin_dir / "testplugin_optional.py").write_text(OPTIONAL_REGISTRATIONS)
+    plugins = load_plugins(["testplugin_optional"])
+    assert "testplugin_optional" not in plugins.failures and not recwarn.list
+    assert plugins["samplers"].get("needs-present").plugin == "testplugin_optional"
+    with pytest.raises(RegistryError, match=r"^sampler 'needs-missing' \(plugin 'testplugin_optional'\) is not "
+                                            r"available: it needs the module 'cdmbench_no_such_module', which is "
+                                            r"not installed; install it \(pip install cdmbench_no_such_module\) "
+                                            r"or use another sampler$"):
+        plugins["samplers"].get("needs-missing")
+
+
 def test_a_hook_with_a_wrong_argument_name_is_a_failure_of_its_plugin(plugin_dir):
     (plugin_dir / "testplugin_badarg.py").write_text(textwrap.dedent('''
         from cdmbench import hookimpl

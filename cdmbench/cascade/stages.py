@@ -138,28 +138,48 @@ class StageModel:
                  aug_cond: Tensor | None, *, guidance_scale: float | None = None,
                  precision: str | None = None) -> Denoise:
         """The model with its conditioning bound, as the samplers call it. With a guidance
-        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's).
-        The network runs in ``precision`` (default: the stage's sampling precision); the
-        sampler's arithmetic stays in float32."""
+        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's), at
+        the noise levels sigma in the stage's ``guidance.interval`` (all when it has none); at the
+        others, and with w = 1, the conditional model alone, in one pass. The network runs in
+        ``precision`` (default: the stage's sampling precision); the sampler's arithmetic stays
+        in float32."""
         w = self.spec.guidance.scale if guidance_scale is None else guidance_scale
+        interval = self.spec.guidance.interval
+
+        def conditional(x_t: Tensor, noise_cond: Tensor) -> Tensor:
+            with self.autocast(x_t.device, precision):
+                return self.forward(model, x_t, noise_cond, labels, low_res, aug_cond).float()
+
+        def guided(x_t: Tensor, noise_cond: Tensor) -> Tensor:
+            with self.autocast(x_t.device, precision):
+                both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
+                                    torch.cat([labels, torch.full_like(labels, self.null_label)]),
+                                    None if low_res is None else low_res.repeat(2, 1, 1, 1),
+                                    None if aug_cond is None else aug_cond.repeat(2, 1)).float()
+            cond, uncond = both.chunk(2)
+            c = x_t.shape[1]
+            return torch.cat([uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
         def denoise(x_t: Tensor, abar: Tensor, noise_cond: Tensor) -> Prediction:
-            if w == 1.0:
-                with self.autocast(x_t.device, precision):
-                    out = self.forward(model, x_t, noise_cond, labels, low_res, aug_cond).float()
-            else:
-                with self.autocast(x_t.device, precision):
-                    both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
-                                        torch.cat([labels, torch.full_like(labels, self.null_label)]),
-                                        None if low_res is None else low_res.repeat(2, 1, 1, 1),
-                                        None if aug_cond is None else aug_cond.repeat(2, 1)).float()
-                cond, uncond = both.chunk(2)
-                c = x_t.shape[1]
-                guided = uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c])
-                out = torch.cat([guided, cond[:, c:]], dim=1)
+            inside = guidance_applies(abar, interval) if w != 1.0 else torch.zeros_like(abar, dtype=torch.bool)
+            if bool(inside.all()):
+                out = guided(x_t, noise_cond)
+            elif not bool(inside.any()):
+                out = conditional(x_t, noise_cond)
+            else:  # levels on both sides of the interval in one batch
+                out = torch.where(inside.view(-1, 1, 1, 1), guided(x_t, noise_cond), conditional(x_t, noise_cond))
             return prediction_from_output(out, x_t, abar, prediction=self.prediction,
                                           learned_variance=self.learned_variance)
         return denoise
+
+
+def guidance_applies(abar: Tensor, interval: tuple[float, float] | None) -> Tensor:
+    """Whether guidance applies at each level abar: its sigma = sqrt((1 - abar) / abar) lies in
+    ``interval`` (low, high], or there is no interval (bool, abar's shape)."""
+    if interval is None:
+        return torch.ones_like(abar, dtype=torch.bool)
+    sigma = ((1 - abar.double()) / abar.double()).sqrt()
+    return (sigma > interval[0]) & (sigma <= interval[1])
 
 
 def _autocast_on(device: torch.device) -> bool:
@@ -376,9 +396,17 @@ def build_chain(plugins: Plugins, recipe: Recipe, target: str, num_classes: int,
 
 def samplers_of(chain: list[StageModel]) -> dict[str, str]:
     """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"},
-    with ", bf16" when its network samples in bf16."""
+    with ", bf16" when its network samples in bf16, and its guidance when it has any, e.g.
+    ", guidance 3.0 at sigma (0.28, 5.42]"."""
     return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip()
-            + (", bf16" if st.sample_precision == "bf16" else "") for st in chain}
+            + (", bf16" if st.sample_precision == "bf16" else "") + _guidance_of(st.spec.guidance) for st in chain}
+
+
+def _guidance_of(guidance) -> str:
+    if guidance.scale == 1.0:
+        return ""
+    interval = "" if guidance.interval is None else " at sigma ({}, {}]".format(*guidance.interval)
+    return f", guidance {guidance.scale:g}{interval}"
 
 
 def build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:

@@ -32,6 +32,7 @@ from cdmbench.runtime.device import resolve_device
 from cdmbench.storage.cache import default_cache_dir, digest
 from cdmbench.storage.files import atomic_write, locked
 from cdmbench.storage.rundir import load_run, result_row
+from cdmbench.tracking.loggers import log_run_results
 
 # How long a rank of an evaluation under torchrun waits for the others at a collective: ranks
 # finish their shares of a million-image training set for CAS hours apart.
@@ -81,6 +82,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
         rows += (done := [result_row(run=recipe.name, stage=target, **row)
                           for row in _metric_rows([metric], context, echo)])
         run_dir.add_results(done)
+    log_run_results(plugins, recipe, run_dir.path, rows, steps, echo=echo)
     echo(write_report(run_dir, recipe, plugins))
     return rows
 
@@ -153,12 +155,17 @@ def _metrics_setup(recipe: Recipe, plugins: Plugins, stage: str | None, metrics:
     target = stage or spec.stage or recipe.stages[-1].name
     recipe.stage(target)
     dataset = make_dataset(plugins, recipe, "train")
-    context = EvalContext(samples=None, labels=None, num_classes=dataset.num_classes,
-                          resolution=recipe.stage(target).resolution, recipe=recipe, plugins=plugins,
+    return (dataset, *metrics_context(recipe, plugins, target, dataset.num_classes, chosen, progress, echo))
+
+
+def metrics_context(recipe: Recipe, plugins: Plugins, stage: str, num_classes: int, chosen: list[Component],
+                    progress: bool, echo) -> tuple[EvalContext, list]:
+    """An EvalContext for ``stage``'s samples (none set yet) and the ``chosen`` metrics, built."""
+    context = EvalContext(samples=None, labels=None, num_classes=num_classes,
+                          resolution=recipe.stage(stage).resolution, recipe=recipe, plugins=plugins,
                           device=resolve_device(recipe.device), cache_dir=default_cache_dir(), protocol={},
-                          progress=progress, stage=target, echo=echo)
-    built = [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
-    return dataset, context, built
+                          progress=progress, stage=stage, echo=echo)
+    return context, [make_component(plugins, "metrics", m, f"metrics.{m.name}") for m in chosen]
 
 
 
@@ -200,6 +207,13 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
         set_checked_level(chain, stage, level, f"--levels {level}")
     rank, world, steps = _join_and_load(chain, run_dir.path, context, built)
     n = num_samples or recipe.evaluate.num_samples
+    recorded: list[dict[str, Any]] = []  # the rows results.jsonl got, for the loggers
+
+    def record(level_rows: list[dict[str, Any]]) -> None:
+        rows = [result_row(run=recipe.name, stage=stage, **row) for row in level_rows]
+        run_dir.add_results(rows)
+        recorded.extend(rows)
+
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
                         "resolution": st.resolution, "n": n,
                         "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
@@ -209,10 +223,10 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
                  shard_size=recipe.evaluate.shard_size, device=context.device, checkpoint_steps=steps,
                  progress=progress, rank=rank, world_size=world,
-                 record=lambda level_rows: run_dir.add_results(
-                     [result_row(run=recipe.name, stage=stage, **row) for row in level_rows]))
+                 record=record)
     if rank != 0:
         return {}
+    log_run_results(plugins, recipe, run_dir.path, recorded, steps, echo=echo)
     best = best_levels(rows)
     primary = next((r["metric"] for r in rows if r["metric"] in best), None)
     if primary is not None:

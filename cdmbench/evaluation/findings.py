@@ -21,16 +21,23 @@ import math
 import pandas as pd
 
 from cdmbench.recipe.schema import Recipe, Stage
-from cdmbench.reporting.tables import features_label, is_sweep, pooled, pooled_curve, sweep_rows
+from cdmbench.reporting.tables import (
+    features_label,
+    is_during_training,
+    is_sweep,
+    pooled,
+    pooled_curve,
+    sweep_rows,
+)
 
 
 def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
-    """The ok FID rows (any reference split), sweep rows or the others, with a metric label that
-    names the feature network."""
+    """The ok FID rows (any reference split), sweep rows or the others (none made during
+    training), with a metric label that names the feature network."""
     if frame.empty:
         return frame
     rows = frame[(frame["status"] == "ok") & frame["metric"].str.startswith("fid")
-                 & (frame["protocol"].map(is_sweep) == sweeps)].copy()
+                 & (frame["protocol"].map(is_sweep) == sweeps) & ~frame["protocol"].map(is_during_training)].copy()
     rows["label"] = rows["metric"] + rows["protocol"].map(features_label)
     return rows
 

@@ -94,6 +94,7 @@ def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_step
          "weights": ema_weights_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
+         **({"guidance_interval": list(st.spec.guidance.interval)} if st.spec.guidance.interval else {}),
          "augmentation": [{"name": a.name, "args": a.args} for a in st.spec.augmentations()],
          "levels": [p.level for p in getattr(st.augmentation, "parts", [st.augmentation])
                     if hasattr(p, "level")]}

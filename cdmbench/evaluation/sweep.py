@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cdmbench.cascade.stages import StageModel, sample_stage
 from cdmbench.data.images import to_float, to_uint8
@@ -133,14 +133,8 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
         real, real_labels = context.real_at(GROUND_TRUTH_SPLIT, stage.low_res)
         if index is None:
             index = class_matched(labels, real_labels, num_classes=context.num_classes, seed=seed)
-        out = torch.empty((hi - lo, 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
-        for i in range(lo, hi, batch_size):  # each batch made uint8 at once: float32 is 4x the size
-            j = min(i + batch_size, hi)
-            out[i - lo:j - lo] = to_uint8(sample_stage(
-                stage, stage.backbone, labels[i:j].to(device), seed=seed, image_ids=list(range(i, j)),
-                low_res=to_float(real[index[i:j].to(real.device)]).to(device), device=device,
-                ground_truth=True, progress=False)).cpu()
-        return out
+        return ground_truth_samples(stage, stage.backbone, real, index[lo:hi], labels[lo:hi], first_id=lo,
+                                    seed=seed, batch_size=batch_size, device=device)
 
     rows = []
     for kind in inputs:
@@ -169,6 +163,21 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
             record(level_rows)
             rows += level_rows
     return rows
+
+
+def ground_truth_samples(stage: StageModel, model: nn.Module, real: Tensor, index: Tensor, labels: Tensor, *,
+                         first_id: int, seed: int, batch_size: int, device) -> Tensor:
+    """uint8 samples of SR ``stage`` with weights ``model``, at the level set on it, for ``labels``:
+    sample i (seeded as image ``first_id + i``) conditioned on the ground-truth low-res image
+    ``real[index[i]]`` (uint8 at the stage's low-res resolution; a memory map is read per batch)."""
+    out = torch.empty((len(labels), 3, stage.spec.resolution, stage.spec.resolution), dtype=torch.uint8)
+    for i in range(0, len(labels), batch_size):  # each batch made uint8 at once: float32 is 4x the size
+        j = min(i + batch_size, len(labels))
+        out[i:j] = to_uint8(sample_stage(
+            stage, model, labels[i:j].to(device), seed=seed, image_ids=list(range(first_id + i, first_id + j)),
+            low_res=to_float(real[index[i:j].to(real.device)]).to(device), device=device,
+            ground_truth=True, progress=False)).cpu()
+    return out
 
 
 def best_levels(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

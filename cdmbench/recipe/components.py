@@ -15,7 +15,8 @@ from cdmbench.registry import BuildError
 # what a built component of each kind must have (the rest of its contract is checked where it is
 # called: cdmbench.cascade.stages checks the first call of samplers, augmentations and backbones)
 REQUIRED = {"schedules": ("timesteps", "abar"), "augmentations": ("cond_dim", "train", "sample"),
-            "samplers": ("check", "sample")}
+            "samplers": ("check", "sample"),
+            "loggers": ("start_stage", "log_scalars", "log_results", "log_image", "close")}
 
 
 def make_component(plugins: Plugins, kind: str, spec: Component, path: str, **host):

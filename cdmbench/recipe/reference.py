@@ -100,6 +100,8 @@ def type_name(tp: Any, path: str) -> str:
         return " | ".join(type_name(option, path) for option in args)
     if origin is list:
         return "list of " + type_name(args[0], path)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        return "[" + ", ".join(type_name(arg, path) for arg in args) + "]"
     if origin is dict:
         return "mapping"
     raise ValueError(f"{path}: no readable name for its type {tp!r}; add one to {__name__}.type_name")

@@ -75,12 +75,13 @@ MAX_STEPS = 10**9  # steps of any kind (training, warm-up, between checkpoints o
 MAX_BATCH = 2**20  # images per batch: a step's global batch, sampling and evaluation batches
 MAX_SEED = 2**63 - 1
 REPLICATES = Bound(1, 100)  # a stage's `replicates` (not a field)
+SIGMA_BOUND = Bound(0, 10**6, open_low=True)  # a noise level sigma named in a recipe
 
 
 @dataclass
 class Component:
-    """A component of some kind (dataset, backbone, schedule, sampler, augmentation, metric): its
-    registered name and the keyword arguments of its factory. A bare name (``ddpm``) stands for
+    """A component of some kind (dataset, backbone, schedule, sampler, augmentation, metric, logger):
+    its registered name and the keyword arguments of its factory. A bare name (``ddpm``) stands for
     ``{name: ddpm}``."""
 
     name: str
@@ -127,6 +128,14 @@ class Train:
     val_bpd_images: int = bounded(0, 10**7, 0)
     """After training, the variational bound in bits/dim on the first N images of the test split, as a
     ``val_bpd`` result row (0: none). Needs ``loss: hybrid`` (the learned variance); in [0, 10^7]."""
+    eval_every: int = bounded(0, MAX_STEPS, 0)
+    """Every N steps, and at the last step, evaluate the stage's EMA weights with ``evaluate.metrics`` on
+    ``eval_num_samples`` samples (a base stage's own; an SR stage's from ground-truth low-res inputs,
+    downsampled training images augmented at its sampling level) and record the rows, with the step and
+    the training images seen, in results.jsonl (``cdmbench.reporting.curves`` plots them). 0: off. In [0, 10^9], at most
+    ``steps``; needs ``evaluate.metrics``. Training reaches the same weights with it as without."""
+    eval_num_samples: int = bounded(1, 10**8, 1000)
+    """Class-balanced samples of each evaluation during training (``eval_every``); in [1, 10^8]."""
     warmup_steps: int = bounded(0, MAX_STEPS, 0)
     """Steps of linear learning-rate warm-up: step k (from 0) uses lr x min(1, (k + 1) / warmup_steps);
     0: none. In [0, 10^9]."""
@@ -167,6 +176,12 @@ class Guidance:
     """Guidance weight w when sampling: the network's prediction is uncond + w (cond - uncond), two passes
     per sampling step (the learned variance, if any, stays the conditional one); 1: the conditional model
     alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0."""
+    interval: tuple[float, float] | None = None
+    """``[low, high]``: guide only at noise levels sigma = sqrt((1 - abar) / abar) in (low, high]
+    (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); at the other levels the
+    conditional model alone, one pass. Sigma means the same on any schedule; in log-SNR
+    lambda = -2 log(sigma) the interval is [-2 log(high), -2 log(low)). null: every level. Both in
+    (0, 10^6], low < high; needs a ``scale`` other than 1."""
 
 
 @dataclass
@@ -293,6 +308,13 @@ class Recipe:
     """How the cascade is sampled: the keys of ``sample``."""
     evaluate: Evaluate = field(default_factory=Evaluate)
     """What evaluation computes by default: the keys of ``evaluate``."""
+    log_to: list[Component] = field(default_factory=list)
+    """Experiment trackers that the run also logs to: ``loggers`` components, each a bare name or ``{name,
+    args}``, each at most once (``tensorboard``: event files in ``<stage>/tensorboard/``, needs the
+    tensorboard package; ``wandb`` with the cdmbench-wandb plugin). They get each training log row, the
+    result rows as results.jsonl gets them and the sample grids; ``cdmbench evaluate`` and ``sweep`` log
+    their rows to the same tracker runs. Only the main process of a torchrun job logs. Empty: none (the
+    run directory has everything)."""
 
     def stage(self, name: str) -> Stage:
         for s in self.stages:

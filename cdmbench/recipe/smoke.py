@@ -10,7 +10,8 @@ for any recipe; the rules, per stage and section:
   other args kept. A truncated ``gaussian`` augmentation's level is rounded to the new 1/T grid
   of the stage it conditions on.
 - train: steps 2, batch_size 2 x grad_accumulation, checkpoint_every 1, log_every 1,
-  val_bpd_images at most 2, precision fp32, compile false.
+  val_bpd_images at most 2, eval_every at most 2 and eval_num_samples at most 16, precision fp32,
+  compile false.
 - sample: images_per_class 1, batch_size 8, num_classes min(classes, 4).
 - evaluate: num_samples at most 16, batch_size 8, shard_size 8; ``cas`` and ``classifier``
   feature-network epochs at most 1; ``cas`` batch size at most 16 and without
@@ -91,8 +92,9 @@ def _shrink_stage(stage: dict[str, Any], timesteps: dict[str, int | None]) -> No
         accumulation = train.get("grad_accumulation", 1)
         train.update(steps=2, batch_size=2 * (accumulation if _number(accumulation) else 1),
                      checkpoint_every=1, log_every=1, precision="fp32", compile=False)
-        if _number(train.get("val_bpd_images")):
-            train["val_bpd_images"] = min(train["val_bpd_images"], 2)
+        for key, most in (("val_bpd_images", 2), ("eval_every", 2), ("eval_num_samples", 16)):
+            if _number(train.get(key)):
+                train[key] = min(train[key], most)
 
 
 def _shrink_metric(metric: Any) -> Any:

@@ -27,6 +27,7 @@ from cdmbench.recipe.schema import (
     FORMAT_VERSION,
     REPLICATES,
     RUN_NAME_RE,
+    SIGMA_BOUND,
     STAGE_NAME_RE,
     Component,
     Recipe,
@@ -41,6 +42,8 @@ DEVICE_RE = re.compile(r"auto|cpu|cuda(:[0-9]{1,4})?")
 def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
     if isinstance(tp, type):
         return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true/false",
                 "list": "a list", "dict": "a mapping", "tuple": "a list"}.get(tp.__name__, tp.__name__)
@@ -275,6 +278,7 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0:
             raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
                               "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
+        _check_interval(stage.guidance, f"{path}.guidance.interval")
         if stage.condition_on is None:
             if any(a.name != "none" for a in stage.augmentations()):
                 raise RecipeError(f"{path}.augmentation", "only a stage with condition_on "
@@ -292,6 +296,12 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if train.val_bpd_images and stage.loss != "hybrid":
             raise RecipeError(f"{path}.train.val_bpd_images", "bits/dim needs the learned variance "
                               "of loss: hybrid and a count >= 0; set it to 0 or use loss: hybrid")
+        if train.eval_every > train.steps:
+            raise RecipeError(f"{path}.train.eval_every", f"must be at most steps ({train.steps}), got "
+                              f"{train.eval_every}; lower it (the last step is always evaluated), or 0")
+        if train.eval_every and not recipe.evaluate.metrics:
+            raise RecipeError(f"{path}.train.eval_every", "evaluates with evaluate.metrics, which is empty; "
+                              "list metrics there (e.g. [fid]) or set eval_every to 0")
         if train.precision not in ("fp32", "bf16"):
             raise RecipeError(f"{path}.train.precision", f"expected fp32 or bf16, got {train.precision!r}")
         if train.batch_size % train.grad_accumulation:
@@ -313,7 +323,26 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
     if evaluate.stage is not None and evaluate.stage not in seen:
         raise RecipeError("evaluate.stage", f"no stage '{evaluate.stage}'; {suggestion(evaluate.stage, seen)}")
+    logged: set[str] = set()
+    for i, logger in enumerate(recipe.log_to):
+        check_component(plugins, "loggers", logger, f"log_to[{i}]")
+        if logger.name in logged:
+            raise RecipeError(f"log_to[{i}]", f"logger '{logger.name}' is listed twice; list each logger once")
+        logged.add(logger.name)
 
+
+
+def _check_interval(guidance, path: str) -> None:
+    """A guidance interval is two noise levels sigma, 0 < low < high <= 10^6, of a guided stage."""
+    if guidance.interval is None:
+        return
+    low, high = guidance.interval
+    if not (SIGMA_BOUND.contains(low) and SIGMA_BOUND.contains(high) and low < high):
+        raise RecipeError(path, f"must be [low, high] with low < high, both in {SIGMA_BOUND.interval}, got "
+                                f"[{low}, {high}]; e.g. [0.28, 5.42] (EDM2-XXL's)")
+    if guidance.scale == 1.0:
+        raise RecipeError(path, "limits guidance to an interval of noise levels, but guidance.scale is 1 (no "
+                                "guidance); set a scale, or remove the interval")
 
 
 def parse_recipe(raw: Any, *, overrides: tuple[str, ...] | list[str] = (),

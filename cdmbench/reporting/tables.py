@@ -30,10 +30,11 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
 
 def latest(frame: pd.DataFrame) -> pd.DataFrame:
     """The newest (last written) row of each evaluation: per run, stage, metric, feature network,
-    mode and samplers (with their precision), and for a sweep its level and inputs, else n."""
+    mode and samplers (with their precision), and for a sweep its level and inputs, else n; for
+    an evaluation during training, also its training step."""
     key = frame["protocol"].map(lambda p: json.dumps(
         [p.get("features"), p.get("mode"), p.get("level"), p.get("inputs"), p.get("samplers"),
-         None if is_sweep(p) else p.get("n")], sort_keys=True, default=str))
+         None if is_sweep(p) else p.get("n"), p.get("step")], sort_keys=True, default=str))
     frame = frame.assign(_key=key).drop_duplicates(["run", "stage", "metric", "_key"], keep="last")
     return frame.drop(columns="_key")
 
@@ -64,6 +65,11 @@ def is_sweep(protocol: dict) -> bool:
     return "level" in protocol
 
 
+def is_during_training(protocol: dict) -> bool:
+    """Rows of an evaluation while a stage trained (``train.eval_every``) carry its training step."""
+    return "step" in protocol
+
+
 def features_label(protocol: dict) -> str:
     """' (features, mode)' for metrics computed with a feature network, else ''."""
     if not protocol.get("features"):
@@ -71,12 +77,19 @@ def features_label(protocol: dict) -> str:
     return f" ({protocol['features']}, {protocol.get('mode', '-')})"
 
 
-def _evaluations(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest ok row of each evaluation but sweeps, its stage labelled with what tells it
-    apart from the stage's other evaluations: n and each stage's sampler that differ, e.g.
-    ``sr16 (n: 1000; base8: ddpm {'steps': 50}, bf16)``."""
+def measured_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The newest ok row of each evaluation but sweeps and those during training (``latest``), as
+    written."""
     rows = latest(frame)
-    rows = rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep)].copy()
+    return rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep)
+                & ~rows["protocol"].map(is_during_training)].copy()
+
+
+def _evaluations(frame: pd.DataFrame) -> pd.DataFrame:
+    """``measured_rows``, each stage labelled with what tells the evaluation apart from the
+    stage's other evaluations: n and each stage's sampler that differ, e.g.
+    ``sr16 (n: 1000; base8: ddpm {'steps': 50}, bf16)``."""
+    rows = measured_rows(frame)
     fields = [{**({"n": p["n"]} if "n" in p else {}), **p.get("samplers", {})} for p in rows["protocol"]]
     rows["stage"] = [stage + (f" ({'; '.join(parts)})" if parts else "")
                      for stage, parts in zip(rows["stage"], _varying(rows, fields), strict=True)]
@@ -190,45 +203,55 @@ def comparability(metric: str, measured: dict, published: dict) -> str:
     return "comparable" if not differ else "no: " + "; ".join(differ)
 
 
-def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
-    """Each measured metric row (the newest of each evaluation, labelled as in ``_evaluations``)
-    beside the published rows of the same metric (at its resolution when there are any), with
-    whether the pair is comparable and why not."""
-    if results.empty or baselines.empty:
-        return pd.DataFrame()
+def published_pairs(rows: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
+    """Each measured row (run, stage, metric, value, stderr, protocol) beside the published rows of
+    the same metric (at its resolution when there are any), with whether the pair is comparable
+    and why not (``comparability``); one pair with no published value (``published model`` '-')
+    for a row whose metric is published on other datasets only. Rows of unpublished metrics have
+    no pair. The measured row's ``stderr`` and ``protocol`` come last."""
     out = []
-    for _, row in _evaluations(results).iterrows():
+    for _, row in rows.iterrows():
         published = baselines[baselines["metric"] == row["metric"]]
         if published.empty:
             continue
+        measured = {"run": row["run"], "stage": row["stage"], "metric": row["metric"], "measured": row["value"]}
+        own = {"stderr": row.get("stderr"), "protocol": row["protocol"]}
         dataset = row["protocol"].get("dataset")
         same_data = published[published["dataset"] == dataset]
         if same_data.empty:  # one line, not one per published row of another dataset
-            out.append({"run": row["run"], "stage": row["stage"], "metric": row["metric"],
-                        "measured": row["value"], "published model": "-", "published res": None,
-                        "published": None, "comparable": f"no: published rows are on "
-                        f"{', '.join(sorted(set(published['dataset'])))}, not {dataset!r}"})
+            out.append({**measured, "published model": "-", "published res": None, "published": None,
+                        "comparable": f"no: published rows are on "
+                        f"{', '.join(sorted(set(published['dataset'])))}, not {dataset!r}", **own})
             continue
         same_res = same_data[same_data["resolution"] == row["protocol"].get("resolution")]
         for _, b in (same_res if not same_res.empty else same_data).iterrows():
-            out.append({"run": row["run"], "stage": row["stage"], "metric": row["metric"],
-                        "measured": row["value"], "published model": b["model"],
-                        "published res": b["resolution"], "published": b["value"],
-                        "comparable": comparability(row["metric"], row["protocol"], b["protocol"])})
+            out.append({**measured, "published model": b["model"], "published res": b["resolution"],
+                        "published": b["value"],
+                        "comparable": comparability(row["metric"], row["protocol"], b["protocol"]), **own})
     return pd.DataFrame(out)
+
+
+def comparison_table(results: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
+    """Each measured metric row (the newest of each evaluation, labelled as in ``_evaluations``)
+    beside the published rows of the same metric, as ``published_pairs``."""
+    if results.empty or baselines.empty:
+        return pd.DataFrame()
+    return published_pairs(_evaluations(results), baselines).drop(columns=["stderr", "protocol"], errors="ignore")
 
 
 # --- sample-time level sweeps ------------------------------------------------------------------
 
 def sweep_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest ok row of each sweep point of `cdmbench sweep`, with the columns samplers, inputs
-    and s from the protocol. samplers is the swept stage's sampler, then ``; stage: sampler`` for
-    each other stage whose sampler differs between the sweeps of that run and stage: sweeps that
-    differ only in a previous stage's sampler are separate curves."""
+    """The newest ok row of each sweep point of `cdmbench sweep` (none made during training),
+    with the columns samplers, inputs and s from the protocol. samplers is the swept stage's
+    sampler, then ``; stage: sampler`` for each other stage whose sampler differs between the
+    sweeps of that run and stage: sweeps that differ only in a previous stage's sampler are
+    separate curves."""
     if frame.empty:
         return frame
     rows = latest(frame)
-    rows = rows[(rows["status"] == "ok") & rows["protocol"].map(is_sweep)].copy()
+    rows = rows[(rows["status"] == "ok") & rows["protocol"].map(is_sweep)
+                & ~rows["protocol"].map(is_during_training)].copy()
     if rows.empty:
         return rows
     chains = rows["protocol"].map(lambda p: p.get("samplers", {}))

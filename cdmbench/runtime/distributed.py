@@ -56,6 +56,16 @@ def broadcast(obj: Any) -> Any:
     return box[0]
 
 
+def gather(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` (any picklable object) in rank order on rank 0, None on the others
+    (over gloo, as ``broadcast``); ``[obj]`` without torchrun."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def mean(value: torch.Tensor) -> torch.Tensor:
     """The mean of a scalar tensor over all processes (itself without torchrun)."""
     if dist.is_initialized():

@@ -30,7 +30,7 @@ class _Warm:
 
     def update(self, n=1):
         shown = super().update(n)
-        if self._warm is None and self.n > self.initial:
+        if not self.disable and self._warm is None and self.n > self.initial:  # a disabled one has no count
             self._warm = (self._time(), self.n)
         return shown
 

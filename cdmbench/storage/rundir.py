@@ -29,13 +29,15 @@ from cdmbench.recipe.validate import complete, parse_recipe
 from cdmbench.recipe.yamlfile import read_yaml
 from cdmbench.storage.files import append_text, atomic_write
 
-# Keys that may change between invocations of one run (training longer, sampling differently):
-# recipe-level keys, and per-stage keys (dotted within a stage; in each of a list of augmentations).
-RESUMABLE_KEYS = ("sample", "device", "evaluate")
+# Keys that may change between invocations of one run (training longer, sampling differently,
+# logging to other trackers): recipe-level keys, and per-stage keys (dotted within a stage; in each
+# of a list of augmentations).
+RESUMABLE_KEYS = ("sample", "device", "evaluate", "log_to")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
+                        "train.eval_every", "train.eval_num_samples",
                         "train.gradient_checkpointing", "train.cudnn_benchmark", "sampler",
-                        "guidance.scale", "augmentation.args.level")
+                        "guidance.scale", "guidance.interval", "augmentation.args.level")
 # Recipe-level keys that sampling and evaluating a trained run may change besides (data.args: the
 # real images that evaluation compares with, e.g. fewer of them).
 SAMPLING_KEYS = (*RESUMABLE_KEYS, "plugins", "data.args")

@@ -28,7 +28,8 @@ from cdmbench.cascade.stages import IMAGE_CHANNELS, StageModel, build_chain, bui
 from cdmbench.data.images import ImageSet
 from cdmbench.recipe.components import recipe_classes
 from cdmbench.recipe.load import load_recipe
-from cdmbench.reporting.write import _fmt
+from cdmbench.reporting import markdown
+from cdmbench.reporting.document import frame_table
 from cdmbench.runtime.device import resolve_device
 from cdmbench.storage.files import atomic_write
 from cdmbench.training.trainer import Trainer, backward, make_batch, update_ema
@@ -217,14 +218,14 @@ def _breakdown_tables(breakdowns: dict[str, dict[str, Any]]) -> str:
     measured variant (backbone, eager or compiled)."""
     def table(key: str) -> str:
         frame = pd.DataFrame({what: b[key] for what, b in breakdowns.items()}).fillna(0.0)
-        return _fmt(frame.rename_axis(key))
+        return markdown.table(frame_table(frame.rename_axis(key)))
 
     profiled = ", ".join(sorted({b["profiled"] for b in breakdowns.values()}))
     return ("\n## Where a training step's time goes (ms per step)\n\n"
             "Phases are timed one at a time with the device synchronised around each, so they add "
             "up to a little more than a step. Forward + backward by operator kind and its heaviest "
             f"operators come from torch.profiler ({profiled}).\n\n"
-            + "".join(f"```text\n{table(key)}\n```\n\n" for key in ("phases", "kinds", "top")))
+            + "".join(f"{table(key)}\n\n" for key in ("phases", "kinds", "top")))
 
 
 
@@ -266,7 +267,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
     def write() -> str:
         """The figures so far, so that a bench cut short (a compile that outlasts a job's
         time) keeps what it measured."""
-        table = _fmt(pd.DataFrame(rows).set_index("what"))
+        table = markdown.table(frame_table(pd.DataFrame(rows).set_index("what")))
         warning = ("\nMFU above 100%: the ceiling was measured below the device's peak (another job "
                    "busy on it?); rerun on an idle device.\n" if any(r.get("MFU", 0) > 1 for r in rows) else "")
         where = _breakdown_tables(breakdowns) if breakdowns else ""
@@ -276,7 +277,7 @@ def bench(recipe_path: str | Path, *, stage: str, overrides: tuple[str, ...] | l
             + "".join(f"- {k}: {v}\n" for k, v in env.items())
             + "\nMFU = FLOP/image (the network's forward + backward, FlopCounterMode on the meta device)"
             " x images/s / ceiling.\n\n"
-            f"```text\n{table}\n```\n" + warning + where,
+            f"{table}\n" + warning + where,
         )
         atomic_write(path.with_suffix(".json"), json.dumps(
             {"environment": env, "rows": rows, "breakdown": breakdowns}, indent=1, default=str))

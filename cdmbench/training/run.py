@@ -1,5 +1,6 @@
-"""`cdmbench run`: validate a recipe, build every stage, train the stages this job trains,
-sample the cascade into grids and write the results and report.md.
+"""`cdmbench run`: validate a recipe, build every stage, train the stages this job trains (with
+evaluations during training where ``train.eval_every`` asks), sample the cascade into grids and
+write the results and report.md.
 
 Running a finished run again adds no result row: a row already in results.jsonl (all but its
 time equal) is not written again, the validation bound is computed only for weights it was not
@@ -8,6 +9,7 @@ computed for, and the grids are sampled again only when their checkpoints or set
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from cdmbench.cascade.grids import save_grid
 from cdmbench.cascade.stages import StageModel, build_all, build_stage, sample_cascade
 from cdmbench.data.prepare import make_dataset, split_images
 from cdmbench.errors import CdmbenchError, RecipeError
+from cdmbench.evaluation.during_training import TrainingEvaluation
 from cdmbench.evaluation.samples import chain_to, sample_signature
 from cdmbench.evaluation.sweep import apply_sweep_levels
 from cdmbench.plugins import Plugins
@@ -30,6 +33,7 @@ from cdmbench.runtime import distributed
 from cdmbench.runtime.device import resolve_device
 from cdmbench.storage.cache import digest
 from cdmbench.storage.rundir import RunDir, result_row
+from cdmbench.tracking.loggers import Loggers, open_loggers
 from cdmbench.training.checkpoint import ema_weights_sha256, list_checkpoints, load_ema
 from cdmbench.training.trainer import check_batch, read_log, train_stage, validation_bpd
 
@@ -40,13 +44,14 @@ def _recorded(run_dir: RunDir, stage: str | None = None, metric: str | None = No
             if stage in (None, row.get("stage")) and metric in (None, row.get("metric"))]
 
 
-def _add_new(run_dir: RunDir, rows: list[dict[str, Any]]) -> None:
-    """Append the ``rows`` that results.jsonl does not hold yet (all but the time equal): running
-    a finished run again records nothing twice."""
+def _add_new(run_dir: RunDir, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Append the ``rows`` that results.jsonl does not hold yet (all but the time equal), and
+    return them: running a finished run again records nothing twice."""
     held = _recorded(run_dir)
     new = [row for row in rows if {k: v for k, v in row.items() if k != "time"} not in held]
     if new:
         run_dir.add_results(new)
+    return new
 
 
 def _training_rows(recipe: Recipe, st: StageModel, log: list[dict[str, Any]], device) -> list[dict[str, Any]]:
@@ -99,6 +104,7 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
     run_dir.check(recipe)  # before the dataset (a Hub dataset takes long) and the models
     dataset = make_dataset(plugins, recipe, "train")
     stages = build_all(plugins, recipe, dataset.num_classes, "meta")  # every stage checked before the data
+    resuming = (run_dir.path / "run.yaml").exists()  # an earlier invocation's run: its tracker runs go on
     if main:
         run_dir.prepare(recipe, plugins, dataset.class_names)
     distributed.barrier()
@@ -110,49 +116,58 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
         apply_sweep_levels(stages[i:i + 1], run_dir.path, overrides)
         return stages[i]
 
-    data = None
-    models: dict[str, torch.nn.Module] = {}
-    metadata = {"recipe": recipe.to_dict()}
-    for i, st in enumerate(stages):
-        folder = run_dir.stage(st.spec.name)
-        if stage in (None, st.spec.name):
-            st = materialise(i)
-            if data is None:
-                data = split_images(recipe, dataset, "train", progress=progress, echo=echo)
-            models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
-                                               metadata={**metadata, "stage": st.spec.name},
-                                               device=device, progress=progress, echo=echo)
-            log = read_log(folder) if main else []
-            if log:
-                _add_new(run_dir, _training_rows(recipe, st, log, device))
-            if st.spec.train.val_bpd_images and main:
-                _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress, echo)
+    loggers = open_loggers(plugins, recipe, run_dir.path, resuming=resuming, echo=echo)  # the main process's
+    try:
+        data = split_images(recipe, dataset, "train", progress=progress, echo=echo)  # every job trains a stage
+        evaluations = {spec.name: TrainingEvaluation(recipe, plugins, run_dir, spec, dataset, data, loggers=loggers,
+                                                     progress=progress, echo=echo)  # a missing network fails here
+                       for spec in recipe.stages if stage in (None, spec.name) and spec.train.eval_every}
+        models: dict[str, torch.nn.Module] = {}
+        metadata = {"recipe": recipe.to_dict()}
+        for i, st in enumerate(stages):
+            folder = run_dir.stage(st.spec.name)
+            if stage in (None, st.spec.name):
+                st = materialise(i)
+                evaluation = evaluations.get(st.spec.name)
+                after_step = None if evaluation is None else functools.partial(evaluation, st)
+                models[st.spec.name] = train_stage(st, data, folder=folder, seed=recipe.seed,
+                                                   metadata={**metadata, "stage": st.spec.name},
+                                                   device=device, progress=progress, echo=echo, loggers=loggers,
+                                                   after_step=after_step)
+                log = read_log(folder) if main else []
+                if log:
+                    loggers.log_results(_add_new(run_dir, _training_rows(recipe, st, log, device)),
+                                        {st.spec.name: log[-1]["step"]})
+                if st.spec.train.val_bpd_images and main:
+                    _report_bpd(recipe, run_dir, st, models[st.spec.name], plugins, device, progress, echo, loggers)
 
-    if not main:  # the other processes only train
+        if not main:  # the other processes only train
+            return run_dir.path
+        steps = {name: recipe.stage(name).train.steps for name in models}  # trained here: to the last step
+        for i, st in enumerate(stages):  # stages trained by earlier jobs, loaded now for sampling
+            folder = run_dir.stage(st.spec.name)
+            if st.spec.name not in models and _final_step_done(folder, st.spec.train.steps):
+                st = materialise(i)
+                steps[st.spec.name] = load_ema(folder / "checkpoints", st.backbone)
+                models[st.spec.name] = st.backbone.eval()
+        chain = []
+        for st in stages:
+            if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in
+                                            {c.spec.name for c in chain}):
+                chain.append(st)
+            else:
+                echo(f"stage {st.spec.name} not sampled: it or a stage it conditions on is not trained "
+                     f"yet (cdmbench run RECIPE --stage NAME)")
+        if chain:
+            _sample_and_report(recipe, run_dir, chain, models, steps, dataset, device, progress, echo, loggers)
+        echo(write_report(run_dir, recipe, plugins))
         return run_dir.path
-    steps = {name: recipe.stage(name).train.steps for name in models}  # trained here: to the last step
-    for i, st in enumerate(stages):  # stages trained by earlier jobs, loaded now for sampling
-        folder = run_dir.stage(st.spec.name)
-        if st.spec.name not in models and _final_step_done(folder, st.spec.train.steps):
-            st = materialise(i)
-            steps[st.spec.name] = load_ema(folder / "checkpoints", st.backbone)
-            models[st.spec.name] = st.backbone.eval()
-    chain = []
-    for st in stages:
-        if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in
-                                        {c.spec.name for c in chain}):
-            chain.append(st)
-        else:
-            echo(f"stage {st.spec.name} not sampled: it or a stage it conditions on is not trained "
-                 f"yet (cdmbench run RECIPE --stage NAME)")
-    if chain:
-        _sample_and_report(recipe, run_dir, chain, models, steps, dataset, device, progress, echo)
-    echo(write_report(run_dir, recipe, plugins))
-    return run_dir.path
+    finally:
+        loggers.close()
 
 
 def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins: Plugins,
-                device, progress: bool, echo) -> None:
+                device, progress: bool, echo, loggers: Loggers) -> None:
     """The validation bound of the stage's final weights, unless results.jsonl holds it (for the
     same weights, T, number of images asked for and an SR stage's sampling levels, at which its
     ground-truth inputs are augmented): it samples all T steps per image."""
@@ -169,14 +184,17 @@ def _report_bpd(recipe: Recipe, run_dir: RunDir, st: StageModel, model, plugins:
     test = split_images(recipe, make_dataset(plugins, recipe, "test"), "test", resolutions,
                         limit=spec.val_bpd_images, progress=progress, echo=echo)
     bpd = validation_bpd(st, model, test, seed=recipe.seed, device=device, progress=progress)
-    run_dir.add_results([result_row(run=recipe.name, stage=st.spec.name, metric="val_bpd", value=bpd,
-                                    unit="bits/dim", n=len(test), higher_is_better=False, protocol=protocol)])
+    rows = [result_row(run=recipe.name, stage=st.spec.name, metric="val_bpd", value=bpd, unit="bits/dim",
+                       n=len(test), higher_is_better=False, protocol=protocol)]
+    run_dir.add_results(rows)
+    loggers.log_results(rows, {st.spec.name: spec.steps})
 
 
 def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel], models: dict[str, Any],
-                       steps: dict[str, int], dataset, device, progress: bool, echo) -> None:
-    """Sample the grids and record each stage's sampling time; nothing when every grid is there
-    and results.jsonl holds the rows of these checkpoints and settings (a finished run again)."""
+                       steps: dict[str, int], dataset, device, progress: bool, echo, loggers: Loggers) -> None:
+    """Sample the grids and record each stage's sampling time, both logged too; nothing when every
+    grid is there and results.jsonl holds the rows of these checkpoints and settings (a finished run
+    again)."""
     spec = recipe.sample
     classes = dataset.num_classes if spec.num_classes is None else min(spec.num_classes, dataset.num_classes)
     labels = torch.arange(classes).repeat_interleave(spec.images_per_class)
@@ -199,9 +217,11 @@ def _sample_and_report(recipe: Recipe, run_dir: RunDir, chain: list[StageModel],
     for st in chain:
         name = st.spec.name
         path = save_grid(images[name], labels, dataset.class_names, grids[name])
+        loggers.log_image(name, "samples", path, steps[name])
         echo(f"{name}: {path}")
         rows.append(result_row(run=recipe.name, stage=name, metric="sample_time", value=seconds[name],
                                unit="s", n=len(labels), higher_is_better=False, protocol=protocols[name]))
     run_dir.add_results(rows)
+    loggers.log_results(rows, steps)
 
 

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,6 +29,7 @@ from cdmbench.errors import CdmbenchError, Stopped
 from cdmbench.runtime import distributed
 from cdmbench.runtime.signals import StopSignal
 from cdmbench.storage.files import atomic_write
+from cdmbench.tracking.loggers import Loggers
 from cdmbench.training.checkpoint import resume_latest, save_checkpoint
 
 SLOW_CHECKPOINT_S = 20  # a checkpoint slower than this to write is reported (a stop signal's grace time)
@@ -230,14 +231,20 @@ def _non_finite(loss: float, grad_norm: float) -> str:
 
 def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 metadata: dict[str, Any], device: torch.device | str,
-                progress: bool = True, echo=print) -> nn.Module:
+                progress: bool = True, echo=print, loggers: Loggers | None = None,
+                after_step: Callable[[int, nn.Module], None] | None = None) -> nn.Module:
     """Train (or resume) ``stage`` up to its recipe's step count; returns the EMA model.
 
     Every ``log_every`` steps a row (step, mean loss and images/s since the previous row, training
-    seconds so far across resumes, peak GPU memory) goes to train_log.jsonl, and without a
-    progress bar (batch jobs) to ``echo`` as a line with the time left. The host reads the
-    losses only then and before a checkpoint: a NaN or infinite loss stops the run there, naming
-    the step it first appeared at, before a checkpoint of the spoiled weights is written."""
+    seconds so far across resumes, peak GPU memory) goes to train_log.jsonl and the run's
+    ``loggers`` (told first which step the stage starts from), and without a progress bar (batch
+    jobs) to ``echo`` as a line with the time left. The host reads the losses only then and
+    before a checkpoint: a NaN or infinite loss stops the run there, naming the step it first
+    appeared at, before a checkpoint of the spoiled weights is written.
+
+    ``after_step(steps done, EMA model)`` is called after each step and its checkpoint, unless a
+    stop was asked for, and once with the step a resumed run starts from (evaluation during
+    training, ``cdmbench.evaluation.during_training``, which must leave training as it was)."""
     spec = stage.spec.train
     check_batch(spec.batch_size, spec.grad_accumulation)
     trainer = Trainer(stage, stage.backbone, device)
@@ -251,10 +258,13 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     if start > spec.steps:
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "
                             "raise train.steps or use another --out")
+    if after_step is not None:
+        after_step(start, trainer.ema)
     log_path = folder / "train_log.jsonl"
     earlier = _truncate_log(log_path, start) if main else []
     elapsed = earlier[-1].get("seconds", 0.0) if earlier else 0.0  # training time before this resume
-    board = _tensorboard(folder, start) if main else None
+    loggers = loggers or Loggers()
+    loggers.start_stage(stage.spec.name, start)
     pending: list[Tensor] = []  # (loss, gradient norm) per step on the device, not yet read
     window: list[list[float]] = []  # those read since the last log row
     images, seconds = 0, 0.0  # trained in that window
@@ -292,10 +302,7 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                     row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-                if board is not None:
-                    for key, value in row.items():
-                        if key != "step":
-                            board.add_scalar(f"{stage.spec.name}/{key}", value, done)
+                loggers.log_scalars(stage.spec.name, {k: v for k, v in row.items() if k != "step"}, done)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.3g}")
                 if bar.disable:
                     memory = f", {row['peak_memory_gib']:.2f} GiB" if "peak_memory_gib" in row else ""
@@ -321,11 +328,11 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
                 distributed.barrier()
             if stopping:
                 raise _stopped(stage, stop, done, ckpt_dir)
+            if after_step is not None:
+                after_step(done, trainer.ema)
         if stop.requested():  # during the last step's checkpoint: the stage is done, the job is not
             raise _stopped(stage, stop, spec.steps, ckpt_dir)
     bar.close()
-    if board is not None:
-        board.close()
     return trainer.ema.eval()
 
 
@@ -348,16 +355,6 @@ def validation_bpd(stage: StageModel, model: nn.Module, data: ImageSet, *, seed:
         generator = torch.Generator(device).manual_seed(derive_seed(seed, stage.index, lo, 2))
         total += stage.process.bits_per_dim(denoise, x0, generator=generator, progress=progress).sum().item()
     return total / n
-
-
-def _tensorboard(folder: Path, start: int):
-    """A TensorBoard writer for <stage>/tensorboard when tensorboard is installed, else None;
-    a resumed run first drops the events logged after step ``start`` (its checkpoint)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(folder / "tensorboard"), purge_step=start + 1)
 
 
 def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:

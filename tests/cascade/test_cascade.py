@@ -119,3 +119,57 @@ def test_an_unknown_sampling_precision_is_refused():
     with pytest.raises(RecipeError, match="expected train .* fp32 or bf16, got 'fp16'") as info:
         tiny("sample.precision=fp16")
     assert info.value.path == "sample.precision"
+
+
+def test_a_guidance_interval_guides_exactly_the_levels_inside_it():
+    """Outside every level the sampler visits: the conditional model's samples, bit for bit;
+    around them all: full guidance's; in between, each call guided or not by its sigma."""
+    from cdmbench.cascade.stages import sample_stage
+
+    guided = ["stages.base8.guidance.label_dropout=0.1", "stages.base8.guidance.scale=3.0"]
+
+    def samples(*overrides):
+        st = stage("base8", *guided, *overrides)
+        torch.manual_seed(1)
+        for p in st.backbone.parameters():  # the zero-initialised output conv would make every case equal
+            torch.nn.init.normal_(p, std=0.05)
+        labels = torch.tensor([0, 3, 5, 9])
+        with torch.no_grad():
+            return st, sample_stage(st, st.backbone.eval(), labels, seed=0, image_ids=[0, 1, 2, 3], low_res=None,
+                                    device="cpu", progress=False)
+
+    st, full = samples()
+    sigmas = ((1 - st.process.abar) / st.process.abar).sqrt()
+    assert float(sigmas.min()) > 1e-3 and float(sigmas.max()) < 1e4
+    unguided = samples("stages.base8.guidance.scale=1.0")[1]
+    assert not torch.equal(full, unguided)
+    assert torch.equal(samples("stages.base8.guidance.interval=[10000, 100000]")[1], unguided)
+    assert torch.equal(samples("stages.base8.guidance.interval=[0.001, 10000]")[1], full)
+    between = samples("stages.base8.guidance.interval=[0.5, 2.0]")[1]
+    assert not torch.equal(between, full) and not torch.equal(between, unguided)
+
+    model, labels = st.backbone, torch.tensor([0, 3, 5, 9])
+    x_t = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    abar = st.process.abar[[2, 10, 25, 45]]  # sigma on both sides of (0.5, 2]
+    cond = torch.tensor([2.0, 10, 25, 45]) * 1000 / 50
+    inside = ((1 - abar) / abar).sqrt().gt(0.5) & ((1 - abar) / abar).sqrt().le(2.0)
+    assert 0 < int(inside.sum()) < 4
+    limited = stage("base8", *guided, "stages.base8.guidance.interval=[0.5, 2.0]")
+    with torch.no_grad():
+        got = limited.denoiser(model, labels, None, None)(x_t, abar, cond).eps
+        always = st.denoiser(model, labels, None, None)(x_t, abar, cond).eps
+        never = st.denoiser(model, labels, None, None, guidance_scale=1.0)(x_t, abar, cond).eps
+    assert torch.allclose(got[inside], always[inside], atol=1e-6)
+    assert torch.allclose(got[~inside], never[~inside], atol=1e-6)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["stages.base8.guidance.interval=[2.0, 0.5]"], r"must be \[low, high\] with low < high, both in \(0, 10\^6\]"),
+    (["stages.base8.guidance.interval=[0, 5.0]"], r"must be \[low, high\] with low < high"),
+    (["stages.base8.guidance.scale=1.0", "stages.base8.guidance.interval=[0.3, 5.0]"],
+     "guidance.scale is 1 \\(no guidance\\); set a scale, or remove the interval"),
+])
+def test_a_bad_guidance_interval_fails_at_validation(overrides, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        tiny("stages.base8.guidance.label_dropout=0.1", "stages.base8.guidance.scale=3.0", *overrides)
+    assert info.value.path == "stages.base8.guidance.interval"

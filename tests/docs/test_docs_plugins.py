@@ -29,7 +29,7 @@ def hook_functions():
 
 
 def test_every_hook_is_documented_with_its_signature_and_host_facts():
-    assert "register(name, factory, *, summary=\"\")" in GUIDE
+    assert "register(name, factory, *, summary=\"\", requires=())" in GUIDE
     assert len(hook_functions()) == len(HOST_ARGS) + 1  # one per kind, plus commands
     for hook in hook_functions():
         signature = f"`{hook.__name__}{inspect.signature(hook)}`"

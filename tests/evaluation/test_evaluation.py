@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -536,7 +537,8 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
     # the feature classifier, trained once, CAS's real-data reference and the samples' classifier
     assert len(list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))) == 3
     report = CliRunner().invoke(cli, ["report", str(trained_run)])
-    assert report.exit_code == 0 and "fid_test (classifier, native)" in report.output
+    assert report.exit_code == 0 and re.search(r"\| sr16 +\| fid_test +\| [\d.]+ +\| [\d.]+ ", report.output)
+    assert "features: classifier" in report.output  # its protocol, listed once
 
 
 REPLACING_CAS = "--set=evaluate.metrics=[{name: cas, args: {epochs: 1, replace_training_set: true}}]"

@@ -184,5 +184,5 @@ def test_report_says_once_that_nothing_comparable_is_published(tmp_path):
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(cli, ["report", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "beside published results: None: published rows are on imagenet, not 'shapes'." in result.output
+    assert "## Beside published results\n\nNone: published rows are on imagenet, not 'shapes'." in result.output
     assert "None None" not in result.output and "published model" not in result.output

@@ -37,6 +37,9 @@ def test_a_terminal_gets_the_bar_and_a_disabled_process_nothing(capsys, monkeypa
     assert out.out == "" and "sweep" in out.err and "\r" in out.err
     monkeypatch.setattr(progress, "LINE_EVERY", 0.0)
     list(progress.bar(range(3), progress=False, disable=True, desc="sweep"))
+    for shown in (True, False):  # counted by hand
+        with progress.bar(total=3, progress=shown, disable=True, desc="train") as counted:
+            counted.update()
     assert capsys.readouterr() == ("", "")
 
 

@@ -271,7 +271,7 @@ def test_a_bench_above_the_ceiling_says_so(tiny_recipe, tmp_path, monkeypatch):
     )
     bench(tiny_recipe, stage="sr16", steps=1, warmup=0, compile=False, out=tmp_path, echo=quiet)
     text = next(tmp_path.glob("tiny-sr16-*.md")).read_text()
-    assert "```\n\nMFU above 100%: the ceiling was measured below the device's peak" in text
+    assert " |\n\nMFU above 100%: the ceiling was measured below the device's peak" in text
 
 
 @pytest.mark.parametrize("name, kind", [
@@ -301,15 +301,6 @@ def test_keep_the_newest_checkpoints_and_the_milestones(tiny_recipe, tmp_path):
         "stages.base8.train.keep_checkpoints=2", "stages.base8.train.milestone_every=3"])
     kept = sorted(int(p.name.split("-")[1]) for p in (out / "base8" / "checkpoints").iterdir())
     assert kept == [3, 6, 7]  # milestones 3 and 6, and the two newest (6, 7)
-
-
-def test_tensorboard_logs_when_installed(tiny_recipe, tmp_path):
-    accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-    out = run(tiny_recipe, out=tmp_path / "a", stage="base8", progress=False, echo=quiet)
-    events = accumulator.EventAccumulator(str(out / "base8" / "tensorboard"))
-    events.Reload()
-    assert [e.step for e in events.Scalars("base8/loss")] == [1, 2, 3, 4]
-    assert "base8/images_per_s" in events.Tags()["scalars"]
 
 
 def test_gpu_process_groups_carry_cpu_tensors_on_gloo(monkeypatch):

@@ -56,7 +56,7 @@ def test_cli_run_end_to_end_writes_grids_results_and_report(tiny_recipe, tmp_pat
     section = text.split("## Training")[1].split("##")[0]
     for stage in ("base8", "sr16"):
         last = json.loads((out / stage / "train_log.jsonl").read_text().splitlines()[-1])
-        assert re.search(rf"{stage}\s+4\s+{last['loss']:.4g}\s", section)
+        assert re.search(rf"\| {stage}\s*\| 4\s*\| {last['loss']:.4g}\s*\|", section)
     assert "![training loss](training.png)" in section and (out / "training.png").stat().st_size > 0
 
 
@@ -358,7 +358,7 @@ def test_stages_appended_to_a_run_train_and_leave_the_run_and_its_history_as_the
         **{**common, "stage": "base8_r2"})
     assert yaml.safe_load(run_yaml.read_text())["earlier_environments"] == [first["environment"]]
     runs = (tmp_path / "a" / "report.md").read_text().split("## Stages trained several times")[1]
-    assert re.search(r"\n\S+\s+base8\s+2\s", runs)  # base8's two runs, by their train_loss rows
+    assert re.search(r"\n\| base8\s*\| 2\s*\| train_loss", runs)  # base8's two runs, by their train_loss rows
     after, replicate = ema("base8"), ema("base8_r2")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(not torch.equal(before[k], replicate[k]) for k in before)
