@@ -396,10 +396,13 @@ def build_chain(plugins: Plugins, recipe: Recipe, target: str, num_classes: int,
 
 def samplers_of(chain: list[StageModel]) -> dict[str, str]:
     """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"},
-    with ", bf16" when its network samples in bf16, and its guidance when it has any, e.g.
-    ", guidance 3.0 at sigma (0.28, 5.42]"."""
+    with ", bf16" when its network samples in bf16, its guidance when it has any, e.g.
+    ", guidance 3.0 at sigma (0.28, 5.42]", and ", post-hoc EMA sigma_rel 0.08" when it samples
+    with one (``posthoc_sigma_rel``)."""
     return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip()
-            + (", bf16" if st.sample_precision == "bf16" else "") + _guidance_of(st.spec.guidance) for st in chain}
+            + (", bf16" if st.sample_precision == "bf16" else "") + _guidance_of(st.spec.guidance)
+            + ("" if st.spec.posthoc_sigma_rel is None else f", post-hoc EMA sigma_rel {st.spec.posthoc_sigma_rel:g}")
+            for st in chain}
 
 
 def _guidance_of(guidance) -> str:

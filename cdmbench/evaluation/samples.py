@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -56,7 +57,8 @@ from cdmbench.storage.files import (
     save_npz,
     write_rows,
 )
-from cdmbench.training.checkpoint import ema_weights_sha256, load_ema
+from cdmbench.training.checkpoint import ema_weights_sha256, load_ema, weights_sha256
+from cdmbench.training.posthoc_ema import posthoc_path, posthoc_weights
 
 FEATURE_BATCH = 100
 LAYOUT = "layout.json"
@@ -80,8 +82,24 @@ def load_chain(chain: list[StageModel], run_path: Path, steps: dict[str, int] | 
     for st in chain:
         loaded[st.spec.name] = load_ema(run_path / st.spec.name / "checkpoints", st.backbone,
                                         step=None if steps is None else steps[st.spec.name])
+        load_posthoc(st, run_path, loaded[st.spec.name])
         st.backbone.eval()
     return loaded
+
+
+def load_posthoc(st: StageModel, run_path: Path, step: int) -> None:
+    """With ``posthoc_sigma_rel``, the stage's post-hoc EMA at ``step`` into its network
+    (reconstructed the first time: ``posthoc_weights``)."""
+    if st.spec.posthoc_sigma_rel is not None:
+        path, _ = posthoc_weights(run_path / st.spec.name, st.spec.posthoc_sigma_rel, step)
+        st.backbone.load_state_dict(load_file(path))
+
+
+def weights_identity(st: StageModel, run_path: Path, step: int) -> str:
+    """The ``weights_sha256`` of the weights stage ``st`` samples with at checkpoint ``step``."""
+    if st.spec.posthoc_sigma_rel is None:
+        return ema_weights_sha256(run_path / st.spec.name / "checkpoints", step)
+    return weights_sha256(posthoc_path(run_path / st.spec.name, st.spec.posthoc_sigma_rel, step))
 
 
 def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
@@ -91,7 +109,7 @@ def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_step
     augmentation with its sampling level, and the sample seed."""
     return {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
-         "weights": ema_weights_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
+         "weights": weights_identity(st, run_path, checkpoint_steps[st.spec.name]),
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
          **({"guidance_interval": list(st.spec.guidance.interval)} if st.spec.guidance.interval else {}),

@@ -25,6 +25,7 @@ from cdmbench.interfaces import HOST_ARGS
 from cdmbench.plugins import Plugins, load_plugins
 from cdmbench.recipe.schema import (
     FORMAT_VERSION,
+    MAX_SIGMA_REL,
     REPLICATES,
     RUN_NAME_RE,
     SIGMA_BOUND,
@@ -299,6 +300,14 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if train.eval_every > train.steps:
             raise RecipeError(f"{path}.train.eval_every", f"must be at most steps ({train.steps}), got "
                               f"{train.eval_every}; lower it (the last step is always evaluated), or 0")
+        _check_posthoc_ema(train, f"{path}.train.posthoc_ema")
+        if stage.posthoc_sigma_rel is not None:
+            if not train.posthoc_ema.sigma_rels:
+                raise RecipeError(f"{path}.posthoc_sigma_rel", "needs post-hoc EMA snapshots: set "
+                                  "train.posthoc_ema.sigma_rels (e.g. [0.05, 0.1]) and train, or set it to null")
+            if not 0 < stage.posthoc_sigma_rel < MAX_SIGMA_REL:
+                raise RecipeError(f"{path}.posthoc_sigma_rel", f"must be in (0, {MAX_SIGMA_REL:.4f}), got "
+                                                               f"{stage.posthoc_sigma_rel}")
         if train.eval_every and not recipe.evaluate.metrics:
             raise RecipeError(f"{path}.train.eval_every", "evaluates with evaluate.metrics, which is empty; "
                               "list metrics there (e.g. [fid]) or set eval_every to 0")
@@ -330,6 +339,20 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"log_to[{i}]", f"logger '{logger.name}' is listed twice; list each logger once")
         logged.add(logger.name)
 
+
+
+def _check_posthoc_ema(train, path: str) -> None:
+    """Post-hoc EMA lengths each in (0, sqrt(1/12)), all different; snapshots at most every ``steps``."""
+    sigma_rels = train.posthoc_ema.sigma_rels
+    for i, sigma_rel in enumerate(sigma_rels):
+        if not 0 < sigma_rel < MAX_SIGMA_REL:
+            raise RecipeError(f"{path}.sigma_rels[{i}]", f"must be in (0, {MAX_SIGMA_REL:.4f}) (the plain average of "
+                                                          f"all steps), got {sigma_rel}; EDM2 stores 0.05 and 0.10")
+    if len(set(sigma_rels)) < len(sigma_rels):
+        raise RecipeError(f"{path}.sigma_rels", f"lists a length twice ({sigma_rels}); list each once")
+    if sigma_rels and train.posthoc_ema.snapshot_every > train.steps:
+        raise RecipeError(f"{path}.snapshot_every", f"must be at most steps ({train.steps}), got "
+                                                    f"{train.posthoc_ema.snapshot_every}; lower it")
 
 
 def _check_interval(guidance, path: str) -> None:

@@ -37,7 +37,8 @@ RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_che
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
                         "train.eval_every", "train.eval_num_samples",
                         "train.gradient_checkpointing", "train.cudnn_benchmark", "sampler",
-                        "guidance.scale", "guidance.interval", "augmentation.args.level")
+                        "guidance.scale", "guidance.interval", "posthoc_sigma_rel",
+                        "augmentation.args.level")
 # Recipe-level keys that sampling and evaluating a trained run may change besides (data.args: the
 # real images that evaluation compares with, e.g. fewer of them).
 SAMPLING_KEYS = (*RESUMABLE_KEYS, "plugins", "data.args")

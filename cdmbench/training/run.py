@@ -23,7 +23,7 @@ from cdmbench.cascade.stages import StageModel, build_all, build_stage, sample_c
 from cdmbench.data.prepare import make_dataset, split_images
 from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.evaluation.during_training import TrainingEvaluation
-from cdmbench.evaluation.samples import chain_to, sample_signature
+from cdmbench.evaluation.samples import chain_to, load_posthoc, sample_signature
 from cdmbench.evaluation.sweep import apply_sweep_levels
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.load import load_recipe
@@ -149,6 +149,10 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
             if st.spec.name not in models and _final_step_done(folder, st.spec.train.steps):
                 st = materialise(i)
                 steps[st.spec.name] = load_ema(folder / "checkpoints", st.backbone)
+                models[st.spec.name] = st.backbone.eval()
+        for st in stages:  # a stage sampled with a post-hoc EMA (posthoc_sigma_rel)
+            if st.spec.name in models and st.spec.posthoc_sigma_rel is not None:
+                load_posthoc(st, run_dir.path, steps[st.spec.name])
                 models[st.spec.name] = st.backbone.eval()
         chain = []
         for st in stages:
