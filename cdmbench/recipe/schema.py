@@ -194,7 +194,17 @@ class Guidance:
     scale: float = bounded(0.0, 100.0, 1.0)
     """Guidance weight w when sampling: the network's prediction is uncond + w (cond - uncond), two passes
     per sampling step (the learned variance, if any, stays the conditional one); 1: the conditional model
-    alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0."""
+    alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0, or a guide network
+    (``guide_step``, ``guide_stage``)."""
+    guide_step: int | None = bounded(1, MAX_STEPS, None)
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): guide
+    with this stage's EMA at an earlier checkpoint step (keep it: ``train.milestone_every``) in place of
+    the unconditional model: the prediction is weak + scale (cond - weak), both conditional, two passes.
+    In [1, 10^9], below ``train.steps``; null: none."""
+    guide_stage: str | None = None
+    """Autoguidance with another stage of the recipe as the weaker model (e.g. a smaller network trained
+    on the same data): it has this stage's resolution, ``condition_on``, loss, schedule and augmentation.
+    null: none; at most one of ``guide_step`` and ``guide_stage``."""
     interval: tuple[float, float] | None = None
     """``[low, high]``: guide only at noise levels sigma = sqrt((1 - abar) / abar) in (low, high]
     (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); at the other levels the
