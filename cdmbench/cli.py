@@ -215,6 +215,25 @@ def sample(run_dir, stage, classes, per_class, seed, levels, batch_size, overrid
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--stage", required=True, help="The stage trained with train.posthoc_ema.")
+@click.option("--sigma-rel", "sigma_rels", required=True,
+              help="Comma-separated EMA lengths sigma_rel in (0, 0.2887), e.g. 0.03,0.05,0.08.")
+@click.option("--step", type=click.IntRange(min=1), help="At this checkpoint step (default: the newest).")
+def ema(run_dir, stage, sigma_rels, step):
+    """Reconstruct post-hoc EMAs of any length (EDM2) from a stage's snapshots into files that
+    sample, evaluate and sweep use with --set stages.STAGE.posthoc_sigma_rel=S."""
+    from cdmbench.training.ema import write_posthoc
+
+    try:
+        values = [float(v) for v in sigma_rels.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {sigma_rels!r}",
+                                 param_hint="--sigma-rel") from None
+    write_posthoc(run_dir, stage=stage, sigma_rels=values, step=step, echo=click.echo)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--stage", required=True, help="The SR stage whose sampling level is swept.")
 @click.option("--levels", required=True, help="Comma-separated levels s in [0, 1], e.g. 0,0.05,0.1,0.2.")
 @click.option("--inputs", default="generated,ground-truth", show_default=True,

@@ -50,6 +50,7 @@ class StageModel:
     # role (backbone, sampler, augmentation) -> the component and its plugin, for error messages
     labels: dict[str, str] = field(default_factory=dict)
     checked: set[str] = field(default_factory=set)  # the roles whose first call was checked
+    guide: nn.Module | None = None  # autoguidance's weaker network (guidance.guide_step / guide_stage), loaded
 
     @property
     def prediction(self) -> str:
@@ -138,25 +139,32 @@ class StageModel:
                  aug_cond: Tensor | None, *, guidance_scale: float | None = None,
                  precision: str | None = None) -> Denoise:
         """The model with its conditioning bound, as the samplers call it. With a guidance
-        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's), at
-        the noise levels sigma in the stage's ``guidance.interval`` (all when it has none); at the
-        others, and with w = 1, the conditional model alone, in one pass. The network runs in
-        ``precision`` (default: the stage's sampling precision); the sampler's arithmetic stays
-        in float32."""
+        scale w != 1 the prediction is uncond + w (cond - uncond) (the variance stays cond's),
+        where uncond is the network's prediction for the null label, or with autoguidance
+        (``guide``) the weaker network's conditional prediction; at the noise levels sigma in the
+        stage's ``guidance.interval`` (all when it has none); at the others, and with w = 1, the
+        conditional model alone, in one pass. The network runs in ``precision`` (default: the
+        stage's sampling precision); the sampler's arithmetic stays in float32."""
         w = self.spec.guidance.scale if guidance_scale is None else guidance_scale
         interval = self.spec.guidance.interval
 
-        def conditional(x_t: Tensor, noise_cond: Tensor) -> Tensor:
+        def conditional(x_t: Tensor, noise_cond: Tensor, net: nn.Module = model) -> Tensor:
             with self.autocast(x_t.device, precision):
-                return self.forward(model, x_t, noise_cond, labels, low_res, aug_cond).float()
+                return self.forward(net, x_t, noise_cond, labels, low_res, aug_cond).float()
 
         def guided(x_t: Tensor, noise_cond: Tensor) -> Tensor:
-            with self.autocast(x_t.device, precision):
-                both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
-                                    torch.cat([labels, torch.full_like(labels, self.null_label)]),
-                                    None if low_res is None else low_res.repeat(2, 1, 1, 1),
-                                    None if aug_cond is None else aug_cond.repeat(2, 1)).float()
-            cond, uncond = both.chunk(2)
+            if self.guide is None and guide_of(self.spec) is not None:
+                raise CdmbenchError(f"stage {self.spec.name}: autoguidance's guide network ({guide_of(self.spec)}) "
+                                    "is not loaded; sample through cdmbench sample, evaluate or run")
+            if self.guide is not None:
+                cond, uncond = conditional(x_t, noise_cond), conditional(x_t, noise_cond, self.guide)
+            else:
+                with self.autocast(x_t.device, precision):
+                    both = self.forward(model, x_t.repeat(2, 1, 1, 1), noise_cond.repeat(2),
+                                        torch.cat([labels, torch.full_like(labels, self.null_label)]),
+                                        None if low_res is None else low_res.repeat(2, 1, 1, 1),
+                                        None if aug_cond is None else aug_cond.repeat(2, 1)).float()
+                cond, uncond = both.chunk(2)
             c = x_t.shape[1]
             return torch.cat([uncond[:, :c] + w * (cond[:, :c] - uncond[:, :c]), cond[:, c:]], dim=1)
 
@@ -390,23 +398,44 @@ def build_chain(plugins: Plugins, recipe: Recipe, target: str, num_classes: int,
     names = [recipe.stage(target).name]
     while recipe.stage(names[0]).condition_on is not None:
         names.insert(0, recipe.stage(names[0]).condition_on)
-    return [build_stage(plugins, recipe, recipe.stage(name), num_classes=num_classes, device=device)
-            for name in names]
+    chain = [build_stage(plugins, recipe, recipe.stage(name), num_classes=num_classes, device=device)
+             for name in names]
+    for st in chain:
+        attach_guide(plugins, recipe, st, num_classes, device)
+    return chain
+
+
+def guide_of(stage: Stage) -> str | None:
+    """The stage whose weights guide ``stage`` by autoguidance (itself at ``guide_step``), or None."""
+    guidance = stage.guidance
+    return guidance.guide_stage or (stage.name if guidance.guide_step is not None else None)
+
+
+def attach_guide(plugins: Plugins, recipe: Recipe, st: StageModel, num_classes: int, device) -> None:
+    """Build the network of ``st``'s autoguidance guide (weights loaded later), if it has one."""
+    name = guide_of(st.spec)
+    if name is not None:
+        st.guide = build_stage(plugins, recipe, recipe.stage(name), num_classes=num_classes, device=device).backbone
 
 
 def samplers_of(chain: list[StageModel]) -> dict[str, str]:
     """Each stage's sampler as it goes into a result's protocol, e.g. {"sr32": "ddim {'steps': 50}"},
-    with ", bf16" when its network samples in bf16, and its guidance when it has any, e.g.
-    ", guidance 3.0 at sigma (0.28, 5.42]"."""
+    with ", bf16" when its network samples in bf16, its guidance when it has any, e.g.
+    ", guidance 3.0 at sigma (0.28, 5.42]", and ", post-hoc EMA sigma_rel 0.08" when it samples
+    with one (``posthoc_sigma_rel``)."""
     return {st.spec.name: f"{st.spec.sampler.name} {st.spec.sampler.args}".strip()
-            + (", bf16" if st.sample_precision == "bf16" else "") + _guidance_of(st.spec.guidance) for st in chain}
+            + (", bf16" if st.sample_precision == "bf16" else "") + _guidance_of(st.spec.guidance)
+            + ("" if st.spec.posthoc_sigma_rel is None else f", post-hoc EMA sigma_rel {st.spec.posthoc_sigma_rel:g}")
+            for st in chain}
 
 
 def _guidance_of(guidance) -> str:
     if guidance.scale == 1.0:
         return ""
     interval = "" if guidance.interval is None else " at sigma ({}, {}]".format(*guidance.interval)
-    return f", guidance {guidance.scale:g}{interval}"
+    guide = (f" by stage {guidance.guide_stage}" if guidance.guide_stage else
+             f" by step {guidance.guide_step}" if guidance.guide_step is not None else "")
+    return f", {'autoguidance' if guide else 'guidance'} {guidance.scale:g}{guide}{interval}"
 
 
 def build_all(plugins: Plugins, recipe: Recipe, num_classes: int, device) -> list[StageModel]:

@@ -31,10 +31,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdmbench.cascade.stages import StageModel, sample_cascade
+from cdmbench.cascade.stages import StageModel, guide_of, sample_cascade
 from cdmbench.data.images import to_uint8
 from cdmbench.data.prepare import cache_folder, make_dataset, split_images
 from cdmbench.errors import CdmbenchError
@@ -56,7 +57,8 @@ from cdmbench.storage.files import (
     save_npz,
     write_rows,
 )
-from cdmbench.training.checkpoint import ema_weights_sha256, load_ema
+from cdmbench.training.checkpoint import ema_weights_sha256, list_checkpoints, load_ema, weights_sha256
+from cdmbench.training.posthoc_ema import posthoc_path, posthoc_weights
 
 FEATURE_BATCH = 100
 LAYOUT = "layout.json"
@@ -75,13 +77,49 @@ def chain_to(stages: list[StageModel], name: str) -> list[StageModel]:
 
 def load_chain(chain: list[StageModel], run_path: Path, steps: dict[str, int] | None = None) -> dict[str, int]:
     """Load the EMA weights of every stage of ``chain``: of the newest readable checkpoint, or of
-    checkpoint ``steps[stage]``; returns each stage's checkpoint step."""
+    checkpoint ``steps[stage]``, and its autoguidance guide's (``load_guide``); returns each
+    stage's checkpoint step (and each guide's, as ``<stage>/guide``)."""
     loaded = {}
     for st in chain:
         loaded[st.spec.name] = load_ema(run_path / st.spec.name / "checkpoints", st.backbone,
                                         step=None if steps is None else steps[st.spec.name])
+        load_posthoc(st, run_path, loaded[st.spec.name])
         st.backbone.eval()
+        loaded.update(load_guide(st, run_path, steps))
     return loaded
+
+
+def load_guide(st: StageModel, run_path: Path, steps: dict[str, int] | None = None) -> dict[str, int]:
+    """The EMA weights of ``st``'s autoguidance guide into ``st.guide``: this stage's at
+    ``guidance.guide_step``, or ``guide_stage``'s newest (``steps["<stage>/guide"]`` when another
+    process chose it); returns {"<stage>/guide": its step}, or {} without a guide."""
+    name = guide_of(st.spec)
+    if name is None:
+        return {}
+    folder, key, step = run_path / name / "checkpoints", f"{st.spec.name}/guide", st.spec.guidance.guide_step
+    if step is not None and not (folder / f"step-{step:08d}").is_dir():
+        kept = ", ".join(p.name.removeprefix("step-").lstrip("0") for p in list_checkpoints(folder)) or "none"
+        raise CdmbenchError(f"stages.{st.spec.name}.guidance.guide_step={step}: {folder} has no checkpoint of that "
+                            f"step (kept: {kept}); keep it with train.milestone_every (a divisor of {step}) and "
+                            "train again, or guide with a kept step")
+    loaded = load_ema(folder, st.guide, step=steps[key] if steps and key in steps else step)
+    st.guide.eval()
+    return {key: loaded}
+
+
+def load_posthoc(st: StageModel, run_path: Path, step: int) -> None:
+    """With ``posthoc_sigma_rel``, the stage's post-hoc EMA at ``step`` into its network
+    (reconstructed the first time: ``posthoc_weights``)."""
+    if st.spec.posthoc_sigma_rel is not None:
+        path, _ = posthoc_weights(run_path / st.spec.name, st.spec.posthoc_sigma_rel, step)
+        st.backbone.load_state_dict(load_file(path))
+
+
+def weights_identity(st: StageModel, run_path: Path, step: int) -> str:
+    """The ``weights_sha256`` of the weights stage ``st`` samples with at checkpoint ``step``."""
+    if st.spec.posthoc_sigma_rel is None:
+        return ema_weights_sha256(run_path / st.spec.name / "checkpoints", step)
+    return weights_sha256(posthoc_path(run_path / st.spec.name, st.spec.posthoc_sigma_rel, step))
 
 
 def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
@@ -91,7 +129,11 @@ def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_step
     augmentation with its sampling level, and the sample seed."""
     return {"seed": seed, "num_classes": num_classes, "stages": [
         {"name": st.spec.name, "checkpoint_step": checkpoint_steps[st.spec.name],
-         "weights": ema_weights_sha256(run_path / st.spec.name / "checkpoints", checkpoint_steps[st.spec.name]),
+         "weights": weights_identity(st, run_path, checkpoint_steps[st.spec.name]),
+         **({"guide": {"stage": guide_of(st.spec), "step": checkpoint_steps[f"{st.spec.name}/guide"],
+                       "weights": ema_weights_sha256(run_path / guide_of(st.spec) / "checkpoints",
+                                                     checkpoint_steps[f"{st.spec.name}/guide"])}}
+            if guide_of(st.spec) else {}),
          "sampler": {"name": st.spec.sampler.name, "args": st.spec.sampler.args},
          "guidance_scale": st.spec.guidance.scale, "precision": st.sample_precision,
          **({"guidance_interval": list(st.spec.guidance.interval)} if st.spec.guidance.interval else {}),

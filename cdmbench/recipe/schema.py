@@ -76,6 +76,7 @@ MAX_BATCH = 2**20  # images per batch: a step's global batch, sampling and evalu
 MAX_SEED = 2**63 - 1
 REPLICATES = Bound(1, 100)  # a stage's `replicates` (not a field)
 SIGMA_BOUND = Bound(0, 10**6, open_low=True)  # a noise level sigma named in a recipe
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # a post-hoc EMA's length: gamma = 0, the plain average of all steps
 
 
 @dataclass
@@ -92,6 +93,22 @@ class Component:
     factory (unless it takes ``**kwargs``) and is converted to its type hint; keyword-only parameters without
     a default are required; host facts (what cdmbench passes itself, ``cdmbench.interfaces.HOST_ARGS``)
     are refused."""
+
+
+@dataclass
+class PosthocEma:
+    """Post-hoc EMA (Karras et al. 2024, EDM2 section 3): power-function EMAs of the weights kept while
+    training and stored as snapshots, from which ``cdmbench ema`` reconstructs an EMA of any length after
+    training. The classic EMA (``train.ema``) is kept beside them."""
+
+    sigma_rels: list[float] = field(default_factory=list)
+    """The lengths of the stored EMAs, as sigma_rel (the standard deviation of an EMA's weights over the
+    steps, over the step count); EDM2 stores [0.05, 0.10]. Each in (0, 0.2887) (0.2887: the plain average
+    of all steps), all different; empty: off. Lengths between and near them reconstruct best."""
+    snapshot_every: int = bounded(1, MAX_STEPS, 1000)
+    """Steps between snapshots of the stored EMAs (one is also written at the last step), each a folder
+    ``<stage>/posthoc_ema/snapshot-<step>/``; more snapshots reconstruct more exactly (40 over 4000 steps:
+    within 0.1 % of the target EMA's weighting of the steps). In [1, 10^9], at most ``steps``."""
 
 
 @dataclass
@@ -136,6 +153,8 @@ class Train:
     ``steps``; needs ``evaluate.metrics``. Training reaches the same weights with it as without."""
     eval_num_samples: int = bounded(1, 10**8, 1000)
     """Class-balanced samples of each evaluation during training (``eval_every``); in [1, 10^8]."""
+    posthoc_ema: PosthocEma = field(default_factory=PosthocEma)
+    """Post-hoc EMA: the keys of ``stages[].train.posthoc_ema``."""
     warmup_steps: int = bounded(0, MAX_STEPS, 0)
     """Steps of linear learning-rate warm-up: step k (from 0) uses lr x min(1, (k + 1) / warmup_steps);
     0: none. In [0, 10^9]."""
@@ -175,7 +194,17 @@ class Guidance:
     scale: float = bounded(0.0, 100.0, 1.0)
     """Guidance weight w when sampling: the network's prediction is uncond + w (cond - uncond), two passes
     per sampling step (the learned variance, if any, stays the conditional one); 1: the conditional model
-    alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0."""
+    alone, one pass. In [0, 100]; a value other than 1 needs ``label_dropout`` > 0, or a guide network
+    (``guide_step``, ``guide_stage``)."""
+    guide_step: int | None = bounded(1, MAX_STEPS, None)
+    """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): guide
+    with this stage's EMA at an earlier checkpoint step (keep it: ``train.milestone_every``) in place of
+    the unconditional model: the prediction is weak + scale (cond - weak), both conditional, two passes.
+    In [1, 10^9], below ``train.steps``; null: none."""
+    guide_stage: str | None = None
+    """Autoguidance with another stage of the recipe as the weaker model (e.g. a smaller network trained
+    on the same data): it has this stage's resolution, ``condition_on``, loss, schedule and augmentation.
+    null: none; at most one of ``guide_step`` and ``guide_stage``."""
     interval: tuple[float, float] | None = None
     """``[low, high]``: guide only at noise levels sigma = sqrt((1 - abar) / abar) in (low, high]
     (Kynkaanniemi et al. 2024, "Applying guidance in a limited interval"); at the other levels the
@@ -217,6 +246,10 @@ class Stage:
     """Lambda of the hybrid loss L_simple + lambda L_vlb (only ``loss: hybrid`` uses it); in [0, 1000]."""
     guidance: Guidance = field(default_factory=Guidance)
     """Classifier-free guidance: the keys of ``stages[].guidance``."""
+    posthoc_sigma_rel: float | None = None
+    """Sample and evaluate with the post-hoc EMA of this length (sigma_rel; ``train.posthoc_ema``),
+    reconstructed from the stage's snapshots at the checkpoint's step by ``cdmbench ema`` or on first
+    use, instead of the checkpoint's EMA (``train.ema``); null: the checkpoint's EMA. In (0, 0.2887)."""
     condition_on: str | None = None
     """The name of an earlier stage whose samples this SR stage upsamples (its low-res input, augmented);
     null: a base stage, generated from class labels alone."""

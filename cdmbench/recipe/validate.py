@@ -25,6 +25,7 @@ from cdmbench.interfaces import HOST_ARGS
 from cdmbench.plugins import Plugins, load_plugins
 from cdmbench.recipe.schema import (
     FORMAT_VERSION,
+    MAX_SIGMA_REL,
     REPLICATES,
     RUN_NAME_RE,
     SIGMA_BOUND,
@@ -275,9 +276,11 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
                               f"{stage.replicate_of}_r<k>; use `replicates: k` on the stage")
         if stage.loss not in LOSSES:
             raise RecipeError(f"{path}.loss", f"unknown loss '{stage.loss}'; {suggestion(stage.loss, LOSSES)}")
-        if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0:
+        guided_by = _check_guide(recipe, stage, f"{path}.guidance")
+        if stage.guidance.scale != 1.0 and stage.guidance.label_dropout == 0.0 and guided_by is None:
             raise RecipeError(f"{path}.guidance.scale", "guidance needs an unconditional model: "
-                              "set guidance.label_dropout (e.g. 0.1) and train, or use scale 1")
+                              "set guidance.label_dropout (e.g. 0.1) and train, or a guide network "
+                              "(guidance.guide_step or guide_stage), or use scale 1")
         _check_interval(stage.guidance, f"{path}.guidance.interval")
         if stage.condition_on is None:
             if any(a.name != "none" for a in stage.augmentations()):
@@ -299,6 +302,18 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         if train.eval_every > train.steps:
             raise RecipeError(f"{path}.train.eval_every", f"must be at most steps ({train.steps}), got "
                               f"{train.eval_every}; lower it (the last step is always evaluated), or 0")
+        _check_posthoc_ema(train, f"{path}.train.posthoc_ema")
+        if stage.posthoc_sigma_rel is not None:
+            if not train.posthoc_ema.sigma_rels:
+                raise RecipeError(f"{path}.posthoc_sigma_rel", "needs post-hoc EMA snapshots: set "
+                                  "train.posthoc_ema.sigma_rels (e.g. [0.05, 0.1]) and train, or set it to null")
+            if not 0 < stage.posthoc_sigma_rel < MAX_SIGMA_REL:
+                raise RecipeError(f"{path}.posthoc_sigma_rel", f"must be in (0, {MAX_SIGMA_REL:.4f}), got "
+                                                               f"{stage.posthoc_sigma_rel}")
+        if train.eval_every and guided_by is not None:
+            raise RecipeError(f"{path}.train.eval_every", f"evaluations during training cannot guide with "
+                              f"autoguidance's guide network ({guided_by}), which is loaded after training; set "
+                              "eval_every to 0 and evaluate the trained run (cdmbench evaluate)")
         if train.eval_every and not recipe.evaluate.metrics:
             raise RecipeError(f"{path}.train.eval_every", "evaluates with evaluate.metrics, which is empty; "
                               "list metrics there (e.g. [fid]) or set eval_every to 0")
@@ -330,6 +345,52 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"log_to[{i}]", f"logger '{logger.name}' is listed twice; list each logger once")
         logged.add(logger.name)
 
+
+
+def _check_posthoc_ema(train, path: str) -> None:
+    """Post-hoc EMA lengths each in (0, sqrt(1/12)), all different; snapshots at most every ``steps``."""
+    sigma_rels = train.posthoc_ema.sigma_rels
+    for i, sigma_rel in enumerate(sigma_rels):
+        if not 0 < sigma_rel < MAX_SIGMA_REL:
+            raise RecipeError(f"{path}.sigma_rels[{i}]", f"must be in (0, {MAX_SIGMA_REL:.4f}) (the plain average of "
+                                                          f"all steps), got {sigma_rel}; EDM2 stores 0.05 and 0.10")
+    if len(set(sigma_rels)) < len(sigma_rels):
+        raise RecipeError(f"{path}.sigma_rels", f"lists a length twice ({sigma_rels}); list each once")
+    if sigma_rels and train.posthoc_ema.snapshot_every > train.steps:
+        raise RecipeError(f"{path}.snapshot_every", f"must be at most steps ({train.steps}), got "
+                                                    f"{train.posthoc_ema.snapshot_every}; lower it")
+
+
+GUIDE_MATCHES = ("resolution", "condition_on", "loss", "schedule", "augmentation")  # a guide stage's
+
+
+def _check_guide(recipe: Recipe, stage: Stage, path: str) -> str | None:
+    """Autoguidance's guide network, when set: one of an earlier step (below ``train.steps``) or
+    another stage predicting the same thing from the same inputs (``GUIDE_MATCHES``), with a
+    guidance scale other than 1. Returns what guides, or None."""
+    guidance = stage.guidance
+    if guidance.guide_step is not None and guidance.guide_stage is not None:
+        raise RecipeError(f"{path}.guide_stage", "set one guide network: guide_step (an earlier checkpoint of "
+                                                 "this stage) or guide_stage (another stage), not both")
+    if guidance.guide_step is not None and guidance.guide_step >= stage.train.steps:
+        raise RecipeError(f"{path}.guide_step", f"must be an earlier step than train.steps ({stage.train.steps}), "
+                                                f"got {guidance.guide_step}")
+    if guidance.guide_stage is not None:
+        names = [s.name for s in recipe.stages if s.name != stage.name]
+        if guidance.guide_stage not in names:
+            raise RecipeError(f"{path}.guide_stage", f"'{guidance.guide_stage}' is not another stage of the "
+                                                     f"recipe; {suggestion(guidance.guide_stage, names)}")
+        other = recipe.stage(guidance.guide_stage)
+        for key in GUIDE_MATCHES:
+            if getattr(other, key) != getattr(stage, key):
+                raise RecipeError(f"{path}.guide_stage", f"stage {other.name} has another {key} "
+                                                         f"({getattr(other, key)!r} vs {getattr(stage, key)!r}); a "
+                                                         f"guide stage predicts the same thing from the same inputs")
+    guide = guidance.guide_stage or (None if guidance.guide_step is None else f"step {guidance.guide_step}")
+    if guide is not None and guidance.scale == 1.0:
+        raise RecipeError(f"{path}.scale", f"is 1 (no guidance) but a guide network is set ({guide}); set a "
+                                           "scale, e.g. 2.0, or remove the guide")
+    return guide
 
 
 def _check_interval(guidance, path: str) -> None:

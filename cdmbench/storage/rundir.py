@@ -37,7 +37,9 @@ RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_che
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
                         "train.eval_every", "train.eval_num_samples",
                         "train.gradient_checkpointing", "train.cudnn_benchmark", "sampler",
-                        "guidance.scale", "guidance.interval", "augmentation.args.level")
+                        "guidance.scale", "guidance.interval", "guidance.guide_step",
+                        "guidance.guide_stage", "posthoc_sigma_rel",
+                        "augmentation.args.level")
 # Recipe-level keys that sampling and evaluating a trained run may change besides (data.args: the
 # real images that evaluation compares with, e.g. fewer of them).
 SAMPLING_KEYS = (*RESUMABLE_KEYS, "plugins", "data.args")
@@ -247,5 +249,5 @@ def load_run(run_path: str | Path, overrides: tuple[str, ...] | list[str] = ()) 
         raise CdmbenchError(f"{run_dir.path} was trained with a different recipe ({difference}); "
                             "sampling and evaluation may only change sampling settings (sample, "
                             "evaluate, device, plugins, data.args, and each stage's sampler, "
-                            "guidance.scale and augmentation level)")
+                            "guidance (scale, interval, guide), posthoc_sigma_rel and augmentation level)")
     return run_dir, recipe, plugins

@@ -4,6 +4,7 @@
         model.safetensors      weights; metadata holds the resolved recipe, stage and step
         ema.safetensors        EMA weights (used for sampling)
         optimizer.pt           optimizer state, loaded with weights_only=True (no pickle code)
+        posthoc_ema.safetensors  the post-hoc EMAs (train.posthoc_ema), when kept
         manifest.json          size and SHA-256 of each file above, checked on every load
     <stage>/checkpoints/corrupt-step-00001000/
         a checkpoint found unreadable when resuming, moved aside (never loaded nor pruned)
@@ -26,6 +27,7 @@ import os
 import shutil
 import struct
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -82,27 +84,41 @@ def _replace(tmp: Path, final: Path) -> None:
 
 def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module,
                     optimizer: torch.optim.Optimizer, metadata: dict[str, Any], keep: int,
-                    milestone_every: int = 0) -> Path:
-    """Write the checkpoint of ``step`` atomically, then prune (``_prune``). A failed write (a
-    full disk, a file-size limit, permissions, a read-only disk) leaves no partial folder, loses
-    no checkpoint written before, and raises CheckpointError saying why. The files get the mode
-    an ordinary ``open()`` would (safetensors writes 0600 files)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{PREFIX}{step:08d}"
-    tmp = folder / f".tmp-{PREFIX}{step:08d}"
-    for partial in folder.glob(f".tmp-{PREFIX}*"):  # left by writes killed midway (SIGKILL): ~10 GB each
-        shutil.rmtree(partial, ignore_errors=True)
-    for old in folder.glob(f".old-{PREFIX}*"):  # set aside by a write killed midway: put back unless replaced
-        if (folder / old.name.removeprefix(".old-")).exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(old, folder / old.name.removeprefix(".old-"))
+                    milestone_every: int = 0, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write the checkpoint of ``step`` atomically (``write_folder``), then prune (``_prune``).
+    ``extra``: more tensors to resume, each ``<name>.safetensors`` (the post-hoc EMAs)."""
     meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
-    try:
-        tmp.mkdir()
+
+    def write(tmp: Path) -> None:
         save_file(_state(model), tmp / "model.safetensors", metadata=meta)
         save_file(_state(ema), tmp / "ema.safetensors", metadata=meta)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for name, tensors in (extra or {}).items():
+            save_file(tensors, tmp / f"{name}.safetensors", metadata=meta)
+
+    final = write_folder(folder, f"{PREFIX}{step:08d}", write, what="checkpoint")
+    _prune(folder, step, keep, milestone_every)
+    return final
+
+
+def write_folder(parent: Path, name: str, write: Callable[[Path], None], *, what: str) -> Path:
+    """Write folder ``parent/name`` atomically: ``write(tmp)`` fills a temporary folder, whose files
+    then get a manifest (size and SHA-256 each), the mode an ordinary ``open()`` would give
+    (safetensors writes 0600 files) and an fsync, before it is renamed into place. A failed write
+    (a full disk, a file-size limit, permissions, a read-only disk) leaves no partial folder, loses
+    no folder written before, and raises CheckpointError saying why."""
+    parent.mkdir(parents=True, exist_ok=True)
+    final, tmp = parent / name, parent / f".tmp-{name}"
+    for partial in parent.glob(".tmp-*"):  # left by writes killed midway (SIGKILL): ~10 GB each
+        shutil.rmtree(partial, ignore_errors=True)
+    for old in parent.glob(".old-*"):  # set aside by a write killed midway: put back unless replaced
+        if (parent / old.name.removeprefix(".old-")).exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, parent / old.name.removeprefix(".old-"))
+    try:
+        tmp.mkdir()
+        write(tmp)
         _write_manifest(tmp)
         for f in tmp.iterdir():
             os.chmod(f, file_mode())
@@ -110,18 +126,17 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
                 os.fsync(fh.fileno())
         _fsync_dir(tmp)
         _replace(tmp, final)
-        _fsync_dir(folder)
+        _fsync_dir(parent)
     except Exception as exc:  # OSError, SafetensorError, RuntimeError (torch.save) on I/O failure
         shutil.rmtree(tmp, ignore_errors=True)
-        failure = write_failure(exc, folder)
+        failure = write_failure(exc, parent)
         if failure is None or failure[0] in SPACE_ERRNOS:
-            free = shutil.disk_usage(folder).free / 2**30
+            free = shutil.disk_usage(parent).free / 2**30
             why = (f"{getattr(exc, 'strerror', None) or exc}; free space ({free:.2f} GiB left on that disk) "
                    "or choose another --out")
         else:
             why = failure[1]
-        raise CheckpointError(f"cannot write checkpoint {final}: {why} (earlier checkpoints are untouched)") from exc
-    _prune(folder, step, keep, milestone_every)
+        raise CheckpointError(f"cannot write {what} {final}: {why} (earlier {what}s are untouched)") from exc
     return final
 
 
@@ -182,7 +197,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def _verified(path: Path, name: str) -> Path:
+def verified_file(path: Path, name: str) -> Path:
     """File ``name`` of checkpoint ``path``, after checking its size and SHA-256 against the
     folder's manifest.json. A folder without one is corrupt: every checkpoint is written with
     it, and without it nothing checks the files (a deleted manifest must not switch checks off)."""
@@ -206,13 +221,15 @@ def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], name: str) ->
 
 
 def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, verify: bool = True) -> int:
+                    optimizer: torch.optim.Optimizer | None = None, verify: bool = True,
+                    extra: dict[str, Any] | None = None) -> int:
     """Restore a checkpoint in place; returns its step. Every file is read and checked first
     (against the manifest's SHA-256 too unless ``verify`` is false: another process did), so on
-    CheckpointError (unreadable or corrupt) the modules are unchanged."""
+    CheckpointError (unreadable or corrupt) the modules are unchanged. ``extra``: objects with
+    ``load_state_dict`` restored from ``<name>.safetensors`` (``save_checkpoint``'s ``extra``)."""
 
     def file(name: str) -> Path:
-        return _verified(path, name) if verify else path / name
+        return verified_file(path, name) if verify else path / name
 
     try:
         weights = load_file(file("model.safetensors"))
@@ -220,12 +237,17 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
         _check_fits(model, weights, "model.safetensors")
         _check_fits(ema, ema_weights, "ema.safetensors")
         opt_state = None if optimizer is None else torch.load(file("optimizer.pt"), weights_only=True)
+        extra_states = {name: load_file(file(f"{name}.safetensors")) for name in extra or {}}
+        for name, state in extra_states.items():
+            extra[name].check(state)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(exc).__name__}: {exc})") from exc
     model.load_state_dict(weights)
     ema.load_state_dict(ema_weights)
     if optimizer is not None:
         optimizer.load_state_dict(opt_state)
+    for name, state in extra_states.items():
+        extra[name].load_state_dict(state)
     return _step(path)
 
 
@@ -237,7 +259,7 @@ def ema_weights_sha256(folder: Path, step: int) -> str:
 
 def _ema_state(path: Path, module: nn.Module) -> dict[str, torch.Tensor]:
     """Checkpoint ``path``'s EMA weights, checked against its manifest and ``module``."""
-    state = load_file(_verified(path, "ema.safetensors"))
+    state = load_file(verified_file(path, "ema.safetensors"))
     _check_fits(module, state, "ema.safetensors")
     return state
 
@@ -283,7 +305,7 @@ def _move_aside(path: Path) -> Path:
 
 
 def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
-                  optimizer: torch.optim.Optimizer | None = None) -> int:
+                  optimizer: torch.optim.Optimizer | None = None, extra: dict[str, Any] | None = None) -> int:
     """Restore the newest readable checkpoint; 0 when none exists. The main process chooses it,
     moving each unreadable one aside (with a warning saying where), so that pruning never keeps
     it in place of the readable ones; under torchrun every other process then restores that same
@@ -293,7 +315,7 @@ def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
         if step:
             try:
                 load_checkpoint(folder / f"{PREFIX}{step:08d}", model=model, ema=ema, optimizer=optimizer,
-                                verify=False)  # the first process checked its SHA-256 (~10 GB at sr256)
+                                verify=False, extra=extra)  # the first process checked its SHA-256 (~10 GB at sr256)
             except CheckpointError as exc:
                 raise CheckpointError(f"{exc}: the first process resumed from it; the run directory must be "
                                       "one file system that every node shares") from exc
@@ -301,7 +323,7 @@ def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
     step = 0
     for path in reversed(list_checkpoints(folder)):
         try:
-            step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer)
+            step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer, extra=extra)
             break
         except CheckpointError as exc:
             warnings.warn(f"{exc}; moved to {_move_aside(path)}; falling back to the previous checkpoint", stacklevel=2)

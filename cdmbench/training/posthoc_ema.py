@@ -19,14 +19,23 @@ inner products in closed form (``profile_dot``).
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Sequence
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 from torch import Tensor
 
-MAX_SIGMA_REL = math.sqrt(1 / 12)  # gamma = 0, the plain average; longer needs gamma < 0
+from cdmbench.errors import CdmbenchError
+from cdmbench.recipe.schema import MAX_SIGMA_REL
+from cdmbench.storage.files import atomic_write
+from cdmbench.training.checkpoint import verified_file, write_folder
 
 
 def sigma_rel_of(gamma: float) -> float:
@@ -70,16 +79,128 @@ def step_weights(t: int, gamma: float) -> np.ndarray:
 
 
 class PowerEMA:
-    """Power-function EMAs of ``params``, one per exponent in ``gammas``, updated each step."""
+    """Power-function EMAs of ``params`` (name -> tensor, updated in place by training), one per
+    exponent in ``gammas``; ``buffers`` (none in the built-in networks) are copied as they are,
+    as ``train.ema``'s are."""
 
-    def __init__(self, params: Iterable[Tensor], gammas: Sequence[float]):
-        self.params = list(params)
-        self.gammas = list(gammas)
-        self.averages = [[p.detach().clone() for p in self.params] for _ in self.gammas]
+    def __init__(self, params: dict[str, Tensor], gammas: Sequence[float], buffers: dict[str, Tensor] | None = None):
+        self.params, self.gammas, self.buffers = params, list(gammas), buffers or {}
+        self.averages = [[p.detach().clone() for p in params.values()] for _ in self.gammas]
 
     @torch.no_grad()
     def update(self, t: int) -> None:
         """Fold in the parameters after training step ``t`` (1-based)."""
-        current = [p.detach() for p in self.params]
+        current = [p.detach() for p in self.params.values()]
         for gamma, average in zip(self.gammas, self.averages, strict=True):
             torch._foreach_lerp_(average, current, 1 - (1 - 1 / t) ** (gamma + 1))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Each EMA's tensors as ``<index>/<name>``, the buffers as ``buffers/<name>`` (on the CPU)."""
+        state = {f"{i}/{name}": a.detach().cpu().contiguous()
+                 for i, average in enumerate(self.averages) for name, a in zip(self.params, average, strict=True)}
+        return state | {f"buffers/{name}": b.detach().cpu().contiguous() for name, b in self.buffers.items()}
+
+    def check(self, state: dict[str, Tensor]) -> None:
+        """ValueError unless ``state`` has exactly this object's keys and shapes."""
+        own = self.state_dict()
+        if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
+            raise ValueError("the post-hoc EMAs do not fit the model or the recipe's sigma_rels (other keys or shapes)")
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for i, average in enumerate(self.averages):
+            for name, a in zip(self.params, average, strict=True):
+                a.copy_(state[f"{i}/{name}"])
+
+
+# --- snapshots ---------------------------------------------------------------------------------
+
+SNAPSHOTS = "posthoc_ema"  # <stage>/posthoc_ema/snapshot-<step>/
+SNAPSHOT_PREFIX = "snapshot-"
+SNAPSHOT_FILE = "posthoc_ema.safetensors"
+
+
+def save_snapshot(folder: Path, step: int, power: PowerEMA, sigma_rels: Sequence[float]) -> Path:
+    """``folder``/snapshot-<step>/ with the EMAs after ``step``, written as checkpoints are
+    (atomically, with a manifest: ``write_folder``); its metadata names each EMA's sigma_rel."""
+    metadata = {"step": str(step), "sigma_rels": json.dumps(list(sigma_rels))}
+    return write_folder(folder, f"{SNAPSHOT_PREFIX}{step:08d}",
+                        lambda tmp: save_file(power.state_dict(), tmp / SNAPSHOT_FILE, metadata=metadata),
+                        what="post-hoc EMA snapshot")
+
+
+def list_snapshots(folder: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete snapshot, oldest first."""
+    if not folder.is_dir():
+        return []
+    return sorted((int(p.name.removeprefix(SNAPSHOT_PREFIX)), p) for p in folder.iterdir()
+                  if p.is_dir() and p.name.startswith(SNAPSHOT_PREFIX))
+
+
+def drop_snapshots_after(folder: Path, step: int) -> None:
+    """Delete the snapshots after ``step``: a run resumed from the checkpoint of ``step`` makes them
+    again, from the same weights."""
+    for later, path in list_snapshots(folder):
+        if later > step:
+            shutil.rmtree(path)
+
+
+def _stored(path: Path) -> list[float]:
+    """The sigma_rels of snapshot ``path``'s EMAs, in order, after checking its file against its manifest."""
+    try:
+        with safe_open(verified_file(path, SNAPSHOT_FILE), framework="pt") as fh:
+            return json.loads(fh.metadata()["sigma_rels"])
+    except Exception as exc:
+        raise CdmbenchError(f"post-hoc EMA snapshot {path} is unreadable ({type(exc).__name__}: {exc}); delete it "
+                            "(the reconstruction then uses the others)") from None
+
+
+def reconstruct(folder: Path, sigma_rel: float, step: int | None = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The EMA of length ``sigma_rel`` at ``step`` (default: the newest snapshot's) from the
+    snapshots up to it, each checked against its manifest: its state dict (the stored dtypes; the
+    buffers of the last snapshot) and what made it, with ``profile_error``, the relative L2
+    distance of its weighting of the steps from the target's (``profile_dot``'s norm)."""
+    snapshots = [(t, path) for t, path in list_snapshots(folder) if step is None or t <= step]
+    if not snapshots:
+        raise CdmbenchError(f"no post-hoc EMA snapshots in {folder}" + (f" up to step {step}" if step else "")
+                            + "; train the stage with train.posthoc_ema.sigma_rels set")
+    step = snapshots[-1][0] if step is None else step
+    stored = [(t, gamma_of(s), path, i) for t, path in snapshots for i, s in enumerate(_stored(path))]
+    target = (step, gamma_of(sigma_rel))
+    x = posthoc_coefficients([(t, g) for t, g, _, _ in stored], target)
+    combined: dict[str, Tensor] = {}
+    for _, path in snapshots:  # one snapshot in memory at a time
+        state = load_file(path / SNAPSHOT_FILE)
+        for c, (_, _, at, i) in zip(x, stored, strict=True):
+            if at != path:
+                continue
+            for key, tensor in state.items():
+                if key.startswith(f"{i}/"):
+                    name = key.split("/", 1)[1]
+                    combined[name] = combined.get(name, 0) + float(c) * tensor.double()
+    weights = {name: tensor.to(state[f"0/{name}"].dtype) for name, tensor in combined.items()}
+    weights |= {key.split("/", 1)[1]: tensor for key, tensor in state.items() if key.startswith("buffers/")}
+    a = np.array([[profile_dot(p, g, q, h) for q, h, _, _ in stored] for p, g, _, _ in stored])
+    b = np.array([profile_dot(p, g, *target) for p, g, _, _ in stored])
+    error = max(0.0, x @ a @ x - 2 * x @ b + profile_dot(*target, *target)) ** 0.5
+    info = {"sigma_rel": sigma_rel, "gamma": target[1], "step": step, "snapshots": len(snapshots),
+            "stored_sigma_rels": sorted({s for t, path in snapshots for s in _stored(path)}),
+            "profile_error": error / profile_dot(*target, *target) ** 0.5}
+    return weights, info
+
+
+def posthoc_path(stage_dir: Path, sigma_rel: float, step: int) -> Path:
+    """Where the post-hoc EMA of ``sigma_rel`` at ``step`` is kept once reconstructed."""
+    return stage_dir / SNAPSHOTS / f"sigma_rel-{sigma_rel:.4f}-step-{step:08d}.safetensors"
+
+
+def posthoc_weights(stage_dir: Path, sigma_rel: float, step: int) -> tuple[Path, dict[str, Any]]:
+    """The file of the post-hoc EMA of ``sigma_rel`` at ``step`` of the stage in ``stage_dir``,
+    reconstructed from its snapshots (``reconstruct``) and written atomically the first time;
+    and what made it (its metadata)."""
+    path = posthoc_path(stage_dir, sigma_rel, step)
+    if not path.is_file():
+        weights, info = reconstruct(stage_dir / SNAPSHOTS, sigma_rel, step)
+        atomic_write(path, save(weights, metadata={k: json.dumps(v) for k, v in info.items()}))
+    with safe_open(path, framework="pt") as fh:
+        return path, {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}

@@ -19,11 +19,11 @@ import torch
 
 from cdmbench.cascade.cost import describe
 from cdmbench.cascade.grids import save_grid
-from cdmbench.cascade.stages import StageModel, build_all, build_stage, sample_cascade
+from cdmbench.cascade.stages import StageModel, attach_guide, build_all, build_stage, guide_of, sample_cascade
 from cdmbench.data.prepare import make_dataset, split_images
 from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.evaluation.during_training import TrainingEvaluation
-from cdmbench.evaluation.samples import chain_to, sample_signature
+from cdmbench.evaluation.samples import chain_to, load_guide, load_posthoc, sample_signature
 from cdmbench.evaluation.sweep import apply_sweep_levels
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.load import load_recipe
@@ -150,6 +150,13 @@ def run(recipe_path: str | Path, *, out: str | Path | None = None, stage: str | 
                 st = materialise(i)
                 steps[st.spec.name] = load_ema(folder / "checkpoints", st.backbone)
                 models[st.spec.name] = st.backbone.eval()
+        for st in stages:  # a stage sampled with a post-hoc EMA (posthoc_sigma_rel), with a guide network
+            if st.spec.name in models and st.spec.posthoc_sigma_rel is not None:
+                load_posthoc(st, run_dir.path, steps[st.spec.name])
+                models[st.spec.name] = st.backbone.eval()
+            if st.spec.name in models and guide_of(st.spec) is not None:
+                attach_guide(plugins, recipe, st, dataset.num_classes, device)
+                steps.update(load_guide(st, run_dir.path))
         chain = []
         for st in stages:
             if st.spec.name in models and (st.spec.condition_on is None or st.spec.condition_on in

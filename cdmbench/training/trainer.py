@@ -31,6 +31,7 @@ from cdmbench.runtime.signals import StopSignal
 from cdmbench.storage.files import atomic_write
 from cdmbench.tracking.loggers import Loggers
 from cdmbench.training.checkpoint import resume_latest, save_checkpoint
+from cdmbench.training.posthoc_ema import SNAPSHOTS, PowerEMA, drop_snapshots_after, gamma_of, save_snapshot
 
 SLOW_CHECKPOINT_S = 20  # a checkpoint slower than this to write is reported (a stop signal's grace time)
 
@@ -182,6 +183,9 @@ class Trainer:
             model = model.to(memory_format=torch.channels_last)
         self.model = self.runner = model
         self.ema = copy.deepcopy(model).requires_grad_(False)
+        sigma_rels = self.spec.posthoc_ema.sigma_rels  # EDM2's power-function EMAs, when kept
+        self.posthoc = PowerEMA(dict(model.named_parameters()), [gamma_of(s) for s in sigma_rels],
+                                dict(model.named_buffers())) if sigma_rels else None
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.spec.lr,
                                            weight_decay=self.spec.weight_decay, fused=True)
 
@@ -208,6 +212,8 @@ class Trainer:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         update_ema(self.ema, self.model, self.spec.ema)
+        if self.posthoc is not None:
+            self.posthoc.update(step + 1)
         return torch.stack([loss, norm.to(loss.dtype)])
 
 
@@ -253,7 +259,11 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
     if main:
         folder.mkdir(parents=True, exist_ok=True)
     distributed.barrier()
-    start = resume_latest(ckpt_dir, model=trainer.model, ema=trainer.ema, optimizer=trainer.optimizer)
+    posthoc = {} if trainer.posthoc is None else {"posthoc_ema": trainer.posthoc}
+    start = resume_latest(ckpt_dir, model=trainer.model, ema=trainer.ema, optimizer=trainer.optimizer, extra=posthoc)
+    snapshots = folder / SNAPSHOTS
+    if main and posthoc:
+        drop_snapshots_after(snapshots, start)
     trainer.wrap(spec.compile)
     if start > spec.steps:
         raise CdmbenchError(f"{ckpt_dir} holds step {start}, beyond train.steps={spec.steps}; "
@@ -312,12 +322,15 @@ def train_stage(stage: StageModel, data: ImageSet, *, folder: Path, seed: int,
             if log_now or save_now:
                 window.clear()
                 images, seconds = 0, 0.0
+            if main and posthoc and (done % spec.posthoc_ema.snapshot_every == 0 or done == spec.steps):
+                save_snapshot(snapshots, done, trainer.posthoc, spec.posthoc_ema.sigma_rels)
             if save_now:
                 if main:
                     began = time.perf_counter()
                     save_checkpoint(ckpt_dir, done, model=trainer.model, ema=trainer.ema,
                                     optimizer=trainer.optimizer, metadata=metadata,
-                                    keep=spec.keep_checkpoints, milestone_every=spec.milestone_every)
+                                    keep=spec.keep_checkpoints, milestone_every=spec.milestone_every,
+                                    extra={name: p.state_dict() for name, p in posthoc.items()})
                     took = time.perf_counter() - began
                     if took > SLOW_CHECKPOINT_S and not said_slow:
                         said_slow = True

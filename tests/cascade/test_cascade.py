@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from cdmbench.cascade.stages import build_stage
-from cdmbench.errors import RecipeError
+from cdmbench.errors import CdmbenchError, RecipeError
 from cdmbench.recipe.validate import parse_recipe
 from cdmbench.training.run import run
 from tests.conftest import TINY_RECIPE
@@ -173,3 +173,96 @@ def test_a_bad_guidance_interval_fails_at_validation(overrides, message):
     with pytest.raises(RecipeError, match=message) as info:
         tiny("stages.base8.guidance.label_dropout=0.1", "stages.base8.guidance.scale=3.0", *overrides)
     assert info.value.path == "stages.base8.guidance.interval"
+
+
+class ClassGaussian(torch.nn.Module):
+    """A backbone that is the exact eps-denoiser, pixel by pixel, of x_0 ~ N(mu_label, std^2 I) in
+    the 3 colour channels: the conditional model, or with a larger std a blurred, weaker one."""
+
+    def __init__(self, abar: torch.Tensor, std: float):
+        super().__init__()
+        self.abar, self.std = abar, std
+        self.means = torch.tensor([[-0.5, 0.2, 0.4], [0.3, -0.6, 0.1], [0.0, 0.5, -0.3]], dtype=torch.float64)
+
+    def forward(self, x, noise_cond, labels, low_res=None, aug_cond=None):
+        from cdmbench.diffusion.mixture import GaussianMixture
+
+        abar = self.abar[(noise_cond * len(self.abar) / 1000).round().long()]
+        out = torch.empty_like(x)
+        for i in range(len(x)):  # each image's pixels: points of its class's Gaussian
+            gaussian = GaussianMixture(torch.ones(1, dtype=torch.float64), self.means[labels[i] % 3][None],
+                                       torch.tensor([self.std], dtype=torch.float64))
+            points = x[i].permute(1, 2, 0).reshape(-1, 3, 1, 1)
+            eps = gaussian.denoise(points, abar[i].expand(len(points)), noise_cond[i].expand(len(points))).eps
+            out[i] = eps.reshape(x.shape[2], x.shape[3], 3).permute(2, 0, 1)
+        return out
+
+
+def test_autoguidance_guides_with_the_weaker_network_by_the_guidance_formula():
+    """Exact Gaussian denoisers: the stage's network and a blurred copy as autoguidance's guide.
+    At scale 1 the prediction is the conditional network's, in one pass; at scale w it is
+    weak + w (cond - weak), both conditional."""
+    st = stage("base8", "stages.base8.guidance.guide_step=2", "stages.base8.guidance.scale=2.5")
+    assert st.null_label is None  # no null class: the guide replaces the unconditional model
+    good, weak = ClassGaussian(st.process.abar, 0.1), ClassGaussian(st.process.abar, 0.4)
+    st.guide = weak
+    g = torch.Generator().manual_seed(0)
+    x_t, labels = torch.randn(4, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 4])
+    steps = torch.tensor([3, 10, 25, 45])
+    abar, cond = st.process.abar[steps], steps.float() * 1000 / 50
+    calls = []
+    weak.register_forward_hook(lambda *_: calls.append("weak"))
+    with torch.no_grad():
+        conditional, blurred = good(x_t, cond, labels), weak(x_t, cond, labels)
+        assert not torch.allclose(conditional, blurred, atol=1e-2)
+        calls.clear()
+        assert torch.equal(st.denoiser(good, labels, None, None, guidance_scale=1.0)(x_t, abar, cond).eps,
+                           conditional) and calls == []
+        for w in (0.0, 2.5, 4.0):
+            got = st.denoiser(good, labels, None, None, guidance_scale=w)(x_t, abar, cond).eps
+            assert torch.allclose(got, blurred + w * (conditional - blurred), atol=1e-5), w
+        assert torch.allclose(st.denoiser(good, labels, None, None)(x_t, abar, cond).eps,
+                              blurred + 2.5 * (conditional - blurred), atol=1e-5)  # the recipe's scale
+    st.guide = None
+    with pytest.raises(CdmbenchError, match="autoguidance's guide network \\(base8\\) is not loaded"):
+        st.denoiser(good, labels, None, None)(x_t, abar, cond)
+
+
+@pytest.mark.parametrize("overrides, path, message", [
+    (["stages.base8.guidance.guide_step=4", "stages.base8.guidance.scale=2"], "stages.base8.guidance.guide_step",
+     r"must be an earlier step than train.steps \(4\)"),
+    (["stages.base8.guidance.guide_step=2"], "stages.base8.guidance.scale", "is 1 \\(no guidance\\) but a guide"),
+    (["stages.base8.guidance.guide_step=2", "stages.base8.guidance.guide_stage=sr16",
+      "stages.base8.guidance.scale=2"], "stages.base8.guidance.guide_stage", "set one guide network"),
+    (["stages.sr16.guidance.guide_stage=base8", "stages.sr16.guidance.scale=2"], "stages.sr16.guidance.guide_stage",
+     "stage base8 has another resolution"),
+    (["stages.sr16.guidance.guide_stage=sr61", "stages.sr16.guidance.scale=2"], "stages.sr16.guidance.guide_stage",
+     "'sr61' is not another stage of the recipe; valid: base8"),
+    (["stages.base8.guidance.guide_step=2", "stages.base8.guidance.scale=2", "stages.base8.train.eval_every=2",
+      "evaluate.metrics=[fid]"], "stages.base8.train.eval_every", "cannot guide with autoguidance's guide network"),
+])
+def test_bad_autoguidance_settings_fail_at_validation(overrides, path, message):
+    with pytest.raises(RecipeError, match=message) as info:
+        tiny(*overrides)
+    assert info.value.path == path
+
+
+@pytest.mark.slow
+def test_a_run_samples_with_autoguidance_by_a_milestone_and_says_so(tiny_recipe, tmp_path):
+    """guide_step 2 (a milestone): the grids' protocol and every later evaluation name it; a step
+    not kept is an error naming the kept ones."""
+    guided = ["stages.base8.guidance.guide_step=2", "stages.base8.guidance.scale=2",
+              "stages.base8.train.milestone_every=2"]
+    out = run(tiny_recipe, out=tmp_path / "r", stage="base8", overrides=guided, progress=False, echo=lambda *_: None)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    [timed] = [r for r in rows if r["metric"] == "sample_time"]
+    assert timed["protocol"]["checkpoint_steps"] == {"base8": 4}
+    from cdmbench.cascade.sample import sample_run
+
+    folder = sample_run(out, stage="base8", per_class=1, overrides=guided, progress=False, echo=lambda *_: None)
+    settings = json.loads((folder / "sample.json").read_text())
+    assert settings["samplers"]["base8"].endswith(", autoguidance 2 by step 2")
+    assert settings["checkpoint_steps"] == {"base8": 4, "base8/guide": 2}
+    with pytest.raises(CdmbenchError, match=r"guide_step=3: .* has no checkpoint of that step \(kept: 2, 4\)"):
+        sample_run(out, stage="base8", per_class=1, progress=False, echo=lambda *_: None,
+                   overrides=["stages.base8.guidance.guide_step=3", "stages.base8.guidance.scale=2"])

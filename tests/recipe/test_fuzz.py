@@ -187,7 +187,8 @@ def duplicate_key_cases(rng: random.Random) -> list[Case]:
     for base, text in BASES.items():
         lines = text.splitlines(keepends=True)
         plain = [i for i, line in enumerate(lines) if re.match(r"\s*(- )?[a-z_]+: \S", line)
-                 and not line.lstrip().startswith("- ")]
+                 and not line.lstrip().startswith("- ")
+                 and line.count("{") == line.count("}")]  # not the first line of a flow mapping
         for i in sorted(rng.sample(plain, 4)):
             key = re.match(r"\s*([a-z_]+):", lines[i]).group(1)
             doubled = "".join(lines[:i + 1] + [lines[i]] + lines[i + 1:])
