@@ -33,6 +33,7 @@ COST = ("train images", "train time", "train FLOPs", "device", "s/image")
 # rows of `cdmbench run` that are cost, not results: throughput is train images / train time, and
 # sample_time becomes s/image
 COST_METRICS = ("train_throughput", "sample_time")
+FIGURE_COLUMNS = 4  # metrics a row in comparison.png
 
 
 def _labels(run_dirs: list[Path]) -> list[str]:
@@ -243,7 +244,8 @@ def comparison_markdown(frame: pd.DataFrame) -> str:
 
 def comparison_figure(frame: pd.DataFrame):
     """One panel per metric: its value with one standard error for each run and stage (a colour
-    per run); below each, where training FLOPs are known, the metric against them (log scale)."""
+    per run); below each, where training FLOPs are known, the metric against them (log scale).
+    At most ``FIGURE_COLUMNS`` metrics a row, so that the chart stays readable on a page."""
     plt = _pyplot()
     metrics = metric_columns(frame)
     if not metrics:
@@ -253,8 +255,16 @@ def comparison_figure(frame: pd.DataFrame):
     palette = itertools.cycle(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     colors = dict(zip(dict.fromkeys(rows["run"]), palette, strict=False))
     costs = rows["train FLOPs"].notna().any()
-    fig, axes = plt.subplots(1 + costs, len(metrics), squeeze=False,
-                             figsize=(max(4.5, 0.7 * len(rows)) * len(metrics), 3.8 * (1 + costs)))
+    columns = min(FIGURE_COLUMNS, len(metrics))
+    per_metric = 1 + costs  # panels under one another for each metric
+    bands = math.ceil(len(metrics) / columns)
+    fig, grid = plt.subplots(bands * per_metric, columns, squeeze=False,
+                             figsize=(max(4.5, 0.7 * len(rows)) * columns, 3.8 * bands * per_metric))
+    axes = [[grid[(j // columns) * per_metric + k][j % columns] for j in range(len(metrics))]
+            for k in range(per_metric)]
+    for j in range(len(metrics), bands * columns):  # the last band's empty places
+        for k in range(per_metric):
+            grid[(j // columns) * per_metric + k][j % columns].set_visible(False)
     for j, metric in enumerate(metrics):
         part = rows.dropna(subset=[metric]).reset_index(drop=True)
         error = part.get(f"{metric} ±")
