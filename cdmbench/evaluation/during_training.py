@@ -41,7 +41,7 @@ from cdmbench.cascade.stages import StageModel, sample_cascade, samplers_of
 from cdmbench.data.images import ImageSet, to_uint8
 from cdmbench.errors import CdmbenchError
 from cdmbench.evaluation.cas import class_matched
-from cdmbench.evaluation.evaluate import _metric_rows, metrics_context
+from cdmbench.evaluation.evaluate import metric_rows, metrics_context
 from cdmbench.evaluation.sweep import GROUND_TRUTH_SPLIT, gaussian_parts, ground_truth_samples
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe, Stage
@@ -153,7 +153,7 @@ class TrainingEvaluation:
             if parts is not None:
                 self.context.set_samples(torch.cat(parts), self.labels, protocol)
                 rows = [result_row(run=self.recipe.name, stage=self.spec.name, **row)
-                        for row in _metric_rows(self.metrics, self.context, self.echo)]
+                        for row in metric_rows(self.metrics, self.context, self.echo)]
                 self.run_dir.add_results(rows)
                 self.loggers.log_results(rows, {self.spec.name: step})
                 self.echo(f"eval {self.spec.name} step {step}: " + ", ".join(map(_shown, rows))

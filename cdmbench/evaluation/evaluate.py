@@ -80,7 +80,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     rows = []
     for metric in built:  # each metric's rows are kept as soon as they exist
         rows += (done := [result_row(run=recipe.name, stage=target, **row)
-                          for row in _metric_rows([metric], context, echo)])
+                          for row in metric_rows([metric], context, echo)])
         run_dir.add_results(done)
     log_run_results(plugins, recipe, run_dir.path, rows, steps, echo=echo)
     echo(write_report(run_dir, recipe, plugins))
@@ -105,7 +105,7 @@ def _join_and_load(chain: list[StageModel], run_path: Path, context: EvalContext
 
 
 
-def _metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
+def metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
     """Every metric's rows; a metric that fails gives a row with status 'failed' and the error
     (one stopped by SIGTERM / SIGINT, or one that runs on every rank of a torchrun job, stops the
     job)."""
@@ -219,7 +219,7 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
                         "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
                         "samplers": samplers_of(chain)}
     rows = sweep(chain, name=stage, levels=levels, inputs=inputs, context=context,
-                 metric_rows=lambda ctx: _metric_rows(built, ctx, echo), run_path=run_dir.path,
+                 metric_rows=lambda ctx: metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,
                  shard_size=recipe.evaluate.shard_size, device=context.device, checkpoint_steps=steps,
                  progress=progress, rank=rank, world_size=world,

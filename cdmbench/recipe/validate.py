@@ -307,9 +307,7 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             if not train.posthoc_ema.sigma_rels:
                 raise RecipeError(f"{path}.posthoc_sigma_rel", "needs post-hoc EMA snapshots: set "
                                   "train.posthoc_ema.sigma_rels (e.g. [0.05, 0.1]) and train, or set it to null")
-            if not 0 < stage.posthoc_sigma_rel < MAX_SIGMA_REL:
-                raise RecipeError(f"{path}.posthoc_sigma_rel", f"must be in (0, {MAX_SIGMA_REL:.4f}), got "
-                                                               f"{stage.posthoc_sigma_rel}")
+            _check_sigma_rel(stage.posthoc_sigma_rel, f"{path}.posthoc_sigma_rel")
         if train.eval_every and guided_by is not None:
             raise RecipeError(f"{path}.train.eval_every", f"evaluations during training cannot guide with "
                               f"autoguidance's guide network ({guided_by}), which is loaded after training; set "
@@ -347,13 +345,19 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
 
 
 
+def _check_sigma_rel(sigma_rel: float, path: str) -> None:
+    """An EMA length sigma_rel lies in (0, sqrt(1/12)): longer than the plain average of all steps
+    has no power-function profile."""
+    if not 0 < sigma_rel < MAX_SIGMA_REL:
+        raise RecipeError(path, f"must be in (0, {MAX_SIGMA_REL:.4f}) (the plain average of all steps), got "
+                                f"{sigma_rel}; EDM2 stores 0.05 and 0.10")
+
+
 def _check_posthoc_ema(train, path: str) -> None:
     """Post-hoc EMA lengths each in (0, sqrt(1/12)), all different; snapshots at most every ``steps``."""
     sigma_rels = train.posthoc_ema.sigma_rels
     for i, sigma_rel in enumerate(sigma_rels):
-        if not 0 < sigma_rel < MAX_SIGMA_REL:
-            raise RecipeError(f"{path}.sigma_rels[{i}]", f"must be in (0, {MAX_SIGMA_REL:.4f}) (the plain average of "
-                                                          f"all steps), got {sigma_rel}; EDM2 stores 0.05 and 0.10")
+        _check_sigma_rel(sigma_rel, f"{path}.sigma_rels[{i}]")
     if len(set(sigma_rels)) < len(sigma_rels):
         raise RecipeError(f"{path}.sigma_rels", f"lists a length twice ({sigma_rels}); list each once")
     if sigma_rels and train.posthoc_ema.snapshot_every > train.steps:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cdmbench.reporting.tables import _pyplot, _save_figure, features_label, is_during_training, latest
+from cdmbench.reporting.tables import features_label, is_during_training, latest, pyplot, save_figure
 
 COLUMNS = ["run", "stage", "metric", "unit", "step", "train_images", "value", "stderr"]
 
@@ -36,7 +36,7 @@ def plot_quality(rows: pd.DataFrame, path: Path) -> Path:
     """One panel per metric of ``quality_rows`` (non-empty): its value against the training images
     seen, one line per stage (``run: stage`` when there are several runs), with error bars of one
     standard error where the rows have one (FID's bootstrap, IS's spread over splits)."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = list(dict.fromkeys(rows["metric"]))
     several = rows["run"].nunique() > 1
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
@@ -49,4 +49,4 @@ def plot_quality(rows: pd.DataFrame, path: Path) -> Path:
         ax.set(title=metric, xlabel="training images seen", ylabel=f"{metric} [{unit}]" if unit else metric)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)

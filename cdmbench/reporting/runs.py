@@ -23,7 +23,7 @@ from cdmbench.recipe.yamlfile import read_yaml
 from cdmbench.reporting import html, markdown
 from cdmbench.reporting.document import Figure, Report, Table
 from cdmbench.reporting.markdown import WIDTH
-from cdmbench.reporting.tables import _pyplot, _save_figure, latest, results_table
+from cdmbench.reporting.tables import latest, pyplot, results_table, save_figure
 from cdmbench.storage.files import atomic_write
 from cdmbench.storage.rundir import RunDir, load_run
 from cdmbench.training.trainer import read_log
@@ -246,7 +246,7 @@ def comparison_figure(frame: pd.DataFrame):
     """One panel per metric: its value with one standard error for each run and stage (a colour
     per run); below each, where training FLOPs are known, the metric against them (log scale).
     At most ``FIGURE_COLUMNS`` metrics a row, so that the chart stays readable on a page."""
-    plt = _pyplot()
+    plt = pyplot()
     metrics = metric_columns(frame)
     if not metrics:
         raise CdmbenchError("the runs have no metric rows to plot; `cdmbench evaluate RUN_DIR` adds them")
@@ -296,7 +296,7 @@ def write_comparison(frame: pd.DataFrame, run_dirs: list[Path], out: Path) -> Pa
     (``comparison_figure``); returns the markdown's path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _save_figure(comparison_figure(frame), out / "comparison.png")
+    save_figure(comparison_figure(frame), out / "comparison.png")
     intro = ("Runs: " + ", ".join(f"`{d}`" for d in run_dirs) + ". One row per run and stage: its components "
              "(and the args that differ between the runs), each metric ± one standard error (the newest "
              "evaluation), and its cost: images and time of training, the machine, training FLOPs (one image's "

@@ -280,7 +280,7 @@ def plot_sweeps(table: pd.DataFrame, path: Path, groups: dict[str, list[str]] | 
     inputs FID should first improve with s, then worsen). A stage trained several times
     (``groups``, as ``Recipe.replicates``) shares its panel with its swept copies: each run's
     curve faint, and bold their mean at the levels all of them have, with ``pooled``'s error."""
-    plt = _pyplot()
+    plt = pyplot()
     root = {name: stage for stage, names in (groups or {}).items() for name in names}
     rows = table.reset_index()
     rows["panel"] = rows["stage"].map(lambda name: root.get(name, name))
@@ -313,7 +313,7 @@ def plot_sweeps(table: pd.DataFrame, path: Path, groups: dict[str, list[str]] | 
                    xlabel="sampling level s")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
 def training_table(logs: dict[str, list[dict]]) -> pd.DataFrame:
@@ -329,17 +329,18 @@ def training_table(logs: dict[str, list[dict]]) -> pd.DataFrame:
 def plot_training(logs: dict[str, list[dict]], path: Path) -> Path:
     """The training loss (mean over each log window) against the step, one line per stage, on a
     log scale: stages whose losses differ (base vs SR, eps vs x0) share one panel."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for stage, log in logs.items():
         ax.plot([r["step"] for r in log], [r["loss"] for r in log], label=stage)
     ax.set(xlabel="training step", ylabel="training loss", yscale="log", title="training loss")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    return _save_figure(fig, path)
+    return save_figure(fig, path)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display), imported when a figure is drawn."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -348,11 +349,11 @@ def _pyplot():
     return plt
 
 
-def _save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write the figure as a PNG atomically (a reader never sees half a file) and close it."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     atomic_write(path, buffer.getvalue())
     return path

@@ -226,7 +226,8 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
     """Restore a checkpoint in place; returns its step. Every file is read and checked first
     (against the manifest's SHA-256 too unless ``verify`` is false: another process did), so on
     CheckpointError (unreadable or corrupt) the modules are unchanged. ``extra``: objects with
-    ``load_state_dict`` restored from ``<name>.safetensors`` (``save_checkpoint``'s ``extra``)."""
+    ``check(state)`` (ValueError when it does not fit) and ``load_state_dict``, restored from
+    ``<name>.safetensors`` (``save_checkpoint``'s ``extra``)."""
 
     def file(name: str) -> Path:
         return verified_file(path, name) if verify else path / name

@@ -71,13 +71,6 @@ def posthoc_coefficients(stored: Sequence[tuple[float, float]], target: tuple[fl
     return np.linalg.lstsq(a, b, rcond=None)[0]
 
 
-def step_weights(t: int, gamma: float) -> np.ndarray:
-    """The weight of each step 1..t in the EMA of exponent ``gamma`` at step ``t`` (sums to 1)."""
-    tau = np.arange(t + 1, dtype=np.float64) / t
-    cumulative = tau ** (gamma + 1)
-    return np.diff(cumulative)
-
-
 class PowerEMA:
     """Power-function EMAs of ``params`` (name -> tensor, updated in place by training), one per
     exponent in ``gammas``; ``buffers`` (none in the built-in networks) are copied as they are,
@@ -101,9 +94,10 @@ class PowerEMA:
         return state | {f"buffers/{name}": b.detach().cpu().contiguous() for name, b in self.buffers.items()}
 
     def check(self, state: dict[str, Tensor]) -> None:
-        """ValueError unless ``state`` has exactly this object's keys and shapes."""
-        own = self.state_dict()
-        if own.keys() != state.keys() or any(own[k].shape != v.shape for k, v in state.items()):
+        """ValueError unless ``state`` has exactly the keys and shapes ``state_dict`` gives."""
+        own = {f"{i}/{name}": p.shape for i in range(len(self.gammas)) for name, p in self.params.items()}
+        own |= {f"buffers/{name}": b.shape for name, b in self.buffers.items()}
+        if own.keys() != state.keys() or any(own[k] != v.shape for k, v in state.items()):
             raise ValueError("the post-hoc EMAs do not fit the model or the recipe's sigma_rels (other keys or shapes)")
 
     @torch.no_grad()
@@ -165,7 +159,8 @@ def reconstruct(folder: Path, sigma_rel: float, step: int | None = None) -> tupl
         raise CdmbenchError(f"no post-hoc EMA snapshots in {folder}" + (f" up to step {step}" if step else "")
                             + "; train the stage with train.posthoc_ema.sigma_rels set")
     step = snapshots[-1][0] if step is None else step
-    stored = [(t, gamma_of(s), path, i) for t, path in snapshots for i, s in enumerate(_stored(path))]
+    sigma_rels = {path: _stored(path) for _, path in snapshots}  # each file hashed once
+    stored = [(t, gamma_of(s), path, i) for t, path in snapshots for i, s in enumerate(sigma_rels[path])]
     target = (step, gamma_of(sigma_rel))
     x = posthoc_coefficients([(t, g) for t, g, _, _ in stored], target)
     combined: dict[str, Tensor] = {}
@@ -184,7 +179,7 @@ def reconstruct(folder: Path, sigma_rel: float, step: int | None = None) -> tupl
     b = np.array([profile_dot(p, g, *target) for p, g, _, _ in stored])
     error = max(0.0, x @ a @ x - 2 * x @ b + profile_dot(*target, *target)) ** 0.5
     info = {"sigma_rel": sigma_rel, "gamma": target[1], "step": step, "snapshots": len(snapshots),
-            "stored_sigma_rels": sorted({s for t, path in snapshots for s in _stored(path)}),
+            "stored_sigma_rels": sorted({s for values in sigma_rels.values() for s in values}),
             "profile_error": error / profile_dot(*target, *target) ** 0.5}
     return weights, info
 

@@ -659,7 +659,7 @@ def test_evaluate_under_torchrun_shares_the_generated_training_set(trained_run, 
 def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
     from types import SimpleNamespace
 
-    from cdmbench.evaluation.evaluate import _metric_rows
+    from cdmbench.evaluation.evaluate import metric_rows
 
     class Broken:
         name = "broken"
@@ -675,7 +675,7 @@ def test_a_metric_that_fails_in_any_way_leaves_the_others_rows():
 
     context = SimpleNamespace(protocol={"n": 30}, training_set=None)
     said = []
-    rows = _metric_rows([Broken(), Works()], context, said.append)
+    rows = metric_rows([Broken(), Works()], context, said.append)
     assert rows[0]["status"] == "failed" and rows[0]["protocol"] == {"n": 30, "error": "TypeError: a bug in a plugin"}
     assert rows[1] == {"metric": "works", "value": 1.0} and said == [
         "metric broken failed: TypeError: a bug in a plugin"
@@ -687,7 +687,7 @@ def test_a_metric_stopped_by_a_signal_stops_the_evaluation_instead_of_failing():
     from types import SimpleNamespace
 
     from cdmbench.errors import Stopped
-    from cdmbench.evaluation.evaluate import _metric_rows
+    from cdmbench.evaluation.evaluate import metric_rows
 
     class Preempted:
         name = "cas"
@@ -702,7 +702,7 @@ def test_a_metric_stopped_by_a_signal_stops_the_evaluation_instead_of_failing():
             raise AssertionError("begun after the stop")
 
     with pytest.raises(Stopped, match="SIGTERM"):
-        _metric_rows([Preempted(), Next()], SimpleNamespace(protocol={"n": 30}, training_set=None), print)
+        metric_rows([Preempted(), Next()], SimpleNamespace(protocol={"n": 30}, training_set=None), print)
 
 
 def test_a_sweep_leaves_out_cas_on_a_replaced_training_set(trained_run, monkeypatch, tmp_path):

@@ -57,8 +57,8 @@ def test_quality_rows_are_the_newest_ok_row_per_stage_and_step(frame):
 
 def test_the_plot_draws_each_stage_against_the_images_seen_with_its_errors(frame, tmp_path, monkeypatch):
     drawn = []
-    real = cdmbench.reporting.curves._save_figure
-    monkeypatch.setattr(cdmbench.reporting.curves, "_save_figure",
+    real = cdmbench.reporting.curves.save_figure
+    monkeypatch.setattr(cdmbench.reporting.curves, "save_figure",
                         lambda fig, path: drawn.append(fig) or real(fig, path))
     path = plot_quality(quality_rows(frame), tmp_path / "quality.png")
     assert path.read_bytes().startswith(b"\x89PNG")

@@ -36,7 +36,7 @@ def test_sweeps_that_differ_only_in_the_base_sampler_stay_apart(tmp_path, monkey
         ("r", "sr16", fine_label, "ground-truth", 0.3): 7.0}
 
     figures = []
-    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: figures.append(fig) or path)
     tables.plot_sweeps(table, tmp_path / "sweeps.png")
     [ax] = figures[0].axes
     curves = {curve.get_label(): list(curve.lines[0].get_ydata()) for curve in ax.containers}
@@ -56,7 +56,7 @@ def test_standard_errors_become_columns_and_error_bars(tmp_path, monkeypatch):
     assert table["fid_test ±"].tolist()[:2] == [1.5, 1.5] and math.isnan(table["fid_test ±"].iloc[2])
 
     figures = []
-    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: figures.append(fig) or path)
     tables.plot_sweeps(table, tmp_path / "sweeps.png")
     panels = {ax.get_title(): ax for ax in figures[0].axes}
     assert set(panels) == {"sr16: cas_top1 [%]", "sr16: fid_test"}  # no panel of the errors
@@ -78,7 +78,7 @@ def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, mo
     (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table = sweep_table(read_results([tmp_path]))
     figures = []
-    monkeypatch.setattr(tables, "_save_figure", lambda fig, path: figures.append(fig) or path)
+    monkeypatch.setattr(tables, "save_figure", lambda fig, path: figures.append(fig) or path)
 
     tables.plot_sweeps(table, tmp_path / "sweeps.png", {"base8": ["base8"], "sr16": ["sr16", "sr16_r2"]})
     [ax] = figures[0].axes

@@ -12,8 +12,13 @@ from cdmbench.training.posthoc_ema import (
     posthoc_coefficients,
     profile_dot,
     sigma_rel_of,
-    step_weights,
 )
+
+
+def step_weights(t: int, gamma: float) -> np.ndarray:
+    """The closed form of the weight of each step 1..t in the EMA of exponent ``gamma`` at step t:
+    (tau^(gamma+1) - (tau-1)^(gamma+1)) / t^(gamma+1)."""
+    return np.diff((np.arange(t + 1, dtype=np.float64) / t) ** (gamma + 1))
 
 
 def test_sigma_rel_and_gamma_are_each_others_inverse_and_match_edm2():
