@@ -31,7 +31,9 @@ HOST_ARGS: dict[str, tuple[str, ...]] = {
 class Backbone(nn.Module):
     """A denoiser: forward(x_t, noise_cond, class_labels, low_res, aug_cond) -> prediction.
 
-    x_t: (B, C, H, W); noise_cond: (B,) float, the schedule's conditioning value of t;
+    x_t: (B, C, H, W); noise_cond: (B,) float, the process's conditioning value of the level,
+    about [0, 1000]: 1000 t / T for step t of a discrete process, the noise level itself for a
+    continuous one (``cdmbench.diffusion.noise_level_cond``: 500 - 25 log-SNR);
     class_labels: (B,) long or None; low_res: (B, C, h, w) previous-stage image (SR stages) or
     None; aug_cond: (B, aug_dim) augmentation conditioning or None. Returns (B, out_channels, H, W).
 
@@ -82,7 +84,8 @@ class Sampler(Protocol):
     """Draws x_0 (or z_s) by running the reverse process of a ``cdmbench.diffusion.process`` process.
 
     ``denoise(x_t, abar, noise_cond) -> Prediction`` is the model with its class labels, low-res
-    input and guidance bound; ``process.grid(steps, stop_at)`` gives the levels to visit.
+    input and guidance bound; ``process.grid(steps, stop_at, spacing)`` gives the levels to visit
+    and the ``noise_cond`` of each, placed by a ``cdmbench.diffusion.Spacing`` (None: uniform in t).
     """
 
     def check(self, process: Any, *, learned_variance: bool, stop_at: float = 0.0) -> None:

@@ -46,10 +46,17 @@ def _args(component, tmp_path: Path) -> dict:
     if (kind, name) == ("features", "inception-2015-12-05"):
         pytest.skip("the Inception weights are not available offline (tests/evaluation/test_evaluation.py "
                     "checks their loader and its error)")
+    if (kind, name) == ("features", "dinov2"):  # ViT-S/14 of random weights in the official layout
+        from tests.builtin.test_dinov2 import SMALL, save_official
+        save_official(tmp_path / "dinov2_vits14_pretrain.pth")
+        return {"path": str(tmp_path / "dinov2_vits14_pretrain.pth"), "arch": SMALL}
     if (kind, name) == ("features", "classifier"):
         return {"epochs": 1}
     if (kind, name) == ("metrics", "cas"):
         return FAST_CLASSIFIER
+    if (kind, name) == ("metrics", "sfid"):
+        pytest.skip("sFID reads Inception's mixed_6/conv, whose weights are not available offline "
+                    "(tests/evaluation/test_reference_batches.py runs it on a stand-in)")
     if kind == "metrics":  # fid, is: offline features
         return {"features": "classifier", "features_args": {"epochs": 1}}
     if (kind, name) == ("backbones", "adm-unet"):

@@ -4,8 +4,10 @@
 
 Levels s are fractions of the conditioning stage's process in [0, 1]: z_s = sqrt(abar(s)) z_0 +
 sqrt(1 - abar(s)) eps with that stage's schedule (for a T-step process, s = k / T is its step
-k - 1). Conditioning values are on the [0, 1000] scale of the backbone's timestep embedding:
-1000 s for a noise level, 1000 sigma for a blur width.
+k - 1, and abar(k / T) its abar_{k-1}). Conditioning values are on the [0, 1000] scale of the
+backbone's timestep embedding, as its noise conditioning is: 1000 s for a level of a discrete
+schedule, the noise level ``noise_level_cond(abar(s))`` for a continuous one, 1000 sigma for a
+blur width.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from cdmbench import hookimpl
-from cdmbench.diffusion import randn_per_image
+from cdmbench.diffusion import noise_level_cond, randn_per_image
 from cdmbench.interfaces import Schedule
 
 COND_SCALE = 1000.0
@@ -48,6 +50,13 @@ class GaussianAugmentation:
     def truncation(self) -> float:
         return self.level if self.mode == "truncated" else 0.0
 
+    def _cond(self, s: Tensor) -> Tensor:
+        """(B, 1) conditioning of levels s (B,): the noise level itself for a continuous schedule,
+        so that it means the same whatever grid the previous stage is sampled on."""
+        if self.schedule.timesteps is None:
+            return noise_level_cond(self.schedule.abar(s.double())).view(-1, 1).float()
+        return (s * COND_SCALE).view(-1, 1).float()
+
     def _noise(self, z0: Tensor, s: Tensor, eps: Tensor) -> Tensor:
         abar = self.schedule.abar(s.double()).float().view(-1, 1, 1, 1)  # on z0's device: no copy to wait for
         return abar.sqrt() * z0 + (1 - abar).sqrt() * eps
@@ -56,11 +65,11 @@ class GaussianAugmentation:
         u = torch.rand(len(z0), generator=generator, device=z0.device)
         s = self.min_level + (self.max_level - self.min_level) * u
         eps = torch.randn(z0.shape, generator=generator, device=z0.device)
-        return self._noise(z0, s, eps), (s * COND_SCALE).view(-1, 1).float()
+        return self._noise(z0, s, eps), self._cond(s)
 
     def sample(self, z0: Tensor, *, generators: list[torch.Generator]) -> tuple[Tensor, Tensor]:
         s = torch.full((len(z0),), self.level, device=z0.device)
-        cond = (s * COND_SCALE).view(-1, 1).float()
+        cond = self._cond(s)
         if self.mode == "truncated":  # z0 is already the previous stage's z_s
             return z0, cond
         return self._noise(z0, s, randn_per_image(tuple(z0.shape[1:]), generators, z0.device)), cond

@@ -2,19 +2,24 @@
 
 All walk a process's ``Grid`` from pure noise to clean data (or to an early-stop level s, where
 they return z_s), call the denoiser once per grid level, and draw every random number from the
-image's own generator, so an image does not depend on its batch.
+image's own generator, so an image does not depend on its batch. Every sampler takes the grid's
+spacing (``cdmbench.diffusion.spacing``): ``spacing`` uniform-t (default), log-snr or edm (with
+``rho``, default 7), and for uniform-t a sampling ``schedule`` ``{name, args}`` of the built-in
+schedules, apart from the one the stage was trained on.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from cdmbench import hookimpl
-from cdmbench.diffusion import Denoise, Prediction, Process, posterior, randn_per_image
+from cdmbench.builtin.schedules import FACTORIES as SCHEDULES
+from cdmbench.diffusion import Denoise, Prediction, Process, Spacing, posterior, randn_per_image
 
 VARIANCES = ("fixed-small", "fixed-large", "learned")
 
@@ -24,20 +29,20 @@ class GridSampler:
 
     name = "sampler"
 
-    def __init__(self, *, steps: int | None, clip_x0: bool):
-        self.steps, self.clip_x0 = steps, clip_x0
+    def __init__(self, *, steps: int | None, clip_x0: bool, spacing: Spacing):
+        self.steps, self.clip_x0, self.spacing = steps, clip_x0, spacing
 
     def check(self, process: Process, *, learned_variance: bool, stop_at: float = 0.0) -> None:
         """Raise ValueError (what to change) when this sampler cannot sample ``process`` (down
         to level ``stop_at``)."""
-        process.grid(self.steps, stop_at)
+        process.grid(self.steps, stop_at, self.spacing)
 
     @torch.no_grad()
     def sample(self, *, denoise: Denoise, process: Process, shape: tuple[int, ...],
                generators: list[torch.Generator], device: torch.device | str = "cpu",
                stop_at: float = 0.0, progress: bool = True) -> Tensor:
         """x_0 in [-1, 1] of shape (B, *shape), or z_s at level ``stop_at`` > 0 (unclipped)."""
-        grid = process.grid(self.steps, stop_at)
+        grid = process.grid(self.steps, stop_at, self.spacing)
         x = randn_per_image(shape, generators, device)
         history: list[Prediction] = []
         n = len(generators)
@@ -68,8 +73,8 @@ class DDPM(GridSampler):
 
     name = "ddpm"
 
-    def __init__(self, *, steps: int | None, variance: str, clip_x0: bool):
-        super().__init__(steps=steps, clip_x0=clip_x0)
+    def __init__(self, *, steps: int | None, variance: str, clip_x0: bool, spacing: Spacing):
+        super().__init__(steps=steps, clip_x0=clip_x0, spacing=spacing)
         self.variance = variance
 
     def check(self, process: Process, *, learned_variance: bool, stop_at: float = 0.0) -> None:
@@ -106,8 +111,8 @@ class DDIM(GridSampler):
 
     name = "ddim"
 
-    def __init__(self, *, steps: int | None, eta: float, clip_x0: bool):
-        super().__init__(steps=steps, clip_x0=clip_x0)
+    def __init__(self, *, steps: int | None, eta: float, clip_x0: bool, spacing: Spacing):
+        super().__init__(steps=steps, clip_x0=clip_x0, spacing=spacing)
         self.eta = eta
 
     def step(self, x, history, grid, i, generators):
@@ -150,26 +155,50 @@ def _check_steps(steps: int | None) -> None:
         raise ValueError(f"steps must be >= 1 or null (every trained step), got {steps}")
 
 
-def ddpm(*, steps: int | None = None, variance: str = "fixed-small", clip_x0: bool = True) -> DDPM:
+def make_spacing(spacing: str, rho: float | None, schedule: dict[str, Any] | None) -> Spacing:
+    """The grid spacing of a sampler's args; ``schedule`` ``{name, args}`` names a built-in
+    schedule. ValueError saying what to change."""
+    if rho is not None and spacing != "edm":
+        raise ValueError(f"rho sets the edm spacing; with spacing {spacing} drop it, or set spacing: edm")
+    sampling = None
+    if schedule is not None:
+        if not isinstance(schedule, dict) or "name" not in schedule or set(schedule) - {"name", "args"}:
+            raise ValueError(f"schedule must be a mapping {{name: ..., args: {{...}}}} naming a sampling schedule "
+                             f"({', '.join(SCHEDULES)}), got {schedule!r}")
+        factory = SCHEDULES.get(schedule["name"])
+        if factory is None:
+            raise ValueError(f"sampling schedule {schedule['name']!r} is not a built-in schedule; use one of "
+                             f"{', '.join(SCHEDULES)}")
+        try:
+            sampling = factory(**(schedule.get("args") or {}))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"sampling schedule {schedule['name']!r}: {exc}") from None
+    return Spacing(spacing, 7.0 if rho is None else rho, sampling)
+
+
+def ddpm(*, steps: int | None = None, variance: str = "fixed-small", clip_x0: bool = True,
+         spacing: str = "uniform-t", rho: float | None = None, schedule: dict[str, Any] | None = None) -> DDPM:
     """Ancestral sampling; ``steps`` respaces the trained process (null: all T steps)."""
     if variance not in VARIANCES:
         raise ValueError(f"variance must be one of {', '.join(VARIANCES)}, got {variance!r}")
     _check_steps(steps)
-    return DDPM(steps=steps, variance=variance, clip_x0=clip_x0)
+    return DDPM(steps=steps, variance=variance, clip_x0=clip_x0, spacing=make_spacing(spacing, rho, schedule))
 
 
-def ddim(*, steps: int | None = 50, eta: float = 0.0, clip_x0: bool = True) -> DDIM:
+def ddim(*, steps: int | None = 50, eta: float = 0.0, clip_x0: bool = True,
+         spacing: str = "uniform-t", rho: float | None = None, schedule: dict[str, Any] | None = None) -> DDIM:
     """DDIM; eta = 0 is deterministic, eta = 1 matches ancestral sampling's variance."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     _check_steps(steps)
-    return DDIM(steps=steps, eta=eta, clip_x0=clip_x0)
+    return DDIM(steps=steps, eta=eta, clip_x0=clip_x0, spacing=make_spacing(spacing, rho, schedule))
 
 
-def dpm_solver_2m(*, steps: int | None = 20, clip_x0: bool = True) -> DPMSolver2M:
+def dpm_solver_2m(*, steps: int | None = 20, clip_x0: bool = True, spacing: str = "uniform-t",
+                  rho: float | None = None, schedule: dict[str, Any] | None = None) -> DPMSolver2M:
     """DPM-Solver++(2M); ``clip_x0`` is its thresholding of data predictions to [-1, 1]."""
     _check_steps(steps)
-    return DPMSolver2M(steps=steps, clip_x0=clip_x0)
+    return DPMSolver2M(steps=steps, clip_x0=clip_x0, spacing=make_spacing(spacing, rho, schedule))
 
 
 @hookimpl

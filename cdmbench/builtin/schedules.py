@@ -38,15 +38,25 @@ class LinearSchedule:
         scale = 1000.0 / timesteps
         self.timesteps = timesteps
         self.beta_start, self.beta_end = beta_start * scale, beta_end * scale
+        # log abar_k = sum_{i <= k} log(1 - beta_i), k = 0..T (abar_0 = 1), per device
+        self._log_abar = {torch.device("cpu"): torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                          torch.log1p(-self.betas()).cumsum(0)])}
 
     def betas(self) -> Tensor:
         return torch.linspace(self.beta_start, self.beta_end, self.timesteps, dtype=torch.float64)
 
     def abar(self, t: Tensor) -> Tensor:
-        """Continuous-time limit: log abar(t) = -T (b0 t + (b1 - b0) t^2 / 2) (the VP SDE)."""
+        """The discrete process's abar at its steps, abar(k / T) = prod_{i <= k} (1 - beta_i),
+        log-linear between them: a level s is one noise level whether a sampler stops there
+        (truncated augmentation) or z_0 is noised to it (training, non-truncated). The betas'
+        continuous-time limit (the VP SDE) is up to 6 % away at s = 0.95."""
         t = torch.as_tensor(t, dtype=torch.float64)
-        T = self.timesteps
-        return torch.exp(-T * (self.beta_start * t + (self.beta_end - self.beta_start) * t**2 / 2))
+        if t.device not in self._log_abar:  # copied once: a copy per call would wait for the GPU
+            self._log_abar[t.device] = self._log_abar[torch.device("cpu")].to(t.device)
+        table, T = self._log_abar[t.device], self.timesteps
+        u = (t * T).clamp(0, T)
+        k = u.floor().clamp(max=T - 1).long()
+        return torch.exp(table[k] + (u - k) * (table[k + 1] - table[k]))
 
 
 class LogSNRSchedule:
@@ -96,8 +106,13 @@ def log_snr(*, logsnr_min: float = -20.0, logsnr_max: float = 20.0) -> LogSNRSch
     return LogSNRSchedule(logsnr_min, logsnr_max)
 
 
+FACTORIES = {"linear": linear, "cosine": cosine, "log-snr": log_snr}  # also samplers' sampling schedules
+SUMMARIES = {"linear": "DDPM linear betas 1e-4..0.02, scaled to T steps",
+             "cosine": "Improved-DDPM cosine abar, offset 0.008, beta clipped at 0.999",
+             "log-snr": "continuous cosine log-SNR schedule in [min, max], any step count"}
+
+
 @hookimpl
 def cdmbench_register_schedules(register):
-    register("linear", linear, summary="DDPM linear betas 1e-4..0.02, scaled to T steps")
-    register("cosine", cosine, summary="Improved-DDPM cosine abar, offset 0.008, beta clipped at 0.999")
-    register("log-snr", log_snr, summary="continuous cosine log-SNR schedule in [min, max], any step count")
+    for name, factory in FACTORIES.items():
+        register(name, factory, summary=SUMMARIES[name])

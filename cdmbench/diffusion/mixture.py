@@ -73,6 +73,19 @@ class GaussianMixture:
         x0 = (r[:, :, None] * x0_k).sum(1).to(x_t.dtype).reshape(x_t.shape)
         return Prediction(x0, eps_from_x0(x_t, abar, x0))
 
+    def sliced_wasserstein(self, samples: Tensor, exact: Tensor, *, projections: int = 256,
+                           seed: int = 0) -> float:
+        """The sliced 2-Wasserstein distance between ``samples`` and as many ``exact`` samples
+        (n, d, ...): the root mean, over random unit directions, of the squared W2 between the
+        two projections, which for equal counts pairs their sorted values (Rabin et al. 2011)."""
+        x, y = (v.double().reshape(len(v), self.dim) for v in (samples, exact))
+        if len(x) != len(y):
+            raise ValueError(f"the sliced Wasserstein distance here pairs equal counts, got {len(x)} and {len(y)}")
+        theta = torch.randn(self.dim, projections, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        theta = theta / theta.norm(dim=0)
+        gap = (x @ theta).sort(dim=0).values - (y @ theta).sort(dim=0).values
+        return gap.pow(2).mean().sqrt().item()
+
     def errors(self, samples: Tensor) -> dict[str, float]:
         """How far samples (n, d, ...) are from this mixture: mean error ||m - mu||, covariance
         error ||C - Sigma||_F, and the total-variation distance between the component weights

@@ -3,8 +3,13 @@
 A noise level is abar, the signal fraction of x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (DDPM
 eq. 4). A *discrete* process has T trained steps (index t = 0..T-1 is DDPM's t = 1..T); a
 *continuous* process is trained on t ~ U(0, 1). Sampling walks a ``Grid`` of levels from pure
-noise to clean data, or to an early-stop level s. Levels s in [0, 1] are fractions of the
-process: for a discrete process s = (t + 1) / T, so abar(s) of the schedule is abar_t.
+noise to clean data, or to an early-stop level s, placed by a ``Spacing`` (``spacing``). Levels
+s in [0, 1] are fractions of the trained process: for a discrete process s = (t + 1) / T, so
+abar(s) of the schedule is abar_t.
+
+What the backbone sees (``noise_cond``): a discrete process's step index, 1000 t / T (IDDPM); a
+continuous process's noise level itself, ``noise_level_cond(abar)``, so that it may be sampled on
+levels of any schedule.
 """
 
 from __future__ import annotations
@@ -17,12 +22,29 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from cdmbench.diffusion.spacing import Spacing, log_snr
 from cdmbench.interfaces import Schedule
 
 # loss -> what the backbone predicts. `hybrid` adds the learned variance (IDDPM section 3.1).
 LOSSES = {"simple": "eps", "x0": "x0", "v": "v", "hybrid": "eps"}
-NOISE_COND_SCALE = 1000.0  # the backbone sees t on [0, 1000) (IDDPM's rescaled timesteps)
+NOISE_COND_SCALE = 1000.0  # a discrete process's backbone sees t on [0, 1000) (IDDPM's rescaled timesteps)
 LOG2 = math.log(2.0)
+# What a continuous process's backbone is conditioned on; checkpoints record it (a checkpoint
+# without it was trained on 1000 t: ``cdmbench.training.checkpoint``).
+NOISE_COND = "log-snr: 500 - 25 lambda"
+LOG_SNR_LIMIT = 40.0  # |lambda| is clamped here, so clean data (abar = 1) and pure noise stay finite
+
+
+def noise_level_cond(abar: Tensor) -> Tensor:
+    """The conditioning of a continuous process's backbone at level abar: c = 500 - 25 lambda.
+
+    EDM (Karras et al. 2022, table 1) conditions on c_noise = ln(sigma) / 4, sigma =
+    sqrt((1 - abar) / abar), an affine function of the log-SNR lambda = -2 ln sigma: the network
+    then knows the noise level itself, not a schedule's time, and any grid may sample it (CDM
+    sampled its noise-level conditioned stages on schedules chosen after training). c is
+    500 + 200 c_noise: lambda in [-20, 20], the log-snr schedule's range, on the [0, 1000] the
+    sinusoidal timestep embedding was made for (IDDPM), increasing with noise like 1000 t."""
+    return 500.0 - 25.0 * log_snr(abar).clamp(-LOG_SNR_LIMIT, LOG_SNR_LIMIT)
 
 
 def _b(a: Tensor | float, x: Tensor) -> Tensor:
@@ -209,9 +231,10 @@ class DiscreteProcess:
                              f"multiple of 1/{self.T} in (0, 1], e.g. {max(1, round(s * self.T)) / self.T}")
         return round(k)
 
-    def grid(self, steps: int | None = None, stop_at: float = 0.0) -> Grid:
-        """``steps`` evenly spaced trained steps (all of them for None) from T - 1 down to the
-        end: clean data, or level ``stop_at``. Respacing keeps abar at the kept steps (IDDPM)."""
+    def grid(self, steps: int | None = None, stop_at: float = 0.0, spacing: Spacing | None = None) -> Grid:
+        """``steps`` trained steps (all of them for None) from T - 1 down to the end: clean data,
+        or level ``stop_at``; evenly spaced in t, or the trained steps nearest to even spacing in
+        ``spacing``'s coordinate. Respacing keeps abar at the kept steps (IDDPM)."""
         lowest = 0 if stop_at == 0 else self.level_index(stop_at) + 1
         available = self.T - lowest
         steps = available if steps is None else steps
@@ -219,7 +242,10 @@ class DiscreteProcess:
             end = "to clean data" if stop_at == 0 else f"down to level {stop_at}"
             raise ValueError(f"cannot sample {steps} steps {end} from a {self.T}-step process; "
                              f"choose 1..{available} (it was trained on {self.T} steps)")
-        kept = torch.linspace(self.T - 1, lowest, steps, dtype=torch.float64).round().long()
+        if spacing is None or spacing.trained:
+            kept = torch.linspace(self.T - 1, lowest, steps, dtype=torch.float64).round().long()
+        else:
+            kept = lowest + spacing.nearest_steps(self.abar[lowest:], steps)
         terminal = torch.ones(1, dtype=torch.float64) if stop_at == 0 else self.abar[lowest - 1:lowest]
         return Grid(torch.cat([self.abar[kept], terminal]), self.noise_cond(kept))
 
@@ -264,8 +290,9 @@ class DiscreteProcess:
 
 
 class ContinuousProcess:
-    """A process on continuous t in [0, 1] with the schedule's abar(t); the backbone sees
-    1000 t, so it can be sampled with any number of steps."""
+    """A process on continuous t in [0, 1] with the schedule's abar(t); the backbone sees the
+    noise level (``noise_level_cond``), so it can be sampled with any number of steps, on levels
+    spaced as any ``Spacing`` says."""
 
     continuous = True
 
@@ -277,18 +304,25 @@ class ContinuousProcess:
 
     def training_points(self, n: int, device: torch.device | str) -> tuple[Tensor, Tensor, Tensor]:
         t = torch.rand(n, device=device, dtype=torch.float64)
-        return t, self.abar_at(t), (t * NOISE_COND_SCALE).float()
+        abar = self.abar_at(t)
+        return t, abar, noise_level_cond(abar).float()
 
-    def grid(self, steps: int | None = None, stop_at: float = 0.0) -> Grid:
+    def grid(self, steps: int | None = None, stop_at: float = 0.0, spacing: Spacing | None = None) -> Grid:
+        """``steps + 1`` levels from the noisiest trained one, abar(1), to abar(``stop_at``) (the
+        terminal level; clean data for 0), evenly spaced in t or in ``spacing``'s coordinate; the
+        model is evaluated at the first ``steps``."""
         if steps is None or steps < 1:
             raise ValueError("a continuous process needs a step count: set the sampler's steps")
         if not 0 <= stop_at < 1:
             raise ValueError(f"stop level must be in [0, 1), got {stop_at}")
-        t = torch.linspace(1.0, stop_at, steps + 1, dtype=torch.float64)
-        abar = self.abar_at(t)
+        if spacing is None or spacing.trained:
+            abar = self.abar_at(torch.linspace(1.0, stop_at, steps + 1, dtype=torch.float64))
+        else:
+            ends = self.abar_at(torch.tensor([1.0, stop_at], dtype=torch.float64))
+            abar = spacing.levels(ends[0], ends[1], steps + 1)
         if stop_at == 0:
             abar[-1] = 1.0
-        return Grid(abar, (t[:-1] * NOISE_COND_SCALE).float())
+        return Grid(abar, noise_level_cond(abar[:-1]).float())
 
 
 Process = DiscreteProcess | ContinuousProcess

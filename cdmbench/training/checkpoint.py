@@ -1,7 +1,8 @@
 """Checkpoints: one folder per step, written atomically, read back with integrity checks.
 
     <stage>/checkpoints/step-00001000/
-        model.safetensors      weights; metadata holds the resolved recipe, stage and step
+        model.safetensors      weights; metadata holds the resolved recipe, stage and step, and
+                               the noise conditioning of continuous processes (``NOISE_COND``)
         ema.safetensors        EMA weights (used for sampling)
         optimizer.pt           optimizer state, loaded with weights_only=True (no pickle code)
         posthoc_ema.safetensors  the post-hoc EMAs (train.posthoc_ema), when kept
@@ -32,9 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cdmbench.diffusion.process import NOISE_COND
 from cdmbench.errors import CheckpointError
 from cdmbench.runtime import distributed
 from cdmbench.storage.files import SPACE_ERRNOS, file_mode, write_failure
@@ -87,7 +90,7 @@ def save_checkpoint(folder: Path, step: int, *, model: nn.Module, ema: nn.Module
                     milestone_every: int = 0, extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write the checkpoint of ``step`` atomically (``write_folder``), then prune (``_prune``).
     ``extra``: more tensors to resume, each ``<name>.safetensors`` (the post-hoc EMAs)."""
-    meta = {"step": str(step), **{k: json.dumps(v) for k, v in metadata.items()}}
+    meta = {"step": str(step), "noise_cond": NOISE_COND, **{k: json.dumps(v) for k, v in metadata.items()}}
 
     def write(tmp: Path) -> None:
         save_file(_state(model), tmp / "model.safetensors", metadata=meta)
@@ -212,6 +215,32 @@ def verified_file(path: Path, name: str) -> Path:
     return file
 
 
+DISCRETE_SCHEDULES = ("linear", "cosine")  # built-ins whose noise conditioning never changed
+
+
+def check_noise_cond(path: Path) -> None:
+    """CheckpointError when checkpoint ``path`` was trained before continuous processes were
+    conditioned on the noise level (its metadata has no ``noise_cond``: it saw 1000 t) and its
+    stage, or the stage it is conditioned on, may have a continuous schedule. Refused, not
+    unreadable: never skipped nor moved aside. An unreadable file is left to the loading."""
+    try:
+        with safe_open(path / "ema.safetensors", framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception:
+        return
+    if "noise_cond" in meta or "recipe" not in meta:
+        return
+    stages = {st["name"]: st for st in json.loads(meta["recipe"]).get("stages", [])}
+    stage = stages.get(json.loads(meta.get("stage", "null")), {})
+    names = {st["schedule"]["name"] for st in (stage, stages.get(stage.get("condition_on"), {})) if "schedule" in st}
+    suspect = sorted(names - set(DISCRETE_SCHEDULES))
+    if suspect:
+        raise CheckpointError(f"checkpoint {path} was trained by an earlier cdmbench, whose continuous schedules "
+                              f"conditioned the network on 1000 t; this one conditions it on the noise level "
+                              f"(log-SNR), so these weights (schedule {', '.join(suspect)}) would sample "
+                              "wrongly: train the stage again, or sample it with the cdmbench version that trained it")
+
+
 def _check_fits(module: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
     """Raise unless ``state`` has exactly the keys and shapes of ``module``'s state, so that
     loading it cannot stop part way."""
@@ -232,6 +261,7 @@ def load_checkpoint(path: Path, *, model: nn.Module, ema: nn.Module,
     def file(name: str) -> Path:
         return verified_file(path, name) if verify else path / name
 
+    check_noise_cond(path)
     try:
         weights = load_file(file("model.safetensors"))
         ema_weights = load_file(file("ema.safetensors"))
@@ -271,6 +301,7 @@ def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
     checkpoint's (the one another process chose), or CheckpointError."""
     if step is not None:
         path = folder / f"{PREFIX}{step:08d}"
+        check_noise_cond(path)
         try:
             state = _ema_state(path, module)
         except Exception as exc:
@@ -281,6 +312,7 @@ def load_ema(folder: Path, module: nn.Module, step: int | None = None) -> int:
         return step
     unreadable = []
     for path in reversed(list_checkpoints(folder)):
+        check_noise_cond(path)
         try:
             state = _ema_state(path, module)
         except Exception as exc:
@@ -323,6 +355,7 @@ def resume_latest(folder: Path, *, model: nn.Module, ema: nn.Module,
         return step
     step = 0
     for path in reversed(list_checkpoints(folder)):
+        check_noise_cond(path)
         try:
             step = load_checkpoint(path, model=model, ema=ema, optimizer=optimizer, extra=extra)
             break

@@ -8,11 +8,14 @@ import math
 import pytest
 import torch
 import yaml
+from torch import Tensor
 
 from cdmbench.builtin.augmentations import blur, gaussian, gaussian_kernels
-from cdmbench.builtin.schedules import cosine
+from cdmbench.builtin.schedules import cosine, linear
 from cdmbench.builtin.unet import adm_unet
 from cdmbench.cascade.stages import Composition, build_stage, sample_cascade, sample_stage
+from cdmbench.diffusion import noise_level_cond
+from cdmbench.diffusion.process import make_process
 from cdmbench.errors import RecipeError
 from cdmbench.recipe.validate import parse_recipe
 from tests.conftest import TINY_RECIPE
@@ -211,3 +214,56 @@ def test_truncated_and_nontruncated_consumers_of_one_stage():
     assert not torch.allclose(
         images["sr16t"], sample_stage(stages[2], models["sr16t"], labels, low_res=clean, **common)
     )
+
+
+def delivered(call) -> tuple[float, Tensor]:
+    """The abar to which ``call(z_0)`` -> (z, conditioning) takes z_0, and its conditioning: run on
+    z_0 = 0 and z_0 = 1 with the same noise, z(1) - z(0) = sqrt(abar)."""
+    (zero, cond), (one, cond_one) = call(torch.zeros(8, 3, 8, 8)), call(torch.ones(8, 3, 8, 8))
+    assert torch.equal(cond, cond_one)
+    return ((one.double() - zero.double()) ** 2).mean().item(), cond
+
+
+@pytest.mark.parametrize("schedule", ["{name: linear, args: {timesteps: 1000}}",
+                                      "{name: linear, args: {timesteps: 4000}}",
+                                      "{name: cosine, args: {timesteps: 1000}}", "{name: log-snr}"])
+def test_truncated_nontruncated_and_training_deliver_one_abar_and_conditioning(schedule):
+    """At level s, the previous stage's sampler stops at (truncated), a ground-truth z_0 is taken
+    to (truncated, sweeps), and z_0 is noised to (non-truncated, training) one abar, with one
+    conditioning value. The linear schedule's abar(s) was its betas' continuous-time limit: 6 %
+    from the discrete abar of step sT - 1 at s = 0.95."""
+    def gens():
+        return [torch.Generator().manual_seed(i) for i in range(8)]
+
+    def train(st):
+        def call(z0):
+            torch.manual_seed(0)  # the same noise for both calls
+            return st.train_condition(z0)
+        return call
+
+    stages = {}
+    for mode in ("nontruncated", "truncated"):
+        recipe, plugins = tiny(f"stages.base8.schedule={schedule}", "stages.sr16.augmentation={name: gaussian, "
+                               f"args: {{mode: {mode}, level: 0.5}}}}")
+        base, stages[mode] = (build_stage(plugins, recipe, stage, num_classes=10) for stage in recipe.stages)
+    for s in (0.1, 0.25, 0.5, 0.95):
+        got = {}
+        for mode, st in stages.items():
+            st.augmentation.min_level = st.augmentation.max_level = st.augmentation.level = s
+            got[mode] = delivered(lambda z0, st=st: st.condition(z0, gens(), ground_truth=True))
+            got[f"{mode} training"] = delivered(train(st))
+        stops = base.process.grid(base.sampler.steps, s, base.sampler.spacing).abar[-1].item()
+        for mode, (abar, cond) in got.items():
+            assert abar == pytest.approx(stops, rel=1e-4), (s, mode)  # float32 images; 6e-2 was the gap
+            assert torch.equal(cond, got["truncated"][1]), (s, mode)
+        if base.process.continuous:
+            assert cond[0, 0].item() == pytest.approx(noise_level_cond(torch.tensor(stops)).item(), rel=1e-6)
+        else:  # a trained step's own abar, conditioned as 1000 s
+            assert stops == base.process.abar[base.process.level_index(s)].item() and cond[0, 0].item() == 1000 * s
+
+def test_the_linear_schedules_abar_is_its_discrete_process_at_every_step():
+    schedule = linear(timesteps=1000)
+    steps = schedule.abar(torch.arange(1, 1001, dtype=torch.float64) / 1000)
+    assert torch.allclose(steps, make_process(schedule).abar, rtol=1e-12)
+    t = torch.linspace(0, 1, 5001, dtype=torch.float64)
+    assert schedule.abar(t)[0].item() == 1.0 and bool((schedule.abar(t).diff() < 0).all())

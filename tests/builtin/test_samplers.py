@@ -151,8 +151,13 @@ def test_compare_samplers_writes_table_and_plot(tmp_path):
     if "diffusers-heun" in load_plugins()["samplers"]:  # the diffusers plugin, which the set-up installs
         heun = ran[ran.sampler == "diffusers-heun"]
         assert not heun.empty and (heun.evaluations > heun.steps).all()  # a second-order step evaluates twice
-    ddim = table[table.sampler == "ddim"].set_index("steps")
+    ddim = table[(table.sampler == "ddim") & (table.grid == "uniform-t")].set_index("steps")
     assert ddim.loc[5, "cov_error"] > ddim.loc[20, "cov_error"]  # more steps, smaller error
+    assert ddim.loc[5, "sw_error"] > ddim.loc[20, "sw_error"]
+    # Every built-in sampler on every grid choice; a plugin's sampler on its own.
+    grids = table[table.sampler.isin(["ddpm", "ddim", "dpm-solver-2m"])].groupby("sampler").grid.agg(set)
+    assert all(g == {"uniform-t", "log-snr", "edm", "linear schedule"} for g in grids)
+    assert "Sliced-Wasserstein error by grid" in (tmp_path / "samplers.md").read_text()
     assert (tmp_path / "samplers.png").stat().st_size > 10_000
     assert "cdmbench compare-samplers --steps 5,20" in (tmp_path / "samplers.md").read_text()
     bad = CliRunner().invoke(cli, ["compare-samplers", "--steps", "5,x"])
@@ -160,3 +165,37 @@ def test_compare_samplers_writes_table_and_plot(tmp_path):
     for steps in ("0,2", "5,2000"):
         bad = CliRunner().invoke(cli, ["compare-samplers", "--steps", steps])
         assert bad.exit_code == 2 and "step counts must be in 1..1000" in bad.output
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ({"spacing": "karras"}, "spacing must be one of uniform-t, log-snr, edm, got 'karras'"),
+    ({"rho": 5.0}, "rho sets the edm spacing; with spacing uniform-t drop it, or set spacing: edm"),
+    ({"spacing": "log-snr", "schedule": {"name": "cosine"}}, "drop the schedule or use spacing uniform-t"),
+    ({"schedule": {"name": "cosinus"}}, "'cosinus' is not a built-in schedule; use one of linear, cosine, log-snr"),
+    ({"schedule": "cosine"}, "schedule must be a mapping {name: ..., args: {...}}"),
+    ({"schedule": {"name": "cosine", "args": {"timesteps": 0}}}, "sampling schedule 'cosine': timesteps must be in"),
+    ({"schedule": {"name": "cosine", "args": {"offst": 0.1}}}, "sampling schedule 'cosine': .*offst"),
+])
+def test_grid_arguments_are_refused_with_the_fix(args, message):
+    from cdmbench.plugins import load_plugins
+    from cdmbench.registry import BuildError
+
+    for name in ("ddpm", "ddim", "dpm-solver-2m"):
+        with pytest.raises(BuildError, match=message):
+            load_plugins()["samplers"].get(name).build({"steps": 10, **args})
+
+
+def test_a_recipe_sets_the_grid_in_the_sampler_args(tiny_recipe):
+    from cdmbench.cascade.stages import build_stage
+    from cdmbench.errors import RecipeError
+    from cdmbench.recipe.load import load_recipe
+
+    recipe, plugins = load_recipe(tiny_recipe, overrides=[
+        "stages.base8.sampler={name: ddim, args: {steps: 6, spacing: edm, rho: 3}}"])
+    stage = build_stage(plugins, recipe, recipe.stages[0], num_classes=2)
+    assert stage.sampler.spacing.kind == "edm" and stage.sampler.spacing.rho == 3.0
+    assert stage.process.grid(6, 0.0, stage.sampler.spacing).steps == 6
+    recipe, plugins = load_recipe(tiny_recipe, overrides=["stages.base8.sampler.args.spacing=log-snr",
+                                                          "stages.base8.sampler.args.rho=7"])
+    with pytest.raises(RecipeError, match="stages.base8.sampler: sampler 'ddpm'.*rho sets the edm spacing"):
+        build_stage(plugins, recipe, recipe.stages[0], num_classes=2)

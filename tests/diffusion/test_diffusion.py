@@ -118,10 +118,12 @@ def test_log_snr_schedule():
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     assert torch.allclose(schedule.abar(t), torch.sigmoid(schedule.log_snr(t)))
     assert bool((schedule.abar(t)[1:] < schedule.abar(t)[:-1]).all())  # decreasing in t
-    # Continuous process: any number of steps, conditioned on 1000 t.
+    # Continuous process: any number of steps, conditioned on the noise level, 500 - 25 lambda.
     grid = D.make_process(schedule).grid(7)
     assert grid.steps == 7 and grid.abar[-1].item() == 1.0
-    assert grid.noise_cond.tolist() == pytest.approx([1000 * (1 - i / 7) for i in range(7)], rel=1e-6)
+    lam = schedule.log_snr(torch.tensor([1 - i / 7 for i in range(7)], dtype=torch.float64))
+    assert grid.noise_cond.tolist() == pytest.approx((500 - 25 * lam).tolist(), rel=1e-6)
+    assert grid.noise_cond[0].item() == pytest.approx(500 + 25 * 15)
     stopped = D.make_process(schedule).grid(4, stop_at=0.3)
     assert stopped.abar[-1].item() == pytest.approx(schedule.abar(torch.tensor(0.3)).item())
 

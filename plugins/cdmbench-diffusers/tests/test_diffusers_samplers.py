@@ -9,7 +9,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("cdmbench_diffusers")
 
 from cdmbench.builtin.schedules import cosine, linear, log_snr  # noqa: E402
-from cdmbench.diffusion import ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0  # noqa: E402
+from cdmbench.diffusion import ContinuousProcess, DiscreteProcess, Prediction, eps_from_x0, noise_level_cond  # noqa: E402
 from cdmbench.plugins import load_plugins  # noqa: E402
 from cdmbench.registry import BuildError  # noqa: E402
 
@@ -62,7 +62,8 @@ def test_continuous_process_is_walked_on_its_own_grid(name):
     ours, theirs = gaussian_denoiser(), gaussian_denoiser()
     a = run(sampler("ddim", steps=10), ours, process=CONTINUOUS)
     b = run(sampler(name, steps=10), theirs, process=CONTINUOUS)
-    assert [round(nc) for _, nc in theirs.seen] == list(range(1000, 0, -100))
+    levels = CONTINUOUS.abar_at(torch.arange(10, 0, -1, dtype=torch.float64) / 10)  # t = 1.0, 0.9, ..., 0.1
+    assert torch.allclose(torch.tensor([nc for _, nc in theirs.seen]), noise_level_cond(levels).float(), rtol=1e-5)
     assert torch.allclose(torch.tensor(ours.seen), torch.tensor(theirs.seen), rtol=1e-5)
     if name == "diffusers-euler":
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()

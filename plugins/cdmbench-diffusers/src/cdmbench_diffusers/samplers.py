@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from cdmbench.diffusion import NOISE_COND_SCALE, Denoise, randn_per_image
+from cdmbench.diffusion import NOISE_COND_SCALE, Denoise, noise_level_cond, randn_per_image
 
 CONTINUOUS_LEVELS = 1000  # N: levels a continuous process is read at
 
@@ -51,8 +51,10 @@ class Table:
         """(abar, noise_cond) at a scheduler timestep, which may be fractional: sigma is
         interpolated linearly in the timestep, as diffusers' Euler-type schedulers do."""
         sigma = float(np.interp(timestep, np.arange(self.T), self.sigma))
-        shift = 1 if self.continuous else 0  # continuous level t_i = (i + 1) / N
-        return 1 / (1 + sigma**2), (timestep + shift) * NOISE_COND_SCALE / self.T
+        abar = 1 / (1 + sigma**2)
+        if self.continuous:  # conditioned on the noise level itself
+            return abar, noise_level_cond(torch.tensor(abar, dtype=torch.float64)).item()
+        return abar, timestep * NOISE_COND_SCALE / self.T
 
     def index(self, process: Any, s: float) -> int:
         """The timestep whose level is s."""
