@@ -30,6 +30,7 @@ BUILTIN_MODULES = (
     "cdmbench.builtin.shapes",
     "cdmbench.builtin.datasets",
     "cdmbench.builtin.features",
+    "cdmbench.builtin.dinov2",
     "cdmbench.builtin.metrics",
     "cdmbench.builtin.baselines",
     "cdmbench.builtin.loggers",

@@ -2,7 +2,10 @@
 
 Train a classifier on generated samples, which replace the training set class for class, and
 report its top-1/top-5 accuracy on the real validation set. The same classifier trained with the
-same settings on as many real training images per class is the reference row. No file I/O here.
+same settings on as many real training images per class is the reference row. Each row's protocol
+names every setting (``protocol["cas"]``) and those that are not the paper's
+(``protocol["paper_differences"]``; the paper's protocol and its checks are in ``cas_protocol``).
+No file I/O here.
 """
 
 from __future__ import annotations
@@ -13,19 +16,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cdmbench.evaluation.cas_protocol import (  # noqa: F401 (PAPER and the checks: importable from here too)
+    PAPER,
+    cas_settings,
+    check_paper_protocol,
+    paper_differences,
+    paper_training,
+)
 from cdmbench.evaluation.classifier import (
+    MOMENTUM,
     Classifier,
     _check_labels,
     accuracy,
     cached_classifier,
     predict_logits,
+    schedule_epochs,
     train_classifier,
     training_ranks,
 )
 
-# Ravuri & Vinyals' ResNet-50 training: SGD momentum at batch 1024, lr warm-up to 0.4 (0.1 per
-# 256 images) over 5 epochs, x0.1 at 30/60/80 of 90 epochs.
-PAPER = {"classifier": "resnet50", "epochs": 90, "num_classes": 1000, "batch_size": 1024, "train_images": 1_281_167}
+# the scaled-down CAS's training (small sets at 16x16-64x64), beside the paper's ``paper_training()``
+SCALED_DOWN = {"lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "warmup_epochs": None, "milestones": None,
+               "nesterov": True, "preprocessing": "native"}
 
 
 def class_matched(sample_labels: Tensor, real_labels: Tensor, *, num_classes: int, seed: int = 0) -> Tensor:
@@ -52,21 +64,10 @@ def matched_real_subset(sample_labels: Tensor, real_labels: Tensor, *, num_class
     return class_matched(sample_labels, real_labels, num_classes=num_classes, seed=seed).sort().values
 
 
-def check_paper_protocol(*, arch: str, epochs: int, num_classes: int, batch_size: int, train_images: int) -> None:
-    """ValueError naming every setting that differs from Ravuri & Vinyals' protocol."""
-    given = {"classifier": arch, "epochs": epochs, "num_classes": num_classes, "batch_size": batch_size}
-    wrong = {k: v for k, v in given.items() if v != PAPER[k]}
-    if train_images < PAPER["train_images"]:
-        wrong["train_images"] = train_images
-    if wrong:
-        raise ValueError(f"paper_protocol needs {({k: PAPER[k] for k in wrong})} (train_images: at "
-                         f"least), got {wrong}")
-
-
 def _note(*, arch: str, epochs: int, n: int) -> str:
     return (f"scaled down: {arch} for {epochs} epochs on {n:,} images at the samples' resolution "
             f"(paper: ResNet-50, 90 epochs, {PAPER['train_images']:,} ImageNet images); "
-            f"not comparable with published CAS")
+            f"not comparable with published CAS (paper_differences lists each setting)")
 
 
 def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
@@ -74,15 +75,19 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
                                   real_val_images: Tensor | None, real_val_labels: Tensor | None, num_classes: int,
                                   arch: str = "resnet10t", epochs: int, batch_size: int = 128,
                                   seed: int = 0, device: str | torch.device = "cpu", progress: bool = True,
-                                  paper_protocol: bool = False,
+                                  paper_protocol: bool = False, replaced: bool = False,
                                   reference: Classifier | None = None,
                                   cache: tuple[Path, dict] | None = None,
                                   samples_key: dict | None = None, ranks: bool = False) -> list[dict[str, Any]]:
     """CAS top-1/top-5 (fractions) of ``samples`` and of the matched real-data reference.
 
-    All images are (N, 3, H, W) uint8 at one resolution. ``paper_protocol`` trains as the paper
-    does (ResNet-50, 90 epochs, lr 0.1 per 256 images warmed up over 5 epochs, x0.1 at 30/60/80,
-    weight decay 1e-4; 1000 classes required) and marks the rows not scaled down.
+    All images are (N, 3, H, W) uint8 at one resolution. ``replaced``: the samples replace the
+    real training set, one per image. ``paper_protocol`` trains and tests as the paper does
+    (``cas_protocol.PAPER``: ResNet-50, 90 epochs at batch 1024, SGD with Nesterov momentum,
+    weight decay 1e-4, lr warmed up to 0.4 over 5 epochs and x0.1 at 30/60/80, random-resized
+    224 px crops, the central crop for testing; ImageNet's training set replaced) and raises a
+    ValueError naming each setting that is not the paper's; otherwise the scaled-down CAS
+    (``SCALED_DOWN``) trains at the samples' resolution.
     ``reference``: a classifier already trained on ``matched_real_subset(...)`` with the same
     settings (e.g. from ``cached_classifier``); then no real-data classifier is trained and the
     real training set may be None. ``cache``: (cache dir, key naming the real training data):
@@ -101,12 +106,12 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
         if samples.shape[1:] != real_val_images.shape[1:]:
             raise ValueError(f"samples {tuple(samples.shape[1:])} and real_val_images "
                              f"{tuple(real_val_images.shape[1:])} must have the same (3, H, W)")
-    train = {"num_classes": num_classes, "arch": arch, "epochs": epochs, "batch_size": batch_size,
-             "seed": seed, "device": device, "progress": progress}
     if paper_protocol:
         check_paper_protocol(arch=arch, epochs=epochs, num_classes=num_classes, batch_size=batch_size,
-                             train_images=len(samples))
-        train.update(lr=0.1 * batch_size / 256, weight_decay=1e-4, schedule="step", nesterov=False)
+                             train_images=len(samples), replaced=replaced)
+    options = paper_training() if paper_protocol else SCALED_DOWN
+    train = {"num_classes": num_classes, "arch": arch, "epochs": epochs, "batch_size": batch_size,
+             "seed": seed, "device": device, "progress": progress, **options}
 
     counts = torch.bincount(sample_labels.cpu(), minlength=num_classes)
     if reference is None:
@@ -139,11 +144,20 @@ def classification_accuracy_score(*, samples: Tensor, sample_labels: Tensor,
         return []
     classifiers = {"generated": generated, "real data": reference}
     per_class = int(counts[0]) if bool((counts == counts[0]).all()) else counts.tolist()
+    warmup_epochs, milestones = schedule_epochs(epochs, options["schedule"], options["warmup_epochs"],
+                                                options["milestones"])
+    settings = cas_settings(classifier=arch, num_classes=num_classes, train_images=len(samples), replaced=replaced,
+                            epochs=epochs, batch_size=batch_size, momentum=MOMENTUM, nesterov=options["nesterov"],
+                            weight_decay=options["weight_decay"], lr=options["lr"], schedule=options["schedule"],
+                            warmup_epochs=warmup_epochs, milestones=milestones,
+                            preprocessing=options["preprocessing"])
+    differences = paper_differences({"cas": settings})
     protocol = {"classifier": arch, "epochs": epochs, "batch_size": batch_size, "train_images": len(samples),
                 "train_images_per_class": per_class, "val_images": len(real_val_images),
-                "resolution": samples.shape[-1], "seed": seed, "scaled_down": not paper_protocol,
+                "resolution": samples.shape[-1], "seed": seed, "scaled_down": bool(differences),
                 "processes": world,  # batch norm normalises each process's share of a batch
-                "note": "paper protocol" if paper_protocol else _note(arch=arch, epochs=epochs, n=len(samples))}
+                "cas": settings, "paper_differences": differences,
+                "note": "paper protocol" if not differences else _note(arch=arch, epochs=epochs, n=len(samples))}
 
     rows = []
     for source, model in classifiers.items():

@@ -1,11 +1,13 @@
 """Image classifiers for evaluation (CAS): train a timm network on uint8 images, predict, cache.
 
 Callers always hand over images as (N, 3, H, W) tensors, uint8 or float in [0, 255]; the
-``Classifier`` wrapper scales them to [-1, 1] itself. Training is SGD with Nesterov momentum, a
-linear warm-up then a cosine (or the paper's step) schedule, and random flips and +-2 px
-translations applied on the device. Given a seed, the weights are identical run to run on a CPU
-(GPU kernels may add tiny non-determinism), and so are those of a training interrupted (SIGTERM,
-SIGINT, SIGKILL) and resumed from its state file.
+``Classifier`` wrapper normalises them itself. Training is SGD with Nesterov momentum 0.9 and
+timm's learning-rate schedulers (a linear warm-up from 0, then cosine, or the paper's x0.1
+steps), with random crops and flips drawn and applied batched on the device (``crops``): +-2 px
+shifts at the images' resolution (``preprocessing="native"``), or Ravuri & Vinyals' random-resized
+224 px crops and, for testing, the central crop (``"resnet224"``). Given a seed, the weights are
+identical run to run on a CPU (GPU kernels may add tiny non-determinism), and so are those of a
+training interrupted (SIGTERM, SIGINT, SIGKILL) and resumed from its state file.
 """
 
 from __future__ import annotations
@@ -25,20 +27,26 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
 from torch import Tensor, nn
 
 from cdmbench.data.images import to_device
 from cdmbench.errors import Stopped  # noqa: F401 (what a stopped training raises: callers catch classifier.Stopped)
+from cdmbench.evaluation import crops
 from cdmbench.runtime import distributed
 from cdmbench.runtime.progress import bar, note
 from cdmbench.runtime.signals import StopSignal
 from cdmbench.storage.files import atomic_write, locked
 from cdmbench.training.checkpoint import weights_sha256
 
-PAD = 2                  # random translation: reflect-pad by PAD, crop back at a random offset
-WARMUP_FRACTION = 5 / 90  # linear warm-up over this share of all steps (the paper: 5 of 90 epochs)
-STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # "step" schedule: x0.1 at these shares of training
-CACHE_VERSION = 1        # bump when training changes, so cached classifiers are retrained
+MOMENTUM = 0.9           # SGD's momentum (Nesterov's unless asked otherwise)
+WARMUP_FRACTION = 5 / 90  # default linear warm-up: this share of training (the paper: 5 of 90 epochs)
+STEP_MILESTONES = (30 / 90, 60 / 90, 80 / 90)  # default "step" schedule: x0.1 at these shares of training
+STEP_DECAY = 0.1         # the "step" schedule's factor at each milestone
+# how images reach the network: the training augmentation (the test view is the Classifier's)
+AUGMENT = {"native": crops.shift_flip, "resnet224": crops.resized_crop_flip}
+CACHE_VERSION = 2        # bump when training changes, so cached classifiers are retrained
 LOSS_EVERY = 50          # steps between reads of the training loss (each waits for the GPU)
 SAVE_EVERY_S = 600       # seconds between saves of the training state (when given a state file)
 STATE_KEYS = {"settings", "step", "model", "optimizer", "shuffle", "augment"}  # what a state file holds
@@ -47,29 +55,39 @@ Data = tuple[Tensor, Tensor]
 
 
 class Classifier(nn.Module):
-    """A timm network that takes images in [0, 255] (uint8 or float) and scales them to [-1, 1]."""
+    """A timm network that takes images in [0, 255] (uint8 or float) and normalises them: to
+    [-1, 1] (``preprocessing="native"``), or, for ``"resnet224"`` (the TPU ResNet-50 code's), by
+    ImageNet's mean and std, after taking in eval mode the test view (``crops.centre_crop``);
+    training hands it images already cropped."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, preprocessing: str = "native"):
         super().__init__()
-        self.net = net
+        self.net, self.preprocessing = net, preprocessing
+        mean, std = ((0.5,) * 3, (0.5,) * 3) if preprocessing == "native" else (IMAGENET_DEFAULT_MEAN,
+                                                                               IMAGENET_DEFAULT_STD)
+        self.register_buffer("mean", 255 * torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", 255 * torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    @staticmethod
-    def scale(images: Tensor) -> Tensor:
-        return images.float() * (2 / 255) - 1
+    def normalise(self, images: Tensor) -> Tensor:
+        if self.preprocessing == "resnet224" and not self.training:
+            images = crops.centre_crop(images)
+        return (images.float() - self.mean) / self.std
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(self.scale(images))
+        return self.net(self.normalise(images))
 
     def features(self, images: Tensor) -> Tensor:
         """Penultimate (pre-logits) features, (N, D)."""
-        return self.net.forward_head(self.net.forward_features(self.scale(images)), pre_logits=True)
+        return self.net.forward_head(self.net.forward_features(self.normalise(images)), pre_logits=True)
 
 
-def build_classifier(*, arch: str, num_classes: int, seed: int = 0) -> Classifier:
+def build_classifier(*, arch: str, num_classes: int, seed: int = 0, preprocessing: str = "native") -> Classifier:
     """A freshly initialised ``Classifier`` (never downloads weights); init drawn from ``seed``."""
+    if preprocessing not in AUGMENT:
+        raise ValueError(f"preprocessing must be one of {sorted(AUGMENT)}, got {preprocessing!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return Classifier(timm.create_model(arch, num_classes=num_classes, pretrained=False))
+        return Classifier(timm.create_model(arch, num_classes=num_classes, pretrained=False), preprocessing)
 
 
 def _check_images(images: Tensor, name: str = "images") -> None:
@@ -100,29 +118,43 @@ def _check_labels(labels: Tensor, *, n: int, num_classes: int, name: str = "labe
                          f"got values in [{int(labels.min())}, {int(labels.max())}]")
 
 
-def _lr_factor(step: int, total: int, schedule: str) -> float:
-    """Learning-rate multiplier at ``step`` of ``total``: linear warm-up, then cosine or step decay."""
-    warmup = max(1, round(WARMUP_FRACTION * total))
-    if step < warmup:
-        return (step + 1) / warmup
+def schedule_epochs(epochs: int, schedule: str, warmup_epochs: float | None = None,
+                    milestones: Sequence[float] | None = None) -> tuple[float, list[float]]:
+    """(warm-up, milestones) in epochs: by default WARMUP_FRACTION of training, and for the "step"
+    schedule STEP_MILESTONES of it (the paper's 5 and 30/60/80 of 90); "cosine" has none."""
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    warmup = WARMUP_FRACTION * epochs if warmup_epochs is None else warmup_epochs
     if schedule == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return 0.1 ** sum(step >= m * total for m in STEP_MILESTONES)
+        if milestones:
+            raise ValueError("milestones are the step schedule's: give schedule='step' or no milestones")
+        if not 0 <= warmup < epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, epochs={epochs}), got {warmup}")
+        return warmup, []
+    steps = [m * epochs for m in STEP_MILESTONES] if milestones is None else list(milestones)
+    if warmup < 0 or steps != sorted(steps):
+        raise ValueError(f"warmup_epochs must be >= 0 and milestones ascending, got {warmup} and {steps}")
+    return warmup, steps
 
 
-def _augment(x: Tensor, generator: torch.Generator, part: slice = slice(None), of: int | None = None) -> Tensor:
-    """Random horizontal flip and +-PAD px translation of float images (B, C, H, W). The random
-    draws are made for a whole batch of ``of`` images (default B) of which ``x`` is ``part``, so
-    every process sharing a batch draws alike and applies its part's draws."""
-    b, c, h, w = x.shape
-    flip = (torch.rand(of or b, generator=generator, device=x.device) < 0.5)[part]
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    offsets = torch.randint(0, 2 * PAD + 1, (2, of or b), generator=generator, device=x.device)[:, part]
-    rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-    cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-    padded = F.pad(x, (PAD, PAD, PAD, PAD), mode="reflect")
-    batch = torch.arange(b, device=x.device)[:, None, None, None]
-    return padded[batch, torch.arange(c, device=x.device)[None, :, None, None], rows, cols]
+def lr_scheduler(optimizer: torch.optim.Optimizer, *, schedule: str, epochs: int, steps_per_epoch: int,
+                 warmup_epochs: float, milestones: Sequence[float]):
+    """timm's scheduler of ``optimizer``'s learning rate (its ``lr``, the peak), by optimiser
+    steps: ``step_update(step)`` before step ``step`` sets it. A linear warm-up from 0 over
+    ``warmup_epochs``, then cosine to 0 at the end, or x STEP_DECAY at each of ``milestones``
+    (epochs, from the start of training, as the TPU ResNet code counts them)."""
+    warmup = warmup_epochs * steps_per_epoch
+    if schedule == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=epochs * steps_per_epoch - warmup, warmup_t=warmup,
+                                 warmup_prefix=True, t_in_epochs=False)
+    # timm's convention applies milestone t at step t - 1: + 1 decays at the milestone itself
+    return MultiStepLRScheduler(optimizer, decay_t=[m * steps_per_epoch + 1 for m in milestones],
+                                decay_rate=STEP_DECAY, warmup_t=warmup, warmup_prefix=False, t_in_epochs=False)
+
+
+def _augment(x: Tensor, generator: torch.Generator, part: slice, of: int, preprocessing: str) -> Tensor:
+    """The training view of float images ``x``, part ``part`` of a batch of ``of`` (``AUGMENT``)."""
+    return AUGMENT[preprocessing](x, generator, part, of)
 
 
 def training_ranks(ranks: bool) -> tuple[int, int]:
@@ -133,16 +165,20 @@ def training_ranks(ranks: bool) -> tuple[int, int]:
 
 def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: str = "resnet10t",
                      epochs: int, batch_size: int = 128, lr: float = 0.1, weight_decay: float = 5e-4,
-                     schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
-                     device: str | torch.device = "cpu", progress: bool = True,
-                     state: Path | None = None, ranks: bool = False) -> Classifier:
+                     schedule: str = "cosine", warmup_epochs: float | None = None,
+                     milestones: Sequence[float] | None = None, nesterov: bool = True,
+                     preprocessing: str = "native", seed: int = 0, device: str | torch.device = "cpu",
+                     progress: bool = True, state: Path | None = None, ranks: bool = False) -> Classifier:
     """Train ``arch`` from scratch on uint8 ``images`` (N, 3, H, W) with int64 ``labels`` (N,).
 
-    The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine) suit small 10-class sets at
-    16x16-64x64; ``schedule="step"`` decays x0.1 at 1/3, 2/3 and 8/9 of training (the paper's
-    30/60/80 of 90 epochs). SGD with momentum 0.9, Nesterov's unless ``nesterov`` is false. Each
-    batch is indexed where ``images`` lie and moved to ``device`` alone, so a memory-mapped set
-    is never read whole. Returns the model in eval mode on ``device``.
+    The defaults (lr 0.1 at batch 128, weight decay 5e-4, cosine, +-2 px shifts) suit small
+    10-class sets at 16x16-64x64. ``lr`` is the peak, reached after ``warmup_epochs``;
+    ``schedule="step"`` decays x0.1 at ``milestones`` (epochs; ``schedule_epochs`` gives the
+    defaults: the paper's 5 and 30/60/80 of 90 epochs, scaled to ``epochs``). Weight decay on
+    weights, not on norms and biases. SGD with momentum 0.9, Nesterov's unless ``nesterov`` is
+    false. ``preprocessing``: "native" or "resnet224" (``AUGMENT``, ``Classifier``). Each batch is
+    indexed where ``images`` lie and moved to ``device`` alone, so a memory-mapped set is never
+    read whole. Returns the model in eval mode on ``device``.
 
     ``state``: a file (the caller's, for these images) where the training state is saved every
     SAVE_EVERY_S seconds and on SIGTERM / SIGINT, which then raise ``errors.Stopped`` (for SIGINT
@@ -162,14 +198,14 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
         raise ValueError("need at least 2 training images (batch norm needs more than one per batch)")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be positive, got {epochs} and {batch_size}")
-    if schedule not in ("cosine", "step"):
-        raise ValueError(f"schedule must be 'cosine' or 'step', got {schedule!r}")
+    warmup_epochs, milestones = schedule_epochs(epochs, schedule, warmup_epochs, milestones)
     world, rank = training_ranks(ranks)
     num_batches = math.ceil(len(images) / batch_size)  # near-equal batches: never a lone image
     if len(images) // num_batches < world:
         raise ValueError(f"batches of {len(images) // num_batches} images cannot be shared by {world} processes")
     device = torch.device(device)
-    model = build_classifier(arch=arch, num_classes=num_classes, seed=seed).to(device).train()
+    model = build_classifier(arch=arch, num_classes=num_classes, seed=seed,
+                             preprocessing=preprocessing).to(device).train()
     runner = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None)
 
@@ -177,13 +213,17 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
     rest = [p for p in model.parameters() if p.dim() <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
                                  {"params": rest, "weight_decay": 0.0}],
-                                lr=lr, momentum=0.9, nesterov=nesterov)
+                                lr=lr, momentum=MOMENTUM, nesterov=nesterov)
+    scheduler = lr_scheduler(optimizer, schedule=schedule, epochs=epochs, steps_per_epoch=num_batches,
+                             warmup_epochs=warmup_epochs, milestones=milestones)
     shuffle = torch.Generator().manual_seed(seed)  # the same order in every process
     augment = torch.Generator(device=device).manual_seed(seed + 1)
     total = epochs * num_batches
     settings = json.dumps({"arch": arch, "num_classes": num_classes, "n": len(images), "epochs": epochs,
                            "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                           "schedule": schedule, "nesterov": nesterov, "seed": seed, "device": device.type,
+                           "schedule": schedule, "warmup_epochs": warmup_epochs, "milestones": milestones,
+                           "nesterov": nesterov, "preprocessing": preprocessing, "seed": seed,
+                           "device": device.type,
                            "processes": world,  # each process's batch norm sees its share of a batch
                            "labels_sha256": hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()})
     saved = None if state is None else _resume(state, settings, together=world > 1)
@@ -203,13 +243,12 @@ def train_classifier(images: Tensor, labels: Tensor, *, num_classes: int, arch: 
             epoch_start = shuffle.get_state()  # saved with the state: it redraws this epoch's order
             order = torch.randperm(len(images), generator=shuffle).tensor_split(num_batches)
             for index in order[step - epoch * num_batches:]:
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * _lr_factor(step, total, schedule)
+                scheduler.step_update(step)
                 mine = slice(len(index) * rank // world, len(index) * (rank + 1) // world)
                 # Only the share moves to the device (the images may be a memory-mapped dataset),
                 # from pinned memory without waiting: the host gathers the next while the GPU computes.
                 x = _augment(to_device(images[index[mine].to(images.device)], device).float(), augment,
-                             mine, len(index))
+                             mine, len(index), preprocessing)
                 y = to_device(labels[index[mine].to(labels.device)], device).long()
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     # the share's mean, weighted so that DDP's average is the whole batch's mean
@@ -308,9 +347,11 @@ def accuracy(logits: Tensor, labels: Tensor, k: Sequence[int] = (1, 5)) -> dict[
 def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                       train_labels: Tensor | None = None, num_classes: int, cache_dir: Path,
                       arch: str = "resnet10t", epochs: int, batch_size: int = 128, lr: float = 0.1,
-                      weight_decay: float = 5e-4, schedule: str = "cosine", nesterov: bool = True, seed: int = 0,
-                      device: str | torch.device = "cpu", progress: bool = True,
-                      ranks: bool = False, purpose: str = "") -> tuple[Classifier | None, str]:
+                      weight_decay: float = 5e-4, schedule: str = "cosine", warmup_epochs: float | None = None,
+                      milestones: Sequence[float] | None = None, nesterov: bool = True,
+                      preprocessing: str = "native", seed: int = 0, device: str | torch.device = "cpu",
+                      progress: bool = True, ranks: bool = False,
+                      purpose: str = "") -> tuple[Classifier | None, str]:
     """Train once, then load from ``cache_dir/classifiers/<hash>.safetensors``. Before training,
     a line says what is trained, on how many images, ``purpose`` (why), and where it is kept.
 
@@ -329,9 +370,11 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     if callable(train_images) != (train_labels is None):
         raise ValueError("pass train_images and train_labels as tensors, or train_images as a callable "
                          "returning (images, labels) with train_labels=None")
+    warmup_epochs, milestones = schedule_epochs(epochs, schedule, warmup_epochs, milestones)
     settings = {"key": key, "arch": arch, "epochs": epochs, "seed": seed, "num_classes": num_classes,
                 "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "schedule": schedule,
-                "nesterov": nesterov, "version": CACHE_VERSION}
+                "warmup_epochs": warmup_epochs, "milestones": milestones, "nesterov": nesterov,
+                "preprocessing": preprocessing, "version": CACHE_VERSION}
     world, rank = training_ranks(ranks)
     if world > 1:  # one process's classifiers keep their key
         settings["processes"] = world
@@ -340,8 +383,8 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
     path = Path(cache_dir) / "classifiers" / f"{name}.safetensors"
     # concurrent evaluations train it once; the others wait and load it
     with locked(path) if rank == 0 else contextlib.nullcontext():
-        cached = _load_cached(path, key_json, arch=arch, num_classes=num_classes, seed=seed, device=device) \
-            if rank == 0 else None
+        cached = _load_cached(path, key_json, arch=arch, num_classes=num_classes, seed=seed,
+                              preprocessing=preprocessing, device=device) if rank == 0 else None
         if (distributed.broadcast(cached is not None) if world > 1 else cached is not None):
             return cached or (None, "")
         images, labels = train_images() if callable(train_images) else (train_images, train_labels)
@@ -351,7 +394,8 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
                  + f". Once: it is kept in {path} for later evaluations.")
         model = train_classifier(images, labels, num_classes=num_classes, arch=arch, epochs=epochs,
                                  batch_size=batch_size, lr=lr, weight_decay=weight_decay, schedule=schedule,
-                                 nesterov=nesterov, seed=seed, device=device, progress=progress,
+                                 warmup_epochs=warmup_epochs, milestones=milestones, nesterov=nesterov,
+                                 preprocessing=preprocessing, seed=seed, device=device, progress=progress,
                                  state=path.with_suffix(".state.pt"), ranks=ranks)
         if rank != 0:
             return model, ""
@@ -361,7 +405,7 @@ def cached_classifier(*, key: dict, train_images: Tensor | Callable[[], Data],
         return model, weights_sha256(path)
 
 
-def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed: int,
+def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed: int, preprocessing: str,
                  device: str | torch.device) -> tuple[Classifier, str] | None:
     """The classifier cached in ``path`` under ``key_json`` and its identity, or None when there
     is none (or it is unreadable: then with a warning)."""
@@ -371,7 +415,7 @@ def _load_cached(path: Path, key_json: str, *, arch: str, num_classes: int, seed
         with safe_open(path, framework="pt") as fh:
             if (fh.metadata() or {}).get("key") != key_json:
                 raise ValueError("its metadata key does not match")
-        model = build_classifier(arch=arch, num_classes=num_classes, seed=seed)
+        model = build_classifier(arch=arch, num_classes=num_classes, seed=seed, preprocessing=preprocessing)
         model.load_state_dict(load_file(path))
         return model.to(device).eval(), weights_sha256(path)
     except Exception as exc:

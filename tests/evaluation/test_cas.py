@@ -1,10 +1,13 @@
 """Classification Accuracy Score on tiny separable data: high when samples carry the class, chance when not."""
 
+import re
+
 import pytest
 import torch
 
 import cdmbench.evaluation.cas as cdmbench_cas
 from cdmbench.evaluation.cas import classification_accuracy_score, matched_real_subset
+from cdmbench.evaluation.cas_protocol import PAPER, check_paper_protocol, paper_differences
 from cdmbench.evaluation.classifier import train_classifier
 from tests.evaluation.test_classifier import ARCH, colour_images
 
@@ -38,6 +41,16 @@ def test_cas_separable_samples(real):
         assert (p["classifier"], p["epochs"], p["train_images"], p["train_images_per_class"],
                 p["val_images"], p["seed"], p["scaled_down"]) == (ARCH, 4, 64, 8, 80, 0, True)
         assert "scaled down" in p["note"]
+        assert p["cas"] == {"classifier": ARCH, "num_classes": 8, "train_images": 64, "train_set": "samples",
+                            "epochs": 4, "batch_size": 16, "optimizer": "sgd", "momentum": 0.9, "nesterov": True,
+                            "weight_decay": 5e-4, "lr_peak": 0.1, "lr_schedule": "cosine",
+                            "warmup_epochs": pytest.approx(4 * 5 / 90), "lr_milestones": [],
+                            "train_crop": "random shift +-2 px at native resolution", "flip": True,
+                            "eval_crop": "none (native resolution)", "normalisation": "[-1, 1]"}
+        # every setting but the optimiser's kind, momentum, Nesterov and flips differs from the paper's
+        assert [d.split(":")[0] for d in p["paper_differences"]] == [
+            k for k in PAPER if k not in ("optimizer", "momentum", "nesterov", "flip")]
+        assert p["paper_differences"] == paper_differences(p)
 
 
 def test_the_cached_reference_is_trained_once_per_class_counts(real, tmp_path, monkeypatch):
@@ -150,3 +163,125 @@ def test_class_matched_draws_an_image_of_each_samples_class():
     assert torch.equal(index, cdmbench_cas.class_matched(wanted, real_labels, num_classes=3, seed=0))
     with pytest.raises(ValueError, match="class 0 has 6 samples but only 5 real images"):
         cdmbench_cas.class_matched(torch.zeros(6, dtype=torch.long), real_labels, num_classes=3)
+
+
+# --- Ravuri & Vinyals' protocol: recorded setting by setting, checked before any sampling ------
+
+def changed(value):
+    """Another value of a setting's type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2
+    return value[:-1] if isinstance(value, list) else value + " (changed)"
+
+
+def test_the_papers_settings_have_no_differences_even_through_json():
+    import json
+
+    assert paper_differences({"cas": dict(PAPER)}) == []
+    assert paper_differences(json.loads(json.dumps({"cas": PAPER}))) == []  # as results.jsonl holds it
+    assert len(paper_differences({})) == len(paper_differences(None)) == len(PAPER)  # no cas entry: all missing
+
+
+def test_a_row_without_nesterov_is_not_the_papers():
+    assert paper_differences({"cas": {**PAPER, "nesterov": False}}) == ["nesterov: False (paper: True)"]
+    without = {k: v for k, v in PAPER.items() if k != "nesterov"}
+    assert paper_differences({"cas": without}) == ["nesterov: missing (paper: True)"]
+
+
+@pytest.mark.parametrize("key", list(PAPER))
+def test_each_setting_missing_or_changed_is_exactly_one_difference(key):
+    other = changed(PAPER[key])
+    assert other != PAPER[key]
+    assert paper_differences({"cas": {**PAPER, key: other}}) == [f"{key}: {other!r} (paper: {PAPER[key]!r})"]
+    missing = {k: v for k, v in PAPER.items() if k != key}
+    assert paper_differences({"cas": missing}) == [f"{key}: missing (paper: {PAPER[key]!r})"]
+
+
+def test_the_papers_settings_are_those_of_the_tpu_resnet_code():
+    assert PAPER == {
+        "classifier": "resnet50", "num_classes": 1000, "train_images": 1_281_167, "train_set": "replaced",
+        "epochs": 90, "batch_size": 1024, "optimizer": "sgd", "momentum": 0.9, "nesterov": True,
+        "weight_decay": 1e-4, "lr_peak": 0.4, "lr_schedule": "step x0.1", "warmup_epochs": 5,
+        "lr_milestones": [30, 60, 80], "train_crop": "random-resized 224 (8-100%, aspect 3/4-4/3, bicubic)",
+        "flip": True, "eval_crop": "centre 224/256 of the shorter side, bicubic to 224",
+        "normalisation": "imagenet mean/std"}
+
+
+PAPER_ARGS = {"arch": "resnet50", "epochs": 90, "num_classes": 1000, "batch_size": 1024, "train_images": 1_281_167}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"arch": "resnet18"}, "needs {'classifier': 'resnet50'}, got {'classifier': 'resnet18'}: set the cas arg "
+                           "arch: resnet50"),
+    ({"epochs": 30}, "needs {'epochs': 90}, got {'epochs': 30}: set the cas arg epochs: 90"),
+    ({"batch_size": 256}, "needs {'batch_size': 1024}, got {'batch_size': 256}: set the cas arg batch_size: 1024"),
+    ({"num_classes": 10}, "got {'num_classes': 10}: the paper's protocol is on ImageNet's 1000 classes"),
+    ({"train_images": 50_000}, "the paper's protocol replaces all 1,281,167 ImageNet training images"),
+    ({"replaced": False}, "got {'train_set': 'samples'}: set the cas arg replace_training_set: true"),
+    ({"epochs": 30, "batch_size": 256}, "needs {'epochs': 90, 'batch_size': 1024}, got {'epochs': 30, "
+                                        "'batch_size': 256}: set the cas arg epochs: 90; set the cas arg batch_size"),
+])
+def test_check_paper_protocol_names_each_setting_and_its_fix(change, message):
+    check_paper_protocol(**PAPER_ARGS)  # the paper's: no error
+    with pytest.raises(ValueError, match=re.escape(f"paper_protocol {message}" if "needs" in message else message)):
+        check_paper_protocol(**{**PAPER_ARGS, **change})
+
+
+def test_the_cas_metric_refuses_other_settings_before_sampling():
+    from types import SimpleNamespace
+
+    from cdmbench.builtin.metrics import cas
+    from cdmbench.errors import CdmbenchError
+
+    imagenet = SimpleNamespace(num_classes=1000, real=lambda split: (None, range(1_281_167)))  # labels' length only
+    cas(arch="resnet50", epochs=90, batch_size=1024, paper_protocol=True).prepare(imagenet)
+    with pytest.raises(CdmbenchError, match=re.escape(
+            "cas: paper_protocol needs {'classifier': 'resnet50'}, got {'classifier': 'resnet10t'}: set the cas arg "
+            "arch: resnet50; or set paper_protocol: false for a scaled-down CAS")):
+        cas(epochs=90, batch_size=1024, paper_protocol=True).prepare(imagenet)
+
+
+def paper_shaped(monkeypatch, n: int) -> None:
+    """The test-only path: PAPER shrunk to 8 colours, ``n`` images, 2 epochs at batch 16
+    (warm-up 1 epoch, x0.1 from epoch 1); every other setting stays the paper's."""
+    for key, value in {"classifier": ARCH, "num_classes": 8, "train_images": n, "epochs": 2, "batch_size": 16,
+                       "warmup_epochs": 1, "lr_milestones": [1]}.items():
+        monkeypatch.setitem(PAPER, key, value)
+
+
+@pytest.mark.slow
+def test_a_paper_protocol_run_end_to_end_at_a_tiny_scale(real, monkeypatch):
+    import cdmbench.evaluation.cas
+
+    (train_images, train_labels), (val_images, val_labels) = real
+    samples = torch.randint(0, 256, train_images.shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    args = dict(samples=samples, sample_labels=train_labels, real_train_images=train_images,
+                real_train_labels=train_labels, real_val_images=val_images, real_val_labels=val_labels,
+                paper_protocol=True, replaced=True, **{**SETTINGS, "epochs": 2})
+    with pytest.raises(ValueError, match="paper_protocol needs"):  # unshrunk, the production check refuses
+        classification_accuracy_score(**args)
+    paper_shaped(monkeypatch, len(samples))
+    trained, real_train = [], cdmbench.evaluation.cas.train_classifier
+    monkeypatch.setattr(cdmbench.evaluation.cas, "train_classifier",
+                        lambda *a, **k: trained.append(k) or real_train(*a, **k))
+    rows = rows_by(classification_accuracy_score(**args))
+    assert len(trained) == 2 and all(k["preprocessing"] == "resnet224" and k["nesterov"] is True and k["lr"] == 0.4
+                                     and k["weight_decay"] == 1e-4 and k["schedule"] == "step"
+                                     and k["warmup_epochs"] == 1 and k["milestones"] == [1] for k in trained)
+    assert set(rows) == {(s, m) for s in ("generated", "real data") for m in ("cas_top1", "cas_top5")}
+    for row in rows.values():
+        assert 0 <= row["value"] <= 1
+        p = row["protocol"]
+        assert p["cas"] == PAPER and p["paper_differences"] == [] and p["scaled_down"] is False
+        assert p["note"] == "paper protocol"
+
+
+def test_the_protocol_module_loads_no_torch():
+    """Reports and baselines read it: ``cdmbench report`` starts without torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, cdmbench.evaluation.cas_protocol; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
