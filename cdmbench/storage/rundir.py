@@ -32,7 +32,7 @@ from cdmbench.storage.files import append_text, atomic_write
 # Keys that may change between invocations of one run (training longer, sampling differently,
 # logging to other trackers): recipe-level keys, and per-stage keys (dotted within a stage; in each
 # of a list of augmentations).
-RESUMABLE_KEYS = ("sample", "device", "evaluate", "log_to")
+RESUMABLE_KEYS = ("sample", "device", "evaluate", "log_to", "launch")
 RESUMABLE_STAGE_KEYS = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints",
                         "train.milestone_every", "train.log_every", "train.val_bpd_images",
                         "train.eval_every", "train.eval_num_samples",

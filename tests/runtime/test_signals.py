@@ -74,6 +74,31 @@ def test_a_stop_by_ctrl_c_is_a_keyboard_interrupt_and_one_by_sigterm_is_not():
     assert type(stop.stopped("m")) is Stopped and not isinstance(stop.stopped("m"), KeyboardInterrupt)
 
 
+def test_signals_named_in_the_environment_stop_the_work_too_and_say_which(monkeypatch):
+    """A batch job's requeue signal (cdmbench launch sets $CDMBENCH_STOP_SIGNALS) is recorded as
+    SIGTERM is, and the error names the signal; outside the block it is the caller's again."""
+    mine = []
+    before = signal.signal(signal.SIGUSR2, lambda signum, frame: mine.append(signum))
+    try:
+        monkeypatch.setenv("CDMBENCH_STOP_SIGNALS", "usr2, SIGUSR1")
+        with StopSignal() as stop:
+            signal.raise_signal(signal.SIGUSR2)
+        error = stop.stopped("stopped")
+        assert stop.name == "SIGUSR2" and type(error) is Stopped and error.signum == signal.SIGUSR2 and mine == []
+        signal.raise_signal(signal.SIGUSR2)
+        assert mine == [signal.SIGUSR2]
+        with StopSignal() as stop:
+            signal.raise_signal(signal.SIGTERM)
+        assert stop.stopped("m").signum == signal.SIGTERM
+        monkeypatch.setenv("CDMBENCH_STOP_SIGNALS", "KILL")
+        with pytest.raises(CdmbenchError, match=r"\$CDMBENCH_STOP_SIGNALS names 'KILL', not a signal a process can "
+                                                r"catch; name signals such as USR1 or USR2"), StopSignal():
+            pass
+        assert handlers()[signal.SIGINT] is signal.default_int_handler  # nothing was installed
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 def test_a_block_entered_twice_would_lose_the_caller_s_handlers():
     stop = StopSignal()
     with stop, pytest.raises(RuntimeError, match="not re-entrant"):
