@@ -65,6 +65,57 @@ def run(recipe, stage, overrides, dry_run, out, progress, smoke):
 
 
 @cli.command()
+@click.argument("target", type=click.Path(path_type=Path))
+@click.option("--cluster", type=click.Choice(["slurm", "local"]), help="Where the jobs run (default: launch.cluster).")
+@click.option("--stage", "stages", multiple=True, help="Train only this stage (repeatable; default: all, then sample).")
+@click.option("--evaluate", is_flag=True, help="Also (a run directory: only) evaluate: sample shards as an array "
+                                              "of launch.eval_array jobs, then the metrics as a job after them.")
+@click.option("--metrics", help="With --evaluate: comma-separated metric names (default: evaluate.metrics).")
+@click.option("--eval-stage", help="With --evaluate: the stage whose samples are evaluated (default: the last).")
+@click.option("--num-samples", type=click.IntRange(min=1),
+              help="With --evaluate: samples (default: evaluate.num_samples).")
+@click.option("--nodes", type=click.IntRange(1, 10**4), help="Nodes per training job (default: launch.nodes).")
+@click.option("--gpus-per-node", type=click.IntRange(0, 64),
+              help="GPUs per node, one process each (default: launch.gpus_per_node).")
+@click.option("--partition", help="SLURM partition (default: launch.partition).")
+@click.option("--account", help="SLURM account (default: launch.account).")
+@click.option("--time", help="Time limit per job, MINUTES, HH:MM:SS or D-HH:MM:SS (default: launch.time).")
+@click.option("--signal", help="Signal to checkpoint and requeue on, e.g. USR2 (default: launch.signal).")
+@click.option("--grace", "grace_s", type=click.IntRange(10, 86400),
+              help="Seconds between that signal and the time limit (default: launch.grace_s).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--smoke", is_flag=True, help=SMOKE_HELP)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Run directory (default: runs/<name>).")
+@click.option("--dry-run", is_flag=True, help="Print the sbatch scripts (local: the jobs); submit nothing.")
+def launch(target, cluster, stages, evaluate, metrics, eval_stage, num_samples, nodes, gpus_per_node, partition,
+           account, time, signal, grace_s, overrides, smoke, out, dry_run):
+    """Submit TARGET (a recipe: one job per stage, then the cascade's sampling after them; a run
+    directory with --evaluate: its evaluation) through submitit to SLURM or this machine. Unset
+    options come from the recipe's launch: block, then ~/.config/cdmbench/launch.yaml."""
+    from cdmbench.launch.plan import launch as launch_jobs
+
+    options = dict(cluster=cluster, nodes=nodes, gpus_per_node=gpus_per_node, partition=partition, account=account,
+                   time=time, signal=signal, grace_s=grace_s)
+    names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
+    result = launch_jobs(target, stages=list(stages), evaluate=evaluate, metrics=names, eval_stage=eval_stage,
+                         num_samples=num_samples, overrides=overrides, smoke=smoke, out=out, options=options,
+                         dry_run=dry_run, echo=click.echo)
+    if dry_run:
+        click.echo(result)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def status(run_dir):
+    """Show where RUN_DIR stands, from its files alone: each stage's step, last checkpoint, images/s
+    and time left; each evaluation's sample shards; the jobs cdmbench launch submitted."""
+    from cdmbench.launch.status import format_status
+    from cdmbench.launch.status import status as run_status
+
+    click.echo(format_status(run_status(run_dir)))
+
+
+@cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
@@ -169,14 +220,18 @@ def report(run_dirs, out, csv_path):
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--progress/--no-progress", default=True, help="Show progress bars.")
-def evaluate(run_dir, stage, metrics, num_samples, overrides, progress):
+@click.option("--search/--no-search", default=True, show_default=True,
+              help="Run the recipe's evaluate.search first (resumed, or reused when done) and evaluate its chosen "
+                   "point; --no-search evaluates as configured (a search's earlier choice still applies).")
+@click.option("--search-only", is_flag=True, help="Run the recipe's evaluate.search only, not the full evaluation.")
+def evaluate(run_dir, stage, metrics, num_samples, overrides, progress, search, search_only):
     """Sample a trained run (class-balanced, per-image seeds, resumable npz shards) and compute
     metrics (FID, IS, CAS, ...); rows go to RUN_DIR/results.jsonl and report.md."""
     from cdmbench.evaluation.evaluate import evaluate as run_evaluate
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None
     run_evaluate(run_dir, stage=stage, metrics=names, num_samples=num_samples, overrides=overrides,
-                 progress=progress, echo=click.echo)
+                 progress=progress, echo=click.echo, search=search, search_only=search_only)
 
 
 @cli.command()

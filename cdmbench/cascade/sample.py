@@ -8,9 +8,9 @@ has the per-image seed (seed, i): the same seed, classes and counts give the sam
 any batch size. Images go through the whole cascade CHUNK at a time, written as they come, so
 memory holds a chunk's float images and the sampled stage's uint8 pixels (for the npz); a grid
 shows a class's first GRID_COLUMNS images. Sampling levels come from the recipe, then
-``cascade.json`` (a sweep's best), then ``overrides`` and ``levels``. Sampling again into a
-folder replaces the sample there. The class names come from run.yaml: sampling needs the
-checkpoints, not the dataset.
+``cascade.json`` (a sweep's best), then ``search.json`` (a search's chosen point), then
+``overrides`` and ``levels``. Sampling again into a folder replaces the sample there. The class
+names come from run.yaml: sampling needs the checkpoints, not the dataset.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from cdmbench.data.images import to_uint8
 from cdmbench.data.prepare import make_dataset
 from cdmbench.errors import CdmbenchError, CheckpointError
 from cdmbench.evaluation.samples import load_chain
+from cdmbench.evaluation.search import with_choice
 from cdmbench.evaluation.sweep import apply_sweep_levels, gaussian_parts, set_checked_level
 from cdmbench.runtime.device import resolve_device
 from cdmbench.runtime.progress import bar
@@ -67,9 +68,12 @@ def sample_run(run_path: str | Path, *, stage: str | None = None, classes: list[
     stages that produce ``stage`` (default: the last), with each stage's EMA weights; returns the
     output folder (default: RUN/samples/<stage>-seed<seed>)."""
     run_dir, recipe, plugins = load_run(run_path, overrides)
-    spec = recipe.sample
     target = stage or recipe.stages[-1].name
     recipe.stage(target)  # an unknown name fails here, naming the stages
+    overrides, chosen_by = with_choice(run_dir.path, recipe, target, overrides)  # a search's chosen point
+    if chosen_by:
+        run_dir, recipe, plugins = load_run(run_path, overrides)
+    spec = recipe.sample
     seed = spec.seed if seed is None else seed
     per_class = spec.images_per_class if per_class is None else per_class
     if per_class < 1:

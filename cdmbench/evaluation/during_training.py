@@ -1,12 +1,13 @@
 """Quality during training (``train.eval_every``): every N steps, and at the last, a stage's EMA
 weights are evaluated with the recipe's ``evaluate.metrics`` on ``train.eval_num_samples``
-class-balanced samples, and the rows go to results.jsonl with the step and the training images
-seen in their protocol (``during_training: true``), which the report's tables leave out
-(``reporting.tables.is_during_training``) and ``reporting.curves`` plots.
+samples, their classes drawn as evaluation's (``evaluate.labels``), and the rows go to
+results.jsonl with the step and the training images seen in their protocol (``during_training:
+true``), which the report's tables leave out (``reporting.tables.is_during_training``) and
+``reporting.curves`` plots.
 
 Each stage is measured alone: a base stage samples from its own EMA; an SR stage is conditioned on
 ground-truth low-res inputs, as ``cdmbench sweep --inputs ground-truth`` samples them (sample i:
-a training image of class i % K, augmented at the stage's sampling level; ``protocol.inputs``
+a training image of sample i's class, augmented at the stage's sampling level; ``protocol.inputs``
 says so). Sample i is seeded by (sample seed, stage, i), as evaluation's, whatever the number of
 processes or the batch size.
 
@@ -42,6 +43,7 @@ from cdmbench.data.images import ImageSet, to_uint8
 from cdmbench.errors import CdmbenchError
 from cdmbench.evaluation.cas import class_matched
 from cdmbench.evaluation.evaluate import metric_rows, metrics_context
+from cdmbench.evaluation.samples import sample_labels, sampling_protocol
 from cdmbench.evaluation.sweep import GROUND_TRUTH_SPLIT, gaussian_parts, ground_truth_samples
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe, Stage
@@ -89,8 +91,9 @@ class TrainingEvaluation:
             raise CdmbenchError(f"stages.{spec.name}.train.eval_every: no metric of evaluate.metrics can be "
                                 "computed during training; add fid or is, or set eval_every to 0")
         n = spec.train.eval_num_samples
-        self.labels = torch.arange(n) % dataset.num_classes
-        self.index = None  # ground-truth input i of an SR stage: a training image of class i % K
+        self.labels = sample_labels(0, n, num_classes=dataset.num_classes, seed=recipe.sample.seed,
+                                    mode=recipe.evaluate.labels)
+        self.index = None  # ground-truth input i of an SR stage: a training image of sample i's class
         if spec.condition_on is not None:
             try:
                 self.index = class_matched(self.labels, data.labels, num_classes=dataset.num_classes,
@@ -116,8 +119,10 @@ class TrainingEvaluation:
         """What determines the samples of step ``step``, as their rows record it (JSON types)."""
         n, spec = len(self.labels), self.spec
         protocol = {"dataset": self.dataset_name, "resolution": spec.resolution, "n": n,
+                    "labels": self.recipe.evaluate.labels,
                     "seeds": f"sample seed {self.recipe.sample.seed}, images 0..{n - 1}",
-                    "samplers": samplers_of([stage]), "during_training": True, "step": step,
+                    "samplers": samplers_of([stage]), **sampling_protocol([stage]), "during_training": True,
+                    "step": step,
                     "train_images": step * spec.train.batch_size, "weights": f"EMA, decay {spec.train.ema}"}
         if stage.low_res is not None:
             protocol.update(inputs="ground-truth", inputs_split=GROUND_TRUTH_SPLIT,

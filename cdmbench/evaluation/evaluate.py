@@ -19,7 +19,9 @@ from cdmbench.evaluation.samples import (
     load_chain,
     read_samples,
     read_training_set,
+    sampling_protocol,
 )
+from cdmbench.evaluation.search import run_search, tag_rows, with_choice
 from cdmbench.evaluation.sweep import MANIFEST, apply_sweep_levels, best_levels, set_checked_level, sweep
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.components import make_component
@@ -42,10 +44,17 @@ SHARDS_WAIT = timedelta(days=7)
 
 def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[str] | None = None,
              num_samples: int | None = None, overrides: tuple[str, ...] | list[str] = (),
-             progress: bool = True, echo=print) -> list[dict[str, Any]]:
+             progress: bool = True, echo=print, search: bool = True,
+             search_only: bool = False) -> list[dict[str, Any]]:
     """Generate (or reuse) samples of a trained run and evaluate ``metrics`` on them; the rows go
-    into the run's results.jsonl and report.md. Feature networks are loaded before sampling."""
-    run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
+    into the run's results.jsonl and report.md. Feature networks are loaded before sampling.
+    With ``search``, the recipe's ``evaluate.search`` runs first (``search_run``; ``search_only``:
+    only it), and the evaluation samples at its chosen point."""
+    if search or search_only:
+        search_run(run_path, stage=stage, overrides=overrides, progress=progress, echo=echo)
+    if search_only:
+        return []
+    run_dir, recipe, plugins, dataset, chain, context, built, chosen_by = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
     spec = recipe.evaluate
     target, resolution, n = context.stage, context.resolution, num_samples or spec.num_samples
@@ -54,7 +63,7 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     sampling = dict(run_path=run_dir.path, checkpoint_steps=steps, num_classes=dataset.num_classes,
                     seed=recipe.sample.seed, batch_size=spec.batch_size, shard_size=spec.shard_size,
                     device=device, progress=progress, rank=rank, world_size=world)
-    folder, signature = generate_samples(chain, num_samples=n, **sampling)
+    folder, signature = generate_samples(chain, num_samples=n, labels=spec.labels, **sampling)
     training_set = None
     if any(getattr(m, "replaces_training_set", False) for m in built):
         # the training split's labels: read by the first rank only (the split may not be prepared)
@@ -65,26 +74,87 @@ def evaluate(run_path: str | Path, *, stage: str | None = None, metrics: list[st
     distributed.barrier()  # under torchrun: every rank wrote its shards; rank 0 computes the metrics
     if training_set is not None:  # memory-mapped: every rank may train on it
         images, labels = read_training_set(training_set)
-        context.training_set = SampleSet(images, labels, protocol={
-            "n": len(labels), "seeds": f"sample seed {recipe.sample.seed}, images 0..{len(labels) - 1}",
+        context.training_set = SampleSet(images, labels, protocol={  # image i of training image i's class
+            "n": len(labels), "labels": "training split",
+            "seeds": f"sample seed {recipe.sample.seed}, images 0..{len(labels) - 1}",
             "samples": str(training_set.relative_to(run_dir.path)), "signature": training_set.name})
     if rank != 0:  # the metrics that train on every rank (their rows are rank 0's)
         for metric in [m for m in built if getattr(m, "all_ranks", False)]:
             metric.evaluate(context)
         return []
     context.samples, context.labels = read_samples(folder, n)
-    context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
-                        "n": n, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
-                        "samples": str(folder.relative_to(run_dir.path)), "signature": digest(signature, 12),
-                        "samplers": samplers_of(chain)}
+    context.protocol = {**samples_protocol(recipe, dataset, resolution, n, folder, run_dir.path, signature, chain),
+                        **({"chosen_by": chosen_by} if chosen_by else {})}
     rows = []
     for metric in built:  # each metric's rows are kept as soon as they exist
         rows += (done := [result_row(run=recipe.name, stage=target, **row)
-                          for row in metric_rows([metric], context, echo)])
+                          for row in tag_rows(metric_rows([metric], context, echo), run_dir.path, chosen_by)])
         run_dir.add_results(done)
     log_run_results(plugins, recipe, run_dir.path, rows, steps, echo=echo)
     echo(write_report(run_dir, recipe, plugins))
     return rows
+
+
+def samples_protocol(recipe: Recipe, dataset, resolution: int, n: int, folder: Path, run_path: Path,
+                     signature: dict[str, Any], chain: list[StageModel]) -> dict[str, Any]:
+    """What every row of the samples in ``folder`` says of them."""
+    return {"dataset": getattr(dataset, "benchmark", recipe.data.name), "resolution": resolution,
+            "n": n, "labels": recipe.evaluate.labels, "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
+            "samples": str(folder.relative_to(run_path)), "signature": digest(signature, 12),
+            "samplers": samplers_of(chain), **sampling_protocol(chain)}
+
+
+def search_run(run_path: str | Path, *, stage: str | None = None, overrides: tuple[str, ...] | list[str] = (),
+               progress: bool = True, echo=print) -> dict[str, Any] | None:
+    """Run (resume, or reuse) the run's ``evaluate.search`` over ``stage``'s samples, when it has
+    one (``cdmbench.evaluation.search``): each point's rows recorded, the best point written to
+    search.json; returns its ``chosen`` (None without a search, {} on ranks other than 0)."""
+    run_dir, recipe, plugins = load_run(run_path, overrides)
+    spec = recipe.evaluate.search
+    if not spec.space:
+        return None
+    dataset, context, built = _metrics_setup(recipe, plugins, stage, spec.metrics or None, progress, echo)
+    built = _without_training_sets(built, "search", echo)
+    chain = build_chain(plugins, recipe, context.stage, dataset.num_classes, context.device)
+    apply_sweep_levels(chain, run_dir.path, overrides)
+    rank, world, steps = _join_and_load(chain, run_dir.path, context, built)
+    del chain  # each point builds its own
+    recorded: list[dict[str, Any]] = []
+
+    def measure(point_recipe: Recipe, point_chain, folder: Path, signature, protocol) -> list[dict[str, Any]]:
+        n = spec.num_samples
+        context.recipe = point_recipe  # the recipe the samples were made with
+        context.set_samples(*read_samples(folder, n), {**samples_protocol(
+            point_recipe, dataset, context.resolution, n, folder, run_dir.path, signature, point_chain), **protocol})
+        rows = [result_row(run=recipe.name, stage=context.stage, **row) for row in metric_rows(built, context, echo)]
+        run_dir.add_results(rows)
+        recorded.extend(rows)
+        return rows
+
+    chosen = run_search(spec, run_path=run_dir.path, recipe=recipe, stage=context.stage, overrides=list(overrides),
+                        num_classes=dataset.num_classes, steps=steps, device=context.device,
+                        batch_size=recipe.evaluate.batch_size, shard_size=recipe.evaluate.shard_size,
+                        measure=measure, rank=rank, world_size=world, progress=progress, echo=echo)
+    distributed.barrier()  # search.json's choice is written before any rank evaluates at it
+    if rank == 0:
+        echo(f"search chose {chosen['point']} by {chosen['metric']} {chosen['value']} "
+             f"(in {run_dir.path / 'search.json'})")
+        log_run_results(plugins, recipe, run_dir.path, recorded, steps, echo=echo)
+    return chosen
+
+
+def _without_training_sets(built: list, what: str, echo) -> list:
+    """The metrics but those that replace the training set (a whole training set of samples per
+    point of a sweep or search); a CdmbenchError when none is left."""
+    replacing = [m for m in built if getattr(m, "replaces_training_set", False)]
+    if replacing:
+        echo(f"{what}: not computing cas with replace_training_set (the paper's protocol) at each point; "
+             f"run cdmbench evaluate at the point the {what} chooses")
+    kept = [m for m in built if m not in replacing]
+    if not kept:
+        raise CdmbenchError(f"no metric to {what}: pass --metrics fid,is, or --set evaluate.metrics=[...] "
+                            "with a cas without paper_protocol and replace_training_set")
+    return kept
 
 
 
@@ -130,13 +200,17 @@ def metric_rows(built: list, context, echo) -> list[dict[str, Any]]:
 
 
 def _evaluation_setup(run_path, stage, metrics, overrides, progress, echo):
-    """Recipe, the stages up to the evaluated one (with a sweep's chosen levels), an EvalContext
-    and the metrics of a run."""
+    """Recipe, the stages up to the evaluated one (with a sweep's chosen levels, then a search's
+    chosen point), an EvalContext, the metrics of a run, and the rows' ``chosen_by`` (or None)."""
     run_dir, recipe, plugins = load_run(run_path, overrides)
+    overrides, chosen_by = with_choice(run_dir.path, recipe, stage or recipe.evaluate.stage or recipe.stages[-1].name,
+                                       overrides)
+    if chosen_by:
+        run_dir, recipe, plugins = load_run(run_path, overrides)
     dataset, context, built = _metrics_setup(recipe, plugins, stage, metrics, progress, echo)
     stages = build_chain(plugins, recipe, context.stage, dataset.num_classes, context.device)
     apply_sweep_levels(stages, run_dir.path, overrides)
-    return run_dir, recipe, plugins, dataset, stages, context, built
+    return run_dir, recipe, plugins, dataset, stages, context, built, chosen_by
 
 
 
@@ -190,19 +264,12 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
                  echo=print) -> dict[str, Any]:
     """Evaluate SR ``stage`` at each sampling level on generated and/or ground-truth inputs;
     record every row and write the best level (by the first metric) to the run's manifest."""
-    run_dir, recipe, plugins, dataset, chain, context, built = _evaluation_setup(
+    run_dir, recipe, plugins, dataset, chain, context, built, _ = _evaluation_setup(
         run_path, stage, metrics, overrides, progress, echo)
     st = recipe.stage(stage)
     if st.condition_on is None:
         raise CdmbenchError(f"stage {stage} is a base stage; sweep an SR stage (one with condition_on)")
-    replacing = [m for m in built if getattr(m, "replaces_training_set", False)]
-    if replacing:  # a whole training set of samples per level
-        echo("sweep: not computing cas with replace_training_set (the paper's protocol) at each level; "
-             "run cdmbench evaluate at the level the sweep chooses")
-        built = [m for m in built if m not in replacing]
-        if not built:
-            raise CdmbenchError("no metric to sweep: pass --metrics fid,is, or --set evaluate.metrics=[...] "
-                                "with a cas without paper_protocol and replace_training_set")
+    built = _without_training_sets(built, "sweep", echo)
     for level in levels:  # the cheap checks and the checkpoints before the metrics' preparation
         set_checked_level(chain, stage, level, f"--levels {level}")
     rank, world, steps = _join_and_load(chain, run_dir.path, context, built)
@@ -215,9 +282,9 @@ def sweep_levels(run_path: str | Path, *, stage: str, levels: list[float], input
         recorded.extend(rows)
 
     context.protocol = {"dataset": getattr(dataset, "benchmark", recipe.data.name),
-                        "resolution": st.resolution, "n": n,
+                        "resolution": st.resolution, "n": n, "labels": recipe.evaluate.labels,
                         "seeds": f"sample seed {recipe.sample.seed}, images 0..{n - 1}",
-                        "samplers": samplers_of(chain)}
+                        "samplers": samplers_of(chain), **sampling_protocol(chain)}
     rows = sweep(chain, name=stage, levels=levels, inputs=inputs, context=context,
                  metric_rows=lambda ctx: metric_rows(built, ctx, echo), run_path=run_dir.path,
                  num_samples=n, seed=recipe.sample.seed, batch_size=recipe.evaluate.batch_size,

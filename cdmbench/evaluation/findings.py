@@ -24,6 +24,7 @@ from cdmbench.recipe.schema import Recipe, Stage
 from cdmbench.reporting.tables import (
     features_label,
     is_during_training,
+    is_search,
     is_sweep,
     pooled,
     pooled_curve,
@@ -33,11 +34,12 @@ from cdmbench.reporting.tables import (
 
 def _fid_rows(frame: pd.DataFrame, sweeps: bool) -> pd.DataFrame:
     """The ok FID rows (any reference split), sweep rows or the others (none made during
-    training), with a metric label that names the feature network."""
+    training or at a search's points), with a metric label that names the feature network."""
     if frame.empty:
         return frame
     rows = frame[(frame["status"] == "ok") & frame["metric"].str.startswith("fid")
-                 & (frame["protocol"].map(is_sweep) == sweeps) & ~frame["protocol"].map(is_during_training)].copy()
+                 & (frame["protocol"].map(is_sweep) == sweeps) & ~frame["protocol"].map(is_during_training)
+                 & ~frame["protocol"].map(is_search)].copy()
     rows["label"] = rows["metric"] + rows["protocol"].map(features_label)
     return rows
 

@@ -1,9 +1,11 @@
 """Samples for evaluation: generated once per signature, in resumable shards, and the context metrics get.
 
-Samples: N class-balanced images (label i % K) from the cascade up to a stage, image i seeded by
+Samples: N images from the cascade up to a stage, of classes drawn uniformly at random as ADM and
+EDM draw them, or class-balanced (``evaluate.labels``: ``sample_labels``), image i seeded by
 (sample seed, stage, i) only, stored as uint8 npz shards under
 ``<run>/<stage>/eval_samples/<signature>/`` (the signature hashes everything that determines the
-pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed).
+pixels: samplers, guidance, augmentation, checkpoint steps and weights (their SHA-256), seed and
+label sampling).
 Shards already written are kept, so an interrupted evaluation resumes, and rows already held by
 any shard (of a larger or smaller N, or another shard size) are not sampled again; a shard of the
 same start but fewer rows is replaced. Under torchrun, rank r writes shards r, r + W, ...
@@ -62,6 +64,22 @@ from cdmbench.training.posthoc_ema import posthoc_path, posthoc_weights
 
 FEATURE_BATCH = 100
 LAYOUT = "layout.json"
+LABELS = ("random", "balanced")  # evaluate.labels
+_LABEL_STREAM = 0x6C6162656C73  # "labels": the second word of the Philox key, apart from other streams
+
+
+def sample_labels(lo: int, hi: int, *, num_classes: int, seed: int, mode: str) -> Tensor:
+    """The classes (int64) of evaluation samples lo..hi-1. ``balanced``: i mod K. ``random``: uniform
+    i.i.d., as ADM's and EDM's evaluations draw them: label i is word i of the counter-based Philox
+    stream keyed by (``seed``, labels), mod K (a bias under K / 2^64), so it depends on (seed, i)
+    only, the same at any batch size, shard size and number of processes."""
+    if mode == "balanced":
+        return torch.arange(lo, hi) % num_classes
+    if mode != "random":
+        raise CdmbenchError(f"evaluate.labels: expected {' or '.join(LABELS)}, got {mode!r}")
+    first = lo // 4  # each Philox counter value gives 4 words
+    words = np.random.Philox(key=[seed, _LABEL_STREAM], counter=first).random_raw(hi - 4 * first)
+    return torch.from_numpy((words[lo - 4 * first:] % np.uint64(num_classes)).astype(np.int64))
 
 
 # --- samples ----------------------------------------------------------------------------------
@@ -143,6 +161,13 @@ def sample_signature(chain: list[StageModel], *, run_path: Path, checkpoint_step
         for st in chain]}
 
 
+def sampling_protocol(chain: list[StageModel]) -> dict[str, dict[str, Any]]:
+    """Each stage's sampling precision and guidance scale (1: none), as result rows record them
+    beside ``samplers``."""
+    return {"precision": {st.spec.name: st.sample_precision for st in chain},
+            "guidance": {st.spec.name: st.spec.guidance.scale for st in chain}}
+
+
 def _sample_rows(chain: list[StageModel], labels: Tensor, *, first_id: int, seed: int, batch_size: int,
                  device: torch.device | str, inputs: Path | None = None) -> Tensor:
     """uint8 (n, 3, R, R): the last stage's images ``first_id``.. for ``labels``. The previous
@@ -177,34 +202,37 @@ def _rows(shards) -> int:
 
 def generate_samples(chain: list[StageModel], *, run_path: Path, checkpoint_steps: dict[str, int],
                      num_samples: int, num_classes: int, seed: int, batch_size: int,
-                     shard_size: int, device: torch.device | str, progress: bool = True,
-                     rank: int = 0, world_size: int = 1) -> tuple[Path, dict[str, Any]]:
-    """Write the missing shards of the last stage's samples; returns the folder and signature.
+                     shard_size: int, device: torch.device | str, labels: str = "random",
+                     progress: bool = True, rank: int = 0,
+                     world_size: int = 1) -> tuple[Path, dict[str, Any]]:
+    """Write the missing shards of the last stage's samples, of classes ``sample_labels(mode=labels)``;
+    returns the folder and signature (which holds the label sampling).
 
     The previous stages' output (float32, per shard) is cached too, in
     ``<previous stage>/eval_outputs/``, so every SR stage conditioned on one base (an ablation)
     samples that base once."""
-    signature = sample_signature(chain, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
-                                 num_classes=num_classes)
+    signature = {**sample_signature(chain, run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
+                                    num_classes=num_classes), "labels": labels}
+    classes = sample_labels(0, num_samples, num_classes=num_classes, seed=seed, mode=labels)
     folder = run_path / chain[-1].spec.name / "eval_samples" / digest(signature, 12)
     atomic_write(folder / "signature.json", json.dumps(signature, indent=1, default=str))  # by every rank
     *previous, last = chain
     inputs = (run_path / previous[-1].spec.name / "eval_outputs" / digest(
         {**signature, "stages": signature["stages"][:-1], "level": last.truncation}, 12)) if previous else None
-    write_shards(folder, num_samples=num_samples, num_classes=num_classes, shard_size=shard_size, rank=rank,
+    write_shards(folder, labels=classes, shard_size=shard_size, rank=rank,
                  world_size=world_size, progress=progress, make=lambda k, lo, hi: _sample_rows(
-                     chain, torch.arange(lo, hi) % num_classes, first_id=lo, seed=seed, batch_size=batch_size,
+                     chain, classes[lo:hi], first_id=lo, seed=seed, batch_size=batch_size,
                      device=device, inputs=None if inputs is None else inputs / f"outputs-{k:05d}-{lo}-{hi}.npz"))
     return folder, signature
 
 
-def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size: int,
+def write_shards(folder: Path, *, labels: Tensor, shard_size: int,
                  make: Callable[[int, int, int], Tensor], rank: int = 0, world_size: int = 1,
                  progress: bool = True) -> None:
-    """Write this rank's missing shards of ``num_samples`` class-balanced samples (label i % K)
-    into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8 (n, 3, R, R). Rows
-    that shards of another N or shard size hold are not made again."""
-    mine = _my_shards(num_samples, shard_size, rank, world_size)
+    """Write this rank's missing shards of ``len(labels)`` samples, sample i of class ``labels[i]``
+    (``sample_labels``), into ``folder``: ``make(k, lo, hi)`` gives shard k's rows lo..hi, uint8
+    (n, 3, R, R). Rows that shards of another N or shard size hold are not made again."""
+    mine = _my_shards(len(labels), shard_size, rank, world_size)
     todo = [(k, lo, hi) for k, lo, hi in mine if _covering(folder, lo, hi)[1] != hi]
     for k, lo, hi in bar(todo, total=len(mine), initial=len(mine) - len(todo), progress=progress,
                          desc="eval samples", unit="shard"):  # the rate and time left count new shards only
@@ -213,7 +241,7 @@ def write_shards(folder: Path, *, num_samples: int, num_classes: int, shard_size
         existing = list(folder.glob(f"shard-{k:05d}-{lo}-*.npz"))
         images = make(k, lo, hi)
         save_npz(folder / f"shard-{k:05d}-{lo}-{hi}.npz", images=images.permute(0, 2, 3, 1).numpy(),
-                 labels=(torch.arange(lo, hi) % num_classes).numpy())  # NHWC, as ADM's npz
+                 labels=labels[lo:hi].numpy())  # NHWC, as ADM's npz
         for shorter in existing:  # written for a smaller N; this shard covers its rows
             shorter.unlink(missing_ok=True)
 
@@ -352,7 +380,7 @@ class EvalContext:
     training_set: SampleSet | None = None  # generated replacement of the training set, if a metric asked
     echo: Callable[[str], None] = print
     _networks: dict[str, FeatureNetwork] = field(default_factory=dict)
-    _features: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    _features: dict[tuple[str, str, str], Tensor] = field(default_factory=dict)
     _real: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def real(self, split: str) -> tuple[Tensor, Tensor]:
@@ -404,7 +432,7 @@ class EvalContext:
         return self._batched(network.probabilities, self.samples, f"{network.name} probabilities")
 
     def sample_features(self, network: FeatureNetwork, mode: str) -> Tensor:
-        key = (network.sha256, mode)
+        key = (network.name, network.sha256, mode)  # a network's pool and spatial features share a file
         if key not in self._features:
             self._features[key] = self.features(network, self.samples, mode)
         return self._features[key]

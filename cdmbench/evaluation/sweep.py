@@ -35,6 +35,7 @@ from cdmbench.evaluation.samples import (
     digest,
     generate_samples,
     read_samples,
+    sample_labels,
     sample_signature,
     write_shards,
 )
@@ -110,22 +111,23 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
     npz shards shared out over the ranks, with the previous stage's outputs cached per shard in
     ``eval_outputs`` under a key of everything they depend on (and the truncation level), so a
     non-truncated sweep samples the previous stage once and a truncated one once per level.
-    Ground-truth input i is a training image of class i % K, as generated input i is (drawn per
-    class with the sample seed); their samples are npz shards per level under ``<stage>/sweep/``,
+    Ground-truth input i is a training image of the class generated input i has (``sample_labels``;
+    drawn per class with the sample seed); their samples are npz shards per level under ``<stage>/sweep/``,
     shared out over the ranks as well."""
     chain = chain_to(stages, name)
     *prev, stage = chain
     if not prev:
         raise CdmbenchError(f"stage {name} is a base stage; sweep an SR stage (one with condition_on)")
     is_truncated = truncated(stage)
-    labels = torch.arange(num_samples) % context.num_classes
+    mode = context.recipe.evaluate.labels
+    labels = sample_labels(0, num_samples, num_classes=context.num_classes, seed=seed, mode=mode)
     [swept] = sample_signature([stage], run_path=run_path, checkpoint_steps=checkpoint_steps, seed=seed,
                                num_classes=context.num_classes)["stages"]
     del swept["levels"]  # each file in the folder is named by its level
     ground_truth_folder = run_path / name / "sweep" / digest(  # row i's input does not depend on N
-        {"seed": seed, "stage": swept, "inputs": context.data_key(GROUND_TRUTH_SPLIT)}, 12)
+        {"seed": seed, "stage": swept, "inputs": context.data_key(GROUND_TRUTH_SPLIT), "labels": mode}, 12)
 
-    index = None  # ground-truth input i: a training image of class i % K, as generated input i is
+    index = None  # ground-truth input i: a training image of generated input i's class
 
     def upsample(lo: int, hi: int) -> Tensor:
         """Stage ``name``'s samples lo..hi, at the level set on it, from ground-truth low-res images."""
@@ -146,13 +148,12 @@ def sweep(stages: list[StageModel], *, name: str, levels: list[float], inputs: l
                 folder, _ = generate_samples(chain, run_path=run_path, checkpoint_steps=checkpoint_steps,
                                              num_samples=num_samples, num_classes=context.num_classes, seed=seed,
                                              batch_size=batch_size, shard_size=shard_size, device=device,
-                                             progress=False, rank=rank, world_size=world_size)
+                                             labels=mode, progress=False, rank=rank, world_size=world_size)
                 named = folder.name
             else:  # training images: the metrics' references are test images
                 folder, named = ground_truth_folder / f"level-{level}", f"{ground_truth_folder.name}-{level}"
-                write_shards(folder, num_samples=num_samples, num_classes=context.num_classes,
-                             shard_size=shard_size, rank=rank, world_size=world_size, progress=False,
-                             make=lambda k, lo, hi: upsample(lo, hi))
+                write_shards(folder, labels=labels, shard_size=shard_size, rank=rank, world_size=world_size,
+                             progress=False, make=lambda k, lo, hi: upsample(lo, hi))
             distributed.barrier()  # every rank's shards of this level are written
             if rank != 0:
                 continue

@@ -164,6 +164,10 @@ class Train:
     grad_accumulation: int = bounded(1, MAX_BATCH, 1)
     """Micro-batches per step: each process's share of ``batch_size`` runs forward and backward in this many
     parts (less memory, the same step); in [1, 2^20] and divides ``batch_size``."""
+    flip: bool = True
+    """Random horizontal flips of training images (the same for x_0 and its low-res input), each with
+    probability 1/2; false: never (CDM flips only its 32x32 base and 64->256 stages). The flip draws are made
+    either way, so the other draws of training stay the same."""
     precision: str = "fp32"
     """``fp32`` or ``bf16`` (forward pass and loss under bfloat16 autocast; weights and optimizer stay in
     float32); other values are refused. Also the sampling precision while ``sample.precision`` is
@@ -289,17 +293,60 @@ class Sample:
     stays float32). Other values are refused."""
 
 
+# The keys a sampling-time search (``evaluate.search.space``) may set: how trained weights are
+# sampled, never how they were trained.
+SEARCH_KEY_RE = re.compile(r"stages\.[^.]+\.(sampler(\..+)?|guidance\.(scale|interval|guide_step|guide_stage)"
+                           r"|posthoc_sigma_rel|augmentation(\.[^.]+)?\.args\.level)|sample\.precision")
+SEARCH_STRATEGIES = ("grid", "coordinate")
+MAX_SEARCH_POINTS = 10**4  # a grid's points, each sampled and evaluated
+
+
+@dataclass
+class Search:
+    """A sampling-time search (CDM's of the level s, EDM2's of the EMA length, guidance, sampler steps) that
+    ``cdmbench evaluate`` runs before evaluating (``--no-search`` skips it): each point evaluated on
+    ``num_samples`` samples, the best by ``metric`` kept in ``<run>/search.json`` and then evaluated on
+    ``evaluate.num_samples``. Later ``evaluate`` and ``sample`` apply the chosen point (``--set`` wins)."""
+
+    space: dict[str, list[Any]] = field(default_factory=dict)
+    """Sampling-time keys in ``--set`` dotted form, each with its candidate values, e.g.
+    ``stages.sr64.augmentation.args.level: [0.0, 0.1, 0.2]``: a stage's ``sampler`` (``sampler.name``,
+    ``sampler.args.*``), ``guidance.scale``, ``.interval``, ``.guide_step``, ``.guide_stage``,
+    ``posthoc_sigma_rel``, ``augmentation.args.level`` (``augmentation.<name>.args.level`` in a list), and
+    ``sample.precision``. Training keys (``train``, ``backbone``, ``schedule``, ``loss``, ...) are refused:
+    they need another training run. Empty: no search."""
+    metric: str | None = None
+    """The result row to optimise, e.g. ``fid_train``; its row's ``higher_is_better`` gives the direction.
+    Required with a ``space``."""
+    strategy: str = "grid"
+    """``grid``: every point of the joint Cartesian product of the keys, over all stages (at most 10^4);
+    ``coordinate``: from the first candidate of every key, one key at a time in the declared order, each
+    set to its best candidate with the others kept, for spaces too large to grid."""
+    num_samples: int = bounded(1, 10**8, 10000)
+    """Samples per point: the first of the full evaluation's, so the chosen point's are not sampled
+    again. In [1, 10^8]."""
+    metrics: list[str] = field(default_factory=list)
+    """Names of ``evaluate.metrics`` computed at each point (e.g. ``[fid, is]`` for the trade-off plots);
+    empty: all of them but a CAS that replaces the training set. ``metric`` must be one of their rows."""
+
+
 @dataclass
 class Evaluate:
     """What ``cdmbench evaluate`` (and ``sweep``, ``prepare --metrics``) does by default."""
 
     metrics: list[Component] = field(default_factory=list)
-    """The metrics: ``metrics`` components (``fid``, ``is``, ``cas``), each a bare name or ``{name, args}``.
+    """The metrics: ``metrics`` components (``fid``, ``sfid``, ``precision-recall``, ``is``, ``cas``), each a bare name or ``{name, args}``.
     ``--metrics fid,is`` picks some by name, with their args from here (a name not listed: default
     args)."""
     num_samples: int = bounded(1, 10**8, 50000)
-    """Class-balanced samples to generate and evaluate (image i has class i mod the class count); the
-    default of ``--num-samples``. In [1, 10^8]."""
+    """Samples to generate and evaluate, of classes drawn as ``labels`` says; the default of
+    ``--num-samples``. In [1, 10^8]."""
+    labels: str = "random"
+    """How evaluation samples' classes are drawn (also a sweep's and those during training): ``random``
+    (uniform and independent, as ADM's and EDM's published numbers: image i's class derives from
+    ``sample.seed`` and i only, the same at any batch size and number of processes) or ``balanced``
+    (image i has class i mod the class count; raises IS at ImageNet scale). Recorded in every row's
+    protocol; published rows are comparable only under the same. Other values are refused."""
     batch_size: int = bounded(1, MAX_BATCH, 64)
     """Images per sampling batch of evaluation and sweeps. In [1, 2^20]."""
     shard_size: int = bounded(1, 10**7, 1000)
@@ -307,6 +354,57 @@ class Evaluate:
     stage: str | None = None
     """The stage whose samples are evaluated by default (``--stage`` overrides); null: the last stage. It
     must name a stage."""
+    search: Search = field(default_factory=Search)
+    """A sampling-time search run before the evaluation: the keys of ``evaluate.search``."""
+
+
+@dataclass
+class Launch:
+    """How ``cdmbench launch`` submits the recipe's jobs (``docs/cluster.md``): each key not given here
+    comes from the command line's option, else the user's ``~/.config/cdmbench/launch.yaml`` (the same keys;
+    ``$CDMBENCH_LAUNCH_CONFIG`` names another file), else the default stated. Changing them never makes a
+    trained run a different recipe."""
+
+    cluster: str | None = None
+    """``slurm`` (sbatch through submitit) or ``local`` (the jobs as processes of this machine, one after
+    another where one waits on another); null: ``slurm``. Other values are refused."""
+    partition: str | None = None
+    """The SLURM partition; null: the cluster's default."""
+    account: str | None = None
+    """The SLURM account to charge; null: the user's default."""
+    qos: str | None = None
+    """The SLURM quality of service; null: the default."""
+    time: str | None = None
+    """Time limit of each job, ``MINUTES``, ``HH:MM:SS`` or ``D-HH:MM:SS``; a stage that needs longer
+    checkpoints before the limit and requeues itself. Null: ``24:00:00``."""
+    nodes: int | None = bounded(1, 10**4, None)
+    """Nodes of each training job; null: 1. In [1, 10000]."""
+    gpus_per_node: int | None = bounded(0, 64, None)
+    """GPUs per node of each training job, one process each (0: one process on the CPU); null: 1. In
+    [0, 64]. Sampling and evaluation jobs take one GPU per job or array element."""
+    cpus_per_task: int | None = bounded(1, 1024, None)
+    """CPU cores per process; null: the cluster's default. In [1, 1024]."""
+    setup: list[str] | None = None
+    """Shell lines each job runs first (e.g. ``module load cuda``, ``source .venv/bin/activate``); null:
+    none."""
+    sbatch: dict[str, Any] | None = None
+    """Further sbatch options, e.g. ``{constraint: a100, mem: 0, exclude: node12}`` (``true``: a bare
+    flag); null: none."""
+    signal: str | None = None
+    """The signal SLURM sends ``grace_s`` before the time limit (``--signal``) and on preemption where the
+    cluster sends it (``PreemptParameters=send_user_signal``): the stage finishes its step, checkpoints
+    and the job requeues itself. ``USR1``, ``USR2``, ...; null: ``USR2``. SIGTERM (``scancel``, a
+    preemption without it) saves and stops without requeueing."""
+    grace_s: int | None = bounded(10, 86400, None)
+    """Seconds between the signal and the time limit: the step in flight, the checkpoint and the requeue
+    must fit (the quickstart's checkpoint takes well under a second, an ImageNet stage's tens of seconds
+    on a network file system). Null: 300. In [10, 86400]."""
+    max_requeues: int | None = bounded(0, 10**4, None)
+    """How many times a job may requeue itself at its time limit (preemptions do not count); null: 100.
+    In [0, 10000]."""
+    eval_array: int | None = bounded(1, 10**4, None)
+    """Array elements of ``cdmbench launch RUN --evaluate``: element i of W generates the evaluation
+    sample shards k with k mod W = i (and those of CAS's generated training set); null: 8. In [1, 10000]."""
 
 
 @dataclass
@@ -341,6 +439,8 @@ class Recipe:
     """How the cascade is sampled: the keys of ``sample``."""
     evaluate: Evaluate = field(default_factory=Evaluate)
     """What evaluation computes by default: the keys of ``evaluate``."""
+    launch: Launch = field(default_factory=Launch)
+    """How ``cdmbench launch`` submits the jobs (SLURM or local): the keys of ``launch``."""
     log_to: list[Component] = field(default_factory=list)
     """Experiment trackers that the run also logs to: ``loggers`` components, each a bare name or ``{name,
     args}``, each at most once (``tensorboard``: event files in ``<stage>/tensorboard/``, needs the

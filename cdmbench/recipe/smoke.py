@@ -13,7 +13,7 @@ for any recipe; the rules, per stage and section:
   val_bpd_images at most 2, eval_every at most 2 and eval_num_samples at most 16, precision fp32,
   compile false.
 - sample: images_per_class 1, batch_size 8, num_classes min(classes, 4).
-- evaluate: num_samples at most 16, batch_size 8, shard_size 8; ``cas`` and ``classifier``
+- evaluate: num_samples (and the search's) at most 16, batch_size 8, shard_size 8; ``cas`` and ``classifier``
   feature-network epochs at most 1; ``cas`` batch size at most 16 and without
   ``paper_protocol`` (so its training set is replaced only where ``replace_training_set`` says so).
 - data: the procedural ``shapes`` dataset with the same number of classes (stand-in), at every
@@ -138,6 +138,10 @@ def smoke(raw: dict[str, Any], num_classes: int) -> dict[str, Any]:
     evaluate.update(num_samples=min(n, 16) if _number(n) else 16, batch_size=8, shard_size=8)
     if isinstance(evaluate.get("metrics"), list):
         evaluate["metrics"] = [_shrink_metric(m) for m in evaluate["metrics"]]
+    search = evaluate.get("search")
+    if isinstance(search, dict):
+        n = search.get("num_samples")
+        search["num_samples"] = min(n, 16) if _number(n) else 16
     out["data"] = {"name": "shapes", "args": {"num_images": max(2 * num_classes, 32),
                                               "num_classes": num_classes}}
     return out

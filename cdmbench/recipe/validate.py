@@ -19,15 +19,20 @@ import types
 import typing
 from typing import Any, Union
 
+import yaml
+
 from cdmbench.diffusion.process import LOSSES
 from cdmbench.errors import RecipeError, RegistryError
 from cdmbench.interfaces import HOST_ARGS
 from cdmbench.plugins import Plugins, load_plugins
 from cdmbench.recipe.schema import (
     FORMAT_VERSION,
+    MAX_SEARCH_POINTS,
     MAX_SIGMA_REL,
     REPLICATES,
     RUN_NAME_RE,
+    SEARCH_KEY_RE,
+    SEARCH_STRATEGIES,
     SIGMA_BOUND,
     STAGE_NAME_RE,
     Component,
@@ -130,6 +135,12 @@ def _build(cls: type, data: Any, path: str) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise RecipeError(_join(path, name), "required key is missing")
     return cls(**values)
+
+
+def parse_section(cls: type, data: Any, path: str) -> Any:
+    """One section of the schema (a dataclass such as ``Launch``) from a raw mapping kept outside a
+    recipe (a user's config file), checked as in a recipe; errors name ``path``."""
+    return _build(cls, data, path)
 
 
 
@@ -332,10 +343,14 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
         raise RecipeError("sample.precision", "expected train (each stage's train.precision), fp32 or "
                           f"bf16, got {recipe.sample.precision!r}")
     evaluate = recipe.evaluate
+    if evaluate.labels not in ("random", "balanced"):
+        raise RecipeError("evaluate.labels", "expected random (uniform class labels, as published rows draw "
+                          f"them) or balanced (image i of class i mod K), got {evaluate.labels!r}")
     for i, metric in enumerate(evaluate.metrics):
         check_component(plugins, "metrics", metric, f"evaluate.metrics[{i}]")
     if evaluate.stage is not None and evaluate.stage not in seen:
         raise RecipeError("evaluate.stage", f"no stage '{evaluate.stage}'; {suggestion(evaluate.stage, seen)}")
+    _check_search(recipe, plugins)
     logged: set[str] = set()
     for i, logger in enumerate(recipe.log_to):
         check_component(plugins, "loggers", logger, f"log_to[{i}]")
@@ -343,6 +358,53 @@ def _check(recipe: Recipe, plugins: Plugins) -> None:
             raise RecipeError(f"log_to[{i}]", f"logger '{logger.name}' is listed twice; list each logger once")
         logged.add(logger.name)
 
+
+
+def assignment(key: str, value: Any) -> str:
+    """``key=value`` as ``--set`` (``apply_override``) reads ``value`` back: YAML flow style."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=2**31).strip()
+    return f"{key}={text.removesuffix('...').strip()}"
+
+
+def _check_search(recipe: Recipe, plugins: Plugins) -> None:
+    """``evaluate.search``: sampling-time keys only (``SEARCH_KEY_RE``) of stages that exist, each
+    candidate a valid setting of the recipe (checked alone; ``evaluation.search`` checks the joint
+    points), a metric to optimise, and a grid of at most ``MAX_SEARCH_POINTS``."""
+    search, path = recipe.evaluate.search, "evaluate.search"
+    if not search.space:
+        return
+    if not search.metric:
+        raise RecipeError(f"{path}.metric", "required with a space: name the result row to optimise, e.g. fid_train")
+    if search.strategy not in SEARCH_STRATEGIES:
+        raise RecipeError(f"{path}.strategy", f"expected grid or coordinate, got {search.strategy!r}")
+    listed = [m.name for m in recipe.evaluate.metrics]
+    for i, name in enumerate(search.metrics):
+        if name not in listed:
+            raise RecipeError(f"{path}.metrics[{i}]", f"'{name}' is not in evaluate.metrics; "
+                                                      f"{suggestion(name, listed)}")
+    if search.strategy == "grid" and math.prod(map(len, search.space.values())) > MAX_SEARCH_POINTS:
+        raise RecipeError(f"{path}.space", f"a grid of {math.prod(map(len, search.space.values()))} points (over "
+                                           f"{MAX_SEARCH_POINTS}); use strategy: coordinate, or fewer candidates")
+    base = recipe.to_dict()
+    base["evaluate"]["search"] = {}
+    for key, values in search.space.items():
+        where = f"{path}.space.{key}"
+        if not SEARCH_KEY_RE.fullmatch(key):
+            raise RecipeError(where, "is not a sampling-time key: a search changes how the trained weights are "
+                                     "sampled, never how they were trained (train, backbone, schedule, loss, data "
+                                     "need another training run); search a stage's sampler, guidance.scale, "
+                                     "guidance.interval, guidance.guide_step, guidance.guide_stage, "
+                                     "posthoc_sigma_rel or augmentation.args.level, or sample.precision")
+        if key.startswith("stages.") and key.split(".")[1] not in recipe.stage_names():
+            raise RecipeError(where, f"no stage '{key.split('.')[1]}'; "
+                                     f"{suggestion(key.split('.')[1], recipe.stage_names())}")
+        if not values or len({repr(v) for v in values}) < len(values):
+            raise RecipeError(where, f"expected a non-empty list of different candidates, got {values!r}")
+        for value in values:
+            try:
+                parse_recipe(copy.deepcopy(base), overrides=[assignment(key, value)], plugins=plugins)
+            except RecipeError as exc:
+                raise RecipeError(where, f"candidate {value!r}: {exc}") from None
 
 
 def _check_sigma_rel(sigma_rel: float, path: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 import pandas as pd
 
 from cdmbench.evaluation.findings import findings_section
+from cdmbench.evaluation.search import read_manifest
 from cdmbench.plugins import Plugins
 from cdmbench.recipe.schema import Recipe
 from cdmbench.reporting.curves import plot_quality, quality_rows
@@ -31,6 +32,7 @@ from cdmbench.reporting.tables import (
     sweep_table,
     training_table,
 )
+from cdmbench.reporting.tradeoffs import plot_tradeoffs, search_table, tuned_rows
 from cdmbench.storage.rundir import RunDir
 from cdmbench.training.trainer import read_log
 
@@ -114,9 +116,28 @@ def paragraphs(text: str) -> list[tuple[str, str]]:
     return [part for part in out if part[0]]
 
 
+NOT_RECORDED = "not recorded"
+# What an evaluation's protocol card shows, NOT_RECORDED where its rows lack it (older rows): the
+# feature network and its hash, the reference and its hash, n, the label sampling, each stage's
+# sampler (with its steps), sampling precision and guidance, and the seeds.
+CARD = ("features", "features_sha256", "reference", "reference_sha256", "n", "labels", "samplers", "precision",
+        "guidance", "seeds")
+
+
+def card(protocol: dict[str, Any], metric: str) -> dict[str, Any]:
+    """An evaluation's protocol (one with ``seeds``) with every ``CARD`` field that applies to its
+    metric (IS has no reference; CAS trains a classifier instead of using a feature network and
+    tests it on ``test_split``), as recorded or NOT_RECORDED; another protocol as it is."""
+    if "seeds" not in protocol:
+        return protocol
+    skip = (("features", "features_sha256", "reference", "reference_sha256") if "classifier" in protocol
+            else ("reference", "reference_sha256") if metric == "is" or metric.startswith("is_") else ())
+    return {**protocol, **{k: NOT_RECORDED for k in CARD if k not in protocol and k not in skip}}
+
+
 class _Labels:
     """Protocol labels P1, P2 ... in order of first citation, each with the rows citing it
-    ('metric: stage, stage; metric: stage')."""
+    ('metric: stage, stage; metric: stage'); an evaluation's protocol as its ``card``."""
 
     def __init__(self):
         self._of: dict[str, str] = {}
@@ -126,6 +147,7 @@ class _Labels:
     def __call__(self, protocol: dict[str, Any], metric: str, stage: str) -> str:
         if not protocol:
             return ""
+        protocol = card(protocol, metric)
         label = self._of.setdefault(json.dumps(protocol, sort_keys=True, default=str), f"P{len(self._of) + 1}")
         self._protocols[label] = protocol
         stages = self._cited.setdefault(label, {}).setdefault(metric, [])
@@ -182,8 +204,9 @@ def console_blocks(results: pd.DataFrame, plugins: Plugins, *, with_results: boo
 
 
 def _published(rows: pd.DataFrame, labels: _Labels, plugins: Plugins) -> list[Block]:
-    """The published rows of each measured metric: those comparable, those shown for context with
-    the reason they are not, and one sentence for metrics published on other datasets only."""
+    """The published rows of each measured metric: those of the same protocol (``comparability``),
+    those shown for context with the reason they are not (a record of the baselines' context group
+    marked so), and one sentence for metrics published on other datasets only."""
     baselines = baseline_frame(plugins) if not rows.empty else pd.DataFrame()
     pairs = published_pairs(rows, baselines) if not baselines.empty else pd.DataFrame()
     if pairs.empty:
@@ -192,14 +215,17 @@ def _published(rows: pd.DataFrame, labels: _Labels, plugins: Plugins) -> list[Bl
     elsewhere = pairs["published model"] == "-"
     if elsewhere.all():
         return [*blocks, f"None: {pairs['comparable'].iloc[0].removeprefix('no: ')}."]
-    blocks.append("A pair is comparable only when dataset, resolution, metric and protocol (feature network, "
-                  "mode, n, reference split) match.")
+    blocks.append("A pair has the same protocol only when dataset, resolution, metric, n, label sampling and evaluator "
+                  "match, and the reference for a metric against real images (CAS: Ravuri & Vinyals' protocol "
+                  "instead of an evaluator); a field a row does not record counts as differing. Models marked "
+                  "(record) are later results, some guided, shown for where the field stands.")
     comparable = pairs["comparable"] == "comparable"
-    groups = {"Comparable": pairs[comparable], "Context (not comparable)": pairs[~elsewhere & ~comparable]}
+    groups = {"Same protocol": pairs[comparable], "Context (not the same protocol)": pairs[~elsewhere & ~comparable]}
     for title, part in groups.items():
-        why = [] if title == "Comparable" else ["why not"]
+        why = [] if title == "Same protocol" else ["why not"]
         cells = [[p["stage"], p["metric"], cell(p["measured"]), cell(p["stderr"]),
-                  labels(p["protocol"], p["metric"], p["stage"]), p["published model"],
+                  labels(p["protocol"], p["metric"], p["stage"]),
+                  p["published model"] + (" (record)" if p["group"] == "context" else ""),
                   cell(p["published res"]), cell(p["published"]), *([p["comparable"].removeprefix("no: ")] * len(why))]
                  for _, p in part.iterrows()]
         hooks = [{"stage": p["stage"], "metric": p["metric"], "model": p["published model"]}
@@ -263,6 +289,23 @@ def _sweeps(results: pd.DataFrame, run_dir: RunDir, recipe: Recipe) -> list[Bloc
             table, Figure("sweeps.png", "metrics against s")]
 
 
+def _searches(results: pd.DataFrame, rows: pd.DataFrame, run_dir: RunDir) -> list[Block]:
+    """The sampling-time searches (``tradeoffs``): their points, the trade-off plot (tradeoffs.png)
+    and the evaluated rows whose choice was tuned on their own reference."""
+    manifest = read_manifest(run_dir.path)
+    table = search_table(results, manifest)
+    if table.empty:
+        return []
+    chosen = manifest.get("chosen")
+    figure = plot_tradeoffs(table, chosen, run_dir.path / "tradeoffs.png") if chosen else None
+    return ["## Sampling-time searches",
+            "Each point of a search (`evaluate.search`) evaluated on its small sample; the best by the search's "
+            "metric is chosen, then evaluated on the full sample (the results above).",
+            frame_table(table, "search", [{"search": sid, "point": point} for sid, _, point in table.index]),
+            *([Figure("tradeoffs.png", "quality against diversity over the searched points")] if figure else []),
+            *[f"- {line}" for line in tuned_rows(rows)]]
+
+
 def _training(run_dir: RunDir, recipe: Recipe) -> list[Block]:
     """Each stage's last train_log.jsonl row, and the loss curves (training.png)."""
     logs = {st.name: log for st in recipe.stages if (log := read_log(run_dir.stage(st.name)))}
@@ -310,6 +353,7 @@ def build_report(run_dir: RunDir, recipe: Recipe, plugins: Plugins) -> Report:
     published = _published(rows, labels, plugins)
     blocks += [protocols] if (protocols := labels.protocols()).items else []
     blocks += published + _replicates(results, recipe) + _sweeps(results, run_dir, recipe)
+    blocks += _searches(results, rows, run_dir)
     blocks += [findings] if (findings := findings_section(results, recipe)) else []
     blocks += _training(run_dir, recipe) + _quality(results, run_dir, recipe)
     grids = [st.name for st in recipe.stages if (run_dir.stage(st.name) / "samples" / "grid.png").exists()]

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from cdmbench.errors import CdmbenchError
+from cdmbench.evaluation.cas_protocol import paper_differences
 from cdmbench.storage.files import atomic_write
 from cdmbench.storage.rundir import RunDir
 
@@ -30,10 +31,11 @@ def read_results(run_dirs: list[Path]) -> pd.DataFrame:
 
 def latest(frame: pd.DataFrame) -> pd.DataFrame:
     """The newest (last written) row of each evaluation: per run, stage, metric, feature network,
-    mode and samplers (with their precision), and for a sweep its level and inputs, else n; for
-    an evaluation during training, also its training step."""
+    mode, evaluator, reference, labels and samplers (with their precision), and for a sweep its
+    level and inputs, else n; for an evaluation during training, also its training step."""
     key = frame["protocol"].map(lambda p: json.dumps(
-        [p.get("features"), p.get("mode"), p.get("level"), p.get("inputs"), p.get("samplers"),
+        [p.get("features"), p.get("mode"), p.get("evaluator"), p.get("reference"), p.get("labels"),
+         p.get("level"), p.get("inputs"), p.get("samplers"),
          None if is_sweep(p) else p.get("n"), p.get("step")], sort_keys=True, default=str))
     frame = frame.assign(_key=key).drop_duplicates(["run", "stage", "metric", "_key"], keep="last")
     return frame.drop(columns="_key")
@@ -65,6 +67,11 @@ def is_sweep(protocol: dict) -> bool:
     return "level" in protocol
 
 
+def is_search(protocol: dict) -> bool:
+    """Rows of a point of a sampling-time search (``evaluate.search``) carry the search and point."""
+    return "search" in protocol
+
+
 def is_during_training(protocol: dict) -> bool:
     """Rows of an evaluation while a stage trained (``train.eval_every``) carry its training step."""
     return "step" in protocol
@@ -78,10 +85,10 @@ def features_label(protocol: dict) -> str:
 
 
 def measured_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    """The newest ok row of each evaluation but sweeps and those during training (``latest``), as
-    written."""
+    """The newest ok row of each evaluation but sweeps, searches and those during training
+    (``latest``), as written."""
     rows = latest(frame)
-    return rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep)
+    return rows[(rows["status"] == "ok") & ~rows["protocol"].map(is_sweep) & ~rows["protocol"].map(is_search)
                 & ~rows["protocol"].map(is_during_training)].copy()
 
 
@@ -175,9 +182,15 @@ def _pivot(rows: pd.DataFrame, index: list[str], sort: bool) -> pd.DataFrame:
 
 # --- measured rows beside published baselines ---------------------------------------------------
 
-COMPARED_FIELDS = {"fid": ("features", "mode", "n", "reference_split"),
-                   "is": ("features", "n", "splits"),
-                   "cas": ("classifier", "epochs", "scaled_down", "test_split")}
+# A measured row and a published one are comparable only when these fields of their protocols
+# match: for every metric the data, n and the label sampling; for FID-like metrics (against real
+# images) and IS the evaluator (the shared vocabulary: "adm-evaluator", "authors", "edm2",
+# "cdmbench"), and for the former the reference too (IS has none); for CAS, whose published
+# pipeline is Ravuri & Vinyals' protocol, the classifier and test split, and the measured row must
+# have been made under that protocol (``cas_protocol.paper_differences`` empty).
+COMPARED = ("dataset", "resolution", "n", "labels")
+COMPARED_FIELDS = {"reference": ("evaluator", "reference"), "is": ("evaluator",),
+                   "cas": ("classifier", "epochs", "test_split")}
 
 
 def baseline_frame(plugins) -> pd.DataFrame:
@@ -192,21 +205,30 @@ def baseline_frame(plugins) -> pd.DataFrame:
 
 
 def _family(metric: str) -> str:
-    return "fid" if metric.startswith("fid_") else "is" if metric == "is" else "cas"
+    return "is" if metric == "is" or metric.startswith("is_") else "cas" if metric.startswith("cas") else "reference"
 
 
 def comparability(metric: str, measured: dict, published: dict) -> str:
-    """'comparable', or 'no: ' and every field (dataset, resolution, protocol) that differs."""
-    fields = ("dataset", "resolution") + COMPARED_FIELDS[_family(metric)]
-    differ = [f"{f} {measured.get(f)!r} vs {published.get(f)!r}" for f in fields
-              if measured.get(f) != published.get(f)]
+    """'comparable', or 'no: ' and every field that differs (``COMPARED`` and the metric's
+    ``COMPARED_FIELDS``; for CAS first each setting not the paper's): a field the measured row
+    does not record (older results.jsonl) is unknown, so it differs."""
+    family = _family(metric)
+    differ = paper_differences(measured) if family == "cas" else []
+    for f in COMPARED + COMPARED_FIELDS[family]:
+        if f not in measured:
+            differ.append(f"{f} not recorded (published: {published.get(f)!r})")
+        elif f not in published:
+            differ.append(f"{f} {measured[f]!r}, not stated by the published row")
+        elif measured[f] != published[f]:
+            differ.append(f"{f} {measured[f]!r} vs {published[f]!r}")
     return "comparable" if not differ else "no: " + "; ".join(differ)
 
 
 def published_pairs(rows: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame:
     """Each measured row (run, stage, metric, value, stderr, protocol) beside the published rows of
-    the same metric (at its resolution when there are any), with whether the pair is comparable
-    and why not (``comparability``); one pair with no published value (``published model`` '-')
+    the same metric (at its resolution when there are any), with the published row's ``group``
+    (``context`` for a record shown for orientation; those come last) and whether the pair is comparable and why
+    not (``comparability``); one pair with no published value (``published model`` '-')
     for a row whose metric is published on other datasets only. Rows of unpublished metrics have
     no pair. The measured row's ``stderr`` and ``protocol`` come last."""
     out = []
@@ -219,14 +241,16 @@ def published_pairs(rows: pd.DataFrame, baselines: pd.DataFrame) -> pd.DataFrame
         dataset = row["protocol"].get("dataset")
         same_data = published[published["dataset"] == dataset]
         if same_data.empty:  # one line, not one per published row of another dataset
-            out.append({**measured, "published model": "-", "published res": None, "published": None,
+            out.append({**measured, "published model": "-", "published res": None, "published": None, "group": None,
                         "comparable": f"no: published rows are on "
                         f"{', '.join(sorted(set(published['dataset'])))}, not {dataset!r}", **own})
             continue
         same_res = same_data[same_data["resolution"] == row["protocol"].get("resolution")]
-        for _, b in (same_res if not same_res.empty else same_data).iterrows():
+        chosen = same_res if not same_res.empty else same_data
+        records_last = chosen["protocol"].map(lambda p: p.get("group") == "context").to_numpy().argsort(kind="stable")
+        for _, b in chosen.iloc[records_last].iterrows():
             out.append({**measured, "published model": b["model"], "published res": b["resolution"],
-                        "published": b["value"],
+                        "published": b["value"], "group": b["protocol"].get("group"),
                         "comparable": comparability(row["metric"], row["protocol"], b["protocol"]), **own})
     return pd.DataFrame(out)
 

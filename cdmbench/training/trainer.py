@@ -84,10 +84,10 @@ class Batch:
 
 
 def make_batch(stage: StageModel, data: ImageSet, idx: Tensor, device: torch.device | str) -> Batch:
-    """x_t ~ q(x_t | x_0) at uniform t, random flips (the same for x_0 and low-res), the
-    augmented low-res input, labels dropped to the null class with probability
-    guidance.label_dropout."""
-    flip = torch.rand(len(idx)) < 0.5
+    """x_t ~ q(x_t | x_0) at uniform t, random flips (the same for x_0 and low-res; drawn even
+    when train.flip is false, so the other draws are unchanged), the augmented low-res input,
+    labels dropped to the null class with probability guidance.label_dropout."""
+    flip = (torch.rand(len(idx)) < 0.5) & stage.spec.train.flip
     own = _process_rows(len(idx))
 
     def fetch(res: int) -> Tensor:

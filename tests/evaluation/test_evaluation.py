@@ -15,7 +15,6 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
-from cdmbench.builtin.baselines import PUBLISHED
 from cdmbench.builtin.features import INCEPTION_URL, inception
 from cdmbench.cli import cli
 from cdmbench.errors import CdmbenchError
@@ -26,10 +25,10 @@ from cdmbench.evaluation.metrics import (
     inception_score,
     statistics,
 )
-from cdmbench.evaluation.samples import EvalContext, read_samples
+from cdmbench.evaluation.samples import EvalContext, read_samples, sample_labels
 from cdmbench.plugins import load_plugins
 from cdmbench.recipe.load import load_recipe
-from cdmbench.reporting.tables import baseline_frame, comparability
+from cdmbench.reporting.tables import baseline_frame
 from cdmbench.training.run import run
 
 
@@ -57,8 +56,8 @@ def test_fid_matches_an_independent_implementation():
 
 
 def test_bootstrap_stderr_is_the_spread_of_fid_over_resampled_copies():
-    """Against clean-fid's FID of each resample written out (np.repeat of the drawn counts), so
-    the frequency weights and the symmetric trace term are checked together."""
+    """Against the FID of each resample written out (np.repeat of the drawn counts): the frequency
+    weights (the trace term is checked against scipy's sqrtm in test_metrics.py)."""
     rng = np.random.default_rng(3)
     f = rng.normal(size=(300, 6)) @ rng.normal(size=(6, 6))
     references = [statistics(rng.normal(size=(500, 6)) + 0.5), statistics(rng.normal(size=(400, 6)) * 2)]
@@ -185,24 +184,6 @@ def test_missing_or_wrong_inception_file_says_what_to_do(tmp_path, monkeypatch):
         inception(path=str(wrong), cache_dir=tmp_path, device="cpu")
 
 
-def test_every_baseline_row_has_a_source_and_a_protocol():
-    frame = baseline_frame(load_plugins())
-    assert len(frame) == len(PUBLISHED)
-    assert frame["source"].str.len().min() > 10
-    cdm256 = frame[(frame.model == "CDM") & (frame.resolution == 256) & (frame.metric == "fid_train")].iloc[0]
-    assert cdm256.value == 4.88 and cdm256.protocol["n"] == 50000
-    assert cdm256.protocol["mode"] == "legacy_tensorflow"
-
-
-def test_comparability_names_every_field_that_differs():
-    published = {"dataset": "imagenet", "resolution": 256, "n": 50000, "mode": "legacy_tensorflow",
-                 "features": "inception-2015-12-05", "reference_split": "train"}
-    assert comparability("fid_train", dict(published), published) == "comparable"
-    verdict = comparability("fid_train", {**published, "n": 10000, "mode": "clean"}, published)
-    assert verdict.startswith("no:") and "n 10000 vs 50000" in verdict and "mode 'clean'" in verdict
-    assert "dataset" not in verdict
-
-
 TINY_EVAL = ["evaluate.num_samples=30", "evaluate.shard_size=12", "evaluate.batch_size=16"]
 
 
@@ -316,8 +297,10 @@ def test_samples_serve_a_smaller_n_and_grow_to_a_larger_one(trained_run, monkeyp
         assert result.exit_code == 0, result.output
         [folder] = (trained_run / "sr16" / "eval_samples").iterdir()
         images, labels = read_samples(folder, n)
-        classes = json.loads((folder / "signature.json").read_text())["num_classes"]
-        assert len(images) == n and torch.equal(labels, torch.arange(n) % classes)
+        signature = json.loads((folder / "signature.json").read_text())
+        assert signature["labels"] == "random"  # the default, as published rows draw them
+        assert len(images) == n and torch.equal(labels, sample_labels(
+            0, n, num_classes=signature["num_classes"], seed=signature["seed"], mode="random"))
         return sorted(p.name.split("-", 2)[2] for p in folder.glob("shard-*.npz"))
 
     assert evaluate(18) == ["0-12.npz", "12-18.npz"]
@@ -342,7 +325,7 @@ def test_samples_of_another_shard_size_are_read_and_not_sampled_again(trained_ru
                                           "--set=evaluate.metrics=[{name: cas, args: {epochs: 1}}]"])
         assert result.exit_code == 0, result.output
         images, labels = read_samples(next((trained_run / "sr16" / "eval_samples").iterdir()), n)
-        assert torch.equal(labels, torch.arange(n) % 10)
+        assert torch.equal(labels, sample_labels(0, n, num_classes=10, seed=0, mode="random"))
         return images
 
     first = evaluate(20, 10)
@@ -556,9 +539,10 @@ def test_cas_can_train_on_a_generated_replacement_of_the_training_set(trained_ru
     [folder] = (trained_run / "sr16" / "training_sets").iterdir()
     images, labels = read_training_set(folder)
     assert images.shape == (40, 3, 16, 16) and torch.equal(labels, torch.arange(40) % 10)  # shapes' labels
-    # image i has evaluation sample i's seed (and here its label): the same image
-    samples, _ = read_samples(next((trained_run / "sr16" / "eval_samples").iterdir()), 30)
-    assert torch.equal(images[:30], samples)
+    # image i has evaluation sample i's seed: the same image where it has its (random) label too
+    samples, sample_classes = read_samples(next((trained_run / "sr16" / "eval_samples").iterdir()), 30)
+    same = labels[:30] == sample_classes
+    assert 0 < same.sum() < 30 and torch.equal(images[:30][same], samples[same])
     rows = [json.loads(line) for line in (trained_run / "results.jsonl").read_text().splitlines()]
     top1 = next(r for r in rows if r["metric"] == "cas_top1")
     assert top1["n"] == 40 and top1["protocol"]["train_images"] == 40 and top1["protocol"]["n"] == 40
@@ -727,8 +711,8 @@ def test_comparison_table_pairs_rows_of_the_same_dataset_and_resolution():
 
     from cdmbench.reporting.tables import comparison_table
 
-    protocol = {"dataset": "imagenet", "resolution": 256, "n": 10000, "mode": "legacy_tensorflow",
-                "features": "inception-2015-12-05", "reference_split": "train"}
+    protocol = {"dataset": "imagenet", "resolution": 256, "n": 10000, "labels": "random", "evaluator": "adm-evaluator",
+                "reference": "VIRTUAL_imagenet256_labeled.npz"}
     results = pd.DataFrame([
         {"run": "a", "stage": "sr256", "metric": "fid_train", "value": 9.0, "status": "ok", "protocol": protocol},
         {"run": "b", "stage": "sr32", "metric": "fid_train", "value": 50.0, "status": "ok",
@@ -736,6 +720,8 @@ def test_comparison_table_pairs_rows_of_the_same_dataset_and_resolution():
     table = comparison_table(results, baseline_frame(load_plugins()))
     a = table[table.run == "a"]
     assert set(a["published res"]) == {256} and "CDM" in set(a["published model"])
-    assert all(v == "no: n 10000 vs 50000" for v in a.comparable)
+    verdicts = dict(zip(a["published model"], a.comparable, strict=True))  # ADM's rows share their verdict
+    assert verdicts["ADM"] == "no: n 10000 vs 50000"  # the same evaluator, reference and labels as ADM's
+    assert "n 10000 vs 50000" in verdicts["CDM"] and "evaluator 'adm-evaluator' vs 'authors'" in verdicts["CDM"]
     b = table[table.run == "b"]
     assert len(b) == 1 and b.comparable.iloc[0] == "no: published rows are on imagenet, not 'shapes'"

@@ -195,7 +195,7 @@ def test_a_sweep_under_torchrun_shares_each_levels_shards(tiny_recipe, tmp_path)
 
 
 @pytest.mark.slow
-def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k(tiny_recipe, tmp_path,
+def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_sample_is_class(tiny_recipe, tmp_path,
                                                                                   monkeypatch):
     """Whatever N, shard size or batch size: a larger N samples only the rows it adds."""
     import torch
@@ -204,7 +204,7 @@ def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k
     from cdmbench.data.images import to_float, to_uint8
     from cdmbench.data.prepare import make_dataset, split_images
     from cdmbench.evaluation.cas import class_matched
-    from cdmbench.evaluation.samples import load_chain, read_samples
+    from cdmbench.evaluation.samples import load_chain, read_samples, sample_labels
     from cdmbench.storage.rundir import load_run
 
     monkeypatch.setenv("CDMBENCH_CACHE", str(tmp_path / "cache"))
@@ -230,7 +230,9 @@ def test_ground_truth_sample_i_is_the_stage_on_a_training_image_of_class_i_mod_k
     train = split_images(recipe, make_dataset(plugins, recipe, "train"), "train", [8], progress=False,
                          echo=lambda *_: None)
     index = class_matched(labels, train.labels, num_classes=10, seed=recipe.sample.seed)
-    assert torch.equal(train.labels[index], torch.arange(20) % 10)
+    # the classes of the generated inputs' samples (random labels): each input a training image of its class
+    assert torch.equal(labels, sample_labels(0, 20, num_classes=10, seed=recipe.sample.seed, mode="random"))
+    assert torch.equal(train.labels[index], labels)
     expected = sample_stage(st, st.backbone, labels, seed=recipe.sample.seed, image_ids=list(range(20)),
                             low_res=to_float(train.images[8][index]), device="cpu", ground_truth=True,
                             progress=False)

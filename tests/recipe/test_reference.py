@@ -26,12 +26,13 @@ def rows(text: str) -> dict[str, list[str]]:
 
 
 def recipe_keys(node, path=""):
-    """The dotted path of every key in a raw recipe (`[]` for list items), not below a component's args."""
+    """The dotted path of every key in a raw recipe (`[]` for list items), not below a component's args
+    or a search's space (its keys are --set keys)."""
     if isinstance(node, dict):
         for key, value in node.items():
             here = f"{path}.{key}" if path else key
             yield here
-            if key != "args":
+            if key not in ("args", "space"):
                 yield from recipe_keys(value, here)
     elif isinstance(node, list):
         for item in node:

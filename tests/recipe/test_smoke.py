@@ -43,9 +43,10 @@ def test_smoke_shrinks_the_256_recipe():
     assert out["data"] == {"name": "shapes", "args": {"num_images": 2000, "num_classes": 1000}}
     stages = {s["name"]: s for s in out["stages"]}
     assert [s["resolution"] for s in out["stages"]] == [32, 64, 256]
-    for name, mult_len, attention in (("base32", 4, [16, 8]), ("sr64", 4, [16, 8]), ("sr256", 6, [16])):
+    for name, mult_len, attention, heads in (("base32", 4, [16, 8], 4), ("sr64", 4, [16, 8], 4), ("sr256", 6, [16], 1)):
         args = stages[name]["backbone"]["args"]
-        assert args["channels"] == 32 and args["num_res_blocks"] == 1 and args["num_head_channels"] == 32
+        assert args["channels"] == 32 and args["num_res_blocks"] == 1
+        assert (args["num_heads"], args["num_head_channels"]) == (heads, -1)  # a head count is kept
         assert args["channel_mult"] == [1] * mult_len and args["attention_resolutions"] == attention
         train = stages[name]["train"]
         assert (train["steps"], train["batch_size"], train["checkpoint_every"], train["log_every"]) == (2, 2, 1, 1)
@@ -60,7 +61,8 @@ def test_smoke_shrinks_the_256_recipe():
     assert (evaluate["num_samples"], evaluate["batch_size"], evaluate["shard_size"]) == (16, 8, 8)
     cas = next(m for m in evaluate["metrics"] if isinstance(m, dict) and m["name"] == "cas")
     assert (cas["args"]["epochs"], cas["args"]["batch_size"], cas["args"]["paper_protocol"]) == (1, 16, False)
-    assert raw["evaluate"]["metrics"][2]["args"]["paper_protocol"] is True  # the recipe: the paper's CAS
+    assert next(m for m in raw["evaluate"]["metrics"] if isinstance(m, dict) and m["name"] == "cas")[
+        "args"]["paper_protocol"] is True  # the recipe: the paper's CAS
     recipe, _ = parse_recipe(out)  # a valid recipe
     assert recipe.sample.num_classes == 4
 
@@ -69,6 +71,7 @@ def test_smoke_shrinks_any_backbone_with_adm_unets_arguments():
     """diffusers-unet2d takes adm-unet's arguments: a swapped backbone is shrunk the same way."""
     raw = _raw("cdm_imagenet64.yaml")
     raw["stages"][0]["backbone"]["name"] = "diffusers-unet2d"
+    raw["stages"][0]["backbone"]["args"]["num_head_channels"] = 64  # a width per head: shrunk to 32
     raw["stages"][1]["backbone"] = {"name": "other-net", "args": {"width": 512}}  # unknown arguments: kept
     out = smoke(raw, 1000)
     args = out["stages"][0]["backbone"]["args"]

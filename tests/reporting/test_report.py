@@ -99,7 +99,8 @@ def test_a_stage_and_its_swept_copies_share_a_panel_with_their_mean(tmp_path, mo
 
 
 PROTOCOL = {"dataset": "imagenet", "resolution": 256, "features": "inception-2015-12-05",
-            "mode": "legacy_tensorflow", "reference_split": "train"}
+            "mode": "legacy_tensorflow", "reference_split": "train", "labels": "random", "evaluator": "adm-evaluator",
+            "reference": "VIRTUAL_imagenet256_labeled.npz"}
 
 
 def evaluation(value, n, time, precision=""):

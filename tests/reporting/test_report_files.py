@@ -29,7 +29,8 @@ LONG = {"seeds": "sample seed 0, images 0..999 of a class-balanced draw over all
 FID = {"dataset": "shapes", "resolution": 16, "features": "classifier", "mode": "native", "n": 1000,
        "reference_split": "test", "samplers": SAMPLERS, **LONG}
 IMAGENET = {"dataset": "imagenet", "resolution": 64, "features": "inception-2015-12-05", "mode": "legacy_tensorflow",
-            "n": 50000, "reference_split": "train"}
+            "n": 50000, "reference_split": "train", "evaluator": "adm-evaluator", "labels": "random",
+            "reference": "VIRTUAL_imagenet64_labeled.npz", "seeds": "sample seed 0, images 0..49999"}
 
 
 def row(stage, metric, value, stderr=None, unit="", steps=None, **protocol):
@@ -91,11 +92,18 @@ def table_after(text, heading):
     return [dict(zip(header, [c.strip() for c in line.strip("|").split("|")], strict=True)) for line in lines[2:]]
 
 
+def note(text, cell):
+    """A cell's text: the note it stands for when it is a note label (``N3``), its lines joined."""
+    found = re.search(rf"^- \*\*{re.escape(cell)}\*\*: (.*?)(?=\n- |\n\n|\Z)", text, re.M | re.S)
+    return " ".join(found[1].split()) if re.fullmatch(r"N\d+", cell) and found else cell
+
+
 def test_no_markdown_line_is_longer_than_120_characters(written):
     path, summary = written
     text = (path / "report.md").read_text()
-    for section in ("## Results", "## Beside published results", "### Comparable", "### Context (not comparable)",
-                    "## Stages trained several times", "## Sampling-level sweeps", "## CDM's findings",
+    for section in ("## Results", "## Beside published results", "### Same protocol",
+                    "### Context (not the same protocol)", "## Stages trained several times",
+                    "## Sampling-level sweeps", "## CDM's findings",
                     "## Training", "## Samples"):
         assert section in text
     assert max(len(line) for line in text.splitlines()) <= 120
@@ -123,14 +131,47 @@ def test_the_results_are_long_form_with_each_protocol_once(written):
     assert "sr_none" in text and "| 99 " not in text  # the older FID of sr_none is not shown
 
 
+def test_each_evaluation_has_a_protocol_card_with_every_field(written):
+    """The feature network and its hash, the reference and its hash, n, labels, samplers (with their
+    steps), precision, guidance and seeds: as recorded, else 'not recorded'; in report.md and report.html."""
+    path, _ = written
+    text = (path / "report.md").read_text()
+    cards = {m[1]: " ".join(m[2].split()) for m in re.finditer(r"^- \*\*(P\d+)\*\* \((.*?)(?=\n- |\n\n)", text,
+                                                               re.M | re.S)}
+    [imagenet] = [c for c in cards.values() if c.startswith("fid_train: base16): dataset: imagenet")]
+    for field in ("features", "features_sha256", "reference", "reference_sha256", "n", "labels", "samplers",
+                  "precision", "guidance", "seeds"):
+        assert re.search(rf"[:;] {field}: ", imagenet), field
+    assert "labels: random;" in imagenet and "reference: VIRTUAL_imagenet64_labeled.npz;" in imagenet
+    assert "features_sha256: not recorded" in imagenet and imagenet.endswith("guidance: not recorded")
+    [shapes] = [c for c in cards.values() if c.startswith("fid_test: sr_none")]
+    assert "labels: not recorded" in shapes and "features_sha256: 73c5bbdb" in shapes
+    assert "reference: not recorded" in shapes  # older rows name a split only (reference_split)
+    [train] = [c for c in cards.values() if c.startswith("train_loss")]
+    assert "not recorded" not in train  # not an evaluation: no card fields
+    page = (path / "report.html").read_text()
+    assert "<dt>labels</dt><dd>random</dd>" in page and "<dt>precision</dt><dd>not recorded</dd>" in page
+
+
 def test_published_rows_are_grouped_with_the_reason(written):
+    """base16's FID (ADM's evaluator, its reference batch, random labels) at n 50000 has ADM's protocol;
+    every other pair is context with each differing field, today's records marked."""
     text = (written[0] / "report.md").read_text()
-    comparable = table_after(text, "### Comparable")
-    assert {(c["model"] if "model" in c else c["published model"], c["value"], c["±"]) for c in comparable} == {
-        ("BigGAN-deep", "5.123", "0.25"), ("Improved DDPM", "5.123", "0.25"), ("ADM", "5.123", "0.25"),
-        ("CDM", "5.123", "0.25")}
-    context = table_after(text, "### Context (not comparable)")
-    assert {c["why not"] for c in context} == {"n 1000 vs 50000"} and len(context) == 4
+    same = table_after(text, "### Same protocol")
+    assert [(c["published model"], c["value"], c["±"], c["published"]) for c in same] == [
+        ("ADM", "5.123", "0.25", "2.07")]
+    context = table_after(text, "### Context (not the same protocol)")
+    why = {(c["value"], c["published model"]): note(text, c["why not"]) for c in context}
+    assert len(context) == len(why) == 13
+    assert why["5.123", "BigGAN-deep"] == why["5.123", "Improved DDPM"] == (
+        "labels 'random' vs 'not stated in the source'")  # ADM's evaluator, labels not stated
+    assert why["7.5", "ADM"] == "n 1000 vs 50000"
+    assert why["5.123", "CDM"] == ("labels 'random' vs 'not stated in the source'; evaluator 'adm-evaluator' vs "
+                                   "'authors'; reference 'VIRTUAL_imagenet64_labeled.npz' vs 'ImageNet train split "
+                                   "(all images)'")
+    assert {m for _, m in why if m.endswith("(record)")} == {"EDM (record)", "EDM2-XL (record)", "RIN (record)"}
+    assert [c["published model"] for c in context][3:6] == ["EDM (record)", "EDM2-XL (record)", "RIN (record)"]
+    assert all(w.startswith("n 1000 vs ") for (value, _), w in why.items() if value == "7.5")
     assert "Not on this dataset: fid_test (published rows are on imagenet, not 'shapes')." in text
 
 
@@ -142,8 +183,8 @@ def test_replicates_sweeps_and_training_are_tables(written):
             and r["metric"] == "fid_test" and "level" not in r["protocol"]]
     assert gauss["runs"] == "2" and gauss["mean"] == f"{sum(fids) / 2:.4g}"
     sweeps = table_after(text, "## Sampling-level sweeps")
-    assert len(sweeps) == 12 and {r["samplers"] for r in sweeps} == {"N1"}  # too long for a row: a note
-    assert "- **N1**: dpm-solver-2m {'steps': 25" in text
+    [label] = {r["samplers"] for r in sweeps}  # too long for a row: a note
+    assert len(sweeps) == 12 and note(text, label).startswith("dpm-solver-2m {'steps': 25")
     assert [r["value"] for r in sweeps[:3]] == ["31", "27.5", "29.25"] and sweeps[0]["s"] == "0"
     training = table_after(text, "## Training")
     assert [r["steps"] for r in training] == ["30"] * 6 and training[0]["loss"] == f"{0.1 / 30:.4g}"

@@ -52,9 +52,9 @@ def test_evaluation_shards_already_written_count_as_done_but_not_in_the_rate(tmp
         clock[0] += 60
         return torch.full((hi - lo, 3, 4, 4), k, dtype=torch.uint8)
 
-    write_shards(tmp_path, num_samples=2, num_classes=2, shard_size=1, make=make, progress=False)
+    write_shards(tmp_path, labels=torch.arange(2) % 2, shard_size=1, make=make, progress=False)
     capsys.readouterr()
-    write_shards(tmp_path, num_samples=4, num_classes=2, shard_size=1, make=make, progress=False)
+    write_shards(tmp_path, labels=torch.arange(4) % 2, shard_size=1, make=make, progress=False)
     assert capsys.readouterr().out.splitlines() == [
         "eval samples: 3/4 shard [01:00 elapsed, 01:00 left, 60.00s/shard]",
         "eval samples: 4/4 shard [02:00 elapsed, 00:00 left, 60.00s/shard]"]
