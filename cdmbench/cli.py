@@ -225,8 +225,8 @@ def report(run_dirs, out, csv_path):
                    "point; --no-search evaluates as configured (a search's earlier choice still applies).")
 @click.option("--search-only", is_flag=True, help="Run the recipe's evaluate.search only, not the full evaluation.")
 def evaluate(run_dir, stage, metrics, num_samples, overrides, progress, search, search_only):
-    """Sample a trained run (class-balanced, per-image seeds, resumable npz shards) and compute
-    metrics (FID, IS, CAS, ...); rows go to RUN_DIR/results.jsonl and report.md."""
+    """Sample a trained run (labels as evaluate.labels says, per-image seeds, resumable npz shards)
+    and compute metrics (FID, IS, CAS, ...); rows go to RUN_DIR/results.jsonl and report.md."""
     from cdmbench.evaluation.evaluate import evaluate as run_evaluate
 
     names = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else None

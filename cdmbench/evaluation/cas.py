@@ -52,7 +52,8 @@ def class_matched(sample_labels: Tensor, real_labels: Tensor, *, num_classes: in
         pool = (real_labels == c).nonzero().flatten()
         if len(pool) < len(wanted):
             raise ValueError(f"class {c} has {len(wanted)} samples but only {len(pool)} real "
-                             f"images; the real reference needs at least as many")
+                             f"images; the real reference needs at least as many: evaluate fewer "
+                             f"samples, or draw their classes evenly (evaluate.labels: balanced)")
         index[wanted] = pool[torch.randperm(len(pool), generator=generator)[:len(wanted)]]
     return index
 

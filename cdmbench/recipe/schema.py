@@ -335,9 +335,9 @@ class Evaluate:
     """What ``cdmbench evaluate`` (and ``sweep``, ``prepare --metrics``) does by default."""
 
     metrics: list[Component] = field(default_factory=list)
-    """The metrics: ``metrics`` components (``fid``, ``sfid``, ``precision-recall``, ``is``, ``cas``), each a bare name or ``{name, args}``.
-    ``--metrics fid,is`` picks some by name, with their args from here (a name not listed: default
-    args)."""
+    """The metrics: ``metrics`` components (``fid``, ``sfid``, ``precision-recall``, ``is``, ``cas``),
+    each a bare name or ``{name, args}``. ``--metrics fid,is`` picks some by name, with their args
+    from here (the last entry of that name; a name not listed: default args)."""
     num_samples: int = bounded(1, 10**8, 50000)
     """Samples to generate and evaluate, of classes drawn as ``labels`` says; the default of
     ``--num-samples``. In [1, 10^8]."""

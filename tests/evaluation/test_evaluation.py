@@ -503,6 +503,7 @@ def test_evaluate_with_classifier_features_end_to_end(tiny_recipe, trained_run, 
             "--no-progress",
             f"--set=evaluate.metrics={metrics}",
             *[f"--set={o}" for o in TINY_EVAL],
+            "--set=evaluate.labels=balanced",  # CAS's real reference: 30 samples of 4-image classes
         ],
     )
     assert result.exit_code == 0, result.output
