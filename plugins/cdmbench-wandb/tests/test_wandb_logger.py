@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 import zlib
 from pathlib import Path
 
@@ -57,8 +58,20 @@ def transaction_log(folder: Path) -> list:
     """The records of an offline run's transaction log ``run-<id>.wandb``, parsed by wandb's own
     protobuf ``Record``. The framing is LevelDB's log format, as wandb writes it: a 7-byte header
     (``:W&B``, magic 0xBEE1, version 0), then 32 KiB blocks of chunks (CRC-32 of type and data,
-    length, type: full, first, middle or last)."""
-    data = next(folder.glob("run-*.wandb")).read_bytes()
+    length, type: full, first, middle or last). wandb's service may still be writing it after the
+    run's close returns: read until it holds the run record and has stopped growing (at most 20 s)."""
+    path, deadline = next(folder.glob("run-*.wandb")), time.monotonic() + 20
+    while True:
+        data = path.read_bytes()
+        time.sleep(0.2)
+        if path.read_bytes() == data or time.monotonic() > deadline:  # not growing: whole chunks
+            records = _records(data)
+            if any(r.WhichOneof("record_type") == "run" for r in records) or time.monotonic() > deadline:
+                return records
+
+
+def _records(data: bytes) -> list:
+    """The records of a transaction log's bytes (``transaction_log``)."""
     assert data[:7] == b":W&B" + struct.pack("<HB", 0xBEE1, 0), "not a wandb transaction log"
     records, chunks, pos, block = [], [], 7, 32768
     while pos + 7 <= len(data):
