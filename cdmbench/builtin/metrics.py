@@ -5,7 +5,6 @@ the reference: a split of the recipe's dataset (evaluator "cdmbench") or an ADM 
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -23,7 +22,7 @@ from cdmbench.evaluation.metrics import (
 )
 from cdmbench.recipe.schema import Component
 from cdmbench.storage.cache import digest
-from cdmbench.storage.files import atomic_write, locked
+from cdmbench.storage.files import cached_tensor, locked
 
 INCEPTION = "inception-2015-12-05"
 ADM = "adm-evaluator"  # the shared vocabulary's evaluator names
@@ -204,13 +203,9 @@ class PrecisionRecall:
 def _cached_features(context, network, mode: str, key: dict[str, Any], images) -> np.ndarray:
     """float32 (N, D) features of the reference images ``images()``, cached under ``key``."""
     key = {**key, "features": network.name, "sha256": network.sha256, "mode": mode}
-    path = context.cache_dir / "reference_features" / f"{digest(key)}.npy"
+    path = context.cache_dir / "reference_features" / f"{digest(key)}.npz"
     with locked(path):
-        if not path.exists():
-            buffer = io.BytesIO()
-            np.save(buffer, context.features(network, images(), mode).numpy().astype(np.float32))
-            atomic_write(path, buffer.getvalue())
-        return np.load(path)
+        return cached_tensor(path, lambda: context.features(network, images(), mode).float()).numpy()
 
 
 class InceptionScore:

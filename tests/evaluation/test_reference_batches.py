@@ -223,7 +223,7 @@ def test_precision_and_recall_against_a_batchs_own_images_are_one(small_network,
     rows = metric.evaluate(context)
     assert [(r["metric"], r["value"]) for r in rows] == [("precision", 1.0), ("recall", 1.0)]
     assert rows[0]["protocol"]["reference_n"] == 30 and rows[0]["protocol"]["k"] == 3
-    assert len(list((tmp_path / "cache" / "reference_features").glob("*.npy"))) == 1  # cached for the next
+    assert len(list((tmp_path / "cache" / "reference_features").glob("*.npz"))) == 1  # cached for the next
     far = Context(network, torch.full((30, 3, 16, 16), 255, dtype=torch.uint8), tmp_path / "cache")
     assert [r["value"] for r in metric.evaluate(far)] == [0.0, 0.0]  # 30 copies of one white image
 
